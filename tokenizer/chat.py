@@ -1,0 +1,250 @@
+"""The Llama 4 chat format, with media placeholders, as token ids and training labels.
+
+Rendered layout (``{...}`` is the turn's content)::
+
+    <|begin_of_text|>
+    <|header_start|>system<|header_end|>\\n\\n{system}<|eot|>        (optional, first only)
+    <|header_start|>user<|header_end|>\\n\\n{user}<|eot|>
+    <|header_start|>assistant<|header_end|>\\n\\n{assistant}<|eot|>
+    ...                                                             (any number of turns)
+    <|header_start|>assistant<|header_end|>\\n\\n                    (add_generation_prompt)
+
+The sequence is built piece by piece: text pieces are encoded with special-token matching
+off (a typed ``<|eot|>`` stays text), control tokens are inserted by id. Each piece carries
+its own "supervised" flag, so labels come from the positions of the rendered pieces and
+can never drift from the ids.
+
+Labels (same length as ``input_ids``, not shifted: the model shifts them) are the token
+id at the tokens of assistant content and at the ``<|eot|>`` ending each assistant turn,
+and :data:`IGNORE_INDEX` (-100) everywhere else (begin-of-text, headers, roles, system
+and user turns, and every image/video block, even one inside an assistant turn).
+
+An empty assistant turn still supervises its ``<|eot|>``. But a training sample whose
+assistant turns hold no content token at all (no assistant turn, or only empty ones)
+raises :class:`NoSupervisedTokensError`: an eot-only target is almost always broken data.
+
+Media markers: ``<image>`` and ``<video>`` in message text mark where the images and
+videos go, in order. If the conversation has no marker of either kind, all images and
+then all videos go at the start of the first user turn. Otherwise the number of markers
+of each kind must equal the number of images / videos passed.
+"""
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import special_tokens as st
+from .errors import ConversationFormatError, MediaCountMismatchError, NoSupervisedTokensError, PlaceholderError
+from .placeholders import ImagePlaceholder, LayoutPiece, VideoPlaceholder
+
+if TYPE_CHECKING:
+    from .fusion_tokenizer import FusionTokenizer
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"
+_MARKER_SPLIT = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
+
+
+@dataclass
+class EncodedConversation:
+    """Token ids of a rendered conversation, with training labels.
+
+    ``labels`` is ``None`` for a generation prompt (``add_generation_prompt=True``).
+    """
+
+    input_ids: list[int]
+    labels: list[int] | None
+    sample_id: object = None
+
+    @property
+    def num_supervised_tokens(self) -> int:
+        return 0 if self.labels is None else sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def _name_sample(sample_id: object) -> str:
+    return "sample (no sample_id given)" if sample_id is None else f"sample {sample_id!r}"
+
+
+def _check_messages(messages: object, sample_id: object, add_generation_prompt: bool) -> list[tuple[str, str]]:
+    """Validate the message list; return it as ``(role, content)`` pairs."""
+    sample = _name_sample(sample_id)
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise ConversationFormatError(
+            f"{sample}: messages must be a list of {{'role': ..., 'content': ...}} dicts, "
+            f"got {type(messages).__name__}"
+        )
+    if not messages:
+        raise ConversationFormatError(f"{sample}: messages is empty; give at least one user turn")
+    turns = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise ConversationFormatError(
+                f"{sample}: messages[{index}] must be a dict with 'role' and 'content' keys, got {message!r}"
+            )
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise ConversationFormatError(
+                f"{sample}: messages[{index}] has unknown role {role!r}; use one of {', '.join(ROLES)} "
+                "(map LLaVA's 'human'/'gpt' to 'user'/'assistant' first)"
+            )
+        if not isinstance(content, str):
+            raise ConversationFormatError(
+                f"{sample}: messages[{index}] ({role}) content must be a str, got {type(content).__name__}"
+            )
+        if role == "system" and index != 0:
+            raise ConversationFormatError(
+                f"{sample}: messages[{index}] is a system turn; a system turn may only come first"
+            )
+        turns.append((role, content))
+    if add_generation_prompt and turns[-1][0] != "user":
+        raise ConversationFormatError(
+            f"{sample}: add_generation_prompt=True needs the last turn to be a user turn, "
+            f"but it is {turns[-1][0]!r}; drop the trailing turn or set add_generation_prompt=False"
+        )
+    return turns
+
+
+def _check_media(items: object, kind: type, argument: str, sample_id: object) -> list:
+    if isinstance(items, kind) or not isinstance(items, Sequence):
+        raise PlaceholderError(
+            f"{_name_sample(sample_id)}: {argument} must be a list of {kind.__name__}, got {type(items).__name__}"
+        )
+    for index, item in enumerate(items):
+        if not isinstance(item, kind):
+            raise PlaceholderError(
+                f"{_name_sample(sample_id)}: {argument}[{index}] is a {type(item).__name__}, expected {kind.__name__}"
+            )
+    return list(items)
+
+
+def _split_markers(turns: list[tuple[str, str]]) -> list[list[str]]:
+    """Each turn's content split into text parts and marker parts, in order."""
+    return [[part for part in _MARKER_SPLIT.split(content) if part] for _role, content in turns]
+
+
+def _place_unmarked_media(
+    turns: list[tuple[str, str]], parts: list[list[str]], num_images: int, num_videos: int, sample_id: object
+) -> None:
+    """With no marker anywhere, put all images then all videos at the start of the first user turn."""
+    if num_images == 0 and num_videos == 0:
+        return
+    first_user = next((index for index, (role, _) in enumerate(turns) if role == "user"), None)
+    if first_user is None:
+        raise ConversationFormatError(
+            f"{_name_sample(sample_id)}: {num_images} image(s) and {num_videos} video(s) were given with no "
+            f"{IMAGE_MARKER}/{VIDEO_MARKER} marker and there is no user turn to put them in; "
+            "add a user turn or markers"
+        )
+    parts[first_user][:0] = [IMAGE_MARKER] * num_images + [VIDEO_MARKER] * num_videos
+
+
+def _check_marker_counts(parts: list[list[str]], num_images: int, num_videos: int, sample_id: object) -> None:
+    for marker, given, noun in ((IMAGE_MARKER, num_images, "image"), (VIDEO_MARKER, num_videos, "video")):
+        found = sum(part == marker for turn in parts for part in turn)
+        if found != given:
+            raise MediaCountMismatchError(
+                f"{_name_sample(sample_id)}: the messages contain {found} {marker} marker(s) but {given} "
+                f"{noun}(s) were given; put one {marker} in the text per {noun}, in order "
+                f"(or no marker of any kind to place all media at the start of the first user turn)"
+            )
+
+
+class _SequenceBuilder:
+    """Appends pieces of ids and keeps the label of every position in step with them."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.labels: list[int] = []
+
+    def add(self, ids: list[int], supervised: bool) -> None:
+        self.ids += ids
+        self.labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+
+
+def encode_layout(tokenizer: "FusionTokenizer", pieces: list[LayoutPiece]) -> list[int]:
+    """Ids of a media layout: control tokens by id, text pieces encoded as plain text."""
+    ids: list[int] = []
+    for piece in pieces:
+        if piece.is_special:
+            ids.append(tokenizer.special_token_ids[piece.text])
+        else:
+            ids += tokenizer.encode(piece.text)
+    return ids
+
+
+def encode_conversation(
+    tokenizer: "FusionTokenizer",
+    messages: Sequence[Mapping[str, str]],
+    images: Sequence[ImagePlaceholder] = (),
+    videos: Sequence[VideoPlaceholder] = (),
+    sample_id: object = None,
+    add_generation_prompt: bool = False,
+) -> EncodedConversation:
+    """Render ``messages`` in the Llama 4 chat format with images and videos expanded.
+
+    Args:
+        tokenizer: the :class:`FusionTokenizer` giving text and control-token ids.
+        messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``; a
+            system turn may only come first.
+        images / videos: one placeholder per ``<image>`` / ``<video>`` marker, in order.
+        sample_id: names the sample in error messages (e.g. the dataset row id).
+        add_generation_prompt: render an inference prompt: the last turn must be a user
+            turn, the ids end with the assistant header, and ``labels`` is ``None``.
+
+    Raises:
+        ConversationFormatError: bad message shape, unknown role, misplaced system turn.
+        MediaCountMismatchError: marker count differs from the images / videos given.
+        NoSupervisedTokensError: a training sample with no assistant content token.
+    """
+    turns = _check_messages(messages, sample_id, add_generation_prompt)
+    images = _check_media(images, ImagePlaceholder, "images", sample_id)
+    videos = _check_media(videos, VideoPlaceholder, "videos", sample_id)
+
+    parts = _split_markers(turns)
+    has_markers = any(part in (IMAGE_MARKER, VIDEO_MARKER) for turn in parts for part in turn)
+    if not has_markers:
+        _place_unmarked_media(turns, parts, len(images), len(videos), sample_id)
+    _check_marker_counts(parts, len(images), len(videos), sample_id)
+
+    ids_of = tokenizer.special_token_ids
+    builder = _SequenceBuilder()
+    next_image, next_video = iter(images), iter(videos)
+    num_content_tokens = 0
+
+    def add_header(role: str) -> None:
+        builder.add([ids_of[st.HEADER_START]], supervised=False)
+        builder.add(tokenizer.encode(role), supervised=False)
+        builder.add([ids_of[st.HEADER_END]], supervised=False)
+        builder.add(tokenizer.encode("\n\n"), supervised=False)
+
+    builder.add([tokenizer.bos_id], supervised=False)
+    for (role, _content), turn_parts in zip(turns, parts):
+        is_assistant = role == "assistant"
+        add_header(role)
+        for part in turn_parts:
+            if part == IMAGE_MARKER:
+                builder.add(encode_layout(tokenizer, next(next_image).layout()), supervised=False)
+            elif part == VIDEO_MARKER:
+                builder.add(encode_layout(tokenizer, next(next_video).layout()), supervised=False)
+            else:
+                text_ids = tokenizer.encode(part)
+                builder.add(text_ids, supervised=is_assistant)
+                num_content_tokens += len(text_ids) if is_assistant else 0
+        builder.add([tokenizer.eot_id], supervised=is_assistant)
+
+    if add_generation_prompt:
+        add_header("assistant")
+        return EncodedConversation(input_ids=builder.ids, labels=None, sample_id=sample_id)
+
+    if num_content_tokens == 0:
+        num_assistant = sum(role == "assistant" for role, _ in turns)
+        reason = "no assistant turn" if num_assistant == 0 else f"{num_assistant} assistant turn(s), all empty"
+        raise NoSupervisedTokensError(
+            f"{_name_sample(sample_id)} has nothing to learn from ({reason}); every label would be "
+            f"{IGNORE_INDEX} apart from end-of-turn tokens. Fix or drop the sample, or pass "
+            "add_generation_prompt=True if it is an inference prompt"
+        )
+    return EncodedConversation(input_ids=builder.ids, labels=builder.labels, sample_id=sample_id)

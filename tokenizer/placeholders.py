@@ -1,0 +1,170 @@
+"""Where images and videos go in the token sequence, and how many tokens each one takes.
+
+These are plain descriptions (no pixels, no vision code): the vision side decides the
+tiling and how many patch embeddings a tile yields; the tokenizer lays out exactly that
+many ``<|patch|>`` tokens, which the fused model later overwrites with the embeddings.
+
+Image layout (Llama 4, llama4-reference.md §5), ``n = tokens_per_tile``:
+
+* 1x1 grid: ``<|image_start|> <|image|> <|patch|>×n <|image_end|>``  (n + 3 tokens)
+* h×w grid with more than one tile::
+
+    <|image_start|>
+      for each row: for each col: <|patch|>×n, then <|tile_x_separator|> unless last col
+                    then <|tile_y_separator|>           (after every row, the last included)
+      <|image|> <|patch|>×n                             (the global thumbnail, last)
+    <|image_end|>
+
+  for ``3 + n·(h·w+1) + h·(w-1) + h`` tokens.
+
+Video layout (ours): ``<|video_start|>``, then for each frame its timestamp as plain text
+(see :func:`format_timestamp`, e.g. ``"1.5s"``) followed by a 1x1 image block of
+``tokens_per_frame`` patches, then ``<|video_end|>``.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from . import special_tokens as st
+from .errors import PlaceholderError
+
+
+class LayoutPiece(NamedTuple):
+    """One piece of a media layout: a control token (``is_special``) or plain text."""
+
+    text: str
+    is_special: bool
+
+
+def _check_positive_int(value: object, name: str, owner: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PlaceholderError(f"{owner}: {name}={value!r} must be an int >= 1")
+
+
+def format_timestamp(seconds: float) -> str:
+    """A frame time as compact text: seconds rounded to 0.01, trailing zeros dropped, ``s`` suffix.
+
+    ``0 -> "0s"``, ``1.5 -> "1.5s"``, ``2.0 -> "2s"``, ``0.25 -> "0.25s"``, ``12.345 -> "12.35s"``
+    (rounding as Python's ``format``).
+    """
+    text = f"{seconds:.2f}".rstrip("0").rstrip(".")
+    if text in ("-0", ""):
+        text = "0"
+    return text + "s"
+
+
+@dataclass(frozen=True)
+class ImagePlaceholder:
+    """An image of ``grid = (rows, cols)`` tiles, each encoded to ``tokens_per_tile`` patch tokens.
+
+    A grid with more than one tile also gets a global thumbnail tile, placed last, so it
+    holds ``rows·cols + 1`` tiles' worth of patch tokens.
+    """
+
+    tokens_per_tile: int
+    grid: tuple[int, int] = (1, 1)
+
+    def __post_init__(self) -> None:
+        _check_positive_int(self.tokens_per_tile, "tokens_per_tile", "ImagePlaceholder")
+        grid = self.grid
+        if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+            raise PlaceholderError(f"ImagePlaceholder: grid={grid!r} must be a (rows, cols) pair")
+        _check_positive_int(grid[0], "grid rows", "ImagePlaceholder")
+        _check_positive_int(grid[1], "grid cols", "ImagePlaceholder")
+        object.__setattr__(self, "grid", (grid[0], grid[1]))
+
+    @property
+    def is_tiled(self) -> bool:
+        """True when the image has more than one tile (and so a global thumbnail)."""
+        rows, cols = self.grid
+        return rows * cols > 1
+
+    @property
+    def num_tiles(self) -> int:
+        """Tiles fed to the vision encoder: ``rows·cols``, plus the thumbnail when tiled."""
+        rows, cols = self.grid
+        return rows * cols + (1 if self.is_tiled else 0)
+
+    @property
+    def num_patch_tokens(self) -> int:
+        """How many ``<|patch|>`` tokens the image takes (= patch embeddings it needs)."""
+        return self.num_tiles * self.tokens_per_tile
+
+    @property
+    def num_tokens(self) -> int:
+        """All tokens of the image block, patches, separators and markers included."""
+        rows, cols = self.grid
+        if not self.is_tiled:
+            return self.tokens_per_tile + 3
+        return 3 + self.tokens_per_tile * (rows * cols + 1) + rows * (cols - 1) + rows
+
+    def layout(self) -> list[LayoutPiece]:
+        """The image block as a list of control tokens (all pieces are special)."""
+        patches = [st.PATCH] * self.tokens_per_tile
+        tokens = [st.IMAGE_START]
+        if self.is_tiled:
+            rows, cols = self.grid
+            for _row in range(rows):
+                for col in range(cols):
+                    tokens += patches
+                    if col < cols - 1:
+                        tokens.append(st.TILE_X_SEPARATOR)
+                tokens.append(st.TILE_Y_SEPARATOR)
+        tokens.append(st.IMAGE)
+        tokens += patches
+        tokens.append(st.IMAGE_END)
+        return [LayoutPiece(token, True) for token in tokens]
+
+
+@dataclass(frozen=True)
+class VideoPlaceholder:
+    """A video of ``len(timestamps)`` frames, each a 1x1 image of ``tokens_per_frame`` patches.
+
+    ``timestamps`` are the frames' times in seconds: finite, >= 0 and in non-decreasing
+    order. They are stored as a tuple.
+    """
+
+    timestamps: Sequence[float]
+    tokens_per_frame: int
+
+    def __post_init__(self) -> None:
+        _check_positive_int(self.tokens_per_frame, "tokens_per_frame", "VideoPlaceholder")
+        if isinstance(self.timestamps, (str, bytes)) or not isinstance(self.timestamps, Sequence):
+            raise PlaceholderError(
+                f"VideoPlaceholder: timestamps={self.timestamps!r} must be a list of frame times in seconds"
+            )
+        times = tuple(self.timestamps)
+        if not times:
+            raise PlaceholderError("VideoPlaceholder: timestamps is empty; a video needs at least one frame")
+        for index, time in enumerate(times):
+            if isinstance(time, bool) or not isinstance(time, (int, float)) or not math.isfinite(time) or time < 0:
+                raise PlaceholderError(
+                    f"VideoPlaceholder: timestamps[{index}]={time!r} must be a finite number of seconds >= 0"
+                )
+            if index and time < times[index - 1]:
+                raise PlaceholderError(
+                    f"VideoPlaceholder: timestamps[{index}]={time!r} comes before timestamps[{index - 1}]="
+                    f"{times[index - 1]!r}; give frames in time order"
+                )
+        object.__setattr__(self, "timestamps", times)
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.timestamps)
+
+    @property
+    def num_patch_tokens(self) -> int:
+        """How many ``<|patch|>`` tokens the video takes (= patch embeddings it needs)."""
+        return self.num_frames * self.tokens_per_frame
+
+    def layout(self) -> list[LayoutPiece]:
+        """The video block: markers and frame images (special) and timestamps (text)."""
+        frame = ImagePlaceholder(self.tokens_per_frame).layout()
+        pieces = [LayoutPiece(st.VIDEO_START, True)]
+        for time in self.timestamps:
+            pieces.append(LayoutPiece(format_timestamp(time), False))
+            pieces += frame
+        pieces.append(LayoutPiece(st.VIDEO_END, True))
+        return pieces
