@@ -1,0 +1,91 @@
+"""Byte-level BPE: training, sizes, and lossless round trips of any Unicode text."""
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as hs
+from tokenizers import pre_tokenizers
+
+from tokenizer import SPECIAL_TOKENS, FusionTokenizer, TokenizerError
+
+from .conftest import TINY_VOCAB_SIZE, tiny_corpus
+
+# Any text Python can encode as UTF-8: everything except lone surrogates (category Cs).
+unicode_text = hs.text(alphabet=hs.characters(exclude_categories=("Cs",)), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=unicode_text)
+@example(text="")
+@example(text="👨‍👩‍👧‍👦 🏳️‍🌈 🇫🇷")  # ZWJ sequences, flags
+@example(text="中文，日本語、한국어")
+@example(text="e\u0301 a\u0308\u0323 Z\u0335\u0321")  # combining marks, never normalised
+@example(text="\x00\x01\x1b[0m\x7f\u200b\ufeff")  # control chars, zero-width, BOM
+@example(text="line\r\nline\rline\n\n\t  trailing  ")
+@example(text="  leading spaces")
+@example(text="<|eot|><|patch|><image>")
+@example(text="\U0010ffff\U000e0001")
+def test_decode_of_encode_is_identity(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_encoding_is_compressed_by_training(tok):
+    text = "What is in this image? The quick brown fox."
+    assert len(tok.encode(text)) < len(text.encode("utf-8")) / 2
+
+
+def test_all_256_bytes_are_in_the_base_vocabulary(tok):
+    vocab = tok._bpe.get_vocab(with_added_tokens=False)
+    for byte_char in pre_tokenizers.ByteLevel.alphabet():
+        assert byte_char in vocab
+    # A byte that never appears in the corpus still encodes (no unknown token).
+    assert tok.decode(tok.encode("\x07")) == "\x07"
+
+
+def test_vocab_size_counts_special_tokens(tok):
+    assert len(tok) == tok.vocab_size == TINY_VOCAB_SIZE
+    assert tok.base_vocab_size == TINY_VOCAB_SIZE - len(SPECIAL_TOKENS)
+
+
+def test_special_tokens_follow_the_base_vocabulary_in_declared_order(tok):
+    ids = tok.special_token_ids
+    assert [ids[token] for token in SPECIAL_TOKENS] == list(range(tok.base_vocab_size, len(tok)))
+
+
+def test_small_corpus_gives_a_smaller_vocabulary_with_specials_still_last():
+    small = FusionTokenizer.train(["tiny corpus"] * 3, vocab_size=4000)
+    assert small.base_vocab_size < 4000 - len(SPECIAL_TOKENS)
+    assert min(small.special_token_ids.values()) == small.base_vocab_size
+    assert len(small) == small.base_vocab_size + len(SPECIAL_TOKENS)
+
+
+def test_training_accepts_a_generator():
+    trained = FusionTokenizer.train((line for line in tiny_corpus()), vocab_size=300)
+    assert trained.decode(trained.encode("a fox")) == "a fox"
+
+
+@pytest.mark.parametrize("vocab_size", [0, 100, 256 + len(SPECIAL_TOKENS) - 1, 300.0, True])
+def test_training_rejects_a_vocab_too_small_for_bytes_and_specials(vocab_size):
+    with pytest.raises(TokenizerError, match="vocab_size"):
+        FusionTokenizer.train(["some text"], vocab_size=vocab_size)
+
+
+def test_training_rejects_non_string_texts():
+    with pytest.raises(TokenizerError, match=r"training text #1 is a bytes"):
+        FusionTokenizer.train(["fine", b"bytes"], vocab_size=300)
+    with pytest.raises(TokenizerError, match="single str"):
+        FusionTokenizer.train("one long string", vocab_size=300)
+
+
+def test_decode_rejects_ids_outside_the_vocabulary(tok):
+    from tokenizer import InvalidTokenIdError
+
+    with pytest.raises(InvalidTokenIdError, match=r"ids\[1\]=-100"):
+        tok.decode([5, -100])
+    with pytest.raises(InvalidTokenIdError, match=str(len(tok))):
+        tok.decode([len(tok)])
+
+
+def test_decode_accepts_a_tensor(tok):
+    import torch
+
+    ids = tok.encode("a red square")
+    assert tok.decode(torch.tensor(ids)) == "a red square"
