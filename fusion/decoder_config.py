@@ -1,0 +1,116 @@
+"""`DecoderConfig`: every switch of the Llama 4 text decoder, as one JSON-serialisable dataclass."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RopeScaling:
+    """Llama-3-style RoPE frequency scaling (Scout: factor 16, low 1, high 1, original length 8192)."""
+
+    factor: float = 16.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 1.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class DecoderConfig:
+    """Shape and behaviour of the decoder. Defaults are a small model; `scout()` gives the real sizes.
+
+    Layer patterns (0-based layer index `i`, as in Meta's and Hugging Face's Llama 4):
+    - NoPE layer when `nope_interval > 0 and (i + 1) % nope_interval == 0`; the others use RoPE.
+      `nope_interval = 0` means RoPE everywhere.
+    - MoE layer when `num_experts > 0 and i % interleave_moe_layer_step == interleave_moe_layer_step - 1`
+      (step 1: every layer; step 2: layers 1, 3, 5, ...); the others use a dense SwiGLU of width
+      `intermediate_size_mlp`.
+    - Chunked attention (`attention_chunk_size`, aligned to absolute positions) on RoPE layers;
+      NoPE layers attend to the whole causal history. `None` turns chunking off.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    intermediate_size: int = 1024  # routed and shared experts
+    intermediate_size_mlp: int = 2048  # dense SwiGLU layers
+    num_experts: int = 16
+    top_k: int = 1
+    interleave_moe_layer_step: int = 1
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    nope_interval: int = 4
+    attention_chunk_size: int | None = 8192
+    use_qk_norm: bool = True
+    attn_temperature_tuning: bool = True
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 131072
+    initializer_range: float = 0.02
+    # Load balancing. The expert bias moves only which expert is chosen, never the gate value;
+    # it is updated from token counts once per optimizer step (0 disables the update).
+    load_balance_coeff: float = 1e-3
+    aux_loss_coef: float = 0.0  # optional auxiliary balance loss (0 = off)
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    extra: dict = field(default_factory=dict)  # free-form notes carried through save/load
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        problems = []
+        if self.num_heads % self.num_kv_heads:
+            problems.append(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            problems.append(f"head_dim ({self.head_dim}) must be even for RoPE")
+        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
+            problems.append(f"top_k ({self.top_k}) must be between 1 and num_experts ({self.num_experts})")
+        if self.interleave_moe_layer_step < 1:
+            problems.append(f"interleave_moe_layer_step must be >= 1, got {self.interleave_moe_layer_step}")
+        if self.nope_interval < 0:
+            problems.append(f"nope_interval must be >= 0 (0 = RoPE everywhere), got {self.nope_interval}")
+        if self.attention_chunk_size is not None and self.attention_chunk_size < 1:
+            problems.append(f"attention_chunk_size must be positive or None, got {self.attention_chunk_size}")
+        if problems:
+            raise ValueError("invalid DecoderConfig: " + "; ".join(problems))
+
+    # -- layer patterns ------------------------------------------------------------------------
+    def is_nope_layer(self, i: int) -> bool:
+        return self.nope_interval > 0 and (i + 1) % self.nope_interval == 0
+
+    def is_moe_layer(self, i: int) -> bool:
+        step = self.interleave_moe_layer_step
+        return self.num_experts > 0 and i % step == step - 1
+
+    def is_chunked_layer(self, i: int) -> bool:
+        return self.attention_chunk_size is not None and not self.is_nope_layer(i)
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"DecoderConfig: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def scout(cls, **overrides) -> "DecoderConfig":
+        """Llama 4 Scout 17Bx16E text sizes (for reference and shape checks; not for CPU use)."""
+        base = dict(
+            vocab_size=202048, hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
+            intermediate_size=8192, intermediate_size_mlp=16384, num_experts=16, top_k=1,
+            interleave_moe_layer_step=1, rope_scaling=RopeScaling(), nope_interval=4, attention_chunk_size=8192,
+            use_qk_norm=True, max_position_embeddings=10485760, bos_token_id=200000,
+            eos_token_id=[200001, 200007, 200008], pad_token_id=200018,
+        )
+        base.update(overrides)
+        return cls(**base)

@@ -1,0 +1,88 @@
+"""Decoding with a KV cache: one prefill, then one token per step; greedy or sampled (temperature,
+top-k, top-p); per-sample stop tokens. Batches are left-padded so every sample's next token sits in
+the last column, and each sample keeps its own positions.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists of token ids -> (ids [B, T], attention_mask [B, T]) padded on the left."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("generate: every prompt needs at least one token")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def select_next_token(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
+                      top_k: int | None = None, top_p: float | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; use do_sample=False for greedy")
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(decoder, *, input_ids=None, inputs_embeds: torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             stop_ids: Sequence[int] | None = None, pad_id: int = 0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Generate up to `max_new_tokens` tokens per sample; returns the new tokens [B, n].
+
+    The prompt is `input_ids` ([B, T] tensor, or a list of id lists, left-padded here) or
+    `inputs_embeds` [B, T, D]; `attention_mask` marks real tokens (left padding only). A sample stops
+    after it emits one of `stop_ids` (the stop token is included); later columns hold `pad_id`.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if input_ids is not None and not torch.is_tensor(input_ids):
+        input_ids, attention_mask = left_pad(input_ids, pad_id)
+    prompt = input_ids if input_ids is not None else inputs_embeds
+    B, T = prompt.shape[:2]
+    device = decoder.embed_tokens.weight.device
+    if attention_mask is None:
+        attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
+    attention_mask = attention_mask.to(device)
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("generate: prompts must be left-padded (the last column of attention_mask must be all 1)")
+    if max_new_tokens == 0:
+        return torch.empty(B, 0, dtype=torch.long, device=device)
+
+    cache = decoder.new_cache(B, T + max_new_tokens)
+    out = decoder(input_ids=input_ids.to(device) if input_ids is not None else None,
+                  inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, logits_to_keep=1)
+    stops = torch.tensor(sorted(set(stop_ids or ())), dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        token = select_next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        new_tokens.append(token)
+        finished |= torch.isin(token, stops)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        out = decoder(input_ids=token[:, None], cache=cache, logits_to_keep=1)
+    return torch.stack(new_tokens, dim=1)

@@ -1,0 +1,264 @@
+"""Hugging Face Llama 4 checkpoints <-> `fusion.Decoder`, without importing transformers.
+
+Reads the text part of `Llama4ForCausalLM` and `Llama4ForConditionalGeneration` folders
+(`config.json` + `model.safetensors` or a sharded `model.safetensors.index.json`), with the config as
+written by transformers 4.5x (`rope_theta` + `rope_scaling`) or 5.x (`rope_parameters`). Writes
+`Llama4ForCausalLM` folders that both load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .decoder import Decoder
+from .decoder_config import DecoderConfig, RopeScaling
+
+# Our parameter names -> Hugging Face names, inside one decoder layer.
+_LAYER_RENAMES = (
+    ("attention_norm.", "input_layernorm."),
+    ("attention.", "self_attn."),
+    ("ffn_norm.", "post_attention_layernorm."),
+)
+# Where the text model sits in each kind of checkpoint: (body prefix, lm_head key).
+_LAYOUTS = (
+    ("model.", "lm_head.weight"),  # Llama4ForCausalLM
+    ("language_model.model.", "language_model.lm_head.weight"),  # Llama4ForConditionalGeneration
+    ("model.language_model.", "lm_head.weight"),  # ConditionalGeneration, alternative layout
+)
+# Buffers of Meta's checkpoints that carry no weights.
+_DROPPED_SUFFIXES = ("rope.freqs", "freq_cis", "_extra_state", "global_gate_stats_3E", "running_gate_stats_3E",
+                     "expert_activation_DE")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read as a Llama 4 decoder."""
+
+
+def hf_key(name: str, body_prefix: str = "model.", head_key: str = "lm_head.weight") -> str:
+    """Our state-dict key -> the Hugging Face key."""
+    if name == "lm_head.weight":
+        return head_key
+    for ours, theirs in _LAYER_RENAMES:
+        if name.startswith("layers.") and f".{ours}" in name:
+            name = name.replace(f".{ours}", f".{theirs}", 1)
+            break
+    return body_prefix + name
+
+
+# -- config -------------------------------------------------------------------------------------
+def _rope_settings(cfg: dict) -> tuple[float, RopeScaling | None]:
+    """(theta, llama3 scaling or None) from a 5.x `rope_parameters` or a 4.5x `rope_theta`/`rope_scaling`."""
+    params = cfg.get("rope_parameters")
+    if params is None:
+        params = dict(cfg.get("rope_scaling") or {})
+        params.setdefault("rope_theta", cfg.get("rope_theta", 500000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 500000.0)))
+    if rope_type in (None, "default"):
+        return theta, None
+    if rope_type != "llama3":
+        raise CheckpointError(f"unsupported rope type {rope_type!r} (only 'default' and 'llama3' are Llama 4's)")
+    return theta, RopeScaling(factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
+                              high_freq_factor=float(params["high_freq_factor"]),
+                              original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+
+
+def _interval_from_list(flags: list[int], is_set, what: str) -> int:
+    """Recover an interval n from per-layer flags that follow `is_set(i, n)`; 0 when none is set."""
+    layers = len(flags)
+    for n in range(0, layers + 2):
+        if all(bool(flags[i]) == is_set(i, n) for i in range(layers)):
+            return n
+    raise CheckpointError(f"{what} {flags} does not follow a regular interval; fusion supports regular patterns only")
+
+
+def decoder_config_from_hf(cfg: dict) -> DecoderConfig:
+    """A transformers `Llama4TextConfig` dict (or a `Llama4Config` with `text_config`) -> DecoderConfig."""
+    cfg = cfg.get("text_config", cfg)
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"hidden_act {cfg['hidden_act']!r} is not Llama 4's 'silu'")
+    if cfg.get("attention_bias", False):
+        raise CheckpointError("attention_bias=True is not supported (Llama 4 attention has no biases)")
+    layers = cfg.get("num_hidden_layers", 48)
+    theta, scaling = _rope_settings(cfg)
+    nope_interval = cfg.get("no_rope_layer_interval", 4)
+    if cfg.get("no_rope_layers"):  # 1 = uses RoPE (transformers' naming)
+        nope_interval = _interval_from_list(
+            [1 - f for f in cfg["no_rope_layers"]], lambda i, n: n > 0 and (i + 1) % n == 0, "no_rope_layers")
+    step = cfg.get("interleave_moe_layer_step", 1)
+    num_experts = cfg.get("num_local_experts", 16)
+    if cfg.get("moe_layers") is not None:
+        flags = [int(i in cfg["moe_layers"]) for i in range(layers)]
+        if not any(flags):
+            num_experts = 0
+        else:
+            step = _interval_from_list(flags, lambda i, n: n > 0 and i % n == n - 1, "moe_layers") or 1
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return DecoderConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], num_layers=layers,
+        num_heads=cfg["num_attention_heads"], num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+        head_dim=head_dim, intermediate_size=cfg.get("intermediate_size", 8192),
+        intermediate_size_mlp=cfg.get("intermediate_size_mlp", 16384), num_experts=num_experts,
+        top_k=cfg.get("num_experts_per_tok", 1), interleave_moe_layer_step=step, rope_theta=theta,
+        rope_scaling=scaling, nope_interval=nope_interval, attention_chunk_size=cfg.get("attention_chunk_size"),
+        use_qk_norm=bool(cfg.get("use_qk_norm", True)),
+        attn_temperature_tuning=bool(cfg.get("attn_temperature_tuning", True)),
+        floor_scale=float(cfg.get("floor_scale", 8192)), attn_scale=float(cfg.get("attn_scale", 0.1)),
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-5), max_position_embeddings=cfg.get("max_position_embeddings", 131072),
+        initializer_range=cfg.get("initializer_range", 0.02), bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=cfg.get("eos_token_id"), pad_token_id=cfg.get("pad_token_id"),
+    )
+
+
+def _int_if_whole(x: float):
+    return int(x) if float(x).is_integer() else x
+
+
+def hf_config_from_decoder(config: DecoderConfig) -> dict:
+    """DecoderConfig -> a `Llama4TextConfig` dict for `Llama4ForCausalLM`.
+
+    RoPE settings are written in the 4.5x form (`rope_theta` + `rope_scaling`), which transformers 5.x
+    also reads; layer patterns are written explicitly (`no_rope_layers`, `moe_layers`).
+    """
+    L = config.num_layers
+    rope_scaling = None
+    if config.rope_scaling is not None:
+        rope_scaling = {"rope_type": "llama3", **vars(config.rope_scaling)}
+    return {
+        "architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text",
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "num_hidden_layers": L,
+        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim, "intermediate_size": config.intermediate_size,
+        "intermediate_size_mlp": config.intermediate_size_mlp, "hidden_act": "silu",
+        "num_local_experts": max(config.num_experts, 1), "num_experts_per_tok": config.top_k,
+        "interleave_moe_layer_step": config.interleave_moe_layer_step,
+        "moe_layers": [i for i in range(L) if config.is_moe_layer(i)],
+        "no_rope_layers": [0 if config.is_nope_layer(i) else 1 for i in range(L)],
+        "no_rope_layer_interval": config.nope_interval or L + 1,
+        "attention_chunk_size": config.attention_chunk_size, "use_qk_norm": config.use_qk_norm,
+        "attn_temperature_tuning": config.attn_temperature_tuning, "floor_scale": _int_if_whole(config.floor_scale),
+        "attn_scale": config.attn_scale, "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
+        "rope_scaling": rope_scaling, "max_position_embeddings": config.max_position_embeddings,
+        "initializer_range": config.initializer_range, "tie_word_embeddings": False, "attention_bias": False,
+        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id, "router_aux_loss_coef": config.aux_loss_coef,
+        "torch_dtype": "float32",
+    }
+
+
+# -- weights ------------------------------------------------------------------------------------
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).exists()]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that are not in the folder: {missing[:5]}")
+        return [folder / s for s in shards]
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    raise CheckpointError(f"no safetensors weights in {folder} (expected model.safetensors or "
+                          f"model.safetensors.index.json); convert .bin/.pth checkpoints to safetensors first")
+
+
+def load_hf_decoder(path, dtype: torch.dtype | None = None, device=None) -> Decoder:
+    """Build a Decoder from a Hugging Face Llama 4 folder. `dtype` defaults to the checkpoint's own dtype."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} is not a Hugging Face checkpoint folder: it has no config.json")
+    config = decoder_config_from_hf(json.loads((folder / "config.json").read_text()))
+    files = _safetensors_files(folder)
+    keys = {}
+    for f in files:
+        with safe_open(f, framework="pt") as reader:
+            keys.update({k: f for k in reader.keys()})
+    layout = next(((body, head) for body, head in _LAYOUTS if f"{body}embed_tokens.weight" in keys), None)
+    if layout is None:
+        raise CheckpointError(f"{folder}: no text embedding found (looked for "
+                              f"{[b + 'embed_tokens.weight' for b, _ in _LAYOUTS]})")
+    with torch.device("meta"):
+        decoder = Decoder(config)
+    wanted = {name: hf_key(name, *layout) for name in decoder.state_dict()
+              if not name.endswith(("expert_bias", "tokens_per_expert"))}
+    state, missing = {}, []
+    unfused = _unfused_expert_keys(wanted, keys)
+    for name, key in wanted.items():
+        if key in keys:
+            with safe_open(keys[key], framework="pt") as reader:
+                state[name] = reader.get_tensor(key)
+        elif name in unfused:
+            state[name] = _stack_unfused_experts(unfused[name], keys)
+        else:
+            missing.append(key)
+    if missing:
+        raise CheckpointError(f"{folder}: {len(missing)} decoder weights are missing, e.g. {missing[:4]}")
+    dtype = dtype or next(iter(state.values())).dtype
+    decoder = decoder.to_empty(device=device or "cpu").to(dtype)  # every weight is overwritten below
+    decoder.load_state_dict(state, strict=False)
+    decoder.reset_buffers()
+    return decoder
+
+
+def _unfused_expert_keys(wanted: dict, keys: dict) -> dict:
+    """Expert weights stored one per expert (`experts.{e}.{gate,up,down}_proj.weight`, [out, in])."""
+    out = {}
+    for name, key in wanted.items():
+        if key.endswith("experts.gate_up_proj") and key not in keys:
+            out[name] = ("gate_up", key[: -len("gate_up_proj")])
+        elif key.endswith("experts.down_proj") and key not in keys:
+            out[name] = ("down", key[: -len("down_proj")])
+    return out
+
+
+def _stack_unfused_experts(spec, keys) -> torch.Tensor:
+    kind, prefix = spec
+
+    def read(key):
+        if key not in keys:
+            raise CheckpointError(f"missing expert weight {key}")
+        with safe_open(keys[key], framework="pt") as reader:
+            return reader.get_tensor(key)
+
+    experts = []
+    e = 0
+    while f"{prefix}{e}.down_proj.weight" in keys:
+        if kind == "gate_up":  # [F, D] each -> [D, 2F]
+            experts.append(torch.cat((read(f"{prefix}{e}.gate_proj.weight").t(),
+                                      read(f"{prefix}{e}.up_proj.weight").t()), dim=1))
+        else:  # [D, F] -> [F, D]
+            experts.append(read(f"{prefix}{e}.down_proj.weight").t())
+        e += 1
+    if not experts:
+        raise CheckpointError(f"no expert weights under {prefix}")
+    return torch.stack(experts)
+
+
+def save_hf_decoder(decoder: Decoder, path) -> None:
+    """Write `config.json` and `model.safetensors` for `Llama4ForCausalLM`."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(bool(m.expert_bias.abs().sum() > 0) for m in decoder.moe_layers()):
+        warnings.warn("save_hf: this decoder's expert selection bias is not zero; Hugging Face Llama 4 has no "
+                      "such bias, so its routing will differ from fusion's", stacklevel=2)
+    config = decoder.config
+    state = {}
+    for name, tensor in decoder.state_dict().items():
+        if name.endswith(("expert_bias", "tokens_per_expert")):
+            continue
+        state[hf_key(name)] = tensor.detach().contiguous().cpu()
+    hf_cfg = hf_config_from_decoder(config)
+    hf_cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    tmp = folder / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")

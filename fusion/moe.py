@@ -1,0 +1,157 @@
+"""The Llama 4 MoE layer: sigmoid-scored top-k routing, experts that see only their own tokens, a shared
+expert always added, and load balancing (aux-loss-free expert bias, optional auxiliary loss).
+
+    logits = x @ W_router^T                       # [N, E], no bias
+    chosen = topk(sigmoid(logits) + expert_bias)  # the bias moves the choice only
+    score  = sigmoid(logits)[chosen]              # not renormalised
+    y      = shared(x) + sum_k expert_k(score_k * x)   # the score scales the expert's INPUT
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .decoder_config import DecoderConfig
+
+GROUP_ALIGN = 16  # rows per expert group are padded to this for torch._grouped_mm (16-byte aligned bf16)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Used for dense layers and the shared expert."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _grouped_mm_available(x: torch.Tensor) -> bool:
+    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored stacked, input-major as in Hugging Face's Llama 4 checkpoints:
+    gate_up_proj [E, D, 2F] (gate ‖ up), down_proj [E, F, D].
+
+    `forward` takes tokens already sorted by expert and the count per expert, and runs each expert on
+    its own rows only: one grouped matmul where the device has it (CUDA, SM90+, bf16), else a loop
+    over the non-empty experts.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x_sorted [M, D] (rows grouped by expert, in expert order), counts [E] -> [M, D]."""
+        if _grouped_mm_available(x_sorted):
+            return self._forward_grouped_mm(x_sorted, counts)
+        return self._forward_loop(x_sorted, counts.tolist())
+
+    def _forward_loop(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        # unbind once: its backward stacks the per-expert gradients in one write
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        outputs = []
+        for e, rows in enumerate(x_sorted.split(counts)):
+            if rows.shape[0] == 0:
+                continue
+            gate, up = (rows @ gate_up[e]).chunk(2, dim=-1)  # [n_e, F] each
+            outputs.append((F.silu(gate) * up) @ down[e])  # [n_e, D]
+        if not outputs:
+            return x_sorted.new_zeros(x_sorted.shape)
+        return torch.cat(outputs)
+
+    def _forward_grouped_mm(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        # Pad each expert's group to GROUP_ALIGN rows (zero rows), run two grouped matmuls, drop the padding.
+        padded = (counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
+        padded = torch.where(counts == 0, torch.full_like(padded, GROUP_ALIGN), padded)
+        ends = padded.cumsum(0)
+        starts = ends - padded
+        group_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=counts.device), counts)
+        first_row = (counts.cumsum(0) - counts)[group_of_row]
+        dest = starts[group_of_row] + torch.arange(x_sorted.shape[0], device=counts.device) - first_row
+        buffer = x_sorted.new_zeros(int(ends[-1]), self.dim).index_copy(0, dest, x_sorted)
+        offs = ends.to(torch.int32)
+        gate, up = torch._grouped_mm(buffer, self.gate_up_proj.to(buffer.dtype), offs=offs).chunk(2, dim=-1)
+        out = torch._grouped_mm(F.silu(gate) * up, self.down_proj.to(buffer.dtype), offs=offs)
+        return out.index_select(0, dest)
+
+
+def sort_tokens_by_expert(chosen: torch.Tensor, num_experts: int):
+    """chosen [N, k] expert ids -> (token_index [N·k], order [N·k], counts [E]).
+
+    Row j of the sorted batch is token token_index[j] going to its (order[j] % k)-th expert; rows are
+    grouped by expert in increasing expert order.
+    """
+    flat = chosen.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return order // chosen.shape[1], order, counts
+
+
+class MoE(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        d, E = config.hidden_size, config.num_experts
+        self.num_experts, self.top_k = E, config.top_k
+        self.load_balance_coeff = config.load_balance_coeff
+        self.aux_loss_coef = config.aux_loss_coef
+        self.router = nn.Linear(d, E, bias=False)
+        self.experts = GroupedExperts(E, d, config.intermediate_size)
+        self.shared_expert = FeedForward(d, config.intermediate_size)
+        # Selection bias for aux-loss-free balancing (persistent: part of the trained model).
+        self.register_buffer("expert_bias", torch.zeros(E), persistent=True)
+        # Tokens per expert since the last bias update (training only).
+        self.register_buffer("tokens_per_expert", torch.zeros(E), persistent=False)
+        self.last_counts: torch.Tensor | None = None  # [E] tokens per expert in the last forward
+        self.last_chosen: torch.Tensor | None = None  # [N, k] experts chosen per token in the last forward
+        self.aux_loss: torch.Tensor | None = None
+
+    def route(self, x: torch.Tensor):
+        """x [N, D] -> chosen experts [N, k], their gate scores [N, k] (fp32), all scores [N, E] (fp32)."""
+        scores = torch.sigmoid(self.router(x).float())  # [N, E]
+        with torch.no_grad():
+            chosen = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices
+        return chosen, scores.gather(1, chosen), scores
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, D]
+        chosen, gates, scores = self.route(x)
+        token_index, order, counts = sort_tokens_by_expert(chosen, self.num_experts)
+        routed_in = (x[token_index].float() * gates.reshape(-1)[order, None]).to(x.dtype)  # [N·k, D]
+        routed_out = self.experts(routed_in, counts)
+        out = self.shared_expert(x).index_add(0, token_index, routed_out.to(x.dtype))
+
+        self.last_counts, self.last_chosen = counts.detach(), chosen.detach()
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+        self.aux_loss = self._balance_loss(scores, counts) if self.training and self.aux_loss_coef > 0 else None
+        return out.reshape(shape)
+
+    def _balance_loss(self, scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Switch-style loss E * sum_e f_e * p_e (f: share of routed tokens, p: mean normalised score)."""
+        fraction = counts.float() / counts.sum().clamp(min=1)
+        probability = (scores / scores.sum(-1, keepdim=True)).mean(0)
+        return self.num_experts * (fraction * probability).sum()
+
+    @torch.no_grad()
+    def update_expert_bias(self):
+        """One aux-loss-free balancing step (arXiv 2408.15664): nudge under-used experts up, over-used down."""
+        counts = self.tokens_per_expert
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+        if self.load_balance_coeff > 0 and counts.sum() > 0:
+            delta = self.load_balance_coeff * torch.sign(counts.mean() - counts)
+            self.expert_bias += delta - delta.mean()
+        counts.zero_()
