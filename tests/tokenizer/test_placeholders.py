@@ -1,0 +1,167 @@
+"""Images and videos: Llama 4 token layout, patch counts, markers in text."""
+import pytest
+
+from tokenizer import (
+    IGNORE_INDEX,
+    ImagePlaceholder,
+    MediaCountMismatchError,
+    ConversationFormatError,
+    PlaceholderError,
+    VideoPlaceholder,
+    format_timestamp,
+)
+
+
+def test_single_tile_image_layout(tok):
+    ids = tok.encode_image(ImagePlaceholder(tokens_per_tile=5))
+    assert ids == [tok.image_start_id, tok.image_id] + [tok.patch_id] * 5 + [tok.image_end_id]
+    assert ImagePlaceholder(tokens_per_tile=144).num_tokens == 147  # Llama 4's 1-tile count
+    assert ImagePlaceholder(tokens_per_tile=5).num_patch_tokens == 5
+
+
+def test_two_by_three_tiled_image_layout(tok):
+    n = 4
+    image = ImagePlaceholder(tokens_per_tile=n, grid=(2, 3))
+    patches, x_sep, y_sep = [tok.patch_id] * n, tok.tile_x_separator_id, tok.tile_y_separator_id
+    row = patches + [x_sep] + patches + [x_sep] + patches + [y_sep]
+    expected = [tok.image_start_id] + row + row + [tok.image_id] + patches + [tok.image_end_id]
+    ids = tok.encode_image(image)
+    assert ids == expected
+    assert ids.count(tok.patch_id) == image.num_patch_tokens == n * (2 * 3 + 1)
+    assert image.num_tiles == 7
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (1, 2), (2, 1), (2, 3), (3, 2), (4, 4), (1, 16)])
+@pytest.mark.parametrize("n", [1, 3, 16])
+def test_image_token_count_follows_the_llama4_formula(tok, grid, n):
+    h, w = grid
+    image = ImagePlaceholder(tokens_per_tile=n, grid=grid)
+    ids = tok.encode_image(image)
+    assert len(ids) == image.num_tokens
+    if h * w > 1:
+        assert len(ids) == 3 + n * (h * w + 1) + h * (w - 1) + h
+        assert ids.count(tok.tile_y_separator_id) == h
+        assert ids.count(tok.tile_x_separator_id) == h * (w - 1)
+    else:
+        assert len(ids) == n + 3
+
+
+def test_video_with_three_frames(tok):
+    video = VideoPlaceholder(timestamps=[0.0, 1.5, 3.0], tokens_per_frame=6)
+    ids = tok.encode_video(video)
+    assert ids[0] == tok.video_start_id and ids[-1] == tok.video_end_id
+    assert ids.count(tok.patch_id) == video.num_patch_tokens == 18
+    assert ids.count(tok.image_start_id) == ids.count(tok.image_end_id) == ids.count(tok.image_id) == 3
+    frame = "<|image_start|><|image|>" + "<|patch|>" * 6 + "<|image_end|>"
+    assert tok.decode(ids, skip_special_tokens=False) == (
+        f"<|video_start|>0s{frame}1.5s{frame}3s{frame}<|video_end|>"
+    )
+    assert tok.decode(ids) == "0s1.5s3s"  # timestamps are plain text
+
+
+@pytest.mark.parametrize(
+    "seconds, text",
+    [(0, "0s"), (0.0, "0s"), (1.5, "1.5s"), (2.0, "2s"), (0.25, "0.25s"), (10, "10s"), (12.345, "12.35s"), (0.001, "0s")],
+)
+def test_timestamp_format_is_compact_seconds(seconds, text):
+    assert format_timestamp(seconds) == text
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: ImagePlaceholder(tokens_per_tile=0), "tokens_per_tile=0"),
+        (lambda: ImagePlaceholder(tokens_per_tile=4, grid=(0, 2)), "grid rows=0"),
+        (lambda: ImagePlaceholder(tokens_per_tile=4, grid=(2,)), r"grid=\(2,\) must be a \(rows, cols\) pair"),
+        (lambda: VideoPlaceholder(timestamps=[], tokens_per_frame=4), "at least one frame"),
+        (lambda: VideoPlaceholder(timestamps=[0, -1], tokens_per_frame=4), r"timestamps\[1\]=-1"),
+        (lambda: VideoPlaceholder(timestamps=[2, 1], tokens_per_frame=4), "time order"),
+        (lambda: VideoPlaceholder(timestamps=[float("nan")], tokens_per_frame=4), "finite"),
+        (lambda: VideoPlaceholder(timestamps=[0], tokens_per_frame=0), "tokens_per_frame=0"),
+    ],
+)
+def test_invalid_placeholders_are_rejected(make, message):
+    with pytest.raises(PlaceholderError, match=message):
+        make()
+
+
+def _conversation(user_content, assistant="It shows shapes."):
+    return [{"role": "user", "content": user_content}, {"role": "assistant", "content": assistant}]
+
+
+def test_markers_are_replaced_in_order_and_expanded_to_their_patch_counts(tok):
+    images = [ImagePlaceholder(tokens_per_tile=2), ImagePlaceholder(tokens_per_tile=3, grid=(2, 3))]
+    videos = [VideoPlaceholder(timestamps=[0, 0.5, 1], tokens_per_frame=4)]
+    encoded = tok.encode_conversation(
+        _conversation("First <image> then <video> and <image>."), images=images, videos=videos
+    )
+    text = tok.decode(encoded.input_ids, skip_special_tokens=False)
+    expected_user = (
+        "First "
+        + tok.decode(tok.encode_image(images[0]), skip_special_tokens=False)
+        + " then "
+        + tok.decode(tok.encode_video(videos[0]), skip_special_tokens=False)
+        + " and "
+        + tok.decode(tok.encode_image(images[1]), skip_special_tokens=False)
+        + "."
+    )
+    assert f"<|header_start|>user<|header_end|>\n\n{expected_user}<|eot|>" in text
+    assert encoded.input_ids.count(tok.patch_id) == 2 + 3 * 7 + 3 * 4
+    assert "<image>" not in text and "<video>" not in text
+
+
+def test_media_tokens_are_never_supervised(tok):
+    encoded = tok.encode_conversation(
+        [{"role": "user", "content": "<image>hi"}, {"role": "assistant", "content": "Here: <image> done."}],
+        images=[ImagePlaceholder(tokens_per_tile=3), ImagePlaceholder(tokens_per_tile=3, grid=(1, 2))],
+    )
+    media = {tok.patch_id, tok.image_id, tok.image_start_id, tok.image_end_id, tok.tile_x_separator_id}
+    for token_id, label in zip(encoded.input_ids, encoded.labels):
+        if token_id in media:
+            assert label == IGNORE_INDEX
+    supervised = [label for label in encoded.labels if label != IGNORE_INDEX]
+    assert tok.decode(supervised, skip_special_tokens=False) == "Here:  done.<|eot|>"
+
+
+def test_without_markers_media_go_to_the_start_of_the_first_user_turn(tok):
+    image, video = ImagePlaceholder(tokens_per_tile=2), VideoPlaceholder(timestamps=[0], tokens_per_frame=2)
+    messages = [{"role": "system", "content": "Be brief."}] + _conversation("What is shown?")
+    encoded = tok.encode_conversation(messages, images=[image], videos=[video])
+    text = tok.decode(encoded.input_ids, skip_special_tokens=False)
+    media = tok.decode(tok.encode_image(image) + tok.encode_video(video), skip_special_tokens=False)
+    assert f"<|header_start|>user<|header_end|>\n\n{media}What is shown?<|eot|>" in text
+    assert text.count("<|patch|>") == 4
+
+
+@pytest.mark.parametrize(
+    "content, num_images, num_videos, message",
+    [
+        ("<image><image> two", 1, 0, r"2 <image> marker\(s\) but 1 image\(s\) were given"),
+        ("<image> one", 2, 0, r"1 <image> marker\(s\) but 2 image\(s\)"),
+        ("<image> but no video marker", 1, 1, r"0 <video> marker\(s\) but 1 video\(s\)"),
+        ("typed <image> with nothing passed", 0, 0, r"1 <image> marker\(s\) but 0 image\(s\)"),
+        ("<video>", 0, 0, r"1 <video> marker\(s\) but 0 video\(s\)"),
+    ],
+)
+def test_marker_count_mismatch_names_both_counts(tok, content, num_images, num_videos, message):
+    with pytest.raises(MediaCountMismatchError, match=r"sample 'img-9'.*" + message):
+        tok.encode_conversation(
+            _conversation(content),
+            images=[ImagePlaceholder(tokens_per_tile=1)] * num_images,
+            videos=[VideoPlaceholder(timestamps=[0], tokens_per_frame=1)] * num_videos,
+            sample_id="img-9",
+        )
+
+
+def test_unmarked_media_without_a_user_turn_is_an_error(tok):
+    with pytest.raises(ConversationFormatError, match="no user turn"):
+        tok.encode_conversation(
+            [{"role": "assistant", "content": "hi"}], images=[ImagePlaceholder(tokens_per_tile=1)]
+        )
+
+
+def test_media_arguments_must_be_placeholders(tok):
+    with pytest.raises(PlaceholderError, match=r"images\[0\] is a int, expected ImagePlaceholder"):
+        tok.encode_conversation(_conversation("<image>"), images=[144])
+    with pytest.raises(PlaceholderError, match="images must be a list of ImagePlaceholder"):
+        tok.encode_conversation(_conversation("<image>"), images=ImagePlaceholder(tokens_per_tile=1))
