@@ -140,10 +140,12 @@ class Decoder(nn.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Decoder.forward: pass exactly one of input_ids and inputs_embeds")
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x = input_ids if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         valid = (torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None
                  else attention_mask.to(device=x.device, dtype=torch.bool))
+        if inputs_embeds is None:  # padding may hold any id (-1, -100, ...): embed it as 0, it is masked anyway
+            x = self.embed_tokens(input_ids if attention_mask is None else input_ids.masked_fill(~valid, 0))
         default_positions = positions is None
         if positions is None:
             start = cache.next_positions if cache is not None else torch.zeros(B, 1, dtype=torch.long,

@@ -79,10 +79,10 @@ def generate(decoder, *, input_ids=None, inputs_embeds: torch.Tensor | None = No
     new_tokens = []
     for step in range(max_new_tokens):
         token = select_next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        new_tokens.append(token)
+        new_tokens.append(torch.where(finished, torch.full_like(token, pad_id), token))
         finished |= torch.isin(token, stops)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
+        # finished samples keep decoding (their outputs are discarded): it keeps the batch rectangular
         out = decoder(input_ids=token[:, None], cache=cache, logits_to_keep=1)
     return torch.stack(new_tokens, dim=1)

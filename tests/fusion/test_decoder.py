@@ -1,0 +1,193 @@
+"""Decoder behaviour: cached decoding, chunked and NoPE attention, RoPE, padding, packing, training."""
+import math
+
+import pytest
+import torch
+
+import fusion
+from fusion.attention import build_attention_mask
+from fusion.rope import apply_rope, attention_temperature, rope_angles, rope_inverse_frequencies
+
+
+def small_config(**overrides):
+    base = dict(vocab_size=97, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+                intermediate_size=32, intermediate_size_mlp=48, num_experts=4, top_k=1, attention_chunk_size=8,
+                floor_scale=4, attn_scale=0.5, nope_interval=4, initializer_range=0.1)
+    base.update(overrides)
+    return fusion.DecoderConfig(**base)
+
+
+def make_decoder(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return fusion.Decoder(small_config(**overrides)).eval()
+
+
+def ids(batch=2, length=30, seed=1):
+    return torch.randint(0, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# -- cached decoding -------------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt_len", [1, 5, 8, 13, 20])
+def test_step_by_step_decoding_equals_full_forward(prompt_len):
+    """Prefill, then one token at a time through the cache, across several chunk boundaries (chunk 8)."""
+    model = make_decoder()
+    x = ids(length=30)
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.new_cache(batch_size=2, max_length=30)
+        steps = [model(x[:, :prompt_len], cache=cache).logits]
+        for t in range(prompt_len, 30):
+            steps.append(model(x[:, t:t + 1], cache=cache).logits)
+    cached = torch.cat(steps, dim=1)
+    assert (cached - full).abs().max().item() <= 1e-4
+
+
+def test_chunked_cache_keeps_only_one_chunk():
+    model = make_decoder()
+    cache = model.new_cache(batch_size=1, max_length=100)
+    assert cache.tables["chunked"].num_slots == 8  # the RoPE layers keep no more than their chunk
+    assert cache.tables["full"].num_slots == 100  # NoPE layers keep the whole history
+    assert cache.layers[0].k.shape[2] == 8 + 1  # + the write-only trash slot
+
+
+def test_cache_overflow_is_a_clear_error():
+    model = make_decoder()
+    cache = model.new_cache(batch_size=1, max_length=4)
+    with torch.no_grad(), pytest.raises(ValueError, match="KV cache is full"):
+        model(ids(batch=1, length=6), cache=cache)
+
+
+# -- chunked and NoPE attention --------------------------------------------------------------------
+def test_chunk_mask_is_aligned_to_absolute_positions():
+    pos = torch.arange(12)[None]
+    mask = build_attention_mask(pos, pos, chunk_size=4)[0, 0]
+    expected = torch.zeros(12, 12, dtype=torch.bool)
+    for q in range(12):
+        for k in range(12):
+            expected[q, k] = k <= q and k // 4 == q // 4
+    assert torch.equal(mask, expected)
+    # with positions starting at 6 the chunks still start at multiples of 4 (not at the first token)
+    pos = torch.arange(6, 14)[None]
+    mask = build_attention_mask(pos, pos, chunk_size=4)[0, 0]
+    assert mask[1, 0] and not mask[2, 1]  # positions 6,7 share a chunk; 8 starts a new one
+
+
+def test_rope_layers_do_not_see_past_their_chunk_but_nope_layers_do():
+    """Changing token 0 changes the output at position 9 (chunk 1) only through the NoPE layer."""
+    x = ids(batch=1, length=12)
+    x2 = x.clone()
+    x2[0, 0] = (x[0, 0] + 1) % 97
+    all_rope = make_decoder(nope_interval=0, num_layers=2)
+    with torch.no_grad():
+        d = (all_rope(x).logits - all_rope(x2).logits).abs()[0].amax(-1)
+    assert d[:8].max() > 1e-3 and d[8:].max() <= 1e-5  # chunked everywhere: nothing leaks into the next chunk
+    # (not exactly 0: a different token changes how many rows each expert gets, hence the float rounding)
+    with_nope = make_decoder(nope_interval=2, num_layers=2)  # layer 1 is NoPE
+    with torch.no_grad():
+        d = (with_nope(x).logits - with_nope(x2).logits).abs()[0].amax(-1)
+    assert d[8:].min() > 1e-4  # the NoPE layer carries token 0 into later chunks
+
+
+def test_nope_pattern_matches_reference():
+    c = small_config(num_layers=8, nope_interval=4)
+    assert [i for i in range(8) if c.is_nope_layer(i)] == [3, 7]
+    assert [i for i in range(8) if small_config(num_layers=8, nope_interval=0).is_nope_layer(i)] == []
+    assert [i for i in range(8) if small_config(num_layers=8, interleave_moe_layer_step=2).is_moe_layer(i)] == [1, 3, 5, 7]
+    model = make_decoder(num_layers=8)
+    assert [layer.attention.use_rope for layer in model.layers] == [True, True, True, False] * 2
+    assert [layer.attention.use_qk_norm for layer in model.layers] == [True, True, True, False] * 2
+    assert [layer.attention.use_temperature for layer in model.layers] == [False, False, False, True] * 2
+
+
+def test_temperature_formula():
+    pos = torch.tensor([[0, 8190, 8191, 2 ** 20 - 1]])
+    s = attention_temperature(pos, floor_scale=8192, attn_scale=0.1)[0]
+    assert s[0] == 1 and s[1] == 1
+    assert s[2].item() == pytest.approx(1 + 0.1 * math.log(2))
+    assert s[3].item() == pytest.approx(1 + 0.1 * math.log(129))
+
+
+def test_rope_rotates_interleaved_pairs():
+    inv_freq = rope_inverse_frequencies(4, theta=100.0)
+    x = torch.tensor([1.0, 0.0, 0.0, 1.0]).view(1, 1, 1, 4)
+    cos, sin = rope_angles(torch.tensor([[3]]), inv_freq)
+    out = apply_rope(x, cos, sin).flatten()
+    a0, a1 = 3 * inv_freq[0], 3 * inv_freq[1]
+    # pair (x0, x1) = (1, 0) rotates to (cos a0, sin a0); pair (x2, x3) = (0, 1) to (-sin a1, cos a1)
+    expected = torch.tensor([math.cos(a0), math.sin(a0), -math.sin(a1), math.cos(a1)])
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_llama3_scaling_divides_only_long_wavelengths():
+    from fusion.decoder_config import RopeScaling
+
+    plain = rope_inverse_frequencies(128, 5e5)
+    scaled = rope_inverse_frequencies(128, 5e5, RopeScaling(16, 1, 1, 8192))
+    long_wave = 2 * math.pi / plain > 8192
+    assert torch.allclose(scaled[long_wave], plain[long_wave] / 16)
+    assert torch.equal(scaled[~long_wave], plain[~long_wave])
+    assert 0 < long_wave.sum() < 64
+
+
+# -- padding, positions, packing -------------------------------------------------------------------
+def test_left_padding_gives_each_sample_its_own_positions():
+    model = make_decoder()
+    a, b = ids(batch=1, length=11, seed=2), ids(batch=1, length=6, seed=3)
+    padded = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], dim=1)])
+    mask = torch.ones_like(padded)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        batch = model(padded, attention_mask=mask).logits
+        alone = model(b).logits
+    assert (batch[1, 5:] - alone[0]).abs().max().item() <= 1e-5
+    assert (batch[0] - model(a).logits[0]).abs().max().item() <= 1e-5
+
+
+def test_packed_samples_do_not_see_each_other():
+    model = make_decoder()
+    a, b = ids(batch=1, length=10, seed=4), ids(batch=1, length=14, seed=5)
+    packed = torch.cat([a, b], dim=1)
+    segments = torch.tensor([[0] * 10 + [1] * 14])
+    positions = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    with torch.no_grad():
+        out = model(packed, segment_ids=segments, positions=positions).logits
+        assert (out[0, :10] - model(a).logits[0]).abs().max().item() <= 1e-5
+        assert (out[0, 10:] - model(b).logits[0]).abs().max().item() <= 1e-5
+
+
+def test_loss_ignores_masked_labels():
+    model = make_decoder()
+    x = ids(batch=2, length=12)
+    labels = x.clone()
+    labels[:, :6] = -100
+    out = model(x, labels=labels)
+    logits = out.logits[:, :-1]
+    manual = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, 97), x[:, 6:].reshape(-1))
+    assert out.loss.item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_input_errors_are_clear():
+    model = make_decoder()
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model()
+    with pytest.raises(ValueError, match="invalid DecoderConfig: num_heads"):
+        small_config(num_heads=5)
+
+
+def test_training_step_reduces_loss_and_updates_every_part():
+    model = make_decoder().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    fusion.attach_load_balancing(opt, model)
+    x = ids(batch=4, length=16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = []
+    for _ in range(15):
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.8
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == []
+    assert any(m.expert_bias.abs().sum() > 0 for m in model.moe_layers())  # the balancing hook ran

@@ -1,0 +1,87 @@
+"""Decoder.generate: cache vs no cache, batched vs one by one, sampling options, stop tokens."""
+import pytest
+import torch
+
+import fusion
+from fusion.generation import left_pad, select_next_token
+
+
+def make_decoder(seed=0):
+    torch.manual_seed(seed)
+    config = fusion.DecoderConfig(vocab_size=61, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                                  head_dim=16, intermediate_size=32, intermediate_size_mlp=48, num_experts=4,
+                                  attention_chunk_size=8, floor_scale=4, attn_scale=0.5, initializer_range=0.15)
+    return fusion.Decoder(config).eval()
+
+
+def greedy_without_cache(model, prompt, n):
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+PROMPTS = [[5, 9, 2, 33, 17, 8, 40, 41, 3, 12, 7], [19, 4], [50, 51, 52, 53, 54, 55]]
+
+
+def test_greedy_with_cache_equals_without_cache():
+    model = make_decoder()
+    for prompt in PROMPTS:
+        cached = model.generate([prompt], max_new_tokens=14)[0].tolist()
+        assert cached == greedy_without_cache(model, prompt, 14)
+
+
+def test_batched_generation_equals_one_by_one():
+    model = make_decoder()
+    batched = model.generate(PROMPTS, max_new_tokens=14, pad_id=0)
+    for row, prompt in enumerate(PROMPTS):
+        single = model.generate([prompt], max_new_tokens=14)[0]
+        assert batched[row].tolist() == single.tolist()
+
+
+def test_stop_tokens_end_each_sample_separately():
+    model = make_decoder()
+    free = model.generate(PROMPTS, max_new_tokens=10)
+    stop = int(free[0, 2])  # the third token of sample 0
+    out = model.generate(PROMPTS, max_new_tokens=10, stop_ids=[stop], pad_id=-1)
+    row0 = out[0].tolist()
+    assert row0[:3] == free[0, :3].tolist() and row0[3:] == [-1] * (out.shape[1] - 3)
+    for row in range(1, 3):  # the others go on until they emit the stop token themselves
+        expected = free[row].tolist()
+        if stop in expected:
+            expected = expected[: expected.index(stop) + 1]
+        assert out[row].tolist()[: len(expected)] == expected
+
+
+def test_sampling_is_reproducible_with_a_generator_and_respects_top_k():
+    model = make_decoder()
+    a = model.generate(PROMPTS, max_new_tokens=8, do_sample=True, temperature=1.5,
+                       generator=torch.Generator().manual_seed(3))
+    b = model.generate(PROMPTS, max_new_tokens=8, do_sample=True, temperature=1.5,
+                       generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    top1 = model.generate(PROMPTS, max_new_tokens=8, do_sample=True, top_k=1,
+                          generator=torch.Generator().manual_seed(4))
+    assert torch.equal(top1, model.generate(PROMPTS, max_new_tokens=8))  # top-1 sampling is greedy
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {int(select_next_token(logits, True, top_p=0.7, generator=g)) for _ in range(200)}
+    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; tokens 2 and 3 never drawn
+    draws = {int(select_next_token(logits, True, top_p=0.4, generator=g)) for _ in range(50)}
+    assert draws == {0}
+
+
+def test_bad_arguments():
+    model = make_decoder()
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate([[1, 2], []])
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
+    right = torch.flip(mask, dims=[1])
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(ids, attention_mask=right)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate([[1]], do_sample=True, temperature=0)

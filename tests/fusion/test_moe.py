@@ -1,0 +1,127 @@
+"""The MoE layer: sparse compute (counted), equality with the dense reference formula, load balancing."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import fusion
+from fusion.moe import GroupedExperts, MoE
+
+
+def make_moe(num_experts=8, top_k=1, dim=32, hidden=24, seed=0, **kw):
+    torch.manual_seed(seed)
+    config = fusion.DecoderConfig(vocab_size=10, hidden_size=dim, intermediate_size=hidden, num_experts=num_experts,
+                                  top_k=top_k, num_heads=4, num_kv_heads=2, head_dim=8, **kw)
+    moe = MoE(config)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+    return moe
+
+
+def dense_reference(moe: MoE, x):
+    """The Meta/HF formula: every expert on every token, inputs scaled by sigmoid(top-k logits), 0 elsewhere."""
+    logits = moe.router(x)
+    top = torch.topk(logits, moe.top_k, dim=-1)
+    scores = torch.full_like(logits, float("-inf")).scatter(1, top.indices, top.values).sigmoid()  # [N, E]
+    out = moe.shared_expert(x)
+    for e in range(moe.num_experts):
+        xe = x * scores[:, e:e + 1]
+        gate, up = (xe @ moe.experts.gate_up_proj[e]).chunk(2, dim=-1)
+        out = out + (F.silu(gate) * up) @ moe.experts.down_proj[e]
+    return out
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_matches_dense_reference(top_k):
+    moe = make_moe(top_k=top_k)
+    x = torch.randn(50, 32)
+    with torch.no_grad():
+        assert (moe(x) - dense_reference(moe, x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_no_expert_computes_on_tokens_not_routed_to_it(top_k, monkeypatch):
+    moe = make_moe(num_experts=8, top_k=top_k)
+    x = torch.randn(64, 32)
+    seen = {}
+    real_loop = GroupedExperts._forward_loop
+
+    def spy(self, x_sorted, counts):
+        for e, rows in enumerate(x_sorted.split(counts)):
+            seen[e] = rows.shape[0]
+        return real_loop(self, x_sorted, counts)
+
+    monkeypatch.setattr(GroupedExperts, "_forward_loop", spy)
+    with FlopCounterMode(display=False) as counter:
+        moe(x)
+    chosen = moe.last_chosen
+    for e in range(8):  # each expert saw exactly the tokens routed to it
+        assert seen[e] == int((chosen == e).sum())
+    assert sum(seen.values()) == 64 * top_k
+    assert moe.last_counts.tolist() == [seen[e] for e in range(8)]
+    # and the matmul FLOPs are the sparse ones: router + shared expert + k experts per token, nothing more
+    N, D, F_ = 64, 32, 24
+    expected = 2 * N * D * 8 + 2 * N * 3 * D * F_ + top_k * 2 * N * 3 * D * F_
+    assert counter.get_total_flops() == expected
+
+
+def test_grouped_matmul_path_equals_loop():
+    """The torch._grouped_mm path (used on SM90 GPUs; its forward also runs on CPU) gives the loop's result."""
+    experts = make_moe(num_experts=5).experts
+    counts = torch.tensor([7, 0, 19, 1, 13])
+    x = torch.randn(int(counts.sum()), 32)
+    with torch.no_grad():
+        loop = experts._forward_loop(x, counts.tolist())
+        try:
+            grouped = experts._forward_grouped_mm(x, counts)
+        except RuntimeError as err:  # builds without a CPU _grouped_mm
+            pytest.skip(f"torch._grouped_mm is not available on this CPU build: {err}")
+    assert (loop - grouped).abs().max().item() <= 1e-5
+
+
+def test_expert_bias_moves_selection_not_gate_values():
+    moe = make_moe(num_experts=4)
+    x = torch.randn(40, 32)
+    with torch.no_grad():
+        moe.expert_bias[2] = 10.0
+        chosen, gates, scores = moe.route(x)
+    assert (chosen == 2).all()
+    assert torch.allclose(gates[:, 0], torch.sigmoid(moe.router(x))[:, 2].detach())
+
+
+def test_bias_update_from_token_counts():
+    moe = make_moe(num_experts=4, load_balance_coeff=0.01).train()
+    moe.tokens_per_expert.copy_(torch.tensor([30.0, 10.0, 0.0, 0.0]))
+    moe.update_expert_bias()
+    bias = moe.expert_bias
+    assert bias[0] < 0 and bias[1] < 0 and bias[2] > 0 and bias[3] > 0  # over-used down, under-used up
+    assert abs(bias.sum().item()) < 1e-7
+    assert moe.tokens_per_expert.sum() == 0  # counts restart after each update
+    x = torch.randn(20, 32)
+    moe(x)
+    assert moe.tokens_per_expert.sum() == 20  # counted again during training forwards
+
+
+def test_aux_loss_is_optional_and_trains_the_router():
+    moe = make_moe(num_experts=4, aux_loss_coef=0.01).train()
+    moe(torch.randn(30, 32))
+    assert moe.aux_loss is not None and moe.aux_loss.item() > 0
+    moe.aux_loss.backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+    off = make_moe(num_experts=4).train()
+    off(torch.randn(30, 32))
+    assert off.aux_loss is None
+
+
+def test_decoder_reports_tokens_per_expert_and_aux_loss():
+    torch.manual_seed(0)
+    config = fusion.DecoderConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                  head_dim=8, intermediate_size=16, num_experts=4, top_k=2, aux_loss_coef=0.1,
+                                  interleave_moe_layer_step=2)
+    model = fusion.Decoder(config).train()
+    x = torch.randint(0, 50, (3, 7))
+    out = model(x, labels=x)
+    counts = model.tokens_per_expert()
+    assert len(counts) == 1 and int(counts[0].sum()) == 3 * 7 * 2
+    assert out.aux_loss is not None and out.loss > out.aux_loss
