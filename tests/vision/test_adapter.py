@@ -1,0 +1,84 @@
+"""Pixel shuffle layout (llama4-reference.md §4 item 6) and the VisionAdapter MLP + projector."""
+
+import pytest
+import torch
+from torch import nn
+
+from vision.adapter import VisionAdapter, pixel_shuffle, pixel_shuffle_tokens
+
+
+def reference_pixel_shuffle(x, ratio):
+    """The Llama 4 reference op, step by step as written in the reference."""
+    n, num_patches, channels = x.shape
+    h = w = int(num_patches ** 0.5)
+    x = x.view(n, h, w, channels)
+    x = x.view(n, h, int(w * ratio), int(channels / ratio)).permute(0, 2, 1, 3).contiguous()
+    x = x.view(n, int(h * ratio), int(w * ratio), int(channels / ratio**2)).permute(0, 2, 1, 3).contiguous()
+    return x.view(n, -1, x.shape[-1])
+
+
+def test_layout_on_a_4x4_grid_matches_a_hand_written_expectation():
+    # 16 patches, one channel each, holding its own row-major index i = 4*y + x.
+    x = torch.arange(16.0).view(1, 16, 1)
+    expected = torch.tensor([
+        [0.0, 1.0, 4.0, 5.0],    # token (0,0): patches (0,0) (0,1) (1,0) (1,1)
+        [2.0, 3.0, 6.0, 7.0],    # token (0,1): patches (0,2) (0,3) (1,2) (1,3)
+        [8.0, 9.0, 12.0, 13.0],  # token (1,0): patches (2,0) (2,1) (3,0) (3,1)
+        [10.0, 11.0, 14.0, 15.0],  # token (1,1): patches (2,2) (2,3) (3,2) (3,3)
+    ]).view(1, 4, 4)
+    assert torch.equal(pixel_shuffle(x, 0.5), expected)
+    assert torch.equal(reference_pixel_shuffle(x, 0.5), expected)  # the reference op agrees with its description
+
+
+def test_layout_with_several_channels_keeps_each_patch_contiguous():
+    # channel c of patch i holds 10*i + c: the output concatenates whole patches, not interleaved channels
+    x = (10 * torch.arange(16.0).view(16, 1) + torch.arange(3.0).view(1, 3)).view(1, 16, 3)
+    out = pixel_shuffle(x, 0.5)
+    assert out.shape == (1, 4, 12)
+    assert out[0, 1].tolist() == [20, 21, 22, 30, 31, 32, 60, 61, 62, 70, 71, 72]  # patches 2, 3, 6, 7
+
+
+@pytest.mark.parametrize("ratio, side, channels", [(0.5, 24, 8), (0.5, 2, 1), (0.25, 8, 4), (1.0, 3, 2)])
+def test_equals_the_reference_op_on_random_features(ratio, side, channels):
+    x = torch.randn(3, side * side, channels)
+    assert torch.equal(pixel_shuffle(x, ratio), reference_pixel_shuffle(x, ratio))
+
+
+def test_llama4_sizes_give_144_tokens_per_tile():
+    assert pixel_shuffle(torch.zeros(2, 576, 1408)).shape == (2, 144, 5632)
+    assert pixel_shuffle_tokens(576, 0.5) == 144
+
+
+@pytest.mark.parametrize("shape, ratio, message", [
+    ((1, 15, 4), 0.5, "square"), ((1, 9, 4), 0.5, "divisible"), ((1, 16, 4), 0.3, "1/k"), ((16, 4), 0.5, r"\[N, P, C\]"),
+])
+def test_bad_shapes_and_ratios_are_refused(shape, ratio, message):
+    with pytest.raises(ValueError, match=message):
+        pixel_shuffle(torch.zeros(shape), ratio)
+
+
+def test_adapter_is_shuffle_then_two_gelu_layers_then_projector():
+    torch.manual_seed(0)
+    adapter = VisionAdapter(in_dim=8, hidden_dim=16, out_dim=12)
+    assert adapter.fc1.weight.shape == (16, 32) and adapter.fc2.weight.shape == (16, 16)
+    assert adapter.projector.weight.shape == (12, 16)
+    assert all(module.bias is None for module in (adapter.fc1, adapter.fc2, adapter.projector))
+    patches = torch.randn(2, 16, 8)
+    gelu = nn.functional.gelu
+    shuffled = reference_pixel_shuffle(patches, 0.5)
+    expected = gelu(gelu(shuffled @ adapter.fc1.weight.T) @ adapter.fc2.weight.T) @ adapter.projector.weight.T
+    out = adapter(patches)
+    assert out.shape == (2, 4, 12)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert adapter.tokens_per_image(16) == 4 and adapter.tokens_per_image(576) == 144
+
+
+def test_projector_is_a_separately_named_submodule():
+    adapter = VisionAdapter(in_dim=4, hidden_dim=8, out_dim=6)
+    assert [name for name, _ in adapter.named_parameters()] == ["fc1.weight", "fc2.weight", "projector.weight"]
+    assert [name for name, _ in adapter.projector.named_parameters()] == ["weight"]
+
+
+def test_adapter_refuses_features_of_the_wrong_width():
+    with pytest.raises(ValueError, match=r"\[N, P, 8\]"):
+        VisionAdapter(8, 16, 12)(torch.zeros(1, 16, 4))
