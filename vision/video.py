@@ -1,0 +1,380 @@
+"""Reading a video file and sampling frames from it.
+
+Two sampling modes, both computed by the pure function `frame_indices` before any frame is
+decoded:
+
+* uniform (``fps=None``): split the frame range into ``num_frames`` equal segments and take
+  the frame that contains each segment's midpoint;
+* fps (``fps=`` given): take the range's first frame, then one frame every ``1 / fps``
+  seconds; if that gives more than ``max_frames`` frames, keep ``max_frames`` of them, chosen
+  by the same midpoint-of-equal-segments rule over the fps-sampled list.
+
+A frame's timestamp is ``index / avg_fps`` seconds (its presentation time in a constant-rate
+video). It is *not* ``index / step``: that common bug gives sample numbers, not seconds.
+
+`sample_frames` opens the file, asks the backend for the frame count and average frame rate,
+computes the indices and decodes only those frames. decord is the default backend; PyAV is
+used where decord is not installed (its wheels exist only for some platforms) or when
+``backend="pyav"`` is asked. Both backends count frames the same way (the video packets the
+file holds), so
+they return the same indices for the same file.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Union
+
+import numpy as np
+
+from vision.errors import VideoLoadError
+
+__all__ = ["SampledFrames", "frame_indices", "sample_frames"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+BACKENDS = ("decord", "pyav")
+
+# Given (total frame count, average fps), returns the frame indices to decode.
+IndexChooser = Callable[[int, float], "list[int]"]
+
+# A reported average frame rate outside (0, MAX_PLAUSIBLE_FPS] is treated as broken metadata
+# (variable-frame-rate files sometimes report their time base, e.g. 90000, as a rate).
+MAX_PLAUSIBLE_FPS = 1000.0
+
+# Seconds are converted to frame positions with this slack, so that e.g. start=0.7 at 10 fps
+# (7.000000000000001 in floating point) starts at frame 7, not 8.
+_TIME_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True, eq=False)
+class SampledFrames:
+    """Frames sampled from a video, with where they came from.
+
+    Unpacks as ``frames, timestamps = sample_frames(...)`` (iteration yields exactly those
+    two), while ``.indices``, ``.avg_fps`` and ``.total_frames`` stay available by name.
+    A plain 3-tuple or NamedTuple would break that two-value unpacking; a dict would lose it.
+
+    Attributes:
+        frames: uint8 RGB array ``[T, H, W, 3]``, in increasing time order.
+        timestamps: seconds of each frame, ``index / avg_fps``.
+        indices: the frame numbers (0-based, in decode order), strictly increasing.
+        avg_fps: the frame rate used for the timestamps.
+        total_frames: number of frames in the whole video (before any start/end trim).
+    """
+
+    frames: np.ndarray  # [T, H, W, 3] uint8 RGB
+    timestamps: list[float]
+    indices: list[int]
+    avg_fps: float
+    total_frames: int
+
+    def __iter__(self) -> Iterator[Union[np.ndarray, list[float]]]:
+        yield self.frames
+        yield self.timestamps
+
+
+# --------------------------------------------------------------------------- indices (pure)
+
+
+def frame_indices(num_total_frames: int, avg_fps: float, num_frames: int = 8, fps: Optional[float] = None,
+                  max_frames: int = 32, start: Optional[float] = None, end: Optional[float] = None) -> list[int]:
+    """The frame numbers to decode: sorted, unique, within ``[0, num_total_frames)``.
+
+    The range is the frames whose timestamp ``i / avg_fps`` lies in ``[start, end)`` seconds
+    (``start`` defaults to 0, ``end`` to the video's duration ``num_total_frames / avg_fps``).
+
+    Uniform mode (``fps is None``): the range of ``L`` frames is cut into ``num_frames`` equal
+    segments; segment ``j`` spans ``[j·L/n, (j+1)·L/n)`` and contributes the frame containing
+    its midpoint. If the range has no more than ``num_frames`` frames, every frame is
+    returned once (no duplicates, so fewer than ``num_frames``). ``max_frames`` is not used.
+
+    fps mode: the range's first frame, then every ``avg_fps / fps`` frames (one per
+    ``1 / fps`` seconds; rates above ``avg_fps`` give every frame once). If that is more than
+    ``max_frames`` frames, the uniform rule above picks ``max_frames`` of them. ``num_frames``
+    is not used.
+
+    Worked example: 60 frames at 10 fps, ``num_frames=8`` → segments of 7.5 frames, midpoints
+    3.75, 11.25, … → ``[3, 11, 18, 26, 33, 41, 48, 56]``; ``fps=2`` → ``[0, 5, 10, …, 55]``.
+
+    ``end`` may pass the video's end by at most one frame period (container durations are
+    often rounded up); further is an error, as is a range holding no frame.
+
+    Raises:
+        VideoLoadError: bad arguments, or a range outside the video.
+    """
+    check_sampling_arguments(num_frames=num_frames, fps=fps, max_frames=max_frames, start=start, end=end)
+    if not _is_int(num_total_frames) or num_total_frames < 1:
+        raise VideoLoadError(f"the video has {num_total_frames} frames; at least one is needed")
+    if not _is_positive_number(avg_fps):
+        raise VideoLoadError(f"avg_fps must be a positive number, got {avg_fps!r}")
+
+    first, stop = _frame_range(num_total_frames, avg_fps, start, end)
+    if fps is None:
+        return [first + offset for offset in _midpoints_of_segments(stop - first, num_frames)]
+
+    frames_per_sample = avg_fps / fps
+    num_samples = math.ceil((stop - first) / frames_per_sample - _TIME_TOLERANCE)
+    offsets = sorted({math.floor(m * frames_per_sample + _TIME_TOLERANCE) for m in range(num_samples)})
+    offsets = [offset for offset in offsets if offset < stop - first]
+    if len(offsets) > max_frames:
+        offsets = [offsets[position] for position in _midpoints_of_segments(len(offsets), max_frames)]
+    return [first + offset for offset in offsets]
+
+
+def check_sampling_arguments(num_frames: int = 8, fps: Optional[float] = None, max_frames: int = 32,
+                             start: Optional[float] = None, end: Optional[float] = None) -> None:
+    """Check the arguments that need no video; raise `VideoLoadError` saying what to pass."""
+    if not _is_int(num_frames) or num_frames < 1:
+        raise VideoLoadError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+    if not _is_int(max_frames) or max_frames < 1:
+        raise VideoLoadError(f"max_frames must be an integer >= 1, got {max_frames!r}")
+    if fps is not None and not _is_positive_number(fps):
+        raise VideoLoadError(f"fps must be a positive number of frames per second (or None for uniform "
+                             f"sampling), got {fps!r}")
+    for name, value in (("start", start), ("end", end)):
+        if value is not None and not (_is_real(value) and math.isfinite(value)):
+            raise VideoLoadError(f"{name} must be a number of seconds or None, got {value!r}")
+    if start is not None and start < 0:
+        raise VideoLoadError(f"start must be >= 0 seconds, got {start!r}")
+    if end is not None and end <= 0:
+        raise VideoLoadError(f"end must be > 0 seconds, got {end!r}")
+    if start is not None and end is not None and start >= end:
+        raise VideoLoadError(f"start ({start!r} s) must be before end ({end!r} s)")
+
+
+def _frame_range(num_total_frames: int, avg_fps: float, start: Optional[float],
+                 end: Optional[float]) -> tuple[int, int]:
+    """``[first, stop)``: the frames whose timestamp lies in ``[start, end)`` seconds."""
+    duration = num_total_frames / avg_fps
+    if start is not None and start >= duration:
+        raise VideoLoadError(f"start={start!r} s is at or after the end of the video ({duration:.3f} s, "
+                             f"{num_total_frames} frames at {avg_fps:g} fps); pass a start before {duration:.3f}")
+    if end is not None and end > duration + 1.0 / avg_fps + _TIME_TOLERANCE:
+        raise VideoLoadError(f"end={end!r} s is past the end of the video ({duration:.3f} s, "
+                             f"{num_total_frames} frames at {avg_fps:g} fps); pass end=None to read to the end")
+    first = 0 if start is None else math.ceil(start * avg_fps - _TIME_TOLERANCE)
+    stop = num_total_frames if end is None else min(num_total_frames, math.ceil(end * avg_fps - _TIME_TOLERANCE))
+    if stop <= first:
+        raise VideoLoadError(f"no frame has a timestamp in [{start!r}, {end!r}) s at {avg_fps:g} fps "
+                             f"(frames are {1.0 / avg_fps:.4f} s apart); widen the range")
+    return first, stop
+
+
+def _midpoints_of_segments(length: int, count: int) -> list[int]:
+    """Positions in ``range(length)`` of the midpoints of ``count`` equal segments.
+
+    Every position once if ``length <= count``. Integer arithmetic: segment ``j``'s midpoint is
+    ``(2j+1)·length / (2·count)`` and the position containing it is its floor; when
+    ``length > count`` consecutive midpoints are more than one apart, so positions are unique.
+    """
+    if length <= count:
+        return list(range(length))
+    return [(2 * j + 1) * length // (2 * count) for j in range(count)]
+
+
+def resolve_avg_fps(reported_fps: Optional[float], num_total_frames: int, duration_s: Optional[float],
+                    path: PathLike = "<video>") -> float:
+    """The frame rate to use for timestamps: the reported one if plausible, else frames / duration.
+
+    Plausible means finite and in ``(0, MAX_PLAUSIBLE_FPS]``. Raises `VideoLoadError` when
+    neither the reported rate nor ``num_total_frames / duration_s`` is plausible.
+    """
+    if _is_plausible_fps(reported_fps):
+        return float(reported_fps)
+    if duration_s is not None and _is_real(duration_s) and math.isfinite(duration_s) and duration_s > 0:
+        measured = num_total_frames / duration_s
+        if _is_plausible_fps(measured):
+            return float(measured)
+    raise VideoLoadError(f"{os.fspath(path)}: cannot tell the frame rate (reported {reported_fps!r} fps, "
+                         f"{num_total_frames} frames over a duration of {duration_s!r} s). Re-encode it at a "
+                         f"constant rate, e.g. `ffmpeg -i IN -r 30 -c:v libx264 OUT.mp4`")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_positive_number(value: object) -> bool:
+    return _is_real(value) and math.isfinite(value) and value > 0
+
+
+def _is_plausible_fps(value: object) -> bool:
+    return _is_positive_number(value) and value <= MAX_PLAUSIBLE_FPS
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def sample_frames(path: PathLike, num_frames: int = 8, fps: Optional[float] = None, max_frames: int = 32,
+                  start: Optional[float] = None, end: Optional[float] = None,
+                  backend: Optional[str] = None) -> SampledFrames:
+    """Sample frames from the video at ``path``; see `frame_indices` for the two modes.
+
+    Args:
+        path: a local video file.
+        num_frames: uniform mode: how many frames (fewer if the range has fewer frames).
+        fps: frames per second for fps mode; None for uniform mode.
+        max_frames: fps mode: the most frames returned.
+        start, end: optional range in seconds, ``[start, end)`` on frame timestamps.
+        backend: None (decord if installed, else PyAV), ``"decord"`` or ``"pyav"``.
+
+    Returns:
+        `SampledFrames`: unpacks as ``frames, timestamps``; also has ``.indices``,
+        ``.avg_fps`` and ``.total_frames``.
+
+    Raises:
+        VideoLoadError: missing, unreadable or empty file, or bad arguments.
+        ImportError: ``backend="decord"`` where decord is not installed.
+    """
+    shown = os.fspath(path)
+    if backend is not None and backend not in BACKENDS:
+        raise VideoLoadError(f"{shown}: unknown video backend {backend!r}; use None, 'decord' or 'pyav'")
+    try:
+        check_sampling_arguments(num_frames=num_frames, fps=fps, max_frames=max_frames, start=start, end=end)
+    except VideoLoadError as err:
+        raise VideoLoadError(f"{shown}: {err}") from None
+    if not os.path.exists(shown):
+        raise VideoLoadError(f"{shown}: no such file (working directory {os.getcwd()}); check the path")
+    if not os.path.isfile(shown):
+        raise VideoLoadError(f"{shown}: not a file; pass the path of a video file")
+
+    def choose_indices(num_total_frames: int, avg_fps: float) -> list[int]:
+        try:
+            return frame_indices(num_total_frames, avg_fps, num_frames=num_frames, fps=fps,
+                                 max_frames=max_frames, start=start, end=end)
+        except VideoLoadError as err:
+            raise VideoLoadError(f"{shown}: {err}") from None
+
+    if backend == "pyav":
+        return _sample_with_pyav(shown, choose_indices)
+    try:
+        decord = _import_decord()
+    except ImportError as err:
+        if backend == "decord":
+            raise ImportError(f"backend='decord' was asked for {shown}, but decord cannot be imported ({err}). "
+                              f"Install it (`pip install decord`, Linux x86_64/Windows only) or pass "
+                              f"backend='pyav'") from err
+        return _sample_with_pyav(shown, choose_indices)
+    return _sample_with_decord(decord, shown, choose_indices)
+
+
+_UNREADABLE_HINT = ("it may be empty, corrupt, truncated or not a video; check that it plays (e.g. `ffprobe FILE`) "
+                    "or re-encode it (e.g. `ffmpeg -i FILE -c:v libx264 OUT.mp4`)")
+
+
+def _import_decord():
+    """Import decord, loading torch first: in the other order their OpenMP runtimes clash."""
+    import torch  # noqa: F401  (must come first, see above)
+    import decord
+
+    return decord
+
+
+def _sample_with_decord(decord, path: str, choose_indices: IndexChooser) -> SampledFrames:
+    """Open a reader for this call only, read one sorted batch, then drop the reader."""
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    except Exception as err:  # decord raises RuntimeError or its own DECORDError, from C++
+        if "video stream" in str(err):
+            raise VideoLoadError(f"{path}: has no video stream (an audio-only or empty file?); "
+                                 f"pass a file with video frames") from err
+        raise VideoLoadError(f"{path}: decord cannot open it ({_first_line(err)}); {_UNREADABLE_HINT}") from err
+    try:
+        total_frames = len(reader)
+        if total_frames < 1:
+            raise VideoLoadError(f"{path}: the video has no frames; pass a file with video frames")
+
+        try:  # end time of the last frame, from its pts: only used if the reported rate is broken
+            duration_s = float(reader.get_frame_timestamp(total_frames - 1)[1])
+        except Exception:  # broken timestamps: resolve_avg_fps reports it if the rate is broken too
+            duration_s = None
+        avg_fps = resolve_avg_fps(reader.get_avg_fps(), total_frames, duration_s, path)
+        indices = choose_indices(total_frames, avg_fps)
+        try:
+            batch = reader.get_batch(indices)
+        except Exception as err:
+            raise VideoLoadError(f"{path}: decord failed to decode {len(indices)} frames between {indices[0]} "
+                                 f"and {indices[-1]} ({_first_line(err)}); {_UNREADABLE_HINT}") from err
+        # decord.bridge may have been switched to torch by other code; np.asarray covers that.
+        frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
+    finally:
+        del reader  # large videos grow decord's memory while a reader lives
+    return _result(frames, indices, avg_fps, total_frames, path)
+
+
+def _sample_with_pyav(path: str, choose_indices: IndexChooser) -> SampledFrames:
+    """Decode sequentially from the start, keep only the wanted frames, stop after the last.
+
+    The frame count is the number of video packets the file really holds, counted without
+    decoding them, as decord does when it opens a file. The header's ``stream.frames`` is not
+    used: some containers (Matroska, WebM) leave it 0, and in a file cut short it counts
+    frames that are no longer there, where decord counts only those that are.
+    """
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoLoadError(f"{path}: has no video stream (an audio-only or empty file?); "
+                                     f"pass a file with video frames")
+            stream = container.streams.video[0]
+            reported = float(stream.average_rate) if stream.average_rate else None
+            if stream.duration and stream.time_base:
+                duration_s = float(stream.duration * stream.time_base)
+            elif container.duration:
+                duration_s = container.duration / av.time_base
+            else:
+                duration_s = None
+            total_frames = 0
+            for packet in container.demux(stream):
+                if packet.is_corrupt:  # e.g. the last packet of a file cut short; decord fails here too
+                    raise VideoLoadError(f"{path}: video packet {total_frames} is damaged; {_UNREADABLE_HINT}")
+                total_frames += packet.size > 0  # the final flush packet is empty
+    except VideoLoadError:
+        raise
+    except Exception as err:  # av.FFmpegError and friends (InvalidDataError, EOFError, ...)
+        raise VideoLoadError(f"{path}: PyAV cannot open it ({_first_line(err)}); {_UNREADABLE_HINT}") from err
+    if total_frames < 1:
+        raise VideoLoadError(f"{path}: the video has no frames; pass a file with video frames")
+
+    avg_fps = resolve_avg_fps(reported, total_frames, duration_s, path)
+    indices = choose_indices(total_frames, avg_fps)
+    wanted = set(indices)
+    kept: dict[int, np.ndarray] = {}
+    decoded = 0
+    try:
+        with av.open(path) as container:
+            for index, frame in enumerate(container.decode(container.streams.video[0])):
+                decoded = index + 1
+                if index in wanted:
+                    kept[index] = frame.to_ndarray(format="rgb24")  # [H, W, 3] uint8
+                if index >= indices[-1]:
+                    break
+    except Exception as err:
+        raise VideoLoadError(f"{path}: PyAV failed while decoding frame {decoded} "
+                             f"({_first_line(err)}); {_UNREADABLE_HINT}") from err
+    if len(kept) < len(indices):
+        raise VideoLoadError(f"{path}: decoding ended after {decoded} frames, but the file holds {total_frames} "
+                             f"video packets; {_UNREADABLE_HINT}")
+    return _result(np.stack([kept[index] for index in indices]), indices, avg_fps, total_frames, path)
+
+
+def _result(frames: np.ndarray, indices: list[int], avg_fps: float, total_frames: int, path: str) -> SampledFrames:
+    frames = np.ascontiguousarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
+        raise VideoLoadError(f"{path}: expected {len(indices)} RGB uint8 frames, the backend gave "
+                             f"{frames.dtype} {frames.shape}; {_UNREADABLE_HINT}")
+    return SampledFrames(frames=frames, timestamps=[index / avg_fps for index in indices], indices=list(indices),
+                         avg_fps=float(avg_fps), total_frames=int(total_frames))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
