@@ -16,8 +16,7 @@ video). It is *not* ``index / step``: that common bug gives sample numbers, not 
 computes the indices and decodes only those frames. decord is the default backend; PyAV is
 used where decord is not installed (its wheels exist only for some platforms) or when
 ``backend="pyav"`` is asked. Both backends count frames the same way (the video packets the
-file holds), so
-they return the same indices for the same file.
+file holds), so they return the same indices for the same file.
 """
 from __future__ import annotations
 
