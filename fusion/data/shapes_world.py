@@ -1,0 +1,806 @@
+"""The shapes world: a synthetic, deterministic multimodal dataset that a tiny model can learn on a CPU.
+
+Images show 1 to `max_shapes` shapes of pure colours on a plain background, one shape per cell of a
+3x3 grid (a little jitter and size variation, never touching), so every question has one clear answer.
+Videos show 1 or 2 shapes that move, appear or disappear; their questions can only be answered by
+looking at the frames in order. A text-only corpus renders the same world as plain chat for training a
+language trunk from nothing.
+
+Layout written by `generate_shapes_world(out_dir, config)`::
+
+    out_dir/
+      world.json                      the generator settings, palette, question types and answer vocabularies
+      train.jsonl val.jsonl test.jsonl one sample per line (below); splits never share an image or a video
+      text.jsonl                      the text-only corpus (no images, no videos)
+      images/{split}/000123.png
+      videos/{split}/000007.mp4
+
+A sample (paths are relative to `out_dir`)::
+
+    {"id": "train-img000123-q0", "images": ["images/train/000123.png"], "videos": [],
+     "conversations": [{"role": "user", "content": "<image>\\nWhat color is the circle?"},
+                       {"role": "assistant", "content": "red"}],
+     "type": "color", "task": "vqa", "meta": {...the scene...}}
+
+`task` is "vqa", "caption", "video-qa" or "text"; `type` is the question type (see `QUESTION_TYPES`).
+Answers are lowercase, one or two words; counts are digits ("0" ... "3").
+
+Everything is deterministic from `config.seed`: the same seed gives byte-identical JSONL files and
+identical pixels. Command line: ``python -m fusion.data.shapes_world OUT_DIR --seed 0 --train-images 4000``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+FORMAT_VERSION = 1
+
+# Pure, well separated colours; interiors keep these exact values in the PNGs.
+COLOR_RGB: dict[str, tuple[int, int, int]] = {
+    "red": (255, 0, 0),
+    "green": (0, 210, 0),
+    "blue": (40, 80, 255),
+    "yellow": (255, 255, 0),
+    "purple": (150, 0, 220),
+    "orange": (255, 140, 0),
+    "cyan": (0, 230, 230),
+    "magenta": (255, 0, 255),
+    "white": (255, 255, 255),
+    "pink": (255, 150, 190),
+    "brown": (140, 80, 20),
+    "gray": (128, 128, 128),
+}
+SHAPE_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "hexagon")
+DEFAULT_SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+DEFAULT_COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow")
+
+GRID = 3  # images are a 3x3 grid of cells; the position words below name them
+ROW_NAMES = ("top", "middle", "bottom")
+COLUMN_NAMES = ("left", "center", "right")
+
+
+def position_name(row: int, col: int) -> str:
+    """The word(s) for a grid cell: "top left", "top center", ..., "center" (the middle cell), ..."""
+    if row == 1 and col == 1:
+        return "center"
+    return f"{ROW_NAMES[row]} {COLUMN_NAMES[col]}"
+
+
+POSITION_NAMES: tuple[str, ...] = tuple(position_name(r, c) for r in range(GRID) for c in range(GRID))
+DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
+RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+IMAGE_QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "count", "position", "existence", "relation")
+VIDEO_QUESTION_TYPES: tuple[str, ...] = ("direction", "appeared", "disappeared", "first")
+QUESTION_TYPES: tuple[str, ...] = IMAGE_QUESTION_TYPES + ("caption",) + VIDEO_QUESTION_TYPES
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+CAPTION_PROMPT = "Describe the image."
+TEXT_CAPTION_PROMPT = "Describe a scene with shapes."
+
+
+@dataclass
+class ShapesWorldConfig:
+    """Everything that decides a shapes-world dataset. Same config (seed included) → same bytes.
+
+    `shapes` may use any of `SHAPE_NAMES`, `colors` any of `COLOR_RGB`: extending them (e.g. a "star"
+    or "purple") gives data a default model has never seen; `focus` then makes every image and video
+    contain at least one object with one of the named shapes or colours (see `new_concept_config`).
+    """
+
+    image_size: int = 64
+    shapes: tuple[str, ...] = DEFAULT_SHAPES
+    colors: tuple[str, ...] = DEFAULT_COLORS
+    max_shapes: int = 3
+    train_images: int = 4000
+    val_images: int = 200
+    test_images: int = 500
+    questions_per_image: int = 6       # one of each image question type by default
+    captions: bool = True              # one caption sample per image as well
+    train_videos: int = 1000
+    val_videos: int = 100
+    test_videos: int = 200
+    questions_per_video: int = 2
+    video_size: int = 64
+    video_frames: int = 8
+    video_fps: float = 4.0
+    video_crf: int = 12                # low, so the colours survive compression
+    text_samples: int = 10000
+    focus: tuple[str, ...] = ()
+    background: tuple[int, int, int] = (0, 0, 0)
+    supersample: int = 4               # antialiasing: draw this many times larger, then box-downsample
+    seed: int = 0
+
+    def __post_init__(self):
+        self.shapes = tuple(self.shapes)
+        self.colors = tuple(self.colors)
+        self.focus = tuple(self.focus)
+        self.background = tuple(int(v) for v in self.background)
+        unknown_shapes = [s for s in self.shapes if s not in SHAPE_NAMES]
+        if unknown_shapes:
+            raise ValueError(f"ShapesWorldConfig: unknown shapes {unknown_shapes}; choose from {list(SHAPE_NAMES)}")
+        unknown_colors = [c for c in self.colors if c not in COLOR_RGB]
+        if unknown_colors:
+            raise ValueError(f"ShapesWorldConfig: unknown colors {unknown_colors}; choose from {list(COLOR_RGB)}")
+        if len(set(self.shapes)) != len(self.shapes) or len(set(self.colors)) != len(self.colors):
+            raise ValueError(f"ShapesWorldConfig: shapes and colors must not repeat, got {self.shapes} {self.colors}")
+        unknown_focus = [f for f in self.focus if f not in self.shapes and f not in self.colors]
+        if unknown_focus:
+            raise ValueError(f"ShapesWorldConfig: focus {unknown_focus} must be among shapes {self.shapes} "
+                             f"or colors {self.colors}")
+        if not 1 <= self.max_shapes <= GRID * GRID:
+            raise ValueError(f"ShapesWorldConfig: max_shapes must be 1..{GRID * GRID}, got {self.max_shapes}")
+        if len(self.shapes) * len(self.colors) < max(self.max_shapes, 2):
+            raise ValueError("ShapesWorldConfig: need at least max(max_shapes, 2) distinct (color, shape) pairs, "
+                             f"got {len(self.shapes)} shapes x {len(self.colors)} colors")
+        if self.image_size < 24:
+            raise ValueError(f"ShapesWorldConfig: image_size must be at least 24, got {self.image_size}")
+        if self.video_size < 24 or self.video_size % 2:
+            raise ValueError(f"ShapesWorldConfig: video_size must be even and at least 24, got {self.video_size}")
+        if self.video_frames < 6:
+            raise ValueError(f"ShapesWorldConfig: video_frames must be at least 6 (events need frames before "
+                             f"and after them), got {self.video_frames}")
+        for name in ("train_images", "val_images", "test_images", "train_videos", "val_videos", "test_videos",
+                     "text_samples", "questions_per_image", "questions_per_video"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ShapesWorldConfig: {name} must be >= 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def split_sizes(self, split: str) -> tuple[int, int]:
+        """(number of images, number of videos) in `split`."""
+        return getattr(self, f"{split}_images"), getattr(self, f"{split}_videos")
+
+
+def new_concept_config(new_shapes=(), new_colors=(), base: ShapesWorldConfig | None = None,
+                       **overrides) -> ShapesWorldConfig:
+    """A config whose world adds shapes and/or colours (e.g. "star", "purple") to `base`'s, with every
+    image and video showing at least one of them: data for teaching a trained model a new concept.
+
+    >>> cfg = new_concept_config(new_shapes=["star"], new_colors=["purple"], seed=1, train_images=500)
+    """
+    base = base or ShapesWorldConfig()
+    shapes = tuple(base.shapes) + tuple(s for s in new_shapes if s not in base.shapes)
+    colors = tuple(base.colors) + tuple(c for c in new_colors if c not in base.colors)
+    focus = tuple(new_shapes) + tuple(new_colors)
+    return dataclasses.replace(base, shapes=shapes, colors=colors, focus=focus, **overrides)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Drawing
+
+
+def shape_outline(shape: str, cx: float, cy: float, radius: float) -> list[tuple[float, float]]:
+    """Polygon vertices of `shape` centred at (cx, cy), inside the box of half-size `radius`.
+
+    (The circle is drawn as an ellipse, not a polygon.) Every shape contains its centre point.
+    """
+    r = radius
+    if shape == "square":
+        h = 0.85 * r  # a square of the same half-size would look much bigger than the circle
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r, cy + 0.85 * r), (cx - r, cy + 0.85 * r)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + 0.8 * r, cy), (cx, cy + r), (cx - 0.8 * r, cy)]
+    if shape == "star":
+        points = []
+        for k in range(10):
+            rk = r if k % 2 == 0 else 0.45 * r
+            angle = -math.pi / 2 + k * math.pi / 5
+            points.append((cx + rk * math.cos(angle), cy + rk * math.sin(angle)))
+        return points
+    if shape == "hexagon":
+        return [(cx + r * math.cos(math.pi / 6 + k * math.pi / 3), cy + r * math.sin(math.pi / 6 + k * math.pi / 3))
+                for k in range(6)]
+    raise ValueError(f"shape_outline: unknown shape {shape!r}; choose from {list(SHAPE_NAMES)}")
+
+
+def render_shapes(objects: list[dict], size: int, background=(0, 0, 0), supersample: int = 4) -> np.ndarray:
+    """Draw `objects` (dicts with shape, color, center [x, y] in pixels, radius) → uint8 [size, size, 3]."""
+    scale = max(1, int(supersample))
+    canvas = Image.new("RGB", (size * scale, size * scale), tuple(background))
+    draw = ImageDraw.Draw(canvas)
+    for obj in objects:
+        cx, cy = obj["center"]
+        fill = COLOR_RGB[obj["color"]]
+        # pixel (i, j) covers [i, i+1) x [j, j+1); in the big canvas that is [i*scale, (i+1)*scale)
+        if obj["shape"] == "circle":
+            r = obj["radius"] * scale
+            draw.ellipse([cx * scale - r, cy * scale - r, cx * scale + r, cy * scale + r], fill=fill)
+        else:
+            outline = shape_outline(obj["shape"], cx * scale, cy * scale, obj["radius"] * scale)
+            draw.polygon(outline, fill=fill)
+    if scale > 1:
+        canvas = canvas.resize((size, size), Image.Resampling.BOX)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small language helpers
+
+
+def with_article(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def plural(shape: str) -> str:
+    return shape + "s"
+
+
+def object_name(obj: dict) -> str:
+    """The canonical name of an object, also the answer format: "red circle"."""
+    return f"{obj['color']} {obj['shape']}"
+
+
+def caption_for(objects: list[dict]) -> str:
+    """The canonical caption: every shape in reading order, e.g.
+    "a red circle at the top left, a green triangle at the center and a blue square at the bottom right."
+    """
+    parts = [f"{with_article(object_name(o))} at the {o['position']}"
+             for o in sorted(objects, key=lambda o: (o["row"], o["col"]))]
+    if len(parts) == 1:
+        return parts[0] + "."
+    return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
+
+
+# ----------------------------------------------------------------------------------------------------
+# Questions and answer balance
+
+
+class Question(NamedTuple):
+    type: str        # question type, e.g. "color"
+    template: str    # which phrasing, e.g. "color_of_shape"
+    text: str        # the question as the user asks it
+    answer: str      # the canonical answer
+
+
+class AnswerBalancer:
+    """Chooses questions so that, within each question type, answers come out close to uniform.
+
+    Greedy: among the candidate questions, pick the answer used least so far for that type, then the
+    phrasing used least with that answer, then one at random. Ties break with the caller's RNG.
+    """
+
+    def __init__(self):
+        self.answer_counts: Counter = Counter()
+        self.template_counts: Counter = Counter()
+
+    def least_used(self, qtype: str, answers, rng: np.random.Generator) -> str:
+        answers = sorted(set(answers))
+        fewest = min(self.answer_counts[(qtype, a)] for a in answers)
+        tied = [a for a in answers if self.answer_counts[(qtype, a)] == fewest]
+        return tied[int(rng.integers(len(tied)))]
+
+    def pick(self, candidates: list[Question], rng: np.random.Generator, answer: str | None = None) -> Question:
+        qtype = candidates[0].type
+        if answer is None:
+            answer = self.least_used(qtype, [c.answer for c in candidates], rng)
+        pool = [c for c in candidates if c.answer == answer]
+        fewest = min(self.template_counts[(qtype, c.template, answer)] for c in pool)
+        pool = [c for c in pool if self.template_counts[(qtype, c.template, answer)] == fewest]
+        chosen = pool[int(rng.integers(len(pool)))]
+        self.answer_counts[(qtype, answer)] += 1
+        self.template_counts[(qtype, chosen.template, answer)] += 1
+        return chosen
+
+
+def image_questions(objects: list[dict], config: ShapesWorldConfig, qtype: str) -> list[Question]:
+    """Every unambiguous question of type `qtype` about the scene `objects`, with its answer."""
+    out: list[Question] = []
+    by_shape = {s: [o for o in objects if o["shape"] == s] for s in config.shapes}
+    by_color = {c: [o for o in objects if o["color"] == c] for c in config.colors}
+    if qtype == "color":
+        for shape, objs in by_shape.items():
+            if len(objs) == 1:
+                out.append(Question("color", "color_of_shape", f"What color is the {shape}?", objs[0]["color"]))
+        for o in objects:
+            out.append(Question("color", "color_at_position", f"What color is the shape at the {o['position']}?",
+                                o["color"]))
+    elif qtype == "shape":
+        for color, objs in by_color.items():
+            if len(objs) == 1:
+                out.append(Question("shape", "shape_of_color", f"What shape is the {color} object?", objs[0]["shape"]))
+        for o in objects:
+            out.append(Question("shape", "shape_at_position", f"What shape is at the {o['position']}?", o["shape"]))
+    elif qtype == "count":
+        for shape, objs in by_shape.items():
+            out.append(Question("count", "count_shape", f"How many {plural(shape)} are there?", str(len(objs))))
+        for color, objs in by_color.items():
+            out.append(Question("count", "count_color", f"How many {color} shapes are there?", str(len(objs))))
+        out.append(Question("count", "count_all", "How many shapes are there?", str(len(objects))))
+    elif qtype == "position":
+        for o in objects:
+            out.append(Question("position", "position_of_object", f"Where is the {object_name(o)}?", o["position"]))
+        for shape, objs in by_shape.items():
+            if len(objs) == 1:
+                out.append(Question("position", "position_of_shape", f"Where is the {shape}?", objs[0]["position"]))
+        for color, objs in by_color.items():
+            if len(objs) == 1:
+                out.append(Question("position", "position_of_color", f"Where is the {color} object?",
+                                    objs[0]["position"]))
+    elif qtype == "existence":
+        present = {(o["color"], o["shape"]) for o in objects}
+        for shape in config.shapes:
+            for color in config.colors:
+                out.append(Question("existence", "exists_object", f"Is there {with_article(color)} {shape}?",
+                                    "yes" if (color, shape) in present else "no"))
+        for shape, objs in by_shape.items():
+            out.append(Question("existence", "exists_shape", f"Is there {with_article(shape)}?",
+                                "yes" if objs else "no"))
+        for color, objs in by_color.items():
+            out.append(Question("existence", "exists_color", f"Is there {with_article(color)} shape?",
+                                "yes" if objs else "no"))
+    elif qtype == "relation":
+        for a in objects:
+            for b in objects:
+                if a is b:
+                    continue
+                holds = {"left of": a["col"] < b["col"], "right of": a["col"] > b["col"],
+                         "above": a["row"] < b["row"], "below": a["row"] > b["row"]}
+                for relation, truth in holds.items():
+                    out.append(Question("relation", relation.replace(" ", "_"),
+                                        f"Is the {object_name(a)} {relation} the {object_name(b)}?",
+                                        "yes" if truth else "no"))
+    else:
+        raise ValueError(f"image_questions: unknown question type {qtype!r}; choose from {list(IMAGE_QUESTION_TYPES)}")
+    return out
+
+
+def answer_vocabulary(config: ShapesWorldConfig) -> dict[str, list[str]]:
+    """Every answer each question type can have (captions are free text and not listed)."""
+    names = [f"{c} {s}" for c in config.colors for s in config.shapes]
+    return {
+        "color": list(config.colors),
+        "shape": list(config.shapes),
+        "count": [str(n) for n in range(config.max_shapes + 1)],
+        "position": list(POSITION_NAMES),
+        "existence": ["yes", "no"],
+        "relation": ["yes", "no"],
+        "direction": list(DIRECTIONS),
+        "appeared": names,
+        "disappeared": names,
+        "first": names,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image scenes
+
+
+def focus_pairs(config: ShapesWorldConfig) -> list[tuple[str, str]]:
+    """(color, shape) pairs with a focus concept, or all pairs when there is no focus."""
+    pairs = [(c, s) for c in config.colors for s in config.shapes]
+    if config.focus:
+        pairs = [(c, s) for c, s in pairs if c in config.focus or s in config.focus]
+    return pairs
+
+
+def sample_image_scene(rng: np.random.Generator, config: ShapesWorldConfig) -> list[dict]:
+    """1..max_shapes objects, each in its own grid cell, no two with the same colour and shape.
+
+    Shapes and colours repeat on purpose now and then (so counts of 2 and 3 are common enough to
+    balance); a shape stays inside its cell with a margin, so shapes never overlap or touch.
+    """
+    n = int(rng.integers(1, config.max_shapes + 1))
+    cells = rng.choice(GRID * GRID, size=n, replace=False)
+    cell = config.image_size / GRID
+    used: set[tuple[str, str]] = set()
+    objects = []
+    for k, index in enumerate(cells):
+        if k == 0 and config.focus:
+            choices = [p for p in focus_pairs(config) if p not in used]
+            color, shape = choices[int(rng.integers(len(choices)))]
+        else:
+            while True:
+                if objects and rng.random() < 0.35:  # reuse a shape already in the scene
+                    shape = objects[int(rng.integers(len(objects)))]["shape"]
+                else:
+                    shape = config.shapes[int(rng.integers(len(config.shapes)))]
+                if objects and rng.random() < 0.25:  # reuse a colour already in the scene
+                    color = objects[int(rng.integers(len(objects)))]["color"]
+                else:
+                    color = config.colors[int(rng.integers(len(config.colors)))]
+                if (color, shape) not in used:
+                    break
+        used.add((color, shape))
+        row, col = divmod(int(index), GRID)
+        radius = cell * float(rng.uniform(0.32, 0.42))
+        room = max(0.0, cell / 2 - radius - 1.5)  # keeps a 1.5 px margin to the cell's edges
+        cx = (col + 0.5) * cell + float(rng.uniform(-room, room))
+        cy = (row + 0.5) * cell + float(rng.uniform(-room, room))
+        objects.append({"shape": shape, "color": color, "row": row, "col": col,
+                        "position": position_name(row, col),
+                        "center": [round(cx, 2), round(cy, 2)], "radius": round(radius, 2)})
+    objects.sort(key=lambda o: (o["row"], o["col"]))
+    return objects
+
+
+def image_question_types_for(index: int, config: ShapesWorldConfig) -> list[str]:
+    """The question types asked about image `index`: the types in turn, starting where the last image stopped."""
+    n_types = len(IMAGE_QUESTION_TYPES)
+    q = config.questions_per_image
+    return [IMAGE_QUESTION_TYPES[(index * q + k) % n_types] for k in range(q)]
+
+
+def choose_image_questions(objects, config, index, balancer, rng) -> list[Question]:
+    chosen: list[Question] = []
+    for qtype in image_question_types_for(index, config):
+        asked = {q.text for q in chosen}
+        candidates = [q for q in image_questions(objects, config, qtype) if q.text not in asked]
+        if candidates:  # e.g. no relation question with one shape
+            chosen.append(balancer.pick(candidates, rng))
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------------
+# Videos
+
+
+def _event_window(frames: int) -> tuple[int, int]:
+    """Frames an appear/disappear event may happen at: at least 2 frames before it and 2 after."""
+    return 2, frames - 2
+
+
+def sample_video(rng: np.random.Generator, config: ShapesWorldConfig, primary_type: str, target: str) -> dict:
+    """A short clip of 1-2 shapes built so that a `primary_type` question has the answer `target`.
+
+    Each object has one event: "move" (the whole clip, in `direction`), "appear" or "disappear" (at
+    `frame`: appears = absent before it, present from it on; disappears = present before, absent from
+    it on) or "static". With two objects, each keeps to its own half of the frame (top/bottom when
+    something moves left/right, left/right halves when something moves up/down), so they never overlap.
+    """
+    frames, size = config.video_frames, config.video_size
+    low, high = _event_window(frames)
+    all_pairs = [(c, s) for c in config.colors for s in config.shapes]
+
+    def other_pair(taken):
+        choices = [p for p in all_pairs if p not in taken]
+        return choices[int(rng.integers(len(choices)))]
+
+    def parse_name(name):
+        color, shape = name.split(" ", 1)
+        return color, shape
+
+    pairs = focus_pairs(config)
+    events: list[dict] = []  # one per object: {"pair", "event", "direction", "frame"}
+    if primary_type == "direction":
+        events.append({"pair": pairs[int(rng.integers(len(pairs)))], "event": "move", "direction": target})
+        if rng.random() < 0.5:
+            kind = ["static", "appear", "disappear", "move"][int(rng.integers(4))]
+            events.append({"event": kind})
+    elif primary_type in ("appeared", "disappeared"):
+        kind = "appear" if primary_type == "appeared" else "disappear"
+        events.append({"pair": parse_name(target), "event": kind})
+        if rng.random() < 0.5:
+            others = ["static", "move", "disappear" if kind == "appear" else "appear"]
+            events.append({"event": others[int(rng.integers(3))]})
+    elif primary_type == "first":
+        early = int(rng.integers(low, high - 1))           # leaves room for a later event >= 2 frames on
+        late = int(rng.integers(early + 2, high + 1))
+        kinds = ["appear", "disappear"]
+        events.append({"pair": parse_name(target), "event": kinds[int(rng.integers(2))], "frame": early})
+        events.append({"event": kinds[int(rng.integers(2))], "frame": late})
+    else:
+        raise ValueError(f"sample_video: unknown question type {primary_type!r}; "
+                         f"choose from {list(VIDEO_QUESTION_TYPES)}")
+    if len(events) == 2:
+        events[1]["pair"] = other_pair({events[0]["pair"]})
+
+    # Movers share one axis: left/right movers with objects in the top/bottom halves, or up/down movers
+    # with objects in the left/right halves.
+    movers = [e for e in events if e["event"] == "move"]
+    if movers and "direction" in movers[0]:
+        horizontal = movers[0]["direction"] in ("left", "right")
+    else:
+        horizontal = bool(rng.random() < 0.5)
+    axis_directions = ("left", "right") if horizontal else ("up", "down")
+    for e in movers:
+        e.setdefault("direction", axis_directions[int(rng.integers(2))])
+    for e in events:
+        if e["event"] in ("appear", "disappear") and "frame" not in e:
+            e["frame"] = int(rng.integers(low, high + 1))
+
+    halves = [0, 1] if rng.random() < 0.5 else [1, 0]
+    objects = []
+    for k, e in enumerate(events):
+        radius = size * float(rng.uniform(0.13, 0.16))
+        margin = radius + 2
+        # "along" is the motion axis (x if horizontal), "across" the other one
+        if len(events) == 1:
+            across = float(rng.uniform(margin, size - margin))
+        else:
+            half_lo = halves[k] * size / 2
+            across = float(rng.uniform(half_lo + margin, half_lo + size / 2 - margin))
+        if e["event"] == "move":
+            sign = 1.0 if e["direction"] in ("right", "down") else -1.0
+            start = size / 2 - sign * size / 4 + float(rng.uniform(-0.04, 0.04)) * size
+            end = size / 2 + sign * size / 4 + float(rng.uniform(-0.04, 0.04)) * size
+            start, end = (min(max(v, radius + 1), size - radius - 1) for v in (start, end))
+            along = [start + (end - start) * f / (frames - 1) for f in range(frames)]
+        else:
+            along = [float(rng.uniform(margin, size - margin))] * frames
+        track = []
+        for f in range(frames):
+            visible = not ((e["event"] == "appear" and f < e["frame"]) or (e["event"] == "disappear" and f >= e["frame"]))
+            x, y = (along[f], across) if horizontal else (across, along[f])
+            track.append([round(x, 2), round(y, 2)] if visible else None)
+        color, shape = e["pair"]
+        objects.append({"shape": shape, "color": color, "event": e["event"],
+                        "direction": e.get("direction"), "frame": e.get("frame"),
+                        "radius": round(radius, 2), "track": track})
+
+    timeline = []
+    for o in objects:
+        name = object_name(o)
+        if o["event"] == "move":
+            timeline.append({"frame": 0, "object": name, "event": "moves", "direction": o["direction"]})
+        elif o["event"] == "static":
+            timeline.append({"frame": 0, "object": name, "event": "stays"})
+        else:
+            timeline.append({"frame": o["frame"], "object": name, "event": o["event"] + "s"})
+    timeline.sort(key=lambda ev: (ev["frame"], ev["object"]))
+    return {"frames": frames, "fps": config.video_fps, "size": size, "objects": objects, "events": timeline}
+
+
+def video_questions(video: dict) -> list[Question]:
+    """Every question the clip answers unambiguously, with its answer. Each needs the frames in order."""
+    objects = video["objects"]
+    out: list[Question] = []
+    for o in objects:
+        if o["event"] == "move":
+            out.append(Question("direction", "direction_of_object", f"Which way does the {object_name(o)} move?",
+                                o["direction"]))
+    for kind, qtype, text in (("appear", "appeared", "What appears?"), ("disappear", "disappeared", "What disappears?")):
+        doers = [o for o in objects if o["event"] == kind]
+        if len(doers) == 1:
+            out.append(Question(qtype, qtype, text, object_name(doers[0])))
+    timed = [o for o in objects if o["event"] in ("appear", "disappear")]
+    if len(timed) == 2 and abs(timed[0]["frame"] - timed[1]["frame"]) >= 2:
+        earlier = min(timed, key=lambda o: o["frame"])
+        for first, second in (timed, timed[::-1]):
+            text = (f"Which happens first: the {object_name(first)} {first['event']}s "
+                    f"or the {object_name(second)} {second['event']}s?")
+            template = "first_answer_mentioned_first" if first is earlier else "first_answer_mentioned_second"
+            out.append(Question("first", template, text, object_name(earlier)))
+    return out
+
+
+def render_video(video: dict, config: ShapesWorldConfig) -> np.ndarray:
+    """The clip's frames, uint8 [frames, size, size, 3]."""
+    frames = []
+    for f in range(video["frames"]):
+        visible = [{"shape": o["shape"], "color": o["color"], "center": o["track"][f], "radius": o["radius"]}
+                   for o in video["objects"] if o["track"][f] is not None]
+        frames.append(render_shapes(visible, video["size"], config.background, config.supersample))
+    return np.stack(frames)
+
+
+def choose_video_questions(video: dict, primary: Question, config, balancer, rng) -> list[Question]:
+    """The primary question, then extra ones (other questions the same clip answers), balanced."""
+    chosen = [primary]
+    while len(chosen) < config.questions_per_video:
+        asked = {q.text for q in chosen}
+        candidates = [q for q in video_questions(video) if q.text not in asked]
+        if not candidates:
+            break
+        types = sorted({q.type for q in candidates})
+        qtype = types[int(rng.integers(len(types)))]
+        chosen.append(balancer.pick([q for q in candidates if q.type == qtype], rng))
+    return chosen
+
+
+def plan_video(index: int, config: ShapesWorldConfig, balancer: AnswerBalancer, rng) -> tuple[dict, Question]:
+    """Video `index`: its primary question type comes in turn, its answer is the least used so far."""
+    qtype = VIDEO_QUESTION_TYPES[index % len(VIDEO_QUESTION_TYPES)]
+    if qtype == "direction":
+        vocabulary = list(DIRECTIONS)
+    else:
+        vocabulary = [f"{c} {s}" for c, s in focus_pairs(config)]
+    target = balancer.least_used(qtype, vocabulary, rng)
+    video = sample_video(rng, config, qtype, target)
+    candidates = [q for q in video_questions(video) if q.type == qtype]
+    primary = balancer.pick(candidates, rng, answer=target)
+    return video, primary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Samples and the text corpus
+
+
+def chat_sample(sample_id, images, videos, user, assistant, qtype, task, meta=None) -> dict:
+    sample = {"id": sample_id, "images": images, "videos": videos,
+              "conversations": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
+              "type": qtype, "task": task}
+    if meta is not None:
+        sample["meta"] = meta
+    return sample
+
+
+def narrate_video(video: dict) -> str:
+    """The clip's events as plain sentences in time order, e.g.
+    "the red circle moves left. the blue square appears. then the green square disappears."
+    """
+    sentences, timed_seen = [], 0
+    for ev in video["events"]:
+        if ev["event"] == "moves":
+            sentences.append(f"the {ev['object']} moves {ev['direction']}.")
+        elif ev["event"] == "stays":
+            sentences.append(f"the {ev['object']} stays still.")
+        else:
+            sentences.append(("then " if timed_seen else "") + f"the {ev['object']} {ev['event']}.")
+            timed_seen += 1
+    return " ".join(sentences)
+
+
+def text_corpus(config: ShapesWorldConfig) -> list[dict]:
+    """The text-only corpus: the world's vocabulary and answer formats as plain chat.
+
+    In turn: three scene questions ("{caption}\\n{question}" → answer), one caption ("Describe a scene
+    with shapes." → caption), one clip question ("{narration}\\n{question}" → answer). Answers are
+    balanced like the image and video questions.
+    """
+    rng = np.random.default_rng([config.seed, 3, 2])
+    balancer = AnswerBalancer()
+    samples = []
+    image_index = video_index = 0
+    for i in range(config.text_samples):
+        kind = i % 5
+        sample_id = f"text-{i:06d}"
+        if kind in (0, 1, 2, 3):
+            objects = sample_image_scene(rng, config)
+            if kind == 3:
+                samples.append(chat_sample(sample_id, [], [], TEXT_CAPTION_PROMPT, caption_for(objects), "caption",
+                                           "text"))
+                continue
+            qtype = IMAGE_QUESTION_TYPES[image_index % len(IMAGE_QUESTION_TYPES)]
+            image_index += 1
+            candidates = image_questions(objects, config, qtype)
+            while not candidates:  # a relation needs two shapes: draw another scene
+                objects = sample_image_scene(rng, config)
+                candidates = image_questions(objects, config, qtype)
+            caption = caption_for(objects)
+            q = balancer.pick(candidates, rng)
+            samples.append(chat_sample(sample_id, [], [], f"{caption}\n{q.text}", q.answer, q.type, "text"))
+        else:
+            video, q = plan_video(video_index, config, balancer, rng)
+            video_index += 1
+            samples.append(chat_sample(sample_id, [], [], f"{narrate_video(video)}\n{q.text}", q.answer, q.type,
+                                       "text"))
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing a dataset
+
+
+def _write_jsonl(path: str, samples: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for s in samples:
+            f.write(json.dumps(s, ensure_ascii=False, separators=(", ", ": ")) + "\n")
+
+
+def generate_split(out_dir: str, split: str, config: ShapesWorldConfig) -> tuple[list[dict], int, int]:
+    """Write the images and videos of `split` under `out_dir`; return (samples, n_images, n_videos)."""
+    code = SPLITS.index(split)
+    n_images, n_videos = config.split_sizes(split)
+    samples: list[dict] = []
+
+    rng = np.random.default_rng([config.seed, code, 0])
+    balancer = AnswerBalancer()
+    if n_images:
+        os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
+    for i in range(n_images):
+        objects = sample_image_scene(rng, config)
+        rel_path = f"images/{split}/{i:06d}.png"
+        pixels = render_shapes(objects, config.image_size, config.background, config.supersample)
+        Image.fromarray(pixels).save(os.path.join(out_dir, rel_path))
+        meta = {"objects": objects}
+        for k, q in enumerate(choose_image_questions(objects, config, i, balancer, rng)):
+            samples.append(chat_sample(f"{split}-img{i:06d}-q{k}", [rel_path], [], f"<image>\n{q.text}", q.answer,
+                                       q.type, "vqa", {**meta, "template": q.template}))
+        if config.captions:
+            samples.append(chat_sample(f"{split}-img{i:06d}-caption", [rel_path], [], f"<image>\n{CAPTION_PROMPT}",
+                                       caption_for(objects), "caption", "caption", meta))
+
+    rng = np.random.default_rng([config.seed, code, 1])
+    balancer = AnswerBalancer()
+    if n_videos:
+        from vision.video_io import write_video  # only video writing needs PyAV
+
+        os.makedirs(os.path.join(out_dir, "videos", split), exist_ok=True)
+    for i in range(n_videos):
+        video, primary = plan_video(i, config, balancer, rng)
+        rel_path = f"videos/{split}/{i:06d}.mp4"
+        write_video(os.path.join(out_dir, rel_path), render_video(video, config), fps=config.video_fps,
+                    crf=config.video_crf)
+        for k, q in enumerate(choose_video_questions(video, primary, config, balancer, rng)):
+            samples.append(chat_sample(f"{split}-vid{i:06d}-q{k}", [], [rel_path], f"<video>\n{q.text}", q.answer,
+                                       q.type, "video-qa", {**video, "template": q.template}))
+    return samples, n_images, n_videos
+
+
+def generate_shapes_world(out_dir: str | os.PathLike, config: ShapesWorldConfig | None = None) -> dict:
+    """Write a shapes-world dataset to `out_dir` (see the module docstring for the layout).
+
+    Returns the counts: {"train": {"images", "videos", "samples"}, "val": ..., "test": ...,
+    "text": {"samples"}}.
+    """
+    config = config or ShapesWorldConfig()
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    counts: dict = {}
+    for split in SPLITS:
+        samples, n_images, n_videos = generate_split(out_dir, split, config)
+        _write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), samples)
+        counts[split] = {"images": n_images, "videos": n_videos, "samples": len(samples)}
+    corpus = text_corpus(config)
+    _write_jsonl(os.path.join(out_dir, "text.jsonl"), corpus)
+    counts["text"] = {"samples": len(corpus)}
+    world = {
+        "format_version": FORMAT_VERSION,
+        "generator": "fusion.data.shapes_world",
+        "config": config.to_dict(),
+        "colors_rgb": {c: list(COLOR_RGB[c]) for c in config.colors},
+        "position_names": list(POSITION_NAMES),
+        "question_types": {"vqa": list(IMAGE_QUESTION_TYPES), "caption": ["caption"],
+                           "video-qa": list(VIDEO_QUESTION_TYPES)},
+        "answers": answer_vocabulary(config),
+        "prompts": {"caption": CAPTION_PROMPT, "text_caption": TEXT_CAPTION_PROMPT},
+        "counts": counts,
+    }
+    with open(os.path.join(out_dir, "world.json"), "w", encoding="utf-8", newline="\n") as f:
+        json.dump(world, f, indent=2)
+        f.write("\n")
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def main(argv=None) -> dict:
+    defaults = ShapesWorldConfig()
+    parser = argparse.ArgumentParser(prog="python -m fusion.data.shapes_world",
+                                     description="Write a synthetic shapes-world dataset (images, videos, text).")
+    parser.add_argument("out_dir", help="folder to write the dataset to")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    for name in ("train_images", "val_images", "test_images", "train_videos", "val_videos", "test_videos",
+                 "questions_per_image", "questions_per_video", "text_samples", "image_size", "video_size",
+                 "video_frames", "max_shapes", "video_crf"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    parser.add_argument("--video-fps", type=float, default=defaults.video_fps)
+    parser.add_argument("--no-captions", action="store_true", help="no caption sample per image")
+    parser.add_argument("--shapes", type=_names, default=defaults.shapes,
+                        help=f"comma-separated, from {','.join(SHAPE_NAMES)}")
+    parser.add_argument("--colors", type=_names, default=defaults.colors,
+                        help=f"comma-separated, from {','.join(COLOR_RGB)}")
+    parser.add_argument("--focus", type=_names, default=(),
+                        help="shapes/colours every image and video must show (a new-concept dataset)")
+    args = parser.parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(ShapesWorldConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    config = ShapesWorldConfig(**values, captions=not args.no_captions)
+    start = time.perf_counter()
+    counts = generate_shapes_world(args.out_dir, config)
+    seconds = time.perf_counter() - start
+    print(json.dumps(counts))
+    print(f"wrote {args.out_dir} in {seconds:.1f} s")
+    return counts
+
+
+if __name__ == "__main__":
+    main()

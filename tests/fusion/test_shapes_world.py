@@ -1,0 +1,423 @@
+"""The shapes world generator: deterministic, disjoint splits, correct and balanced answers, pixels and
+frames that agree with the recorded scenes."""
+import hashlib
+import json
+import re
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fusion.data import shapes_world as sw
+
+SMALL = dict(train_images=40, val_images=12, test_images=12, train_videos=12, val_videos=4, test_videos=4,
+             text_samples=60)
+PALETTE = {**sw.COLOR_RGB, "background": (0, 0, 0)}
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def read_split(root, split):
+    return read_jsonl(root / f"{split}.jsonl")
+
+
+def nearest_color(rgb, names):
+    """Which of `names` (palette colours or "background") is closest to `rgb`."""
+    rgb = np.asarray(rgb, dtype=np.int32)
+    return min(names, key=lambda n: int(((rgb - np.asarray(PALETTE[n])) ** 2).sum()))
+
+
+def decode_video(path):
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes_world")
+    config = sw.ShapesWorldConfig(seed=7, **SMALL)
+    counts = sw.generate_shapes_world(root, config)
+    return root, config, counts
+
+
+# ---------------------------------------------------------------------------------------------------
+# An independent answer key: answers derived from the scene geometry and the question's words only.
+
+
+def cell_of(obj, image_size):
+    cell = image_size / 3
+    cx, cy = obj["center"]
+    return int(cy // cell), int(cx // cell)
+
+
+def place_words(row, col):
+    return "center" if (row, col) == (1, 1) else f"{['top', 'middle', 'bottom'][row]} {['left', 'center', 'right'][col]}"
+
+
+def answer_image_question(question, objects, image_size):
+    """Answer `question` about `objects` (recorded scene) from first principles; asserts it is unambiguous."""
+    objs = [dict(o, rc=cell_of(o, image_size)) for o in objects]
+    for o in objs:
+        o["place"] = place_words(*o["rc"])
+
+    def only(matches):
+        assert len(matches) == 1, f"ambiguous or missing referent in {question!r}: {matches}"
+        return matches[0]
+
+    def name(o):
+        return f"{o['color']} {o['shape']}"
+
+    q = question
+    if m := re.fullmatch(r"What color is the shape at the (.+)\?", q):
+        return only([o for o in objs if o["place"] == m[1]])["color"]
+    if m := re.fullmatch(r"What color is the (\w+)\?", q):
+        return only([o for o in objs if o["shape"] == m[1]])["color"]
+    if m := re.fullmatch(r"What shape is the (\w+) object\?", q):
+        return only([o for o in objs if o["color"] == m[1]])["shape"]
+    if m := re.fullmatch(r"What shape is at the (.+)\?", q):
+        return only([o for o in objs if o["place"] == m[1]])["shape"]
+    if q == "How many shapes are there?":
+        return str(len(objs))
+    if m := re.fullmatch(r"How many (\w+) shapes are there\?", q):
+        return str(sum(o["color"] == m[1] for o in objs))
+    if m := re.fullmatch(r"How many (\w+)s are there\?", q):
+        return str(sum(o["shape"] == m[1] for o in objs))
+    if m := re.fullmatch(r"Where is the (\w+) object\?", q):
+        return only([o for o in objs if o["color"] == m[1]])["place"]
+    if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", q):
+        return only([o for o in objs if name(o) == f"{m[1]} {m[2]}"])["place"]
+    if m := re.fullmatch(r"Where is the (\w+)\?", q):
+        return only([o for o in objs if o["shape"] == m[1]])["place"]
+    if m := re.fullmatch(r"Is there an? (\w+) shape\?", q):
+        return "yes" if any(o["color"] == m[1] for o in objs) else "no"
+    if m := re.fullmatch(r"Is there an? (\w+) (\w+)\?", q):
+        return "yes" if any(name(o) == f"{m[1]} {m[2]}" for o in objs) else "no"
+    if m := re.fullmatch(r"Is there an? (\w+)\?", q):
+        return "yes" if any(o["shape"] == m[1] for o in objs) else "no"
+    if m := re.fullmatch(r"Is the (\w+ \w+) (left of|right of|above|below) the (\w+ \w+)\?", q):
+        a = only([o for o in objs if name(o) == m[1]])
+        b = only([o for o in objs if name(o) == m[3]])
+        (ra, ca), (rb, cb) = a["rc"], b["rc"]
+        truth = {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[m[2]]
+        return "yes" if truth else "no"
+    raise AssertionError(f"question the answer key does not know: {q!r}")
+
+
+def video_facts(video):
+    """Per object name: (event, direction, frame) read off the recorded tracks, not the recorded labels."""
+    facts = {}
+    for o in video["objects"]:
+        visible = [p is not None for p in o["track"]]
+        points = [p for p in o["track"] if p is not None]
+        if all(visible):
+            (x0, y0), (x1, y1) = points[0], points[-1]
+            dx, dy = x1 - x0, y1 - y0
+            if abs(dx) < 1 and abs(dy) < 1:
+                facts[f"{o['color']} {o['shape']}"] = ("static", None, None)
+            elif abs(dx) > abs(dy):
+                facts[f"{o['color']} {o['shape']}"] = ("move", "right" if dx > 0 else "left", None)
+            else:
+                facts[f"{o['color']} {o['shape']}"] = ("move", "down" if dy > 0 else "up", None)
+        elif not visible[0]:
+            facts[f"{o['color']} {o['shape']}"] = ("appear", None, visible.index(True))
+        else:
+            facts[f"{o['color']} {o['shape']}"] = ("disappear", None, visible.index(False))
+    return facts
+
+
+def answer_video_question(question, video):
+    facts = video_facts(video)
+    if m := re.fullmatch(r"Which way does the (\w+ \w+) move\?", question):
+        event, direction, _ = facts[m[1]]
+        assert event == "move"
+        return direction
+    if question in ("What appears?", "What disappears?"):
+        kind = "appear" if question == "What appears?" else "disappear"
+        doers = [n for n, (event, _, _) in facts.items() if event == kind]
+        assert len(doers) == 1, (question, facts)
+        return doers[0]
+    if m := re.fullmatch(r"Which happens first: the (\w+ \w+) (appears|disappears) or the (\w+ \w+) (appears|disappears)\?",
+                         question):
+        (ea, _, ta), (eb, _, tb) = facts[m[1]], facts[m[3]]
+        assert (ea + "s", eb + "s") == (m[2], m[4])
+        assert abs(ta - tb) >= 2, "events too close to order"
+        return m[1] if ta < tb else m[3]
+    raise AssertionError(f"question the answer key does not know: {question!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_counts_and_files(world):
+    root, config, counts = world
+    for split in sw.SPLITS:
+        n_images, n_videos = config.split_sizes(split)
+        assert counts[split]["images"] == n_images and counts[split]["videos"] == n_videos
+        rows = read_split(root, split)
+        assert len(rows) == counts[split]["samples"]
+        assert len({r["images"][0] for r in rows if r["images"]}) == n_images
+        assert len({r["videos"][0] for r in rows if r["videos"]}) == n_videos
+        for r in rows:
+            for rel in r["images"] + r["videos"]:
+                assert (root / rel).is_file()
+    assert len(read_jsonl(root / "text.jsonl")) == counts["text"]["samples"] == config.text_samples
+    world_json = json.loads((root / "world.json").read_text())
+    assert world_json["config"]["seed"] == 7 and world_json["counts"] == json.loads(json.dumps(counts))
+    assert world_json["answers"]["count"] == ["0", "1", "2", "3"]
+
+
+def test_sample_schema(world):
+    root, _, _ = world
+    tasks = Counter()
+    for split in sw.SPLITS:
+        for r in read_split(root, split):
+            assert list(r)[:6] == ["id", "images", "videos", "conversations", "type", "task"]
+            user, assistant = r["conversations"]
+            assert user["role"] == "user" and assistant["role"] == "assistant"
+            tasks[r["task"]] += 1
+            if r["task"] in ("vqa", "caption"):
+                assert len(r["images"]) == 1 and r["videos"] == [] and user["content"].startswith("<image>\n")
+            else:
+                assert r["task"] == "video-qa" and r["type"] in sw.VIDEO_QUESTION_TYPES
+                assert len(r["videos"]) == 1 and r["images"] == [] and user["content"].startswith("<video>\n")
+            answer = assistant["content"]
+            if r["task"] != "caption":
+                assert answer == answer.lower().strip() and 1 <= len(answer.split()) <= 2
+    assert set(tasks) == {"vqa", "caption", "video-qa"}
+    ids = [r["id"] for split in sw.SPLITS for r in read_split(root, split)]
+    assert len(ids) == len(set(ids))
+
+
+def test_same_seed_gives_identical_files_and_pixels(world, tmp_path):
+    root, config, _ = world
+    again = tmp_path / "again"
+    sw.generate_shapes_world(again, sw.ShapesWorldConfig(seed=7, **SMALL))
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "text.jsonl", "world.json"):
+        assert (root / name).read_bytes() == (again / name).read_bytes(), name
+    for png in sorted((root / "images").rglob("*.png")):
+        twin = again / png.relative_to(root)
+        assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(twin))), png
+    for mp4 in sorted((root / "videos").rglob("*.mp4"))[:4]:
+        assert np.array_equal(decode_video(mp4), decode_video(again / mp4.relative_to(root))), mp4
+
+    other = tmp_path / "other"
+    sw.generate_shapes_world(other, sw.ShapesWorldConfig(seed=8, **SMALL))
+    assert (root / "train.jsonl").read_bytes() != (other / "train.jsonl").read_bytes()
+
+
+def test_splits_share_no_image_or_video(world):
+    root, _, _ = world
+    paths, hashes = {}, {}
+    for split in sw.SPLITS:
+        rows = read_split(root, split)
+        paths[split] = {p for r in rows for p in r["images"] + r["videos"]}
+        hashes[split] = {hashlib.sha256(np.asarray(Image.open(root / p)).tobytes()).hexdigest()
+                         for p in paths[split] if p.endswith(".png")}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not paths[a] & paths[b]
+        assert not hashes[a] & hashes[b], f"{a} and {b} share an image"
+
+
+def test_every_answer_is_right_for_the_recorded_scene(world):
+    root, config, _ = world
+    checked = Counter()
+    for split in sw.SPLITS:
+        for r in read_split(root, split):
+            question = r["conversations"][0]["content"].split("\n", 1)[1]
+            answer = r["conversations"][1]["content"]
+            if r["task"] == "vqa":
+                assert answer_image_question(question, r["meta"]["objects"], config.image_size) == answer, question
+            elif r["task"] == "video-qa":
+                assert answer_video_question(question, r["meta"]) == answer, question
+            else:
+                assert question == sw.CAPTION_PROMPT and answer == sw.caption_for(r["meta"]["objects"])
+            checked[r["type"]] += 1
+    assert set(checked) >= set(sw.IMAGE_QUESTION_TYPES) | set(sw.VIDEO_QUESTION_TYPES) | {"caption"}
+
+
+def test_recorded_positions_agree_with_geometry(world):
+    root, config, _ = world
+    for r in read_split(root, "train"):
+        if r["task"] != "caption":
+            continue
+        objects = r["meta"]["objects"]
+        assert 1 <= len(objects) <= config.max_shapes
+        assert len({(o["color"], o["shape"]) for o in objects}) == len(objects)
+        cell = config.image_size / 3
+        for o in objects:
+            assert (o["row"], o["col"]) == cell_of(o, config.image_size)
+            assert o["position"] == place_words(o["row"], o["col"])
+            # the whole shape (its box of half-size radius) stays inside its own cell: no overlaps
+            cx, cy = o["center"]
+            assert o["col"] * cell < cx - o["radius"] and cx + o["radius"] < (o["col"] + 1) * cell
+            assert o["row"] * cell < cy - o["radius"] and cy + o["radius"] < (o["row"] + 1) * cell
+
+
+def test_image_pixels_show_the_recorded_shapes(world):
+    root, config, _ = world
+    for split in sw.SPLITS:
+        for r in read_split(root, split):
+            if r["task"] != "caption":
+                continue
+            pixels = np.asarray(Image.open(root / r["images"][0]).convert("RGB"))
+            assert pixels.shape == (config.image_size, config.image_size, 3)
+            for o in r["meta"]["objects"]:
+                x, y = (int(v) for v in o["center"])
+                assert tuple(pixels[y, x]) == sw.COLOR_RGB[o["color"]], (r["id"], o)
+            assert tuple(pixels[0, 0]) == config.background  # a cell corner is always empty
+
+
+def test_captions_are_canonical():
+    objects = [
+        {"shape": "square", "color": "blue", "row": 2, "col": 2, "position": "bottom right"},
+        {"shape": "circle", "color": "red", "row": 0, "col": 0, "position": "top left"},
+        {"shape": "triangle", "color": "green", "row": 1, "col": 1, "position": "center"},
+    ]
+    assert sw.caption_for(objects) == ("a red circle at the top left, a green triangle at the center "
+                                       "and a blue square at the bottom right.")
+    assert sw.caption_for(objects[:2]) == "a red circle at the top left and a blue square at the bottom right."
+    assert sw.caption_for(objects[1:2]) == "a red circle at the top left."
+
+
+def test_answers_are_balanced_within_each_type(tmp_path):
+    config = sw.ShapesWorldConfig(seed=3, train_images=240, val_images=0, test_images=0, train_videos=48,
+                                  val_videos=0, test_videos=0, text_samples=0)
+    samples, _, _ = sw.generate_split(str(tmp_path), "train", config)
+    answers = defaultdict(Counter)
+    for s in samples:
+        if s["type"] != "caption":
+            answers[s["type"]][s["conversations"][1]["content"]] += 1
+    vocab = sw.answer_vocabulary(config)
+    for qtype in sw.IMAGE_QUESTION_TYPES + ("direction",):
+        counts = [answers[qtype][a] for a in vocab[qtype]]
+        assert max(counts) - min(counts) <= max(3, 0.15 * np.mean(counts)), (qtype, answers[qtype])
+    for qtype in ("appeared", "disappeared", "first"):  # 12 possible names, ~12-20 questions each
+        assert max(answers[qtype].values()) <= 3, (qtype, answers[qtype])
+    # "which happens first" questions name the earlier event first as often as second
+    mention = Counter(s["meta"]["template"] for s in samples if s["type"] == "first")
+    assert abs(mention["first_answer_mentioned_first"] - mention["first_answer_mentioned_second"]) <= 2
+
+
+def test_video_frames_show_the_recorded_events(world):
+    root, config, _ = world
+    videos = {}
+    for split in sw.SPLITS:
+        for r in read_split(root, split):
+            if r["videos"]:
+                videos[r["videos"][0]] = r["meta"]
+    assert videos
+    names = list(config.colors) + ["background"]
+    size = config.video_size
+    for rel, video in videos.items():
+        frames = decode_video(root / rel)
+        assert frames.shape == (config.video_frames, size, size, 3)
+        for o in video["objects"]:
+            home = next(p for p in o["track"] if p is not None)
+            for f, point in enumerate(o["track"]):
+                x, y = (int(v) for v in (point or home))
+                seen = nearest_color(frames[f, y, x], names)
+                assert seen == (o["color"] if point is not None else "background"), (rel, o["event"], f)
+            if o["event"] == "appear":
+                assert o["track"][0] is None and o["track"][-1] is not None
+            if o["event"] == "disappear":
+                assert o["track"][0] is not None and o["track"][-1] is None
+            if o["event"] == "move":
+                # the centroid of the shape's colour, within its own half of the frame, moves that way
+                rgb = np.asarray(sw.COLOR_RGB[o["color"]], dtype=np.int32)
+                x0, y0 = home
+                region = np.zeros((size, size), dtype=bool)
+                if len(video["objects"]) == 1:
+                    region[:] = True
+                elif o["direction"] in ("left", "right"):
+                    region[(slice(0, size // 2) if y0 < size / 2 else slice(size // 2, size)), :] = True
+                else:
+                    region[:, (slice(0, size // 2) if x0 < size / 2 else slice(size // 2, size))] = True
+                centroids = []
+                for f in (0, len(frames) - 1):
+                    mask = (np.abs(frames[f].astype(np.int32) - rgb).sum(-1) < 90) & region
+                    ys, xs = np.nonzero(mask)
+                    centroids.append((xs.mean(), ys.mean()))
+                (cx0, cy0), (cx1, cy1) = centroids
+                step = {"left": cx0 - cx1, "right": cx1 - cx0, "up": cy0 - cy1, "down": cy1 - cy0}[o["direction"]]
+                assert step > size / 4, (rel, o["direction"], centroids)
+
+
+def test_text_corpus_is_text_only_and_answerable(world):
+    root, config, _ = world
+    rows = read_jsonl(root / "text.jsonl")
+    assert {r["task"] for r in rows} == {"text"}
+    types = Counter(r["type"] for r in rows)
+    assert set(types) >= {"caption", "color", "direction"}
+    place = {w: (r, c) for r in range(3) for c in range(3) for w in [place_words(r, c)]}
+    cell = config.image_size / 3
+    for r in rows:
+        assert r["images"] == [] and r["videos"] == []
+        user, answer = r["conversations"][0]["content"], r["conversations"][1]["content"]
+        assert "<image>" not in user and "<video>" not in user
+        if r["type"] in sw.IMAGE_QUESTION_TYPES:
+            # the scene is described in words; re-read it and answer the question from the description
+            description, question = user.split("\n")
+            objects = []
+            for color, shape, where in re.findall(r"an? (\w+) (\w+) at the ([a-z ]+?)(?:,| and|\.)", description):
+                row, col = place[where]
+                objects.append({"color": color, "shape": shape, "center": [(col + 0.5) * cell, (row + 0.5) * cell]})
+            assert sw.caption_for([dict(o, row=cell_of(o, config.image_size)[0], col=cell_of(o, config.image_size)[1],
+                                        position=place_words(*cell_of(o, config.image_size))) for o in objects]) \
+                == description
+            assert answer_image_question(question, objects, config.image_size) == answer, user
+
+
+def test_new_concepts_appear_in_every_image(tmp_path):
+    config = sw.new_concept_config(new_shapes=["star"], new_colors=["purple"], seed=1, train_images=30,
+                                   val_images=5, test_images=5, train_videos=4, val_videos=0, test_videos=0,
+                                   text_samples=10)
+    assert config.shapes == ("circle", "square", "triangle", "star") and "purple" in config.colors
+    sw.generate_shapes_world(tmp_path, config)
+    rows = [r for r in read_split(tmp_path, "train") if r["task"] == "caption"]
+    assert len(rows) == 30
+    for r in rows:
+        objects = r["meta"]["objects"]
+        assert any(o["shape"] == "star" or o["color"] == "purple" for o in objects)
+        pixels = np.asarray(Image.open(tmp_path / r["images"][0]))
+        for o in objects:
+            x, y = (int(v) for v in o["center"])
+            assert tuple(pixels[y, x]) == sw.COLOR_RGB[o["color"]]
+    for r in read_split(tmp_path, "train"):
+        if r["task"] == "vqa":
+            assert answer_image_question(r["conversations"][0]["content"][len("<image>\n"):], r["meta"]["objects"],
+                                         config.image_size) == r["conversations"][1]["content"]
+
+
+def test_every_shape_is_drawn_and_contains_its_centre():
+    for shape in sw.SHAPE_NAMES:
+        pixels = sw.render_shapes([{"shape": shape, "color": "white", "center": [16.3, 15.7], "radius": 7.0}], 32)
+        filled = (pixels.sum(-1) > 0).sum()
+        assert tuple(pixels[15, 16]) == (255, 255, 255), shape
+        assert 60 < filled < 4 * 7.5 * 7.5, (shape, filled)
+        assert pixels[:6].sum() == 0 and pixels[27:].sum() == 0  # nothing outside the shape's box
+
+
+def test_bad_config_says_what_to_do():
+    with pytest.raises(ValueError, match="unknown shapes.*choose from"):
+        sw.ShapesWorldConfig(shapes=("circle", "blob"))
+    with pytest.raises(ValueError, match="unknown colors"):
+        sw.ShapesWorldConfig(colors=("red", "octarine"))
+    with pytest.raises(ValueError, match="video_size must be even"):
+        sw.ShapesWorldConfig(video_size=63)
+
+
+def test_command_line_writes_a_dataset(tmp_path, capsys):
+    counts = sw.main([str(tmp_path / "cli"), "--seed", "2", "--train-images", "6", "--val-images", "2",
+                      "--test-images", "2", "--train-videos", "2", "--val-videos", "1", "--test-videos", "1",
+                      "--text-samples", "5", "--shapes", "circle,star", "--colors", "red,purple"])
+    assert counts["train"] == {"images": 6, "videos": 2, "samples": counts["train"]["samples"]}
+    assert "wrote" in capsys.readouterr().out
+    world_json = json.loads((tmp_path / "cli" / "world.json").read_text())
+    assert world_json["config"]["shapes"] == ["circle", "star"] and world_json["config"]["seed"] == 2
+    assert len(read_jsonl(tmp_path / "cli" / "text.jsonl")) == 5
