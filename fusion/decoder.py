@@ -230,8 +230,9 @@ class Decoder(nn.Module):
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy; labels[:, t+1] is the target of logits[:, t]; -100 is ignored."""
-    shifted = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX)
+    # shift the labels, not the logits: slicing the logits would copy them
+    shifted = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def attach_load_balancing(optimizer: torch.optim.Optimizer, decoder: Decoder):

@@ -58,17 +58,11 @@ class GroupedExperts(nn.Module):
         return self._forward_loop(x_sorted, counts.tolist())
 
     def _forward_loop(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        # unbind once: its backward stacks the per-expert gradients in one write
-        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        outputs = []
-        for e, rows in enumerate(x_sorted.split(counts)):
-            if rows.shape[0] == 0:
-                continue
-            gate, up = (rows @ gate_up[e]).chunk(2, dim=-1)  # [n_e, F] each
-            outputs.append((F.silu(gate) * up) @ down[e])  # [n_e, D]
-        if not outputs:
-            return x_sorted.new_zeros(x_sorted.shape)
-        return torch.cat(outputs)
+        device = x_sorted.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_sorted.dtype
+        with torch.autocast(device, enabled=False):
+            return _LoopedExperts.apply(x_sorted.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype),
+                                        counts)
 
     def _forward_grouped_mm(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # Pad each expert's group to GROUP_ALIGN rows (zero rows), run two grouped matmuls, drop the padding.
@@ -84,6 +78,58 @@ class GroupedExperts(nn.Module):
         gate, up = torch._grouped_mm(buffer, self.gate_up_proj.to(buffer.dtype), offs=offs).chunk(2, dim=-1)
         out = torch._grouped_mm(F.silu(gate) * up, self.down_proj.to(buffer.dtype), offs=offs)
         return out.index_select(0, dest)
+
+
+class _LoopedExperts(torch.autograd.Function):
+    """SwiGLU experts over rows grouped by expert, one matmul per non-empty expert.
+
+    Forward and backward write each expert's rows straight into preallocated buffers (no per-expert
+    outputs to concatenate, no per-expert weight gradients to stack), and only `h = x @ gate_up` is
+    kept for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate_up, down, counts: list[int]):
+        hidden = down.shape[1]
+        h = x.new_empty(x.shape[0], 2 * hidden)  # [M, 2F] gate ‖ up
+        act = x.new_empty(x.shape[0], hidden)  # [M, F]
+        out = x.new_empty(x.shape)  # [M, D]
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = slice(start, start + n)
+                torch.mm(x[rows], gate_up[e], out=h[rows])
+                torch.mul(F.silu(h[rows, :hidden]), h[rows, hidden:], out=act[rows])
+                torch.mm(act[rows], down[e], out=out[rows])
+            start += n
+        ctx.save_for_backward(x, gate_up, down, h)
+        ctx.counts = counts
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gate_up, down, h = ctx.saved_tensors
+        hidden = down.shape[1]
+        grad_out = grad_out.contiguous()
+        grad_x, grad_h = torch.empty_like(x), torch.empty_like(h)
+        grad_gate_up, grad_down = torch.empty_like(gate_up), torch.empty_like(down)
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n == 0:  # an expert with no tokens gets a zero gradient
+                grad_gate_up[e].zero_()
+                grad_down[e].zero_()
+                continue
+            rows = slice(start, start + n)
+            gate, up = h[rows, :hidden], h[rows, hidden:]
+            silu_gate = F.silu(gate)
+            torch.mm((silu_gate * up).t(), grad_out[rows], out=grad_down[e])
+            grad_act = grad_out[rows] @ down[e].t()  # [n, F]
+            torch.mul(grad_act, silu_gate, out=grad_h[rows, hidden:])
+            grad_h[rows, :hidden] = torch.ops.aten.silu_backward(grad_act * up, gate)
+            torch.mm(x[rows].t(), grad_h[rows], out=grad_gate_up[e])
+            torch.mm(grad_h[rows], gate_up[e].t(), out=grad_x[rows])
+            start += n
+        return grad_x, grad_gate_up, grad_down, None
 
 
 def sort_tokens_by_expert(chosen: torch.Tensor, num_experts: int):
@@ -130,7 +176,8 @@ class MoE(nn.Module):
         token_index, order, counts = sort_tokens_by_expert(chosen, self.num_experts)
         routed_in = (x[token_index].float() * gates.reshape(-1)[order, None]).to(x.dtype)  # [N·k, D]
         routed_out = self.experts(routed_in, counts)
-        out = self.shared_expert(x).index_add(0, token_index, routed_out.to(x.dtype))
+        shared = self.shared_expert(x)
+        out = shared.index_add(0, token_index, routed_out.to(shared.dtype))
 
         self.last_counts, self.last_chosen = counts.detach(), chosen.detach()
         if self.training:
