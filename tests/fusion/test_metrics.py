@@ -1,0 +1,162 @@
+"""Metrics against hand-computed values (the working is in the comments)."""
+import math
+
+import pytest
+
+from fusion.evaluation.metrics import (accuracy_by_type, bleu4, caption_tokens, cider_d, normalize_answer,
+                                       vqa_accuracy)
+
+LOG2 = math.log(2)
+
+
+# --- answers ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("Red", "red"),
+    ("  The Red-circle. ", "red circle"),
+    ("a blue square", "blue square"),
+    ("Two", "2"),
+    ("2", "2"),
+    ("three!", "3"),
+    ("top   left", "top left"),
+    ("Yes.", "yes"),
+    ("an orange", "orange"),
+])
+def test_normalize_answer(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+def test_vqa_accuracy_is_normalised_exact_match():
+    predictions = ["Red.", "two", "a blue square", "left", "circle"]
+    references = ["red", "2", "blue square", "right", ["square", "circle"]]
+    assert vqa_accuracy(predictions, references) == pytest.approx(4 / 5)
+    assert vqa_accuracy(["the red circle"], ["red circle"]) == 1.0
+    assert vqa_accuracy(["red circles"], ["red circle"]) == 0.0  # no stemming: exact after normalising
+
+
+def test_accuracy_by_type():
+    by_type = accuracy_by_type(["red", "3", "yes", "no", "2"], ["red", "2", "yes", "yes", "two"],
+                               ["color", "count", "existence", "existence", "count"])
+    assert by_type == {"color": 1.0, "count": 0.5, "existence": 0.5}
+
+
+def test_length_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        vqa_accuracy(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="types"):
+        accuracy_by_type(["a"], ["a"], [])
+    with pytest.raises(ValueError, match="no predictions"):
+        bleu4([], [])
+
+
+# --- BLEU-4 -----------------------------------------------------------------------------------------
+
+
+def test_tokens():
+    assert caption_tokens("A red circle at the Top-Left.") == ["a", "red", "circle", "at", "the", "top", "left"]
+
+
+def test_bleu_identical_is_one():
+    assert bleu4(["a red circle at the top left."], [["A red circle at the top left"]]) == pytest.approx(1.0)
+
+
+def test_bleu_worked_example():
+    # candidate:  a red circle is at the top left   (8 tokens)
+    # reference:  a red circle at the top left      (7 tokens) -> c = 8 > r = 7, BP = 1
+    # 1-grams: 7 of 8 match (not "is")                                          p1 = 7/8
+    # 2-grams: a red, red circle, at the, the top, top left match; circle is, is at do not   p2 = 5/7
+    # 3-grams: a red circle, at the top, the top left match; 3 with "is" do not  p3 = 3/6
+    # 4-grams: only "at the top left" matches                                   p4 = 1/5
+    # BLEU = (7/8 * 5/7 * 1/2 * 1/5) ** (1/4) = (1/16) ** (1/4) = 0.5
+    assert bleu4(["a red circle is at the top left"], [["a red circle at the top left"]]) == pytest.approx(0.5)
+
+
+def test_bleu_brevity_penalty():
+    # candidate "a red circle at the top" is a prefix of the 7-token reference: every p_n = 1,
+    # c = 6 < r = 7, so BLEU = BP = exp(1 - 7/6)
+    assert bleu4(["a red circle at the top"], ["a red circle at the top left"]) == pytest.approx(math.exp(-1 / 6))
+
+
+def test_bleu_closest_reference_length_and_clipping():
+    # references of 9 and 3 tokens; the candidate has 7: the closest is 9 (|7-9| = 2 < |7-3| = 4).
+    # candidate: "red red red red red red red" -> p1 = clipped 1 / 7 ... but p2..p4 = 0 -> 0 without smoothing
+    refs = [["a red circle and a blue square at left", "red red circle"]]
+    assert bleu4(["red red red red red red red"], refs) == 0.0
+    # with a 7-token candidate equal to the first 7 tokens of the 9-token reference: all p_n = 1,
+    # r = 9 (closest), BP = exp(1 - 9/7)
+    assert bleu4(["a red circle and a blue square"], refs) == pytest.approx(math.exp(1 - 9 / 7))
+    # tie: candidate of 5 tokens, references of 4 and 6 tokens -> the shorter (4) is used, c > r, BP = 1
+    assert bleu4(["one two three four five"], [["one two three four five six", "one two three four"]]) \
+        == pytest.approx(1.0)
+
+
+def test_bleu_no_matching_4gram_is_zero_unless_smoothed():
+    # "the cat is on the mat" vs "the cat sat on the mat": p1 = 5/6, p2 = 3/5, p3 = 1/4, p4 = 0/3
+    cand, refs = ["the cat is on the mat"], [["the cat sat on the mat"]]
+    assert bleu4(cand, refs) == 0.0
+    # smoothed (add one for n >= 2): (5/6 * 4/6 * 2/5 * 1/4) ** (1/4), BP = 1 (c = r = 6 gives exp(0))
+    assert bleu4(cand, refs, smooth=True) == pytest.approx((5 / 6 * 4 / 6 * 2 / 5 * 1 / 4) ** 0.25)
+
+
+def test_bleu_is_corpus_level():
+    # counts are summed over the corpus before dividing: candidate 1 is the 8-token example above
+    # (7/8, 5/7, 3/6, 1/5), candidate 2 is identical to its reference "blue square" (2/2, 1/1, 0/0, 0/0).
+    # p = 9/10, 6/8, 3/6, 1/5; c = 10 > r = 9
+    got = bleu4(["a red circle is at the top left", "blue square"],
+                [["a red circle at the top left"], ["blue square"]])
+    assert got == pytest.approx((9 / 10 * 6 / 8 * 3 / 6 * 1 / 5) ** 0.25)
+
+
+# --- CIDEr-D ----------------------------------------------------------------------------------------
+
+
+def test_cider_worked_example():
+    # Two images: refs {"red circle"} and {"blue square"}; N = 2, every reference n-gram has df = 1,
+    # so each weighs count * log 2.
+    # Image 1, candidate "red circle" = its reference: cosine 1 for n = 1 and n = 2, nothing for n = 3, 4,
+    #   length penalty exp(0) = 1 -> 10 * (1 + 1 + 0 + 0) / 4 = 5.
+    # Image 2, candidate "blue circle" vs "blue square": unigrams {blue, circle} vs {blue, square}, each
+    #   weighing log 2 ("circle" is in image 1's references only, df = 1): dot = (log 2)^2,
+    #   norms sqrt(2) log 2 each -> cosine 1/2; bigrams "blue circle" vs "blue square" share nothing
+    #   -> 10 * (1/2) / 4 = 1.25.
+    # Corpus: (5 + 1.25) / 2 = 3.125
+    assert cider_d(["red circle", "blue circle"], [["red circle"], ["blue square"]]) == pytest.approx(3.125)
+
+
+def test_cider_clipping_and_length_penalty():
+    # Image 1: candidate "red circle red circle" vs reference "red circle".
+    #   unigrams: candidate weights red = circle = 2 log 2, reference red = circle = log 2;
+    #     clipped dot = 2 * min(2 log2, log2) * log2 = 2 (log 2)^2; norms sqrt(8) log 2 and sqrt(2) log 2
+    #     -> 2 / 4 = 1/2
+    #   bigrams: candidate "red circle" x2 (2 log 2), "circle red" (df 0 -> max(1, 0) = 1 -> log 2);
+    #     reference "red circle" (log 2): dot = (log 2)^2, norms sqrt(5) log 2 and log 2 -> 1/sqrt(5)
+    #   trigrams, 4-grams: the reference has none -> 0
+    #   length penalty: l_c = 4, l_s = 2 -> exp(-4 / 72)
+    #   -> 10 * exp(-1/18) * (1/2 + 1/sqrt(5)) / 4
+    # Image 2: candidate = reference "blue square" -> 5 (as above).
+    expected_1 = 10 * math.exp(-1 / 18) * (0.5 + 1 / math.sqrt(5)) / 4
+    got = cider_d(["red circle red circle", "blue square"], [["red circle"], ["blue square"]])
+    assert got == pytest.approx((expected_1 + 5) / 2)
+
+
+def test_cider_orders_candidates_sensibly():
+    refs = [["a red circle at the top left", "a red circle in the top left corner"],
+            ["a blue square at the center", "a blue square in the middle"],
+            ["a green triangle at the bottom right", "a green triangle at the bottom right corner"]]
+    exact = ["a red circle at the top left", "a blue square at the center", "a green triangle at the bottom right"]
+    partial = ["a red square at the top", "a blue circle", "a green triangle"]
+    wrong = ["a yellow star", "a yellow star", "a yellow star"]
+    scores = [cider_d(c, refs) for c in (exact, partial, wrong)]
+    assert scores[0] > scores[1] > scores[2] >= 0.0
+    # n-grams found in every image's references ("a", "at the" here) carry no weight: with one image,
+    # log(N / df) = 0 for all and the score is 0 by definition
+    assert cider_d(["a red circle"], [["a red circle"]]) == 0.0
+
+
+def test_bleu_clips_repeated_ngrams():
+    # candidate: seven times "red"; reference "red red circle" (c = 7 > r = 3, BP = 1), smoothed:
+    # p1 = min(7, 2) / 7 = 2/7 (unclipped it would be 7/7)
+    # p2 = ("red red": min(6, 1) = 1, + 1) / (6 + 1) = 2/7;  p3 = (0 + 1) / (5 + 1);  p4 = (0 + 1) / (4 + 1)
+    got = bleu4(["red red red red red red red"], [["red red circle"]], smooth=True)
+    assert got == pytest.approx((2 / 7 * 2 / 7 * 1 / 6 * 1 / 5) ** 0.25)
