@@ -145,4 +145,5 @@ def test_experts_under_bfloat16_autocast():
         y = moe(x)
     y.float().sum().backward()
     assert moe.experts.gate_up_proj.grad.dtype == torch.float32
-    assert (y.float() - dense_reference(moe, x)).abs().max().item() < 0.1
+    reference = dense_reference(moe, x)
+    assert (y.float() - reference).abs().max().item() < 0.03 * reference.abs().max().item()  # bf16 rounding
