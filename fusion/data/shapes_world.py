@@ -630,15 +630,16 @@ def narrate_video(video: dict) -> str:
     """The clip's events as plain sentences in time order, e.g.
     "the red circle moves left. the blue square appears. then the green square disappears."
     """
-    sentences, timed_seen = [], 0
+    sentences, last_frame = [], None
     for ev in video["events"]:
         if ev["event"] == "moves":
             sentences.append(f"the {ev['object']} moves {ev['direction']}.")
         elif ev["event"] == "stays":
             sentences.append(f"the {ev['object']} stays still.")
-        else:
-            sentences.append(("then " if timed_seen else "") + f"the {ev['object']} {ev['event']}.")
-            timed_seen += 1
+        else:  # "then" only for an event strictly later than the one before
+            later = last_frame is not None and ev["frame"] > last_frame
+            sentences.append(("then " if later else "") + f"the {ev['object']} {ev['event']}.")
+            last_frame = ev["frame"]
     return " ".join(sentences)
 
 

@@ -421,3 +421,13 @@ def test_command_line_writes_a_dataset(tmp_path, capsys):
     world_json = json.loads((tmp_path / "cli" / "world.json").read_text())
     assert world_json["config"]["shapes"] == ["circle", "star"] and world_json["config"]["seed"] == 2
     assert len(read_jsonl(tmp_path / "cli" / "text.jsonl")) == 5
+
+
+def test_narration_says_then_only_for_a_later_event():
+    def clip(*events):
+        return {"events": [dict(zip(("frame", "object", "event"), e)) for e in events]}
+
+    assert sw.narrate_video(clip((2, "red circle", "appears"), (5, "blue square", "disappears"))) == \
+        "the red circle appears. then the blue square disappears."
+    assert sw.narrate_video(clip((3, "red circle", "appears"), (3, "blue square", "disappears"))) == \
+        "the red circle appears. the blue square disappears."
