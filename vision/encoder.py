@@ -116,7 +116,8 @@ class VisionEncoderConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(settings) - known)
         if unknown:
-            raise ValueError(f"VisionEncoderConfig.from_dict: unknown settings {unknown}; known ones are {sorted(known)}")
+            raise ValueError(f"VisionEncoderConfig.from_dict: unknown settings {unknown}; "
+                             f"known ones are {sorted(known)}")
         return cls(**settings)
 
 
@@ -193,7 +194,9 @@ class VisionEncoder(nn.Module):
     def from_open_clip(cls, model_name: str, weights: str | os.PathLike | None = None, *, layer: int = -1,
                        pretrained: str | None = None, allow_unsafe_pickle: bool = False,
                        metaclip_check: bool = True, **settings: Any) -> "VisionEncoder":
-        """Build the image tower of an open_clip model, e.g. ``from_open_clip("ViT-B-32-quickgelu", "b32.safetensors")``.
+        """Build the image tower of an open_clip model.
+
+        Example: ``VisionEncoder.from_open_clip("ViT-B-32-quickgelu", "b32_metaclip_400m.safetensors")``.
 
         ``pretrained`` exists only to explain that tags are not downloaded: pass ``weights``.
         Other keyword arguments go to ``VisionEncoderConfig`` (``act``, ``stem``, ``mean``, ``std``).
@@ -310,7 +313,8 @@ class VisionEncoder(nn.Module):
         problems = _mismatch_report(state, expected, full_shapes, pruned_away)
         if problems:
             raise WeightsError(f"weight file {path!r} does not match {self._describe()}:\n{problems}\n"
-                               "Check that the model name (or custom sizes) is the one these weights were trained with.")
+                               "Check that the model name (or custom sizes) is the one these weights were "
+                               "trained with.")
         kept = {key: value.to(expected[key].dtype) for key, value in state.items() if key not in pruned_away}
         self.visual.load_state_dict(kept, strict=True, assign=True)
         on_meta = [name for name, t in [*self.visual.named_parameters(), *self.visual.named_buffers()] if t.is_meta]

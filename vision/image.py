@@ -122,8 +122,8 @@ def _load_encoded(source: str | io.IOBase, name: str, max_pixels: int | None) ->
             )
         try:
             opened.load()
-            image = _exif_transpose(opened, name)
-            return to_rgb(image, name)
+            rgb = to_rgb(_exif_transpose(opened, name), name)
+            return rgb.copy() if rgb is opened else rgb  # `opened` is closed when this block ends
         except (OSError, SyntaxError, ValueError) as error:
             if isinstance(error, ImageLoadError):
                 raise
