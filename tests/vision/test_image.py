@@ -267,3 +267,11 @@ def test_processor_applies_its_pixel_limit(tmp_path):
 def test_processor_rejects_bad_settings(settings):
     with pytest.raises(ValueError):
         ImageProcessor(**settings)
+
+
+def test_animated_gif_gives_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (4, 4), colour) for colour in [(255, 0, 0), (0, 0, 255)]]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    image = load_image(path)
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 0, 0)
