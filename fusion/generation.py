@@ -49,8 +49,11 @@ def generate(decoder, *, input_ids=None, inputs_embeds: torch.Tensor | None = No
              attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              stop_ids: Sequence[int] | None = None, pad_id: int = 0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, return_logprobs: bool = False):
     """Generate up to `max_new_tokens` tokens per sample; returns the new tokens [B, n].
+
+    With `return_logprobs=True`, returns `(tokens, logprobs)`: the log-probability (under the
+    unmodified model distribution) of each returned token, 0 after a sample has stopped.
 
     The prompt is `input_ids` ([B, T] tensor, or a list of id lists, left-padded here) or
     `inputs_embeds` [B, T, D]; `attention_mask` marks real tokens (left padding only). A sample stops
@@ -69,20 +72,26 @@ def generate(decoder, *, input_ids=None, inputs_embeds: torch.Tensor | None = No
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("generate: prompts must be left-padded (the last column of attention_mask must be all 1)")
     if max_new_tokens == 0:
-        return torch.empty(B, 0, dtype=torch.long, device=device)
+        empty = torch.empty(B, 0, dtype=torch.long, device=device)
+        return (empty, empty.float()) if return_logprobs else empty
 
     cache = decoder.new_cache(B, T + max_new_tokens)
     out = decoder(input_ids=input_ids.to(device) if input_ids is not None else None,
                   inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, logits_to_keep=1)
     stops = torch.tensor(sorted(set(stop_ids or ())), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    new_tokens = []
+    new_tokens, logprobs = [], []
     for step in range(max_new_tokens):
-        token = select_next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+        logits = out.logits[:, -1]
+        token = select_next_token(logits, do_sample, temperature, top_k, top_p, generator)
         new_tokens.append(torch.where(finished, torch.full_like(token, pad_id), token))
+        if return_logprobs:
+            chosen = logits.float().log_softmax(-1).gather(1, token[:, None])[:, 0]
+            logprobs.append(torch.where(finished, torch.zeros_like(chosen), chosen))
         finished |= torch.isin(token, stops)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         # finished samples keep decoding (their outputs are discarded): it keeps the batch rectangular
         out = decoder(input_ids=token[:, None], cache=cache, logits_to_keep=1)
-    return torch.stack(new_tokens, dim=1)
+    tokens = torch.stack(new_tokens, dim=1)
+    return (tokens, torch.stack(logprobs, dim=1)) if return_logprobs else tokens

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from .decoder import Decoder
 from .decoder_config import DecoderConfig, RopeScaling
+from .errors import CheckpointError
 
 # Our parameter names -> Hugging Face names, inside one decoder layer.
 _LAYER_RENAMES = (
@@ -34,10 +35,6 @@ _LAYOUTS = (
 # Buffers of Meta's checkpoints that carry no weights.
 _DROPPED_SUFFIXES = ("rope.freqs", "freq_cis", "_extra_state", "global_gate_stats_3E", "running_gate_stats_3E",
                      "expert_activation_DE")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be read as a Llama 4 decoder."""
 
 
 def hf_key(name: str, body_prefix: str = "model.", head_key: str = "lm_head.weight") -> str:

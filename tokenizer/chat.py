@@ -31,7 +31,7 @@ of each kind must equal the number of images / videos passed.
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import special_tokens as st
@@ -58,6 +58,7 @@ class EncodedConversation:
     input_ids: list[int]
     labels: list[int] | None
     sample_id: object = None
+    media_order: list[str] = field(default_factory=list)  # "image" / "video", in the order they appear
 
     @property
     def num_supervised_tokens(self) -> int:
@@ -213,6 +214,7 @@ def encode_conversation(
     builder = _SequenceBuilder()
     next_image, next_video = iter(images), iter(videos)
     num_content_tokens = 0
+    media_order: list[str] = []
 
     def add_header(role: str) -> None:
         builder.add([ids_of[st.HEADER_START]], supervised=False)
@@ -227,8 +229,10 @@ def encode_conversation(
         for part in turn_parts:
             if part == IMAGE_MARKER:
                 builder.add(encode_layout(tokenizer, next(next_image).layout()), supervised=False)
+                media_order.append("image")
             elif part == VIDEO_MARKER:
                 builder.add(encode_layout(tokenizer, next(next_video).layout()), supervised=False)
+                media_order.append("video")
             else:
                 text_ids = tokenizer.encode(part)
                 builder.add(text_ids, supervised=is_assistant)
@@ -237,7 +241,7 @@ def encode_conversation(
 
     if add_generation_prompt:
         add_header("assistant")
-        return EncodedConversation(input_ids=builder.ids, labels=None, sample_id=sample_id)
+        return EncodedConversation(input_ids=builder.ids, labels=None, sample_id=sample_id, media_order=media_order)
 
     if num_content_tokens == 0:
         num_assistant = sum(role == "assistant" for role, _ in turns)
@@ -247,4 +251,5 @@ def encode_conversation(
             f"{IGNORE_INDEX} apart from end-of-turn tokens. Fix or drop the sample, or pass "
             "add_generation_prompt=True if it is an inference prompt"
         )
-    return EncodedConversation(input_ids=builder.ids, labels=builder.labels, sample_id=sample_id)
+    return EncodedConversation(input_ids=builder.ids, labels=builder.labels, sample_id=sample_id,
+                               media_order=media_order)

@@ -1,1 +1,1 @@
-"""Datasets for fusion models: the synthetic shapes world (`fusion.data.shapes_world`)."""
+"""Data: the synthetic shapes world, dataset files, batching."""

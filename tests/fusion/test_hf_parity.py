@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import fusion
 import fusion.hf_llama4
-from fusion.hf_llama4 import CheckpointError
+from fusion.errors import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 from transformers import Llama4ForCausalLM, Llama4TextConfig  # noqa: E402

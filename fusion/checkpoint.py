@@ -1,0 +1,121 @@
+"""Model folders on disk, written so that a crash never leaves a half-written folder behind.
+
+A model folder holds `config.json` (format version, model settings, the preprocessing), `model.safetensors`
+and `tokenizer.json`; loading needs nothing else.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tokenizer import FusionTokenizer
+from vision.image import ImageProcessor
+
+from .errors import CheckpointError
+from .fusion_config import FORMAT_VERSION, FusionConfig
+from .processor import FusionProcessor, VideoSettings
+
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
+
+    If the block raises, the temporary folder is removed and `path` is untouched. An existing folder
+    at `path` is moved aside first and deleted only after the new one is in place.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():  # flush file contents before the rename makes them visible
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path, data) -> None:
+    """Write JSON through a temporary file and a rename (never a truncated file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def model_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def save_model_folder(model, path) -> None:
+    config = {"model_type": "fusion", **model.config.to_dict(), "preprocessing": model.processor.to_dict(),
+              "special_tokens": {"bos": model.tokenizer.bos_id, "pad": model.tokenizer.pad_id,
+                                 "patch": model.tokenizer.patch_id, "stop": list(model.tokenizer.stop_ids)}}
+    with atomic_folder(path) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(model_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "fusion_format_version":
+                                                                         str(FORMAT_VERSION)})
+        model.tokenizer.save(tmp / TOKENIZER_FILE)
+
+
+def read_model_config(path) -> dict:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder {str(folder)!r} does not exist (expected a folder written by "
+                              f"FusionModel.save_pretrained or `fusion train`)")
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(f"model folder {str(folder)!r} is incomplete: {', '.join(missing)} missing")
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{folder / CONFIG_FILE} is not valid JSON ({err})") from err
+    if config.get("model_type", "fusion") != "fusion":
+        raise CheckpointError(f"{folder} holds a {config.get('model_type')!r} model, not a fusion model "
+                              "(for Hugging Face Llama 4 folders use fusion.Decoder.from_hf)")
+    return config
+
+
+def load_model_folder(path, device=None, dtype: torch.dtype | None = None):
+    from .model import FusionModel
+
+    folder = Path(path)
+    saved = read_model_config(folder)
+    preprocessing = saved.get("preprocessing")
+    settings = {k: v for k, v in saved.items() if k not in ("model_type", "preprocessing", "special_tokens")}
+    config = FusionConfig.from_dict(settings)
+    tokenizer = FusionTokenizer.load(folder / TOKENIZER_FILE)
+    model = FusionModel(config, tokenizer)
+    try:
+        state = load_file(str(folder / WEIGHTS_FILE))
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"{folder / WEIGHTS_FILE} cannot be read ({err}); the file is damaged") from err
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not match its config: missing {missing[:4]}, "
+                              f"unexpected {result.unexpected_keys[:4]}")
+    if preprocessing is not None:  # the saved preprocessing is the truth, whatever library defaults are now
+        model.processor = FusionProcessor(tokenizer, ImageProcessor.from_dict(preprocessing["image_processor"]),
+                                          preprocessing["tokens_per_tile"], VideoSettings(**preprocessing["video"]))
+    if dtype is not None:
+        model.to(dtype)
+    return model.to(device or "cpu").eval()

@@ -1,0 +1,34 @@
+"""The project's exception types, all in one place.
+
+Every error names the input that caused it and says what to do. Vision and tokenizer errors are
+defined in their own (lower) packages and re-exported here, so `except fusion.errors.X` works for all.
+"""
+from tokenizer.errors import (  # noqa: F401
+    ConversationFormatError,
+    MediaCountMismatchError,
+    NoSupervisedTokensError,
+    TokenizerError,
+)
+from vision.errors import (  # noqa: F401
+    ImageLoadError,
+    ImageTooLargeError,
+    VideoLoadError,
+    VisionInputError,
+    WeightsError,
+)
+
+
+class PlaceholderMismatchError(ValueError):
+    """The number of <|patch|> placeholders differs from the number of image features."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, incomplete, or not of a format this version reads."""
+
+
+class DatasetError(ValueError):
+    """A dataset file or sample that cannot be used."""
+
+
+class ConfigError(ValueError):
+    """A training or model configuration that is invalid."""

@@ -1,0 +1,68 @@
+"""`FusionConfig`: the whole multimodal model (decoder, vision tower, adapter, preprocessing) as one
+JSON-serialisable dataclass, with the format version that keeps old checkpoints loading."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from vision.encoder import VisionEncoderConfig
+
+from .decoder_config import DecoderConfig
+from .errors import CheckpointError
+from .processor import VideoSettings
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class FusionConfig:
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    vision: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
+    adapter_hidden_size: int | None = None  # width of the adapter MLP; None = the decoder's width
+    pixel_shuffle_ratio: float = 0.5
+    max_tiles: int = 1  # Llama 4 tiling up to this many tiles (+ a global thumbnail); 1 = resize and pad
+    pad_with_mean: bool = True  # pad images with the mean colour (normalises to 0); False = black, as Llama 4
+    video: VideoSettings = field(default_factory=VideoSettings)
+
+    def __post_init__(self):
+        if isinstance(self.decoder, dict):
+            self.decoder = DecoderConfig.from_dict(self.decoder)
+        if isinstance(self.vision, dict):
+            self.vision = VisionEncoderConfig.from_dict(self.vision)
+        if isinstance(self.video, dict):
+            self.video = VideoSettings(**self.video)
+
+    def to_dict(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "decoder": self.decoder.to_dict(), "vision": self.vision.to_dict(),
+                "adapter_hidden_size": self.adapter_hidden_size, "pixel_shuffle_ratio": self.pixel_shuffle_ratio,
+                "max_tiles": self.max_tiles, "pad_with_mean": self.pad_with_mean,
+                "video": dataclasses.asdict(self.video)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FusionConfig":
+        d = upgrade_config(dict(d))
+        d.pop("format_version", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CheckpointError(f"FusionConfig: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+# Each entry upgrades a config dict from version v to v + 1. When the format changes, bump
+# FORMAT_VERSION and add the step here: old folders keep loading.
+_UPGRADES: dict[int, callable] = {}
+
+
+def upgrade_config(d: dict) -> dict:
+    version = d.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"config format_version {version!r} is not valid")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"this checkpoint has format version {version}, but this fusion reads up to "
+                              f"{FORMAT_VERSION}; upgrade fusion to load it")
+    while version < FORMAT_VERSION:
+        d = _UPGRADES[version](d)
+        version += 1
+        d["format_version"] = version
+    return d

@@ -1,0 +1,159 @@
+"""`FusionModel`: early fusion of a vision tower and the Llama 4 decoder.
+
+    pixels [n_tiles, 3, S, S] --vision--> [n_tiles, P, C] --adapter (pixel shuffle, MLP, projector)--> [n_tiles, P/4, D]
+    input_ids [B, T] --embed--> [B, T, D], then ONE masked write of the image features at the <|patch|> positions
+    --> decoder --> logits / loss / generated tokens
+
+Training parts (each gets its own learning rate; 0 freezes it): "vision", "adapter" (MLP and
+projector) and "decoder".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from tokenizer import FusionTokenizer
+from vision.adapter import VisionAdapter
+from vision.encoder import VisionEncoder
+
+from .data.collate import pad_batch
+from .decoder import Decoder, DecoderOutput
+from .errors import ConfigError, PlaceholderMismatchError
+from .fusion_config import FusionConfig
+from .generation import generate as generate_tokens
+from .processor import FusionProcessor
+
+PARTS = ("vision", "adapter", "decoder")
+
+
+@dataclass
+class FusionOutput(DecoderOutput):
+    image_mask: torch.Tensor | None = None  # [B, T] True at the positions that hold image features
+
+
+class FusionModel(nn.Module):
+    def __init__(self, config: FusionConfig, tokenizer: FusionTokenizer, vision_weights=None):
+        super().__init__()
+        if config.decoder.vocab_size < len(tokenizer):
+            raise ConfigError(f"decoder vocab_size {config.decoder.vocab_size} is smaller than the tokenizer's "
+                              f"{len(tokenizer)} tokens; set FusionConfig.decoder.vocab_size >= {len(tokenizer)}")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vision = VisionEncoder(config.vision, weights=vision_weights)
+        d = config.decoder.hidden_size
+        self.adapter = VisionAdapter(self.vision.width, config.adapter_hidden_size or d, d, config.pixel_shuffle_ratio)
+        self.decoder = Decoder(config.decoder)
+        self.processor = FusionProcessor(
+            tokenizer, self.vision.image_processor(max_tiles=config.max_tiles, pad_with_mean=config.pad_with_mean),
+            tokens_per_tile=self.adapter.tokens_per_image(self.vision.num_patches), video=config.video)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed_tokens.weight.device
+
+    @property
+    def patch_id(self) -> int:
+        return self.tokenizer.patch_id
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The separately trainable parts, by name."""
+        return {"vision": self.vision, "adapter": self.adapter, "decoder": self.decoder}
+
+    # -- the fusion ------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n_tiles, 3, S, S] -> [n_tiles, tokens_per_tile, D]. A frozen tower builds no autograd graph."""
+        trainable = any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            features = self.vision(pixel_values.to(self.device))
+        return self.adapter(features)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings with the image features written at the <|patch|> positions (one masked write)."""
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:  # padding may hold any id
+            input_ids = input_ids.masked_fill(attention_mask.to(self.device) == 0, 0)
+        embeds = self.decoder.embed_tokens(input_ids)
+        image_mask = input_ids == self.patch_id  # [B, T]
+        num_slots = int(image_mask.sum())
+        num_tiles = 0 if pixel_values is None else pixel_values.shape[0]
+        per_tile = self.processor.tokens_per_tile
+        if num_slots != num_tiles * per_tile:
+            raise PlaceholderMismatchError(
+                f"the batch has {num_slots} <|patch|> placeholder tokens but {num_tiles * per_tile} image features "
+                f"({num_tiles} tiles x {per_tile} tokens per tile); build inputs with model.processor so each "
+                f"image and frame gets exactly its placeholders, and pass every tile in pixel_values")
+        if num_tiles:
+            features = self.encode_images(pixel_values).reshape(-1, embeds.shape[-1])  # [n_tiles * per_tile, D]
+            embeds = embeds.masked_scatter(image_mask[..., None], features.to(embeds.dtype))
+        return embeds, image_mask
+
+    def forward(self, input_ids: torch.Tensor, *, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                logits_to_keep: int | None = None) -> FusionOutput:
+        """Loss (when `labels` are given) and logits. Tensors as built by `fusion.data.collate`."""
+        embeds, image_mask = self.embed(input_ids, pixel_values, attention_mask)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, positions=positions,
+                           segment_ids=segment_ids, logits_to_keep=logits_to_keep)
+        return FusionOutput(**vars(out), image_mask=image_mask)
+
+    # -- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, *, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, **kwargs):
+        """New tokens [B, n] for left-padded prompts (see `fusion.generation.generate` for the options).
+
+        Stops at the tokenizer's stop tokens unless `stop_ids` is given; finished rows hold the pad id.
+        """
+        embeds, _ = self.embed(input_ids, pixel_values, attention_mask)
+        kwargs.setdefault("stop_ids", self.tokenizer.stop_ids)
+        kwargs.setdefault("pad_id", self.tokenizer.pad_id)
+        return generate_tokens(self.decoder, inputs_embeds=embeds, attention_mask=attention_mask,
+                               max_new_tokens=max_new_tokens, **kwargs)
+
+    @torch.no_grad()
+    def chat(self, conversations: Sequence[Sequence[dict]], images: Sequence[Sequence] | None = None,
+             videos: Sequence[Sequence] | None = None, *, max_new_tokens: int = 32, num_frames: int | None = None,
+             fps: float | None = None, **kwargs) -> list[dict]:
+        """Answer a batch of conversations (each ending with a user turn).
+
+        Returns one `{"text": str, "tokens": list[int], "logprob": float}` per conversation, where
+        `logprob` is the mean log-probability of the generated tokens (the stop token included).
+        """
+        n = len(conversations)
+        images = images or [()] * n
+        videos = videos or [()] * n
+        samples = [self.processor(c, im, vi, add_generation_prompt=True, num_frames=num_frames, fps=fps)
+                   for c, im, vi in zip(conversations, images, videos)]
+        batch = pad_batch(samples, self.tokenizer.pad_id, padding_side="left")
+        tokens, logprobs = self.generate(batch.input_ids, pixel_values=batch.pixel_values,
+                                         attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                                         return_logprobs=True, **kwargs)
+        results = []
+        stops = set(kwargs.get("stop_ids", self.tokenizer.stop_ids))
+        for row in range(n):
+            ids = tokens[row].tolist()
+            length = next((i + 1 for i, t in enumerate(ids) if t in stops), len(ids))
+            kept = ids[:length]
+            text_ids = [t for t in kept if t not in stops]
+            mean_logprob = float(logprobs[row, :length].mean()) if length else 0.0
+            results.append({"text": self.tokenizer.decode(text_ids).strip(), "tokens": kept, "logprob": mean_logprob})
+        return results
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_pretrained(self, path) -> None:
+        """Write `config.json`, `model.safetensors` and `tokenizer.json` into the folder `path` (atomically)."""
+        from .checkpoint import save_model_folder
+
+        save_model_folder(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype: torch.dtype | None = None) -> "FusionModel":
+        """Load a folder written by `save_pretrained` (it needs nothing but the folder)."""
+        from .checkpoint import load_model_folder
+
+        return load_model_folder(path, device=device, dtype=dtype)

@@ -1,0 +1,96 @@
+"""`FusionProcessor`: one conversation with its images and videos -> model inputs.
+
+The same path serves training (labels on assistant content) and inference (a generation prompt), so
+what a model sees at test time is rendered exactly as what it learned from:
+
+    images  --ImageProcessor-->  tiles [n, 3, S, S] + grid  --> ImagePlaceholder(tokens_per_tile, grid)
+    videos  --sample_frames -->  frames + timestamps        --> one tile per frame + VideoPlaceholder
+    messages + placeholders --tokenizer--> input_ids (one <|patch|> per image feature), labels
+
+`pixel_values` holds the tiles of every image and frame in the order their placeholders appear in
+`input_ids`, which is the order the fused model writes their features into the sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+
+from tokenizer import FusionTokenizer, ImagePlaceholder, VideoPlaceholder
+from vision.image import ImageProcessor
+from vision.video import SampledFrames, sample_frames
+
+
+@dataclass
+class VideoSettings:
+    """How frames are sampled from a video: uniform `num_frames`, or `fps` capped at `max_frames`."""
+
+    num_frames: int = 8
+    fps: float | None = None
+    max_frames: int = 32
+
+
+@dataclass
+class ProcessedSample:
+    input_ids: torch.Tensor  # [T] long
+    labels: torch.Tensor | None  # [T] long, -100 where not supervised; None for a generation prompt
+    pixel_values: torch.Tensor | None  # [n_tiles, 3, S, S], tiles in placeholder order; None without media
+    sample_id: Any = None
+    frame_timestamps: list[list[float]] | None = None  # per video, the seconds of its sampled frames
+
+
+class FusionProcessor:
+    def __init__(self, tokenizer: FusionTokenizer, image_processor: ImageProcessor, tokens_per_tile: int,
+                 video: VideoSettings | None = None):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.tokens_per_tile = tokens_per_tile
+        self.video = video or VideoSettings()
+        # video frames are single tiles (no Llama 4 tiling per frame)
+        self.frame_processor = ImageProcessor(**{**image_processor.to_dict(), "max_tiles": 1})
+
+    def to_dict(self) -> dict:
+        return {"image_processor": self.image_processor.to_dict(), "video": asdict(self.video),
+                "tokens_per_tile": self.tokens_per_tile, "chat_format": "llama4"}
+
+    def sample_video(self, video, num_frames: int | None = None, fps: float | None = None,
+                     max_frames: int | None = None) -> SampledFrames | tuple:
+        """A path -> sampled frames with this processor's settings (overridable); sampled frames pass through."""
+        if isinstance(video, SampledFrames) or (isinstance(video, tuple) and len(video) == 2):
+            return video
+        use_fps = fps if fps is not None else (self.video.fps if num_frames is None else None)
+        return sample_frames(video, num_frames=num_frames or self.video.num_frames, fps=use_fps,
+                             max_frames=max_frames or self.video.max_frames)
+
+    def __call__(self, messages: Sequence[dict], images: Sequence = (), videos: Sequence = (), *,
+                 add_generation_prompt: bool = False, sample_id: Any = None, num_frames: int | None = None,
+                 fps: float | None = None) -> ProcessedSample:
+        """Encode one conversation. `images`: paths, PIL images, arrays or tensors; `videos`: paths, or
+        already-sampled `(frames, timestamps)`."""
+        image_tiles, image_placeholders = [], []
+        for image in images:
+            pixels, grid = self.image_processor(image)
+            image_tiles.append(pixels)
+            image_placeholders.append(ImagePlaceholder(tokens_per_tile=self.tokens_per_tile, grid=grid))
+        video_tiles, video_placeholders, timestamps = [], [], []
+        for video in videos:
+            frames, seconds = self.sample_video(video, num_frames=num_frames, fps=fps)
+            video_tiles.append(torch.cat([self.frame_processor(frame)[0] for frame in frames]))
+            video_placeholders.append(VideoPlaceholder(timestamps=list(seconds), tokens_per_frame=self.tokens_per_tile))
+            timestamps.append([float(s) for s in seconds])
+
+        encoded = self.tokenizer.encode_conversation(messages, images=image_placeholders, videos=video_placeholders,
+                                                     sample_id=sample_id,
+                                                     add_generation_prompt=add_generation_prompt)
+        ordered = []
+        next_image, next_video = iter(image_tiles), iter(video_tiles)
+        for kind in encoded.media_order:
+            ordered.append(next(next_image) if kind == "image" else next(next_video))
+        return ProcessedSample(
+            input_ids=torch.tensor(encoded.input_ids, dtype=torch.long),
+            labels=None if encoded.labels is None else torch.tensor(encoded.labels, dtype=torch.long),
+            pixel_values=torch.cat(ordered) if ordered else None,
+            sample_id=sample_id,
+            frame_timestamps=timestamps or None,
+        )
