@@ -1,0 +1,190 @@
+"""The fused model: the splice, media order, batched generation, save/load, frozen parts."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import fusion
+from fusion.data.collate import pad_batch, pack_batch
+from fusion.errors import CheckpointError, PlaceholderMismatchError
+from tokenizer import FusionTokenizer
+from vision import VisionEncoderConfig, write_video
+
+TEXTS = ["what color is the circle? red", "a blue square at the top left", "which way does it move? left",
+         "describe the image. a green triangle", "how many shapes are there? 2"] * 40
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return FusionTokenizer.train(TEXTS, vocab_size=300)
+
+
+def tiny_model(tok, seed=0, **decoder):
+    torch.manual_seed(seed)
+    d = dict(vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+             intermediate_size=64, num_experts=4, attention_chunk_size=16, floor_scale=8, nope_interval=2,
+             initializer_range=0.1)
+    d.update(decoder)
+    config = fusion.FusionConfig(decoder=fusion.DecoderConfig(**d),
+                                 vision=VisionEncoderConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2))
+    return fusion.FusionModel(config, tok).eval()
+
+
+def image(seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_image_features_land_exactly_at_the_patch_positions(tok):
+    model = tiny_model(tok)
+    sample = model.processor(user("<image>\nwhat color?") + [{"role": "assistant", "content": "red"}], [image(0)])
+    batch = pad_batch([sample], tok.pad_id)
+    embeds, mask = model.embed(batch.input_ids, batch.pixel_values)
+    features = model.encode_images(batch.pixel_values).reshape(-1, 64)
+    assert int(mask.sum()) == model.processor.tokens_per_tile == 4  # 32 px / patch 8 = 16 patches -> 4 after shuffle
+    assert torch.equal(embeds[0][mask[0]], features)
+    text = model.decoder.embed_tokens(batch.input_ids)
+    assert torch.equal(embeds[0][~mask[0]], text[0][~mask[0]])  # every other position keeps its text embedding
+
+
+def test_placeholder_mismatch_names_both_counts(tok):
+    model = tiny_model(tok)
+    sample = model.processor(user("<image> <image>\nsame?"), [image(0), image(1)], add_generation_prompt=True)
+    batch = pad_batch([sample], tok.pad_id)
+    with pytest.raises(PlaceholderMismatchError, match="8 <.patch.> placeholder tokens but 4 image features"):
+        model.embed(batch.input_ids, batch.pixel_values[:1])
+    with pytest.raises(PlaceholderMismatchError, match="but 0 image features"):
+        model.embed(batch.input_ids, None)
+
+
+def test_interleaved_images_and_video_follow_placeholder_order(tok, tmp_path):
+    model = tiny_model(tok)
+    frames = np.stack([image(10 + i) for i in range(3)])
+    write_video(tmp_path / "v.mp4", frames, fps=3)
+    a, b = image(1), image(2)
+    sample = model.processor(user("first <image> then <video> and <image> last"), [a, b], [tmp_path / "v.mp4"],
+                             add_generation_prompt=True, num_frames=3)
+    assert sample.pixel_values.shape[0] == 1 + 3 + 1
+    pa, _ = model.processor.image_processor(a)
+    pb, _ = model.processor.image_processor(b)
+    assert torch.equal(sample.pixel_values[0], pa[0]) and torch.equal(sample.pixel_values[4], pb[0])
+    assert sample.frame_timestamps[0] == pytest.approx([0, 1 / 3, 2 / 3])  # index / fps
+    text = tok.decode(sample.input_ids.tolist(), skip_special_tokens=False)
+    assert text.index("<|image_start|>") < text.index("<|video_start|>")
+
+
+def test_batched_generation_equals_one_by_one(tok):
+    model = tiny_model(tok)
+    convs = [user("<image>\nwhat color is the circle?"), user("describe the image."),
+             user("<image> <image>\nhow many shapes are there?")]
+    imgs = [[image(0)], [], [image(1), image(2)]]
+    batched = model.chat(convs, imgs, max_new_tokens=8)
+    for conv, im, out in zip(convs, imgs, batched):
+        single = model.chat([conv], [im], max_new_tokens=8)[0]
+        assert single["tokens"] == out["tokens"]
+        assert single["logprob"] == pytest.approx(out["logprob"], abs=1e-4)
+
+
+def test_cached_generation_equals_full_forward(tok):
+    model = tiny_model(tok)
+    sample = model.processor(user("<image>\nwhat color is the circle?"), [image(3)], add_generation_prompt=True)
+    batch = pad_batch([sample], tok.pad_id, padding_side="left")
+    new = model.generate(batch.input_ids, pixel_values=batch.pixel_values, max_new_tokens=12, stop_ids=[])[0]
+    ids = torch.cat([batch.input_ids[0], new])[None]
+    with torch.no_grad():
+        logits = model(ids, pixel_values=batch.pixel_values).logits[0]
+    greedy = logits[len(sample.input_ids) - 1:-1].argmax(-1)
+    assert greedy.tolist() == new.tolist()
+
+
+def test_loss_ignores_padding_and_unsupervised_tokens(tok):
+    model = tiny_model(tok)
+    short = model.processor(user("<image>\nwhat color?") + [{"role": "assistant", "content": "red"}], [image(0)])
+    long = model.processor(user("<image>\nhow many shapes are there?") + [{"role": "assistant", "content": "2"}],
+                           [image(1)])
+    batch = pad_batch([short, long], tok.pad_id)
+    both = model(**batch.model_inputs()).loss
+    # the same mean over the same supervised tokens computed one sample at a time
+    losses, counts = [], []
+    for s in (short, long):
+        one = pad_batch([s], tok.pad_id)
+        losses.append(model(**one.model_inputs()).loss)
+        counts.append(int((s.labels[1:] != -100).sum()))
+    expected = sum(l * c for l, c in zip(losses, counts)) / sum(counts)
+    assert both.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_packed_batch_equals_padded_batch(tok):
+    model = tiny_model(tok)
+    samples = [model.processor(user(f"<image>\n{q}") + [{"role": "assistant", "content": a}], [image(i)])
+               for i, (q, a) in enumerate([("what color?", "red"), ("how many?", "3"), ("which way?", "left")])]
+    padded = model(**pad_batch(samples, tok.pad_id).model_inputs()).loss
+    packed = model(**pack_batch(samples, tok.pad_id, max_length=1000).model_inputs()).loss
+    assert packed.item() == pytest.approx(padded.item(), rel=1e-5)
+
+
+def test_save_and_load_give_identical_outputs(tok, tmp_path):
+    model = tiny_model(tok)
+    model.decoder.moe_layers()[0].expert_bias[1] = 0.25  # learned balancing state is saved too
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["format_version"] == 1 and config["preprocessing"]["image_processor"]["image_size"] == 32
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    loaded = fusion.FusionModel.from_pretrained(tmp_path / "m")
+    conv = [user("<image>\nwhat color is the circle?")]
+    assert loaded.chat(conv, [[image(5)]], max_new_tokens=10) == model.chat(conv, [[image(5)]], max_new_tokens=10)
+    sample = model.processor(conv[0], [image(5)], add_generation_prompt=True)
+    batch = pad_batch([sample], tok.pad_id)
+    with torch.no_grad():
+        assert torch.equal(model(**batch.model_inputs()).logits, loaded(**batch.model_inputs()).logits)
+
+
+def test_broken_or_missing_folders_are_named(tok, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        fusion.FusionModel.from_pretrained(tmp_path / "nope")
+    tiny_model(tok).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.json missing"):
+        fusion.FusionModel.from_pretrained(tmp_path / "m")
+    tiny_model(tok).save_pretrained(tmp_path / "m2")
+    config = json.loads((tmp_path / "m2" / "config.json").read_text())
+    config["format_version"] = 99
+    (tmp_path / "m2" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        fusion.FusionModel.from_pretrained(tmp_path / "m2")
+
+
+def test_a_crash_while_saving_leaves_the_old_folder_intact(tok, tmp_path, monkeypatch):
+    model = tiny_model(tok)
+    model.save_pretrained(tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model.tokenizer, "save", crash)  # the last file written
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folder left behind
+
+
+def test_frozen_vision_builds_no_graph(tok):
+    model = tiny_model(tok).train()
+    model.vision.requires_grad_(False)
+    sample = model.processor(user("<image>\nwhat color?") + [{"role": "assistant", "content": "red"}], [image(0)])
+    batch = pad_batch([sample], tok.pad_id)
+    tower_outputs = []
+    model.vision.register_forward_hook(lambda module, args, out: tower_outputs.append(out))
+    features = model.encode_images(batch.pixel_values)
+    assert tower_outputs[0].grad_fn is None and not tower_outputs[0].requires_grad  # no graph through the tower
+    assert features.requires_grad  # the adapter still trains
+    loss = model(**batch.model_inputs()).loss
+    loss.backward()
+    assert all(p.grad is None for p in model.vision.parameters())
+    assert model.adapter.fc1.weight.grad is not None
