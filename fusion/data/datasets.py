@@ -1,0 +1,476 @@
+"""Conversation datasets from JSONL or LLaVA-style JSON files, for training and evaluation.
+
+Two file layouts, told apart by their content (a JSON list starts with ``[``; anything else is read
+as JSON Lines), whatever the extension:
+
+JSON Lines, one sample per line (the shapes world writes these)::
+
+    {"id": "s1", "images": ["img/1.png"], "videos": [],
+     "conversations": [{"role": "user", "content": "<image>\\nWhat color is it?"},
+                       {"role": "assistant", "content": "red"}],
+     "type": "color", "task": "vqa"}
+
+LLaVA JSON, one list of samples::
+
+    [{"id": "s1", "image": "img/1.png",
+      "conversations": [{"from": "human", "value": "<image>\\nWhat color is it?"},
+                        {"from": "gpt", "value": "red"}]}]
+
+Either record style is accepted in either layout: ``images``/``image`` and ``videos``/``video`` may be
+one path or a list; turns may be ``{"role", "content"}`` or ``{"from", "value"}`` (``human`` and
+``gpt`` map to ``user`` and ``assistant``). ``type`` and ``task`` are optional. Media paths are
+relative to ``root`` (default: the folder of the file); absolute paths are kept. A sample without
+images or videos is a text-only sample.
+
+Bad data does not stop a run. A malformed line or a record with a missing field is counted at load
+time (with its line number) and left out; a sample whose image or video cannot be read, whose
+markers do not match its media, or that has nothing to supervise makes ``dataset[i]`` return
+``None``. Each bad sample is counted per reason (``dataset.bad_counts``) and a ``DatasetWarning``
+names the sample, the file and the reason. ``strict=True`` raises ``DatasetError`` instead. A file
+that is mostly bad is a wrong file or a wrong ``root``: once ``min_attempts`` samples were tried and
+more than ``max_bad_fraction`` of them were bad, ``dataset[i]`` raises ``DatasetError`` with the
+counts and the most common reasons (at load time too, when most records are malformed).
+
+Use with a plain ``DataLoader``::
+
+    dataset = ConversationDataset("train.jsonl", model.processor)
+    loader = DataLoader(dataset, batch_size=16, shuffle=True, num_workers=2, collate_fn=dataset.collate_fn())
+    for batch in loader:              # a CollatedBatch (fusion.data.collate.Batch + num_dropped), or
+        if batch is None:             # None when every sample of the batch was bad
+            continue
+        loss = model(**batch.model_inputs()).loss
+
+The dataset holds no open file or video reader (media are opened inside each ``dataset[i]``), so it
+pickles into ``DataLoader`` workers. Bad-sample counts are kept per process.
+
+``group_by_image=True`` merges consecutive records that show the same single image (and no video)
+into one multi-turn conversation ``user q1, assistant a1, user q2, assistant a2, ...``: the image is
+encoded once and every answer is supervised. The ``<image>`` marker stays only in the first user
+turn. A record joins the group before it only if it has exactly that one image, no video, at most
+one ``<image>`` marker, no ``<video>`` marker, and no system turn other than the group's own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from tokenizer import IMAGE_MARKER, VIDEO_MARKER
+from tokenizer.errors import (
+    ConversationFormatError,
+    MediaCountMismatchError,
+    NoSupervisedTokensError,
+    TokenizerError,
+)
+from vision.errors import ImageLoadError, ImageTooLargeError, VideoLoadError, VisionInputError
+
+from ..errors import DatasetError
+from .collate import Batch, pack_batch, pad_batch
+
+__all__ = ["ConversationDataset", "Record", "DatasetWarning", "CollatedBatch", "Collator", "collate",
+           "infer_task", "read_records", "group_records", "classify_error", "TASKS"]
+
+TASKS = ("vqa", "video-qa", "caption", "text")
+ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+
+# Reasons a sample is bad (the keys of `bad_counts`).
+MALFORMED_JSON = "malformed json"
+MISSING_FIELD = "missing field"
+BAD_CONVERSATION = "bad conversation"
+NO_ASSISTANT_TURN = "no assistant turn"
+MISSING_IMAGE = "missing image"
+UNREADABLE_IMAGE = "unreadable image"
+IMAGE_TOO_LARGE = "image too large"
+MISSING_VIDEO = "missing video"
+UNREADABLE_VIDEO = "unreadable video"
+MEDIA_COUNT_MISMATCH = "media count mismatch"
+NO_SUPERVISED_TOKENS = "no supervised tokens"
+
+_IMAGE_MARKER_AND_SPACE = re.compile(re.escape(IMAGE_MARKER) + r"[ \t]*\n?")
+
+
+class DatasetWarning(UserWarning):
+    """A sample or line of a dataset file was skipped (the message names it and says why)."""
+
+
+@dataclass
+class Record:
+    """One sample's metadata, read without decoding any media.
+
+    `images` and `videos` are resolved paths (joined to the dataset's root). `line` is the 1-based line
+    of a JSONL file or the 1-based position in a JSON list. `members` lists the ids of the records that
+    `group_by_image` merged into this one (empty when nothing was merged).
+    """
+
+    id: str
+    messages: list[dict]
+    images: list[str] = field(default_factory=list)
+    videos: list[str] = field(default_factory=list)
+    type: str | None = None
+    task: str | None = None
+    line: int = 0
+    members: tuple[str, ...] = ()
+
+    @property
+    def _last_assistant(self) -> int:
+        return max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
+
+    @property
+    def answer(self) -> str:
+        """The reference answer: the content of the last assistant turn."""
+        return self.messages[self._last_assistant]["content"]
+
+    @property
+    def prompt(self) -> list[dict]:
+        """The conversation up to (not including) the last assistant turn: what a model answers."""
+        return self.messages[:self._last_assistant]
+
+    @property
+    def media(self) -> list[str]:
+        return self.images + self.videos
+
+    @property
+    def inferred_task(self) -> str:
+        """`task` if the file gives one, else inferred (see `infer_task`)."""
+        return self.task or infer_task(self)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "members": list(self.members), "answer": self.answer}
+
+
+def infer_task(record: Record) -> str:
+    """The task of a record whose file names none: "caption" if its type says so, "video-qa" if it has
+    a video, "vqa" if it has an image, else "text"."""
+    if record.task:
+        return record.task
+    if record.type and "caption" in str(record.type).lower():
+        return "caption"
+    if record.videos:
+        return "video-qa"
+    if record.images:
+        return "vqa"
+    return "text"
+
+
+class _BadRecord(Exception):
+    def __init__(self, reason: str, message: str, sample_id: Any = None):
+        super().__init__(message)
+        self.reason, self.message, self.sample_id = reason, message, sample_id
+
+
+def _paths(record: dict, plural: str, singular: str, root: str, sample_id) -> list[str]:
+    value = record.get(plural, record.get(singular))
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(p, str) and p.strip() for p in value):
+        raise _BadRecord(MISSING_FIELD, f"'{plural}' must be a path or a list of paths, got {value!r}", sample_id)
+    return [os.path.join(root, os.path.expanduser(p)) for p in value]
+
+
+def _parse_record(obj: Any, line: int, root: str) -> Record:
+    """A raw JSON value -> `Record`, or `_BadRecord` saying what is wrong with it."""
+    if not isinstance(obj, dict):
+        raise _BadRecord(MISSING_FIELD, f"a sample must be a JSON object, got {type(obj).__name__}")
+    sample_id = obj.get("id", obj.get("sample_id"))
+    sample_id = f"line{line}" if sample_id is None else str(sample_id)
+    turns = obj.get("conversations", obj.get("messages"))
+    if not isinstance(turns, list) or not turns:
+        what = "has no 'conversations' list" if turns is None else f"has 'conversations' = {turns!r}"
+        raise _BadRecord(MISSING_FIELD, f"{what}; give a non-empty list of turns", sample_id)
+    messages = []
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise _BadRecord(BAD_CONVERSATION, f"turn {k} is not an object: {turn!r}", sample_id)
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role is None or content is None:
+            raise _BadRecord(MISSING_FIELD, f"turn {k} needs 'role' and 'content' (or LLaVA's 'from' and 'value'), "
+                                            f"got keys {sorted(turn)}", sample_id)
+        if str(role).lower() not in ROLE_ALIASES:
+            raise _BadRecord(BAD_CONVERSATION, f"turn {k} has unknown role {role!r}; use user/assistant/system "
+                                               f"(or LLaVA's human/gpt)", sample_id)
+        if not isinstance(content, str):
+            raise _BadRecord(BAD_CONVERSATION, f"turn {k} content must be a string, got {type(content).__name__}",
+                             sample_id)
+        messages.append({"role": ROLE_ALIASES[str(role).lower()], "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _BadRecord(NO_ASSISTANT_TURN, "the conversation has no assistant turn, so nothing to learn or "
+                                            "to compare with", sample_id)
+    images = _paths(obj, "images", "image", root, sample_id)
+    videos = _paths(obj, "videos", "video", root, sample_id)
+    kind, task = obj.get("type"), obj.get("task")
+    return Record(id=sample_id, messages=messages, images=images, videos=videos,
+                  type=None if kind is None else str(kind), task=None if task is None else str(task), line=line)
+
+
+def read_records(path: str | os.PathLike, root: str | os.PathLike | None = None):
+    """Read a dataset file: returns `(format, records, bad)` where format is "jsonl" or "json",
+    records the valid `Record`s and bad a list of `(line, reason, message, sample_id)`."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DatasetError(f"dataset file {path!r} does not exist (working directory {os.getcwd()})")
+    root = os.path.dirname(os.path.abspath(path)) if root is None else os.fspath(root)
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    records, bad = [], []
+    if text.lstrip().startswith("["):
+        fmt = "json"
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path}: starts like a JSON list (LLaVA format) but is not valid JSON: {err}") from None
+        numbered = list(enumerate(items, start=1))
+    else:
+        fmt = "jsonl"
+        numbered = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                bad.append((number, MALFORMED_JSON, f"not valid JSON ({err.msg} at column {err.colno})", None))
+        if not numbered and bad:
+            try:  # a pretty-printed single object: say so, rather than "every line is malformed"
+                whole = json.loads(text)
+            except json.JSONDecodeError:
+                whole = None
+            if isinstance(whole, dict):
+                raise DatasetError(f"{path}: is one JSON object; expected JSON Lines (one sample per line) or a "
+                                   f"JSON list of samples (LLaVA format)")
+    for number, obj in numbered:
+        try:
+            records.append(_parse_record(obj, number, root))
+        except _BadRecord as err:
+            bad.append((number, err.reason, err.message, err.sample_id))
+    return fmt, records, bad
+
+
+def _most_common(counts: Counter, n: int = 3) -> str:
+    return ", ".join(f"{reason} x{count}" for reason, count in counts.most_common(n))
+
+
+def _count_markers(record: Record, marker: str) -> int:
+    return sum(m["content"].count(marker) for m in record.messages)
+
+
+def _system_turn(record: Record) -> str | None:
+    first = record.messages[0]
+    return first["content"] if first["role"] == "system" else None
+
+
+def _can_group(record: Record) -> bool:
+    return (len(record.images) == 1 and not record.videos and _count_markers(record, IMAGE_MARKER) <= 1
+            and _count_markers(record, VIDEO_MARKER) == 0)
+
+
+def group_records(records: Sequence[Record], max_group_size: int | None = None) -> list[Record]:
+    """Merge runs of consecutive records with the same single image (see the module docstring)."""
+    groups: list[list[Record]] = []
+    for record in records:
+        last = groups[-1] if groups else None
+        if (last is not None and _can_group(record) and _can_group(last[0])
+                and record.images[0] == last[0].images[0]
+                and (max_group_size is None or len(last) < max_group_size)
+                and _system_turn(record) in (None, _system_turn(last[0]))):
+            last.append(record)
+        else:
+            groups.append([record])
+    merged = []
+    for group in groups:
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        first = group[0]
+        messages = [dict(m) for m in first.messages]
+        for other in group[1:]:
+            turns = other.messages[1:] if _system_turn(other) is not None else other.messages
+            messages += [{"role": m["role"], "content": _IMAGE_MARKER_AND_SPACE.sub("", m["content"])} for m in turns]
+        merged.append(dataclasses.replace(first, messages=messages, members=tuple(r.id for r in group)))
+    return merged
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Conversations with images and videos from a JSONL or LLaVA JSON file (see the module docstring).
+
+    Args:
+        path: the dataset file.
+        processor: a `fusion.FusionProcessor` (e.g. `model.processor`).
+        root: the folder media paths are relative to (default: the file's folder).
+        strict: raise `DatasetError` on the first bad line or sample instead of skipping it.
+        group_by_image: merge consecutive records with the same single image into one conversation.
+        max_group_size: the most records merged into one (None: no limit).
+        num_frames, fps: video frame sampling (None: the processor's settings).
+        min_attempts, max_bad_fraction: stop with `DatasetError` once at least `min_attempts` samples
+            were read and more than `max_bad_fraction` of them were bad.
+        max_warnings: warn about this many bad samples (per process), then count the rest silently.
+
+    `dataset[i]` is a `ProcessedSample` or None (a bad sample: skipped, counted, warned about);
+    `dataset.records[i]` its `Record` (id, type, task, answer, messages, media paths).
+    """
+
+    def __init__(self, path: str | os.PathLike, processor, root: str | os.PathLike | None = None, strict: bool = False,
+                 group_by_image: bool = False, *, max_group_size: int | None = None, num_frames: int | None = None,
+                 fps: float | None = None, min_attempts: int = 20, max_bad_fraction: float = 0.5,
+                 max_warnings: int = 20):
+        self.path = os.fspath(path)
+        self.root = os.path.dirname(os.path.abspath(self.path)) if root is None else os.fspath(root)
+        self.processor = processor
+        self.strict = strict
+        self.group_by_image = group_by_image
+        self.num_frames, self.fps = num_frames, fps
+        self.min_attempts, self.max_bad_fraction = min_attempts, max_bad_fraction
+        self.max_warnings = max_warnings
+        self.bad_counts: Counter = Counter()  # reason -> number of bad lines and samples (load time + reads)
+        self.num_attempted = 0  # dataset[i] calls in this process
+        self.num_bad = 0  # of those, the ones that returned None
+        self._warned = 0
+
+        self.format, records, bad = read_records(self.path, self.root)
+        for line, reason, message, sample_id in bad:
+            self.bad_counts[reason] += 1
+            named = f"sample {sample_id!r} (line {line})" if sample_id is not None else f"line {line}"
+            if strict:
+                raise DatasetError(f"{self.path}: {named}: {reason}: {message}")
+            self._warn(f"{self.path}: skipped {named}: {reason}: {message}")
+        self.num_bad_at_load = len(bad)
+        total = len(records) + len(bad)
+        if total == 0:
+            raise DatasetError(f"{self.path}: has no samples")
+        if not records:
+            raise DatasetError(f"{self.path}: none of its {total} records can be used ({_most_common(self.bad_counts)})")
+        if total >= min_attempts and len(bad) > max_bad_fraction * total:
+            raise DatasetError(f"{self.path}: {len(bad)} of its {total} records are malformed "
+                               f"({_most_common(self.bad_counts)}); is this the right file and format?")
+        self.source_records: list[Record] = records
+        self.records: list[Record] = group_records(records, max_group_size) if group_by_image else records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = self.records[index]
+        self.num_attempted += 1
+        try:
+            return self.processor(record.messages, record.images, record.videos, sample_id=record.id,
+                                  num_frames=self.num_frames, fps=self.fps)
+        except (VisionInputError, TokenizerError, OSError) as err:
+            error = err
+        reason = classify_error(error, record)
+        message = f"{self.path}: sample {record.id!r} (line {record.line}): {reason}: {error}"
+        if self.strict:
+            raise DatasetError(message) from error
+        self.num_bad += 1
+        self.bad_counts[reason] += 1
+        self._warn(message.replace(": sample", ": skipped sample", 1))
+        self._check_mostly_bad()
+        return None
+
+    def _warn(self, message: str) -> None:
+        self._warned += 1
+        if self._warned <= self.max_warnings:
+            warnings.warn(message, DatasetWarning, stacklevel=3)
+        elif self._warned == self.max_warnings + 1:
+            warnings.warn(f"{self.path}: more bad samples; they are counted in dataset.bad_counts without a warning "
+                          f"each", DatasetWarning, stacklevel=3)
+
+    def _check_mostly_bad(self) -> None:
+        if self.num_attempted >= self.min_attempts and self.num_bad > self.max_bad_fraction * self.num_attempted:
+            hint = ""
+            if self.bad_counts.most_common(1)[0][0] in (MISSING_IMAGE, MISSING_VIDEO):
+                hint = f"; media paths are read relative to root={self.root!r}: is that the right folder?"
+            raise DatasetError(f"{self.path}: {self.num_bad} of the {self.num_attempted} samples read so far were bad "
+                               f"(most common: {_most_common(self.bad_counts)}){hint}")
+
+    def summary(self) -> dict:
+        """Counts as a JSON-serialisable dict."""
+        return {"path": self.path, "format": self.format, "records": len(self.records),
+                "source_records": len(self.source_records), "bad_at_load": self.num_bad_at_load,
+                "attempted": self.num_attempted, "bad_reads": self.num_bad, "bad_counts": dict(self.bad_counts)}
+
+    def collate_fn(self, pack: bool = False, max_length: int | None = None) -> "Collator":
+        """A `Collator` for a `DataLoader` over this dataset (pad id from the processor's tokenizer)."""
+        return Collator(self.processor.tokenizer.pad_id, pack=pack, max_length=max_length)
+
+    def __repr__(self) -> str:
+        grouped = f", grouped from {len(self.source_records)}" if self.group_by_image else ""
+        return f"ConversationDataset({self.path!r}, {len(self)} samples{grouped}, format={self.format})"
+
+
+def classify_error(err: BaseException, record: Record) -> str:
+    """The bad-sample reason for an error raised while processing `record`."""
+    if isinstance(err, ImageTooLargeError):
+        return IMAGE_TOO_LARGE
+    if isinstance(err, ImageLoadError):
+        return MISSING_IMAGE if any(not os.path.isfile(p) for p in record.images) else UNREADABLE_IMAGE
+    if isinstance(err, VideoLoadError):
+        return MISSING_VIDEO if any(not os.path.isfile(p) for p in record.videos) else UNREADABLE_VIDEO
+    if isinstance(err, MediaCountMismatchError):
+        return MEDIA_COUNT_MISMATCH
+    if isinstance(err, NoSupervisedTokensError):
+        return NO_SUPERVISED_TOKENS
+    if isinstance(err, (ConversationFormatError, TokenizerError)):
+        return BAD_CONVERSATION
+    if isinstance(err, VisionInputError):
+        return UNREADABLE_IMAGE if record.images else UNREADABLE_VIDEO
+    return "unreadable file"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batching for a plain DataLoader
+
+
+@dataclass
+class CollatedBatch(Batch):
+    """A `Batch` that also says how many of the samples handed to the collator were dropped (None)."""
+
+    num_dropped: int = 0
+
+    def to(self, device) -> "CollatedBatch":
+        return CollatedBatch(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in vars(self).items()})
+
+
+def collate(samples: Sequence, pad_id: int, *, pack: bool = False, max_length: int | None = None,
+            padding_side: str = "right") -> CollatedBatch | None:
+    """Drop the `None`s (bad samples), then `pad_batch` (or `pack_batch` into rows of `max_length`).
+
+    Returns None when every sample was bad.
+    """
+    good = [s for s in samples if s is not None]
+    dropped = len(samples) - len(good)
+    if not good:
+        return None
+    if pack:
+        if max_length is None:
+            raise ValueError("collate: pack=True needs max_length (the tokens per packed row)")
+        batch = pack_batch(good, pad_id, max_length)
+    else:
+        batch = pad_batch(good, pad_id, padding_side=padding_side)
+    return CollatedBatch(**vars(batch), num_dropped=dropped)
+
+
+class Collator:
+    """A picklable `collate_fn`: `collate` with fixed settings, keeping running totals (in this process)."""
+
+    def __init__(self, pad_id: int, pack: bool = False, max_length: int | None = None, padding_side: str = "right"):
+        if pack and max_length is None:
+            raise ValueError("Collator: pack=True needs max_length (the tokens per packed row)")
+        self.pad_id, self.pack, self.max_length, self.padding_side = pad_id, pack, max_length, padding_side
+        self.total_dropped = 0
+        self.empty_batches = 0
+
+    def __call__(self, samples: Sequence) -> CollatedBatch | None:
+        batch = collate(samples, self.pad_id, pack=self.pack, max_length=self.max_length,
+                        padding_side=self.padding_side)
+        self.total_dropped += sum(s is None for s in samples)
+        self.empty_batches += batch is None
+        return batch

@@ -1,0 +1,350 @@
+"""ConversationDataset: JSONL and LLaVA files, paths, bad samples (skipped, counted, named), strict mode,
+early stop on mostly bad data, grouping questions per image, DataLoader batching, videos."""
+import json
+import os
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fusion
+from fusion.data.collate import Batch
+from fusion.data.datasets import CollatedBatch, Collator, ConversationDataset, DatasetWarning, collate, infer_task
+from fusion.errors import DatasetError, ImageLoadError
+from tokenizer import FusionTokenizer
+from vision import VisionEncoderConfig, write_video
+
+TEXTS = ["what color is the circle? red", "a blue square at the top left", "which way does it move? left",
+         "describe the image. a green triangle", "how many shapes are there? 2", "is there a star? no"] * 40
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return FusionTokenizer.train(TEXTS, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    decoder = fusion.DecoderConfig(vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                   head_dim=16, intermediate_size=64, num_experts=4, attention_chunk_size=16,
+                                   floor_scale=8, nope_interval=2, initializer_range=0.1)
+    config = fusion.FusionConfig(decoder=decoder, video=fusion.VideoSettings(num_frames=3),
+                                 vision=VisionEncoderConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2))
+    return fusion.FusionModel(config, tok).eval()
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """A folder with images/a.png .. c.png, a 4-frame video, a corrupt png and a corrupt mp4."""
+    root = tmp_path_factory.mktemp("media")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for name in "abc":
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / f"{name}.png")
+    (root / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"definitely not a png body" * 4)
+    (root / "videos").mkdir()
+    write_video(root / "videos" / "v.mp4", rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), fps=4)
+    (root / "videos" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(200))
+    return root
+
+
+def turns(*pairs):
+    out = []
+    for q, a in pairs:
+        out += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return out
+
+
+def sample(id, q, a, images=(), videos=(), **extra):
+    return {"id": id, "images": list(images), "videos": list(videos), "conversations": turns((q, a)), **extra}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def as_llava(row):
+    out = {"id": row["id"], "conversations": [{"from": {"user": "human", "assistant": "gpt"}[m["role"]],
+                                               "value": m["content"]} for m in row["conversations"]]}
+    if row["images"]:
+        out["image"] = row["images"][0] if len(row["images"]) == 1 else row["images"]
+    if row["videos"]:
+        out["video"] = row["videos"]
+    return out
+
+
+def same_sample(x, y):
+    assert x.sample_id == y.sample_id
+    assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels)
+    assert (x.pixel_values is None) == (y.pixel_values is None)
+    if x.pixel_values is not None:
+        assert torch.equal(x.pixel_values, y.pixel_values)
+
+
+def supervised_text(tok, s):
+    return tok.decode([t for t in s.labels.tolist() if t != -100])
+
+
+ROWS = [sample("q1", "<image>\nwhat color is the circle?", "red", ["images/a.png"], type="color", task="vqa"),
+        sample("q2", "how many shapes are there? <image>", "2", ["images/b.png"], type="count"),
+        sample("t1", "is there a star?", "no"),
+        sample("two", "<image> <image>\nsame?", "no", ["images/a.png", "images/c.png"])]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+def test_jsonl_and_llava_json_give_identical_samples(model, tok, media):
+    jsonl = write_jsonl(media / "data.jsonl", ROWS)
+    llava = media / "data_llava.json"
+    llava.write_text(json.dumps([as_llava(r) for r in ROWS], indent=1))
+    a, b = ConversationDataset(jsonl, model.processor), ConversationDataset(llava, model.processor)
+    assert (a.format, b.format) == ("jsonl", "json") and len(a) == len(b) == 4
+    for i in range(4):
+        same_sample(a[i], b[i])
+        assert a.records[i].messages == b.records[i].messages
+    assert a[0].pixel_values.shape == (1, 3, 32, 32) and a[3].pixel_values.shape == (2, 3, 32, 32)
+    assert supervised_text(tok, a[0]) == "red"
+    # the format comes from the content: JSON Lines in a .json file, a JSON list in a .jsonl file
+    swapped_jsonl = write_jsonl(media / "lines.json", ROWS)
+    swapped_list = media / "list.jsonl"
+    swapped_list.write_text(json.dumps([as_llava(r) for r in ROWS]))
+    assert ConversationDataset(swapped_jsonl, model.processor).format == "jsonl"
+    c = ConversationDataset(swapped_list, model.processor)
+    assert c.format == "json"
+    same_sample(c[1], a[1])
+
+
+def test_records_hold_metadata_without_decoding_media(model, media):
+    ds = ConversationDataset(write_jsonl(media / "meta.jsonl", ROWS + [
+        {"id": "multi", "images": [], "videos": ["videos/v.mp4"], "type": "direction",
+         "conversations": turns(("<video>\nwhich way?", "left"), ("and then?", "right"))},
+        sample("cap", "<image>\nDescribe the image.", "a red circle", ["images/a.png"], type="caption")]),
+        model.processor)
+    r = ds.records[0]
+    assert (r.id, r.type, r.task, r.answer, r.line) == ("q1", "color", "vqa", "red", 1)
+    assert r.images == [os.path.join(str(media), "images/a.png")] and r.videos == []
+    assert r.prompt == [{"role": "user", "content": "<image>\nwhat color is the circle?"}]
+    multi = ds.records[4]
+    assert multi.answer == "right" and [m["role"] for m in multi.prompt] == ["user", "assistant", "user"]
+    assert [infer_task(x) for x in ds.records] == ["vqa", "vqa", "text", "vqa", "video-qa", "caption"]
+    json.dumps([x.to_dict() for x in ds.records])  # JSON-serialisable
+
+
+def test_paths_are_relative_to_the_file_folder_or_root(model, media, tmp_path):
+    (tmp_path / "sub").mkdir()
+    rows = [sample("rel", "<image>\nwhat color?", "red", ["../media_link/a.png"])]
+    os.symlink(media / "images", tmp_path / "media_link")
+    by_file = ConversationDataset(write_jsonl(tmp_path / "sub" / "d.jsonl", rows), model.processor)
+    assert by_file[0] is not None
+    rows = [sample("rel", "<image>\nwhat color?", "red", ["images/a.png"]),
+            sample("abs", "<image>\nwhat color?", "red", [str(media / "images" / "b.png")])]
+    path = write_jsonl(tmp_path / "sub" / "d2.jsonl", rows)
+    with pytest.warns(DatasetWarning, match="rel.*missing image"):
+        assert ConversationDataset(path, model.processor)[0] is None  # images/ is not under sub/
+    ds = ConversationDataset(path, model.processor, root=media)
+    expected = model.processor.image_processor(str(media / "images" / "a.png"))[0]
+    assert torch.equal(ds[0].pixel_values, expected)
+    assert ds[1] is not None and ds.records[1].images == [str(media / "images" / "b.png")]  # absolute kept
+
+
+def test_text_only_samples(model, tok, media):
+    ds = ConversationDataset(write_jsonl(media / "text.jsonl", [ROWS[2]]), model.processor)
+    s = ds[0]
+    assert s.pixel_values is None and s.sample_id == "t1"
+    assert supervised_text(tok, s) == "no"
+    assert tok.patch_id not in s.input_ids.tolist()
+
+
+def test_video_samples_sample_frames(model, media):
+    row = sample("v1", "<video>\nwhich way does it move?", "left", videos=["videos/v.mp4"], task="video-qa")
+    ds = ConversationDataset(write_jsonl(media / "video.jsonl", [row]), model.processor)
+    s = ds[0]
+    assert s.pixel_values.shape == (3, 3, 32, 32)  # the model's num_frames=3, one tile per frame
+    assert s.frame_timestamps == [pytest.approx([0.0, 0.5, 0.75])]  # frames 0, 2, 3 of 4 at 4 fps
+    two = ConversationDataset(media / "video.jsonl", model.processor, num_frames=2)[0]
+    assert two.pixel_values.shape[0] == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad samples
+
+
+BAD_ROWS = [
+    sample("good", "<image>\nwhat color?", "red", ["images/a.png"]),
+    sample("no-file", "<image>\nwhat color?", "red", ["images/missing.png"]),
+    sample("corrupt", "<image>\nwhat color?", "red", ["images/broken.png"]),
+    sample("bad-video", "<video>\nwhich way?", "left", videos=["videos/broken.mp4"]),
+    '{"id": "cut", "images": ["images/a.png"], "conversations": [{"role": "us',
+    {"id": "no-answer", "images": [], "conversations": [{"role": "user", "content": "hello?"}]},
+    {"id": "no-conv", "images": ["images/a.png"]},
+    sample("markers", "<image> <image>\nsame?", "no", ["images/a.png"]),
+    sample("empty-answer", "what?", ""),
+    sample("good2", "is there a star?", "no"),
+]
+
+
+def test_bad_samples_are_skipped_counted_and_named(model, media):
+    path = write_jsonl(media / "bad.jsonl", BAD_ROWS)
+    with pytest.warns(DatasetWarning) as load_warnings:
+        ds = ConversationDataset(path, model.processor)
+    load_messages = [str(w.message) for w in load_warnings]
+    assert any("line 5" in m and "malformed json" in m and str(path) in m for m in load_messages)
+    assert any("'no-answer'" in m and "line 6" in m and "no assistant turn" in m for m in load_messages)
+    assert any("'no-conv'" in m and "line 7" in m and "missing field" in m for m in load_messages)
+    assert ds.num_bad_at_load == 3 and len(ds) == 7
+    assert [r.id for r in ds.records] == ["good", "no-file", "corrupt", "bad-video", "markers", "empty-answer", "good2"]
+
+    expected = {"no-file": "missing image", "corrupt": "unreadable image", "bad-video": "unreadable video",
+                "markers": "media count mismatch", "empty-answer": "no supervised tokens"}
+    for i, record in enumerate(ds.records):
+        if record.id in expected:
+            with pytest.warns(DatasetWarning) as caught:
+                assert ds[i] is None
+            message = str(caught[0].message)
+            assert f"'{record.id}'" in message and str(path) in message and expected[record.id] in message
+            assert f"line {record.line}" in message
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert ds[i] is not None
+    assert ds.bad_counts == {"malformed json": 1, "no assistant turn": 1, "missing field": 1, "missing image": 1,
+                             "unreadable image": 1, "unreadable video": 1, "media count mismatch": 1,
+                             "no supervised tokens": 1}
+    assert (ds.num_attempted, ds.num_bad) == (7, 5)
+    assert ds.summary()["bad_counts"] == dict(ds.bad_counts)
+
+
+def test_strict_mode_raises_dataset_error_naming_the_sample(model, media):
+    with pytest.raises(DatasetError, match="line 5.*malformed json"):
+        ConversationDataset(write_jsonl(media / "strict.jsonl", BAD_ROWS), model.processor, strict=True)
+    ds = ConversationDataset(write_jsonl(media / "strict2.jsonl", BAD_ROWS[:3]), model.processor, strict=True)
+    assert ds[0] is not None
+    with pytest.raises(DatasetError, match="'no-file'.*missing image") as info:
+        ds[1]
+    assert isinstance(info.value.__cause__, ImageLoadError)
+    assert "strict2.jsonl" in str(info.value)
+
+
+def test_mostly_bad_data_stops_early(model, media):
+    rows = [sample(f"m{i}", "<image>\nwhat color?", "red", [f"images/{'a' if i % 4 == 0 else 'nope'}.png"])
+            for i in range(40)]
+    ds = ConversationDataset(write_jsonl(media / "mostly_bad.jsonl", rows), model.processor, max_warnings=3)
+    seen = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(DatasetError) as info:
+            for i in range(len(ds)):
+                ds[i]
+                seen += 1
+    assert seen == 19  # the 20th read is the first check: 15 of 20 bad
+    message = str(info.value)
+    assert "15 of the 20" in message and "missing image x15" in message and "root=" in message
+    assert len(caught) == 4  # max_warnings, then one "more bad samples" notice
+    # at load time: most lines malformed
+    lines = ["{not json"] * 15 + [json.dumps(r) for r in rows[:10]]
+    with pytest.raises(DatasetError, match="15 of its 25 records are malformed"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ConversationDataset(write_jsonl(media / "malformed.jsonl", lines), model.processor)
+    with pytest.raises(DatasetError, match="none of its 2 records"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ConversationDataset(write_jsonl(media / "allbad.jsonl", ["{", "]"]), model.processor)
+    (media / "empty.jsonl").write_text("\n")
+    with pytest.raises(DatasetError, match="no samples"):
+        ConversationDataset(media / "empty.jsonl", model.processor)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Grouping questions per image
+
+
+def test_group_by_image_merges_consecutive_questions(model, tok, media):
+    rows = [sample("a0", "<image>\nwhat color is the circle?", "red", ["images/a.png"], type="color"),
+            sample("a1", "how many shapes are there?<image>", "2", ["images/a.png"], type="count"),  # marker anywhere
+            sample("a2", "<image>\nis there a star?", "no", ["images/a.png"], type="existence"),
+            sample("b0", "<image>\nwhat color is the circle?", "blue", ["images/b.png"]),
+            sample("t0", "is there a star?", "no"),
+            sample("a3", "<image>\nwhat color is the circle?", "green", ["images/a.png"])]  # not consecutive
+    path = write_jsonl(media / "group.jsonl", rows)
+    flat = ConversationDataset(path, model.processor)
+    grouped = ConversationDataset(path, model.processor, group_by_image=True)
+    assert len(flat) == 6 and len(grouped) == 4
+    assert [r.members for r in grouped.records] == [("a0", "a1", "a2"), (), (), ()]
+    merged = grouped.records[0]
+    assert [m["role"] for m in merged.messages] == ["user", "assistant"] * 3
+    assert [m["content"].count("<image>") for m in merged.messages] == [1, 0, 0, 0, 0, 0]
+    assert merged.messages[2]["content"] == "how many shapes are there?"
+    assert merged.answer == "no" and merged.id == "a0"
+
+    s = grouped[0]
+    assert s.pixel_values.shape[0] == 1  # the image is encoded once
+    assert torch.equal(s.pixel_values, flat[0].pixel_values)
+    assert s.input_ids.tolist().count(tok.image_start_id) == 1
+    assert supervised_text(tok, s) == "red2no"  # every answer is supervised (with its <|eot|>, not shown)
+    assert int((s.labels == tok.eot_id).sum()) == 3
+    for i in (1, 2, 3):
+        same_sample(grouped[i], flat[{1: 3, 2: 4, 3: 5}[i]])
+    assert len(ConversationDataset(path, model.processor, group_by_image=True, max_group_size=2)) == 5
+
+
+def test_group_by_image_keeps_apart_what_cannot_share_a_conversation(model, media):
+    system = {"role": "system", "content": "answer briefly"}
+    rows = [{"id": "s0", "images": ["images/a.png"], "conversations": [system] + turns(("<image>\ncolor?", "red"))},
+            {"id": "s1", "images": ["images/a.png"], "conversations": [system] + turns(("<image>\ncount?", "1"))},
+            {"id": "s2", "images": ["images/a.png"],
+             "conversations": [{"role": "system", "content": "other"}] + turns(("<image>\nshape?", "circle"))},
+            sample("two", "<image><image> same?", "yes", ["images/a.png", "images/a.png"]),
+            sample("vid", "<video> <image>", "x", ["images/a.png"], ["videos/v.mp4"])]
+    ds = ConversationDataset(write_jsonl(media / "group2.jsonl", rows), model.processor, group_by_image=True)
+    assert [r.members for r in ds.records] == [("s0", "s1"), (), (), ()]
+    assert [m["role"] for m in ds.records[0].messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert ds[0] is not None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batching
+
+
+def test_dataloader_with_the_collate_helper(model, tok, media):
+    rows = [sample(f"g{i}", "<image>\nwhat color is the circle?", "red", [f"images/{'abc'[i % 3]}.png"])
+            for i in range(5)]
+    rows[2] = sample("gone", "<image>\nwhat color?", "red", ["images/missing.png"])
+    ds = ConversationDataset(write_jsonl(media / "loader.jsonl", rows), model.processor)
+    collate_fn = ds.collate_fn()
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, shuffle=False, num_workers=0, collate_fn=collate_fn)
+    with pytest.warns(DatasetWarning, match="gone"):
+        batches = list(loader)
+    assert [type(b) for b in batches] == [CollatedBatch, CollatedBatch] and isinstance(batches[0], Batch)
+    assert [b.num_dropped for b in batches] == [1, 0] and collate_fn.total_dropped == 1
+    assert batches[0].sample_ids == ["g0", "g1"] and batches[1].sample_ids == ["g3", "g4"]
+    assert batches[0].pixel_values.shape == (2, 3, 32, 32) and batches[0].input_ids.shape[0] == 2
+    moved = batches[0].to("cpu")
+    assert isinstance(moved, CollatedBatch) and moved.num_dropped == 1
+    with torch.no_grad():
+        loss = model(**batches[0].model_inputs()).loss
+    assert torch.isfinite(loss)
+
+    packed = collate([ds[0], None, ds[1]], tok.pad_id, pack=True, max_length=1000)
+    assert packed.input_ids.shape[0] == 1 and packed.segment_ids is not None and packed.num_dropped == 1
+    assert collate([None, None], tok.pad_id) is None
+    with pytest.raises(ValueError, match="max_length"):
+        Collator(tok.pad_id, pack=True)
+
+
+def test_dataset_and_collator_pickle_for_workers(model, media):
+    ds = ConversationDataset(write_jsonl(media / "pickle.jsonl", ROWS + [
+        sample("v1", "<video>\nwhich way?", "left", videos=["videos/v.mp4"])]), model.processor)
+    ds[4]  # reading a video leaves no reader behind
+    copy = pickle.loads(pickle.dumps(ds))
+    for i in range(len(ds)):
+        same_sample(copy[i], ds[i])
+    collator = pickle.loads(pickle.dumps(ds.collate_fn(pack=True, max_length=512)))
+    assert collator.pack and collator.max_length == 512
