@@ -338,7 +338,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.format, records, bad = read_records(self.path, self.root)
         for line, reason, message, sample_id in bad:
             self.bad_counts[reason] += 1
-            named = f"sample {sample_id!r} (line {line})" if sample_id is not None else f"line {line}"
+            named = f"sample {sample_id!r} ({self.where(line)})" if sample_id is not None else self.where(line)
             if strict:
                 raise DatasetError(f"{self.path}: {named}: {reason}: {message}")
             self._warn(f"{self.path}: skipped {named}: {reason}: {message}")
@@ -366,7 +366,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         except (VisionInputError, TokenizerError, OSError) as err:
             error = err
         reason = classify_error(error, record)
-        message = f"{self.path}: sample {record.id!r} (line {record.line}): {reason}: {error}"
+        message = f"{self.path}: sample {record.id!r} ({self.where(record.line)}): {reason}: {error}"
         if self.strict:
             raise DatasetError(message) from error
         self.num_bad += 1
@@ -374,6 +374,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         self._warn(message.replace(": sample", ": skipped sample", 1))
         self._check_mostly_bad()
         return None
+
+    def where(self, line: int) -> str:
+        """"line N" of a JSONL file, "item N" of a JSON list (1-based)."""
+        return f"line {line}" if self.format == "jsonl" else f"item {line}"
 
     def _warn(self, message: str) -> None:
         self._warned += 1

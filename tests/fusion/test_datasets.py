@@ -348,3 +348,19 @@ def test_dataset_and_collator_pickle_for_workers(model, media):
         same_sample(copy[i], ds[i])
     collator = pickle.loads(pickle.dumps(ds.collate_fn(pack=True, max_length=512)))
     assert collator.pack and collator.max_length == 512
+
+
+def test_llava_list_items_are_named_by_position(model, media):
+    path = media / "bad_llava.json"
+    path.write_text(json.dumps([as_llava(ROWS[0]), {"id": "empty", "image": "images/a.png"},
+                                {"id": "who", "conversations": [{"from": "narrator", "value": "hi"}]},
+                                as_llava(ROWS[2])]))
+    with pytest.warns(DatasetWarning) as caught:
+        ds = ConversationDataset(path, model.processor)
+    messages = [str(w.message) for w in caught]
+    assert any("'empty' (item 2): missing field" in m for m in messages)
+    assert any("'who' (item 3): bad conversation" in m and "narrator" in m for m in messages)
+    assert [r.id for r in ds.records] == ["q1", "t1"] and ds.records[1].line == 4
+    path.write_text('[{"id": "x", ')
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        ConversationDataset(path, model.processor)

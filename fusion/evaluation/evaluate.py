@@ -1,0 +1,299 @@
+"""Evaluate a fusion model on a dataset file (JSONL or LLaVA JSON, see `fusion.data.datasets`).
+
+Each sample's conversation, up to (not including) its last assistant turn, is answered greedily by
+`model.chat`; the answer is compared with that last assistant turn:
+
+- "vqa", "video-qa", "text" (and any other task name): normalised exact match
+  (`fusion.evaluation.metrics.answer_is_correct`), overall and per question type.
+- "caption": corpus BLEU-4 and CIDEr-D. One caption is generated per image (or video), and its
+  references are all the captions the file has for that image; "count" is the number of images
+  captioned, "samples" the number of caption samples.
+
+A sample with no "task" gets one inferred (`fusion.data.datasets.infer_task`). Bad samples (a
+malformed line, a missing image, ...) are skipped and counted per reason, as by the dataset; an
+evaluation where most samples are bad stops with `DatasetError`.
+
+    results = evaluate(model, "data/test.jsonl", limit=500)
+    results["tasks"]["vqa"]["accuracy"], results["tasks"]["vqa"]["by_type"]["color"]
+    results["tasks"]["caption"]["bleu4"], results["tasks"]["caption"]["cider"]
+    results["counts"]["skipped_by_reason"]
+
+Command line (wired as `fusion eval`): ``fusion eval MODEL_DIR DATA.jsonl [--root R] [--out results.json]
+[--batch-size N] [--limit N] [--max-new-tokens N]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from tokenizer.errors import TokenizerError
+from vision.errors import VisionInputError
+
+from ..data.datasets import ConversationDataset, DatasetWarning, Record, classify_error
+from ..errors import CheckpointError, DatasetError
+from .metrics import accuracy_by_type, answer_is_correct, bleu4, cider_d
+
+__all__ = ["evaluate", "add_eval_arguments", "run_eval", "format_results"]
+
+CAPTION = "caption"
+# errors that make one sample unusable (its media or its conversation); anything else is a bug and raises
+_SAMPLE_ERRORS = (VisionInputError, TokenizerError, OSError)
+
+
+@dataclass
+class _Item:
+    """One generation: a record, or for captions every record of one image (the first one's prompt)."""
+
+    index: int  # position of its first record, to report predictions in file order
+    task: str
+    records: list[Record]
+    references: list[str] = field(default_factory=list)
+    prediction: str | None = None
+
+    @property
+    def first(self) -> Record:
+        return self.records[0]
+
+
+def _caption_key(record: Record):
+    if record.images or record.videos:
+        return ("media", tuple(record.images), tuple(record.videos))
+    return ("text", json.dumps(record.prompt, sort_keys=True))
+
+
+def _items(records: list[Record]) -> list[_Item]:
+    items: list[_Item] = []
+    captions: dict[tuple, _Item] = {}
+    for index, record in enumerate(records):
+        task = record.inferred_task
+        if task == CAPTION:
+            key = _caption_key(record)
+            if key in captions:
+                captions[key].records.append(record)
+                captions[key].references.append(record.answer)
+                continue
+            item = captions[key] = _Item(index, task, [record], [record.answer])
+        else:
+            item = _Item(index, task, [record], [record.answer])
+        items.append(item)
+    return items
+
+
+def _default_max_new_tokens(tokenizer, items: list[_Item]) -> int:
+    """Room for the longest reference of the batch, plus 8 tokens; at least 16."""
+    longest = max(len(tokenizer.encode(r)) for it in items for r in it.references)
+    return max(16, longest + 8)
+
+
+def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_tokens: int | None = None,
+             limit: int | None = None, progress: bool = True, return_predictions: bool = False,
+             num_frames: int | None = None, fps: float | None = None, min_attempts: int = 20,
+             max_bad_fraction: float = 0.5) -> dict:
+    """Greedy answers of `model` on the samples of `dataset_path`, scored per task (see the module docstring).
+
+    Args:
+        model: a `fusion.FusionModel` (put in eval mode for the run, its modes restored afterwards).
+        dataset_path: a JSONL or LLaVA JSON file; media paths relative to `root` (default: its folder).
+        batch_size: conversations per `model.chat` call (samples of one task per batch).
+        max_new_tokens: the generation limit; None: per batch, the longest reference in tokens + 8 (>= 16).
+        limit: evaluate only the first `limit` usable samples of the file.
+        return_predictions: add `"predictions"`: one entry per generation, in file order.
+        num_frames, fps: video frame sampling (None: the model's settings).
+
+    Returns a JSON-serialisable dict: `tasks` (per task: count, accuracy, correct, by_type, count_by_type;
+    for "caption": count, samples, bleu4, cider), `counts` (records, evaluated, skipped, skipped_by_reason,
+    by_task), `settings`, `time_s` and, when asked, `predictions`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"evaluate: limit must be >= 0 or None, got {limit}")
+    start = time.perf_counter()
+    dataset = ConversationDataset(dataset_path, model.processor, root=root, min_attempts=min_attempts,
+                                  max_bad_fraction=max_bad_fraction)
+    records = dataset.records if limit is None else dataset.records[:limit]
+    items = _items(records)
+    skipped = Counter(dataset.bad_counts)  # load-time problems (the whole file)
+    attempted = bad = warned = 0
+
+    def skip(item: _Item, error: BaseException):
+        nonlocal bad, warned
+        reason = classify_error(error, item.first)
+        skipped[reason] += len(item.records)
+        bad += 1
+        warned += 1
+        if warned <= 20:
+            warnings.warn(f"{dataset.path}: skipped sample {item.first.id!r} ({dataset.where(item.first.line)}): {reason}: "
+                          f"{error}", DatasetWarning, stacklevel=3)
+
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    tokenizer = model.processor.tokenizer
+    per_task: dict[str, list[_Item]] = defaultdict(list)
+    for it in items:
+        per_task[it.task].append(it)
+    # one task per batch: similar prompts and answer lengths
+    batches = [group[b:b + batch_size] for group in per_task.values() for b in range(0, len(group), batch_size)]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(items), desc="eval", unit="sample", file=sys.stderr, disable=not progress)
+    try:
+        for batch in batches:
+            _answer(model, tokenizer, batch, max_new_tokens, num_frames, fps, skip)
+            attempted += len(batch)
+            bar.update(len(batch))
+            if attempted >= min_attempts and bad > max_bad_fraction * attempted:
+                raise DatasetError(f"{dataset.path}: {bad} of the {attempted} samples evaluated so far were bad "
+                                   f"(most common: {', '.join(f'{r} x{n}' for r, n in skipped.most_common(3))}); "
+                                   f"media paths are read relative to root={dataset.root!r}")
+    finally:
+        bar.close()
+        for module, training in modes:
+            module.train(training)
+
+    done = [it for it in items if it.prediction is not None]
+    results = {"dataset": dataset.path, "format": dataset.format, "tasks": _scores(done),
+               "counts": {"records": len(dataset.source_records) + dataset.num_bad_at_load,
+                          "considered": len(records),
+                          "evaluated": sum(len(it.records) for it in done),
+                          "skipped": sum(skipped.values()),
+                          "skipped_by_reason": dict(skipped.most_common()),
+                          "by_task": dict(sorted(Counter(it.task for it in done for _ in it.records).items()))},
+               "settings": {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "limit": limit,
+                            "num_frames": num_frames, "fps": fps},
+               "time_s": round(time.perf_counter() - start, 3)}
+    if return_predictions:
+        results["predictions"] = [_prediction(it) for it in sorted(done, key=lambda it: it.index)]
+    return results
+
+
+def _answer(model, tokenizer, batch: list[_Item], max_new_tokens, num_frames, fps, skip) -> None:
+    """Fill `prediction` for the items of `batch`; on a bad sample, retry one by one to find and skip it."""
+    limit = max_new_tokens or _default_max_new_tokens(tokenizer, batch)
+
+    def chat(items):
+        return model.chat([it.first.prompt for it in items], [it.first.images for it in items],
+                          [it.first.videos for it in items], max_new_tokens=limit, num_frames=num_frames, fps=fps,
+                          do_sample=False)
+
+    try:
+        outputs = chat(batch)
+    except _SAMPLE_ERRORS:
+        outputs = None
+    if outputs is not None:
+        for it, out in zip(batch, outputs):
+            it.prediction = out["text"]
+        return
+    for it in batch:
+        try:
+            it.prediction = chat([it])[0]["text"]
+        except _SAMPLE_ERRORS as err:
+            skip(it, err)
+
+
+def _scores(items: list[_Item]) -> dict:
+    by_task: dict[str, list[_Item]] = defaultdict(list)
+    for it in items:
+        by_task[it.task].append(it)
+    scores = {}
+    for task in sorted(by_task):
+        group = by_task[task]
+        predictions = [it.prediction for it in group]
+        references = [it.references for it in group]
+        if task == CAPTION:
+            scores[task] = {"count": len(group), "samples": sum(len(it.records) for it in group),
+                            "bleu4": bleu4(predictions, references), "cider": cider_d(predictions, references)}
+            continue
+        types = [it.first.type or "unknown" for it in group]
+        correct = sum(answer_is_correct(p, r) for p, r in zip(predictions, references))
+        scores[task] = {"count": len(group), "correct": correct, "accuracy": correct / len(group),
+                        "by_type": accuracy_by_type(predictions, references, types),
+                        "count_by_type": dict(sorted(Counter(types).items()))}
+    return scores
+
+
+def _prediction(item: _Item) -> dict:
+    entry = {"id": item.first.id, "task": item.task, "type": item.first.type, "prediction": item.prediction,
+             "references": item.references, "images": item.first.images, "videos": item.first.videos}
+    if item.task == CAPTION:
+        entry["ids"] = [r.id for r in item.records]
+    else:
+        entry["correct"] = answer_is_correct(item.prediction, item.references)
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+
+def format_results(results: dict) -> str:
+    """A short plain-text table of `evaluate` results."""
+    lines = [f"{'task':<10} {'count':>7}  metrics"]
+    for task, r in results["tasks"].items():
+        if task == CAPTION:
+            metrics = f"bleu4 {r['bleu4']:.4f}  cider {r['cider']:.4f}  ({r['samples']} captions)"
+        else:
+            per_type = ", ".join(f"{t} {v:.3f}" for t, v in r["by_type"].items())
+            metrics = f"accuracy {r['accuracy']:.4f}  ({per_type})"
+        lines.append(f"{task:<10} {r['count']:>7}  {metrics}")
+    counts = results["counts"]
+    if counts["skipped"]:
+        reasons = ", ".join(f"{k} x{v}" for k, v in counts["skipped_by_reason"].items())
+        lines.append(f"skipped {counts['skipped']}: {reasons}")
+    lines.append(f"evaluated {counts['evaluated']} of {counts['records']} records in {results['time_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of `fusion eval MODEL_DIR DATA [options]`."""
+    parser.add_argument("model", help="a model folder (written by save_pretrained or by training)")
+    parser.add_argument("data", help="the dataset file: JSONL or LLaVA-style JSON")
+    parser.add_argument("--root", default=None, help="folder that media paths are relative to (default: the data "
+                                                     "file's folder)")
+    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--batch-size", type=int, default=16, help="conversations per generation batch (default 16)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="generation limit (default: the longest reference of a batch + 8 tokens, at least 16)")
+    parser.add_argument("--num-frames", type=int, default=None, help="frames per video (default: the model's)")
+    parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--predictions", action="store_true", help="include every prediction in the JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`fusion eval`: load the model folder, evaluate, print a table, write JSON (`--out`). Returns the exit code."""
+    import torch
+
+    from ..model import FusionModel
+
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = FusionModel.from_pretrained(args.model, device=device)
+        results = evaluate(model, args.data, root=args.root, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, limit=args.limit,
+                           progress=not getattr(args, "no_progress", False),
+                           return_predictions=getattr(args, "predictions", False),
+                           num_frames=getattr(args, "num_frames", None))
+    except (DatasetError, CheckpointError) as err:
+        print(f"fusion eval: {err}", file=sys.stderr)
+        return 1
+    results = {"model": os.fspath(args.model), **results}
+    print(format_results(results))
+    if args.out:
+        out = os.fspath(args.out)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        tmp = f"{out}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, out)
+        print(f"results written to {out}")
+    return 0

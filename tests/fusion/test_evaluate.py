@@ -1,0 +1,230 @@
+"""evaluate(): prompts, batching, per-task scores (checked against fusion.evaluation.metrics), inferred tasks,
+bad samples, and the `fusion eval` entry (run_eval) on a saved tiny model."""
+import argparse
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fusion
+from fusion.data.datasets import DatasetWarning
+from fusion.errors import DatasetError
+from fusion.evaluation import metrics
+from fusion.evaluation.evaluate import add_eval_arguments, evaluate, format_results, run_eval
+from tokenizer import FusionTokenizer
+from vision import VisionEncoderConfig, write_video
+
+TEXTS = ["what color is the circle? red", "a blue square at the top left", "which way does it move? left",
+         "describe the image. a green triangle", "how many shapes are there? 2", "is there a star? no"] * 40
+
+
+@pytest.fixture(scope="module")
+def model():
+    tok = FusionTokenizer.train(TEXTS, vocab_size=300)
+    torch.manual_seed(0)
+    decoder = fusion.DecoderConfig(vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                   head_dim=16, intermediate_size=64, num_experts=4, attention_chunk_size=16,
+                                   floor_scale=8, nope_interval=2, initializer_range=0.1)
+    config = fusion.FusionConfig(decoder=decoder, video=fusion.VideoSettings(num_frames=2),
+                                 vision=VisionEncoderConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2))
+    return fusion.FusionModel(config, tok).eval()
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_media")
+    rng = np.random.default_rng(1)
+    for name in "abc":
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"{name}.png")
+    write_video(root / "v.mp4", rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), fps=4)
+    return root
+
+
+def row(id, question, answer, images=(), videos=(), **extra):
+    return {"id": id, "images": list(images), "videos": list(videos), **extra,
+            "conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+# question -> (the model's answer, the reference)
+QA = {
+    "v1": ("<image>\nwhat color is shape one?", "The Red.", "red"),
+    "v2": ("<image>\nwhat color is shape two?", "green", "blue"),
+    "v3": ("<image>\nhow many shapes are there?", "two", "2"),
+    "v4": ("<image>\nhow many circles are there?", "3", "3"),
+    "d1": ("<video>\nwhich way does it move?", "left", "left"),
+    "d2": ("<video>\nwhich way does the square move?", "up", "right"),
+    "t1": ("the red circle is alone.\nis there a star?", "No", "no"),
+}
+CAPTIONS = {"a": "a red circle at the top left", "b": "a blue square at the center",
+            "c": "a green triangle and a red circle"}
+PREDICTED_CAPTIONS = {"a.png": "a red circle at the top", "b.png": "a blue square in the center",
+                      "c.png": "a green triangle"}
+
+
+def eval_rows():
+    rows = [row("v1", QA["v1"][0], "red", ["a.png"], type="color", task="vqa"),
+            row("v2", QA["v2"][0], "blue", ["b.png"], type="color", task="vqa"),
+            row("v3", QA["v3"][0], "2", ["c.png"], type="count", task="vqa"),
+            row("v4", QA["v4"][0], "3", ["a.png"], type="count"),  # task inferred: vqa
+            row("c1", "<image>\nDescribe the image.", CAPTIONS["a"], ["a.png"], type="caption", task="caption"),
+            row("d1", QA["d1"][0], "left", videos=["v.mp4"], type="direction", task="video-qa"),
+            row("gone", "<image>\nwhat color is the lost one?", "red", ["lost.png"], type="color", task="vqa"),
+            row("d2", QA["d2"][0], "right", videos=["v.mp4"], type="direction"),  # inferred: video-qa
+            row("c3", "<image>\nDescribe the image.", CAPTIONS["b"], ["b.png"], type="caption"),  # inferred: caption
+            '{"id": "broken", "conversations": [',
+            row("c2", "<image>\nDescribe it briefly.", "a red circle in the top left corner", ["a.png"],
+                type="caption", task="caption"),  # a second reference for a.png
+            row("t1", QA["t1"][0], "no", type="existence"),  # inferred: text
+            {"id": "m1", "images": ["a.png"], "type": "shape", "task": "vqa", "conversations": [
+                {"role": "user", "content": "<image>\nwhat color is it?"}, {"role": "assistant", "content": "red"},
+                {"role": "user", "content": "what shape is it?"}, {"role": "assistant", "content": "circle"}]},
+            row("c4", "<image>\nDescribe the image.", CAPTIONS["c"], ["c.png"], type="caption", task="caption")]
+    return rows
+
+
+@pytest.fixture
+def controlled(model, monkeypatch):
+    """Replace model.chat: it still preprocesses every conversation (so bad media raise as they would), then
+    answers from the tables above. Returns the list of calls."""
+    calls = []
+    answers = {q: a for q, a, _ in QA.values()}
+    answers["what shape is it?"] = "circle"
+
+    def chat(conversations, images=None, videos=None, *, max_new_tokens=32, num_frames=None, fps=None, **kwargs):
+        calls.append({"prompts": conversations, "images": images, "videos": videos, "training": model.training,
+                      "max_new_tokens": max_new_tokens, "kwargs": kwargs})
+        for c, im, vi in zip(conversations, images, videos):
+            model.processor(c, im, vi, add_generation_prompt=True, num_frames=num_frames, fps=fps)
+        outs = []
+        for c, im in zip(conversations, images):
+            question = c[-1]["content"]
+            text = PREDICTED_CAPTIONS[im[0].rsplit("/", 1)[-1]] if "Describe" in question else answers[question]
+            outs.append({"text": text, "tokens": [], "logprob": 0.0})
+        return outs
+
+    monkeypatch.setattr(model, "chat", chat)
+    return calls
+
+
+def test_scores_per_task_and_type(model, media, controlled):
+    path = write_jsonl(media / "eval.jsonl", eval_rows())
+    model.train()
+    with pytest.warns(DatasetWarning) as caught:
+        results = evaluate(model, path, batch_size=2, progress=False, return_predictions=True)
+    assert model.training and model.vision.training  # restored as it was
+    model.eval()
+    assert all(not call["training"] for call in controlled)  # generation ran in eval mode
+    messages = [str(w.message) for w in caught]
+    assert any("'gone'" in m and "missing image" in m and "eval.jsonl" in m for m in messages)
+    assert any("line 10" in m and "malformed json" in m for m in messages)
+
+    tasks = results["tasks"]
+    assert set(tasks) == {"vqa", "video-qa", "caption", "text"}
+    vqa = tasks["vqa"]
+    assert (vqa["count"], vqa["correct"], vqa["accuracy"]) == (5, 4, 0.8)
+    assert vqa["by_type"] == {"color": 0.5, "count": 1.0, "shape": 1.0}
+    assert vqa["count_by_type"] == {"color": 2, "count": 2, "shape": 1}
+    assert vqa["by_type"] == metrics.accuracy_by_type(["The Red.", "green", "two", "3", "circle"],
+                                                      ["red", "blue", "2", "3", "circle"],
+                                                      ["color", "color", "count", "count", "shape"])
+    assert tasks["video-qa"] == {"count": 2, "correct": 1, "accuracy": 0.5, "by_type": {"direction": 0.5},
+                                 "count_by_type": {"direction": 2}}
+    assert tasks["text"]["accuracy"] == 1.0 and tasks["text"]["by_type"] == {"existence": 1.0}
+
+    # one caption per image; a.png has both its references
+    candidates = [PREDICTED_CAPTIONS[n] for n in ("a.png", "b.png", "c.png")]
+    references = [[CAPTIONS["a"], "a red circle in the top left corner"], [CAPTIONS["b"]], [CAPTIONS["c"]]]
+    caption = tasks["caption"]
+    assert (caption["count"], caption["samples"]) == (3, 4)
+    assert caption["bleu4"] == pytest.approx(metrics.bleu4(candidates, references))
+    assert caption["cider"] == pytest.approx(metrics.cider_d(candidates, references))
+    assert caption["bleu4"] > 0 and caption["cider"] > 0
+
+    counts = results["counts"]
+    assert counts["records"] == 14 and counts["considered"] == 13 and counts["evaluated"] == 12
+    assert counts["skipped"] == 2 and counts["skipped_by_reason"] == {"malformed json": 1, "missing image": 1}
+    assert counts["by_task"] == {"caption": 4, "text": 1, "video-qa": 2, "vqa": 5}
+
+    # what the model was asked: the conversation before its last answer, greedy, batches of one task, <= 2
+    prompts = [p for call in controlled for p in call["prompts"]]
+    multi = next(p for p in prompts if p[-1]["content"] == "what shape is it?")
+    assert [m["role"] for m in multi] == ["user", "assistant", "user"]
+    assert all(p[-1]["role"] == "user" for p in prompts)
+    assert all(call["kwargs"].get("do_sample") is False and len(call["prompts"]) <= 2 for call in controlled)
+    for call in controlled:
+        kinds = {("caption" if "Describe" in p[-1]["content"] else "video" if v else "other")
+                 for p, v in zip(call["prompts"], call["videos"])}
+        assert len(kinds) == 1
+    assert sum("Describe the image." in p[-1]["content"] or "Describe it" in p[-1]["content"] for p in prompts) == 3
+    longest_caption = max(len(model.tokenizer.encode(c)) for c in CAPTIONS.values())
+    assert all(call["max_new_tokens"] >= 16 for call in controlled)
+    assert max(call["max_new_tokens"] for call in controlled) >= longest_caption + 8
+
+    predictions = results["predictions"]
+    assert [p["id"] for p in predictions] == ["v1", "v2", "v3", "v4", "c1", "d1", "d2", "c3", "t1", "m1", "c4"]
+    first = predictions[0]
+    assert first["prediction"] == "The Red." and first["references"] == ["red"] and first["correct"] is True
+    assert first["images"][0].endswith("a.png") and first["task"] == "vqa" and first["type"] == "color"
+    c1 = predictions[4]
+    assert c1["ids"] == ["c1", "c2"] and len(c1["references"]) == 2 and "correct" not in c1
+    json.dumps(results)  # JSON-serialisable
+    table = format_results(results)
+    assert "accuracy 0.8000" in table and "skipped 2" in table and "bleu4" in table
+
+
+def test_limit_and_max_new_tokens(model, media, controlled):
+    path = write_jsonl(media / "eval_limit.jsonl", [r for r in eval_rows() if isinstance(r, dict)])
+    results = evaluate(model, path, batch_size=16, limit=3, max_new_tokens=5, progress=False)
+    assert results["counts"]["considered"] == 3 and results["counts"]["evaluated"] == 3
+    assert results["tasks"]["vqa"]["count"] == 3 and set(results["tasks"]) == {"vqa"}
+    assert [call["max_new_tokens"] for call in controlled] == [5]
+    assert "predictions" not in results
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(model, path, batch_size=0, progress=False)
+
+
+def test_mostly_bad_evaluation_stops(model, media, controlled):
+    rows = [row(f"x{i}", "<image>\nwhat color is shape one?", "red", [f"{'a' if i % 5 == 0 else 'nothere'}.png"],
+                task="vqa") for i in range(30)]
+    path = write_jsonl(media / "eval_bad.jsonl", rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DatasetWarning)
+        with pytest.raises(DatasetError, match="16 of the 20 samples evaluated so far were bad.*missing image x16"):
+            evaluate(model, path, batch_size=10, progress=False)
+
+
+def test_run_eval_writes_json_for_a_saved_model(model, media, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    rows = [row("q1", "<image>\nwhat color is the circle?", "red", ["a.png"], type="color", task="vqa"),
+            row("q2", "<image>\nhow many shapes are there?", "2", ["b.png"], type="count", task="vqa"),
+            row("cap", "<image>\nDescribe the image.", CAPTIONS["c"], ["c.png"], type="caption", task="caption"),
+            row("vid", "<video>\nwhich way does it move?", "left", videos=["v.mp4"], type="direction")]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)  # media are elsewhere: --root
+    parser = add_eval_arguments(argparse.ArgumentParser(prog="fusion eval"))
+    out = tmp_path / "results" / "eval.json"
+    args = parser.parse_args([str(model_dir), str(data), "--root", str(media), "--out", str(out), "--batch-size", "2",
+                              "--max-new-tokens", "3", "--predictions", "--no-progress", "--device", "cpu"])
+    assert run_eval(args) == 0
+    results = json.loads(out.read_text())
+    assert results["model"] == str(model_dir) and results["dataset"] == str(data)
+    assert results["counts"]["evaluated"] == 4 and results["counts"]["skipped"] == 0
+    assert set(results["tasks"]) == {"vqa", "caption", "video-qa"}
+    assert results["tasks"]["vqa"]["count"] == 2 and 0.0 <= results["tasks"]["vqa"]["accuracy"] <= 1.0
+    assert set(results["tasks"]["caption"]) == {"count", "samples", "bleu4", "cider"}
+    assert [p["id"] for p in results["predictions"]] == ["q1", "q2", "cap", "vid"]
+    assert all(isinstance(p["prediction"], str) for p in results["predictions"])
+    printed = capsys.readouterr().out
+    assert "vqa" in printed and "results written to" in printed
+
+    missing = parser.parse_args([str(model_dir), str(tmp_path / "nope.jsonl"), "--no-progress", "--device", "cpu"])
+    assert run_eval(missing) == 1
+    assert "does not exist" in capsys.readouterr().err
