@@ -47,7 +47,8 @@ pickles into ``DataLoader`` workers. Bad-sample counts are kept per process.
 into one multi-turn conversation ``user q1, assistant a1, user q2, assistant a2, ...``: the image is
 encoded once and every answer is supervised. The ``<image>`` marker stays only in the first user
 turn. A record joins the group before it only if it has exactly that one image, no video, at most
-one ``<image>`` marker, no ``<video>`` marker, and no system turn other than the group's own.
+one ``<image>`` marker, no ``<video>`` marker, and no system turn other than the group's own. The
+merged record keeps the first record's id, type and task; `Record.members` lists every merged id.
 """
 from __future__ import annotations
 
@@ -347,7 +348,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         if total == 0:
             raise DatasetError(f"{self.path}: has no samples")
         if not records:
-            raise DatasetError(f"{self.path}: none of its {total} records can be used ({_most_common(self.bad_counts)})")
+            raise DatasetError(f"{self.path}: none of its {total} records can be used "
+                               f"({_most_common(self.bad_counts)})")
         if total >= min_attempts and len(bad) > max_bad_fraction * total:
             raise DatasetError(f"{self.path}: {len(bad)} of its {total} records are malformed "
                                f"({_most_common(self.bad_counts)}); is this the right file and format?")

@@ -129,8 +129,9 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
         bad += 1
         warned += 1
         if warned <= 20:
-            warnings.warn(f"{dataset.path}: skipped sample {item.first.id!r} ({dataset.where(item.first.line)}): {reason}: "
-                          f"{error}", DatasetWarning, stacklevel=3)
+            where = dataset.where(item.first.line)
+            warnings.warn(f"{dataset.path}: skipped sample {item.first.id!r} ({where}): {reason}: {error}",
+                          DatasetWarning, stacklevel=3)
 
     modes = [(module, module.training) for module in model.modules()]
     model.eval()

@@ -364,3 +364,27 @@ def test_llava_list_items_are_named_by_position(model, media):
     path.write_text('[{"id": "x", ')
     with pytest.raises(DatasetError, match="not valid JSON"):
         ConversationDataset(path, model.processor)
+
+
+def test_shapes_world_files_read_and_group(model, tok, tmp_path):
+    from fusion.data import shapes_world as sw
+
+    sw.generate_shapes_world(tmp_path, sw.ShapesWorldConfig(
+        train_images=3, val_images=0, test_images=0, train_videos=2, val_videos=0, test_videos=0, text_samples=5,
+        image_size=32, video_size=32, video_frames=6))
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    flat = ConversationDataset(tmp_path / "train.jsonl", model.processor)
+    grouped = ConversationDataset(tmp_path / "train.jsonl", model.processor, group_by_image=True)
+    image_rows = [r for r in rows if r["images"]]
+    video_rows = [r for r in rows if r["videos"]]
+    assert len(flat) == len(rows) and len(grouped) == 3 + len(video_rows)
+    for i, record in enumerate(grouped.records):
+        s = grouped[i]
+        if record.images:
+            assert s.pixel_values.shape[0] == 1
+            answers = [r["conversations"][-1]["content"] for r in image_rows if r["id"] in record.members]
+            assert supervised_text(tok, s) == "".join(answers)
+        else:
+            assert s.pixel_values.shape[0] == 3 and s.frame_timestamps is not None  # the model's 3 frames
+    text = ConversationDataset(tmp_path / "text.jsonl", model.processor)
+    assert len(text) == 5 and all(text[i].pixel_values is None for i in range(5))

@@ -228,3 +228,29 @@ def test_run_eval_writes_json_for_a_saved_model(model, media, tmp_path, capsys):
     missing = parser.parse_args([str(model_dir), str(tmp_path / "nope.jsonl"), "--no-progress", "--device", "cpu"])
     assert run_eval(missing) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_shapes_world_file_with_perfect_answers(model, tmp_path, monkeypatch):
+    from fusion.data import shapes_world as sw
+
+    sw.generate_shapes_world(tmp_path, sw.ShapesWorldConfig(
+        train_images=0, val_images=0, test_images=3, train_videos=0, val_videos=0, test_videos=2, text_samples=0,
+        image_size=32, video_size=32, video_frames=6))
+    rows = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    key = lambda conv, images, videos: (conv[-1]["content"], tuple(images), tuple(videos))  # noqa: E731
+    answers = {key(r["conversations"][:-1], [str(tmp_path / p) for p in r["images"]],
+                   [str(tmp_path / p) for p in r["videos"]]): r["conversations"][-1]["content"] for r in rows}
+
+    def chat(conversations, images=None, videos=None, **kwargs):
+        return [{"text": answers[key(c, im, vi)].upper(), "tokens": [], "logprob": 0.0}
+                for c, im, vi in zip(conversations, images, videos)]
+
+    monkeypatch.setattr(model, "chat", chat)
+    results = evaluate(model, tmp_path / "test.jsonl", batch_size=4, progress=False)
+    tasks = results["tasks"]
+    assert set(tasks) == {"vqa", "caption", "video-qa"}
+    assert tasks["vqa"]["accuracy"] == tasks["video-qa"]["accuracy"] == 1.0
+    assert set(tasks["vqa"]["by_type"]) == {r["type"] for r in rows if r["task"] == "vqa"}
+    assert set(tasks["video-qa"]["by_type"]) == {r["type"] for r in rows if r["task"] == "video-qa"}
+    assert tasks["caption"]["count"] == 3 and tasks["caption"]["bleu4"] == pytest.approx(1.0)
+    assert results["counts"]["evaluated"] == len(rows) and results["counts"]["skipped"] == 0
