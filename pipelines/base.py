@@ -67,8 +67,8 @@ def merge_generation(settings: dict, max_new_tokens, generate_kwargs, where: str
             raise PipelineInputError(f"{where}: generate_kwargs must be a dict, got a {type(generate_kwargs).__name__}")
         unknown = sorted(set(generate_kwargs) - GENERATION_OPTIONS)
         if unknown:
-            raise TypeError(f"{where}: generate_kwargs has unknown option(s) {', '.join(map(repr, unknown))}; "
-                            f"generation takes {', '.join(sorted(GENERATION_OPTIONS))}")
+            raise TypeError(f"{where}: generate_kwargs has unsupported option(s) {', '.join(map(repr, unknown))}; "
+                            f"the pipeline passes on {', '.join(sorted(GENERATION_OPTIONS))}")
         merged.update(generate_kwargs)
     if max_new_tokens is not None:
         merged["max_new_tokens"] = max_new_tokens
@@ -211,6 +211,8 @@ class Pipeline:
             raise TypeError(f"{where}: takes at most {len(self.input_fields)} positional input(s) "
                             f"({', '.join(self.input_fields)}), got {len(inputs)}; call it as {self._usage()}")
         first = inputs[0] if inputs else None
+        if isinstance(first, list) and not first and len(inputs) == 1 and not fields:
+            return [], True  # an empty list of records
         if isinstance(first, Mapping) or (isinstance(first, list) and first
                                           and all(isinstance(r, Mapping) for r in first)):
             if len(inputs) > 1 or fields:
