@@ -65,13 +65,14 @@ def model_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
-def save_model_folder(model, path) -> None:
+def save_model_folder(model, path, state: dict | None = None) -> None:
+    """Write a model folder; `state` replaces `model.state_dict()` (e.g. gathered from a sharded model)."""
     config = {"model_type": "fusion", **model.config.to_dict(), "preprocessing": model.processor.to_dict(),
               "special_tokens": {"bos": model.tokenizer.bos_id, "pad": model.tokenizer.pad_id,
                                  "patch": model.tokenizer.patch_id, "stop": list(model.tokenizer.stop_ids)}}
     with atomic_folder(path) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(model_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "fusion_format_version":
+        save_file(state if state is not None else model_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "fusion_format_version":
                                                                          str(FORMAT_VERSION)})
         model.tokenizer.save(tmp / TOKENIZER_FILE)
 

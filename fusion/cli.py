@@ -1,0 +1,50 @@
+"""The `fusion` command.
+
+    fusion train CONFIG.yaml [--resume]            staged training (torchrun --nproc_per_node N -m fusion.cli train ...)
+    fusion eval MODEL_DIR DATA.jsonl [--out F]     accuracy / BLEU-4 / CIDEr on a dataset file
+    fusion shapes-world OUT_DIR [--seed S ...]     write a synthetic shapes-world dataset
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fusion", description="Llama-4-style early-fusion multimodal models")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run a training config (YAML)")
+    train.add_argument("config", help="the training config, e.g. examples/recipes/shapes-tiny.yaml")
+    train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    from .evaluation.evaluate import add_eval_arguments
+
+    evaluate = commands.add_parser("eval", help="evaluate a model folder on a dataset file")
+    add_eval_arguments(evaluate)
+
+    commands.add_parser("shapes-world", help="write a shapes-world dataset", add_help=False)
+
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "shapes-world":  # its own argument parser
+        from .data.shapes_world import main as shapes_main
+
+        return shapes_main(argv[1:]) or 0
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        from .trainer import train as run_training
+
+        final = run_training(args.config, resume=args.resume, progress=not args.no_progress)
+        print(f"final model: {final}")
+        return 0
+    if args.command == "eval":
+        from .evaluation.evaluate import run_eval
+
+        return run_eval(args) or 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

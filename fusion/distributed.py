@@ -1,0 +1,113 @@
+"""PyTorch's own distributed stack, applied from outside the model: `torchrun` sets the environment,
+DDP or FSDP2 (`fully_shard` per block) wraps the model, `torch.distributed.checkpoint.state_dict`
+gathers full state dicts. One process without torchrun is the plain case of the same code.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            value = value.clone()
+            dist.all_reduce(value)
+        return value
+
+
+def init_distributed(device: str | None = None) -> DistContext:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); gloo on CPU, nccl on CUDA."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        chosen = torch.device("cuda", local_rank)
+    else:
+        chosen = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return DistContext(rank, world_size, local_rank, chosen)
+
+
+def shutdown_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def apply_fsdp2(model: nn.Module, blocks: list[nn.Module], ctx: DistContext) -> nn.Module:
+    """Shard each block, then the root (FSDP2). Parameters become DTensors, in place."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch 2.5
+        from torch.distributed._composable.fsdp import fully_shard
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
+    # find_unused_parameters: a batch without images leaves a trainable vision tower unused
+    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The complete (unsharded) state dict on CPU, for any of plain / DDP-wrapped / FSDP2 models.
+
+    Collective under FSDP2: every rank must call it.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if dist.is_initialized():
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def full_optimizer_state(model: nn.Module, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=dist.is_initialized(),
+                                                             cpu_offload=True))
+
+
+def load_full_state(model: nn.Module, optimizer, model_state: dict, optimizer_state: dict | None):
+    """Load full state dicts into a (possibly sharded) model and its optimizer, on every rank."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=dist.is_initialized(), strict=True)
+    set_model_state_dict(model, model_state, options=options)
+    if optimizer is not None and optimizer_state is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

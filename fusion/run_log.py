@@ -1,0 +1,83 @@
+"""What a training run records: metrics as JSON lines, and a PNG plot of loss and accuracy."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends one JSON object per line to `path`. On resume, entries after the resumed step are dropped,
+    so a run that was killed and resumed has the same log as one that was not."""
+
+    def __init__(self, path, resume_from_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_from_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_from_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, **entry):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def read(self) -> list[dict]:
+        return read_metrics(self.path)
+
+
+def read_metrics(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(metrics_path, out_png) -> Path:
+    """Training and validation loss (left) and task accuracy (right) against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = read_metrics(metrics_path)
+    train = [e for e in entries if e.get("kind") == "train"]
+    evals = [e for e in entries if e.get("kind") == "eval"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        ax_loss.plot([e["step"] for e in train], [e["loss"] for e in train], label="train loss", lw=1)
+    with_val = [e for e in evals if e.get("val_loss") is not None]
+    if with_val:
+        ax_loss.plot([e["step"] for e in with_val], [e["val_loss"] for e in with_val], "o-", label="validation loss")
+    for stage_start in _stage_starts(train):
+        ax_loss.axvline(stage_start["step"], color="grey", ls=":", lw=1)
+        ax_loss.text(stage_start["step"], ax_loss.get_ylim()[1] if train else 1, f" {stage_start['stage']}",
+                     va="top", fontsize=8, color="grey")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_yscale("log")
+    ax_loss.legend()
+    metrics = sorted({k for e in evals for k in e.get("accuracy", {})})
+    for name in metrics:
+        points = [(e["step"], e["accuracy"][name]) for e in evals if name in e.get("accuracy", {})]
+        ax_acc.plot([p[0] for p in points], [p[1] for p in points], "o-", label=name)
+    ax_acc.set_xlabel("step")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_ylim(0, 1.02)
+    if metrics:
+        ax_acc.legend(fontsize=8)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def _stage_starts(train: list[dict]) -> list[dict]:
+    starts, last = [], None
+    for e in train:
+        if e.get("stage") != last:
+            starts.append(e)
+            last = e.get("stage")
+    return starts

@@ -1,0 +1,155 @@
+"""Training configuration: a run is a list of stages, each naming its data, its length and a learning
+rate per part. A rate of 0 (or a part left out) freezes that part for the stage.
+
+    name: shapes-tiny
+    output_dir: runs/shapes-tiny
+    seed: 0
+    model:                      # built from scratch (or `init_from: path/to/model/folder`)
+      tokenizer: {train_on: [data/shapes/text.jsonl], vocab_size: 1024}
+      decoder: {hidden_size: 256, num_layers: 4, ...}          # DecoderConfig fields
+      vision: {image_size: 64, patch_size: 8, width: 128, ...} # VisionEncoderConfig fields
+    data:
+      shapes_world: {out_dir: data/shapes, train_images: 4000} # generate the dataset first if missing
+    stages:
+      - name: trunk
+        data: data/shapes/text.jsonl
+        steps: 600
+        batch_size: 32
+        lr: {decoder: 3.0e-4}
+      - name: cotrain
+        data: data/shapes/train.jsonl
+        group_by_image: true
+        lr: {vision: 1.0e-3, adapter: 1.0e-3}     # decoder frozen
+        eval: {data: data/shapes/val.jsonl, every: 200, limit: 200}
+
+Relative paths are resolved from the folder of the YAML file.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+PARTS = ("vision", "adapter", "decoder")
+
+
+@dataclass
+class EvalConfig:
+    data: str | None = None  # a dataset file; task accuracy is measured on it
+    every: int = 0  # steps between evaluations (0: only at the end of the stage)
+    limit: int | None = 200  # samples used for the task accuracy (None: all)
+    loss_batches: int = 4  # validation batches for the validation loss
+    max_new_tokens: int = 24
+
+
+@dataclass
+class StageConfig:
+    name: str
+    data: str | list[str]
+    lr: dict[str, float]
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 32  # samples per optimizer step, over all processes and accumulation steps
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of each part's rate
+    weight_decay: float = 0.0
+    clip_grad_norm: float | None = 1.0
+    group_by_image: bool = False
+    pack: bool = False
+    max_length: int = 1024  # packing row length
+    init_from: str | None = None  # start this stage from a model folder
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    aux_loss_coef: float | None = None  # override the decoder's aux-loss coefficient for this stage
+
+    def __post_init__(self):
+        if isinstance(self.eval, dict):
+            self.eval = EvalConfig(**self.eval)
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        unknown = sorted(set(self.lr) - set(PARTS))
+        if unknown:
+            raise ConfigError(f"stage {self.name!r}: unknown parts {unknown} in lr; the parts are {list(PARTS)}")
+        if any(v < 0 for v in self.lr.values()):
+            raise ConfigError(f"stage {self.name!r}: learning rates must be >= 0, got {self.lr}")
+        if not any(v > 0 for v in self.lr.values()):
+            raise ConfigError(f"stage {self.name!r}: every part is frozen (all learning rates are 0)")
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError(f"stage {self.name!r}: give exactly one of steps and epochs")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"stage {self.name!r}: batch_size {self.batch_size} is not a multiple of "
+                              f"grad_accum {self.grad_accum}")
+
+    def rate(self, part: str) -> float:
+        return float(self.lr.get(part, 0.0))
+
+
+@dataclass
+class TrainConfig:
+    stages: list[StageConfig]
+    output_dir: str = "runs/fusion"
+    name: str = "fusion"
+    seed: int = 0
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    device: str | None = None  # default: cuda if available, else cpu
+    distributed: dict[str, Any] = field(default_factory=lambda: {"strategy": "ddp"})  # ddp | fsdp2 (under torchrun)
+    log_every: int = 10
+    checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (0: only at stage ends)
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+    threads: int | None = None  # torch CPU threads (default: torch's choice)
+    final_eval: dict[str, Any] | None = None  # {data: test.jsonl, limit: null}: `fusion eval` on the final model
+    base_dir: str = "."  # folder that relative paths are resolved from (the YAML's folder)
+
+    def __post_init__(self):
+        self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]
+        if not self.stages:
+            raise ConfigError("a training config needs at least one stage")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stage names must be unique, got {names}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.distributed.get("strategy", "ddp") not in ("ddp", "fsdp2"):
+            raise ConfigError(f"distributed.strategy must be ddp or fsdp2, got {self.distributed.get('strategy')!r}")
+
+    def path(self, p: str | None) -> Path | None:
+        """Resolve a path from the config file's folder."""
+        if p is None:
+            return None
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, base_dir: str | Path = ".") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown keys {unknown} in the training config; known keys are {sorted(known)}")
+        try:
+            return cls(**{**d, "base_dir": str(base_dir)})
+        except TypeError as err:  # a misspelt stage field
+            raise ConfigError(f"invalid training config: {err}") from err
+
+
+def load_train_config(path) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"training config {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return TrainConfig.from_dict(data, base_dir=path.parent.resolve())

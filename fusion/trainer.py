@@ -1,0 +1,593 @@
+"""Staged training: `fusion train CONFIG.yaml [--resume]`, or `fusion.trainer.train(config)` from Python.
+
+Each stage trains the parts with a positive learning rate and freezes the others (no gradients, eval
+mode, not in the optimizer; a frozen vision tower builds no autograd graph). One optimizer step sees
+`batch_size` samples over all processes and accumulation steps; the loss is the mean over all of
+their supervised tokens, computed the same way in one process or many, so a 2-process run follows
+a 1-process run with the same global batch.
+
+Resumable checkpoints (model, optimizer, schedule, RNG states, data position) are written atomically
+every `checkpoint_every` steps; `--resume` continues from the latest one exactly where it stopped.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import ConcatDataset, DataLoader, Sampler
+
+from tokenizer import FusionTokenizer
+from vision.encoder import VisionEncoderConfig
+
+from . import distributed as fdist
+from .checkpoint import atomic_folder, read_model_config, save_model_folder, write_json
+from .data.collate import pack_batch, pad_batch
+from .decoder import IGNORE_INDEX
+from .decoder_config import DecoderConfig
+from .errors import ConfigError, DatasetError
+from .fusion_config import FusionConfig
+from .model import FusionModel
+from .processor import VideoSettings
+from .run_log import MetricsLog, plot_metrics
+from .train_config import PARTS, StageConfig, TrainConfig, load_train_config
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+# -- model ---------------------------------------------------------------------------------------
+def build_model(config: TrainConfig) -> FusionModel:
+    """A new model from `config.model`, or the folder `config.model["init_from"]`."""
+    spec = dict(config.model)
+    if spec.get("init_from"):
+        return FusionModel.from_pretrained(config.path(spec["init_from"]))
+    tokenizer = build_tokenizer(spec.get("tokenizer") or {}, config)
+    decoder = dict(spec.get("decoder") or {})
+    decoder["vocab_size"] = max(decoder.get("vocab_size", 0), len(tokenizer))
+    fusion_config = FusionConfig(
+        decoder=DecoderConfig(**decoder), vision=VisionEncoderConfig(**(spec.get("vision") or {})),
+        adapter_hidden_size=spec.get("adapter_hidden_size"), pixel_shuffle_ratio=spec.get("pixel_shuffle_ratio", 0.5),
+        max_tiles=spec.get("max_tiles", 1), pad_with_mean=spec.get("pad_with_mean", True),
+        video=VideoSettings(**(spec.get("video") or {})))
+    unknown = sorted(set(spec) - {"init_from", "tokenizer", "decoder", "vision", "vision_weights", "adapter_hidden_size",
+                                  "pixel_shuffle_ratio", "max_tiles", "pad_with_mean", "video"})
+    if unknown:
+        raise ConfigError(f"unknown keys {unknown} under model:")
+    torch.manual_seed(config.seed)
+    return FusionModel(fusion_config, tokenizer, vision_weights=config.path(spec.get("vision_weights")))
+
+
+def build_tokenizer(spec: dict, config: TrainConfig) -> FusionTokenizer:
+    if spec.get("path"):
+        return FusionTokenizer.load(config.path(spec["path"]))
+    files = spec.get("train_on")
+    if not files:
+        raise ConfigError("model.tokenizer needs `path` (a tokenizer.json) or `train_on` (dataset files)")
+    files = [files] if isinstance(files, str) else files
+    return FusionTokenizer.train(_texts_of([config.path(f) for f in files]), vocab_size=spec.get("vocab_size", 1024),
+                                 min_frequency=spec.get("min_frequency", 2))
+
+
+def _texts_of(paths):
+    """Every message text of JSONL / LLaVA JSON dataset files (markers removed)."""
+    import json
+
+    for path in paths:
+        text = Path(path).read_text()
+        records = json.loads(text) if text.lstrip().startswith("[") else \
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+        for record in records:
+            for turn in record.get("conversations", []):
+                content = turn.get("content", turn.get("value", ""))
+                yield content.replace("<image>", "").replace("<video>", "").strip()
+
+
+def set_trainable(model: FusionModel, stage: StageConfig):
+    """requires_grad and train/eval mode per part, from the stage's learning rates."""
+    for name, part in model.parts().items():
+        trainable = stage.rate(name) > 0
+        part.requires_grad_(trainable)
+        part.train(trainable)
+
+
+def build_optimizer(model: FusionModel, stage: StageConfig) -> torch.optim.Optimizer:
+    """AdamW with one group per (part, decay or not); only trainable parts are in it."""
+    groups = []
+    for name, part in model.parts().items():
+        rate = stage.rate(name)
+        if rate <= 0:
+            continue
+        decay = [p for p in part.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in part.parameters() if p.requires_grad and p.ndim < 2]
+        groups.append({"params": decay, "lr": rate, "weight_decay": stage.weight_decay, "part": name})
+        groups.append({"params": no_decay, "lr": rate, "weight_decay": 0.0, "part": name})
+    groups = [g for g in groups if g["params"]]
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=fused)
+
+
+def lr_multiplier(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup, then cosine from 1 down to `min_ratio` at the last step."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -- data ----------------------------------------------------------------------------------------
+class StageBatches(Sampler):
+    """This process's share of each global batch, in a seeded order; resumable at (epoch, batch).
+
+    Epoch e visits the samples in `randperm(n, seed + 1000 * stage + e)`; global batch b is
+    positions [b*B, (b+1)*B) of it (the last partial batch of an epoch is dropped); process r of W
+    takes the r-th of W equal slices. The same global batches in one process or many.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, ctx: fdist.DistContext, seed: int, stage_index: int,
+                 start_epoch: int = 0, start_batch: int = 0):
+        if batch_size % ctx.world_size:
+            raise ConfigError(f"batch_size {batch_size} is not divisible by the {ctx.world_size} processes")
+        if num_samples < batch_size:
+            raise DatasetError(f"the stage's data has {num_samples} samples, fewer than one batch of {batch_size}")
+        self.n, self.batch_size, self.ctx = num_samples, batch_size, ctx
+        self.seed, self.stage_index = seed, stage_index
+        self.epoch, self.batch = start_epoch, start_batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // self.batch_size
+
+    def __iter__(self):
+        share = self.batch_size // self.ctx.world_size
+        while True:
+            g = torch.Generator().manual_seed(self.seed + 1000 * self.stage_index + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+            while self.batch < self.batches_per_epoch:
+                start = self.batch * self.batch_size + self.ctx.rank * share
+                self.batch += 1
+                yield order[start:start + share]
+            self.epoch, self.batch = self.epoch + 1, 0
+
+
+def load_stage_data(config: TrainConfig, stage: StageConfig, model: FusionModel, files=None):
+    from .data.datasets import ConversationDataset
+
+    datasets = [ConversationDataset(config.path(f), model.processor, group_by_image=stage.group_by_image)
+                for f in (files or stage.data)]
+    return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
+
+
+def collate_samples(samples, pad_id: int, pack: bool, max_length: int):
+    good = [s for s in samples if s is not None]
+    if not good:
+        return None
+    return pack_batch(good, pad_id, max_length) if pack else pad_batch(good, pad_id)
+
+
+# -- one step ------------------------------------------------------------------------------------
+class TrainingStep(nn.Module):
+    """forward(batch) -> (summed token loss / normalizer (+ aux loss), router load per layer).
+
+    A module so DDP can wrap it; the loss is a sum over tokens divided by the number of supervised
+    tokens of the whole optimizer step (all processes, all micro-batches), passed in as `normalizer`.
+    """
+
+    def __init__(self, model: FusionModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: dict, normalizer: torch.Tensor, aux_scale: float):
+        labels = inputs.pop("labels")
+        out = self.model(**inputs)
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        token_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                     reduction="sum")
+        loss = token_loss / normalizer
+        if out.aux_loss is not None:
+            loss = loss + aux_scale * out.aux_loss
+        return loss, token_loss.detach(), self._router_load(out.image_mask, inputs["attention_mask"])
+
+    @torch.no_grad()
+    def _router_load(self, image_mask, attention_mask):
+        """[moe_layers, 2 (image, text), experts] tokens routed, from the last forward."""
+        moes = self.model.decoder.moe_layers()
+        if not moes:
+            return torch.zeros(0)
+        valid = attention_mask.bool().flatten()
+        image = image_mask.flatten() & valid
+        text = ~image_mask.flatten() & valid
+        loads = []
+        for moe in moes:
+            chosen = moe.last_chosen  # [N, k]
+            E = moe.num_experts
+            loads.append(torch.stack([torch.bincount(chosen[image].flatten(), minlength=E),
+                                      torch.bincount(chosen[text].flatten(), minlength=E)]))
+        return torch.stack(loads).float()
+
+
+@dataclass
+class StageProgress:
+    stage_index: int = 0
+    step: int = 0  # optimizer steps done in this stage
+    global_step: int = 0  # optimizer steps done in the run
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True):
+        self.config = config
+        self.out = config.path(config.output_dir)
+        self.ctx = fdist.init_distributed(config.device)
+        self.progress = progress and self.ctx.is_main
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.resume_state = self._latest_state() if resume else None
+        if resume and self.resume_state is None and self.ctx.is_main:
+            print(f"--resume: no checkpoint in {self.out / 'checkpoints'}; starting from the beginning")
+        self.strategy = config.distributed.get("strategy", "ddp")
+        self.autocast_dtype = self._autocast_dtype()
+        self.started = time.perf_counter()
+
+    # -- setup -------------------------------------------------------------------------------
+    def _autocast_dtype(self):
+        precision = self.config.precision
+        if precision == "bf16" or (precision == "auto" and self.ctx.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype)
+
+    def _latest_state(self):
+        pointer = self.out / "checkpoints" / "latest.json"
+        if not pointer.exists():
+            return None
+        import json
+
+        folder = self.out / "checkpoints" / json.loads(pointer.read_text())["folder"]
+        state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=False)
+        state["folder"] = folder
+        return state
+
+    def prepare_data(self):
+        spec = self.config.data.get("shapes_world")
+        if not spec:
+            return
+        spec = dict(spec)
+        out_dir = self.config.path(spec.pop("out_dir"))
+        if self.ctx.is_main and not (out_dir / "world.json").exists():
+            from .data.shapes_world import ShapesWorldConfig, generate_shapes_world
+
+            if self.progress:
+                print(f"generating the shapes world in {out_dir} ...", flush=True)
+            generate_shapes_world(out_dir, ShapesWorldConfig(**spec))
+        self.ctx.barrier()
+
+    def seed_everything(self, seed: int):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    # -- the run -----------------------------------------------------------------------------
+    def run(self) -> Path:
+        config = self.config
+        self.prepare_data()
+        self.seed_everything(config.seed)
+        if self.resume_state is not None:
+            model = FusionModel.from_pretrained(self.resume_state["folder"] / "model")
+            progress = StageProgress(**self.resume_state["progress"])
+        else:
+            model = build_model(config)
+            progress = StageProgress()
+        self.model = model.to(self.ctx.device)
+        self.log = MetricsLog(self.out / "metrics.jsonl",
+                              resume_from_step=progress.global_step if self.resume_state else None) \
+            if self.ctx.is_main else None
+        if self.ctx.is_main:
+            write_json(self.out / "train_config.json", config.to_dict())
+        for index, stage in enumerate(config.stages):
+            if index < progress.stage_index:
+                continue
+            resuming = self.resume_state is not None and index == progress.stage_index and progress.step > 0
+            if stage.init_from and not resuming:
+                self.model = FusionModel.from_pretrained(config.path(stage.init_from)).to(self.ctx.device)
+            progress = self.run_stage(index, stage, progress, resuming)
+            progress = StageProgress(index + 1, 0, progress.global_step)
+            self.resume_state = None
+        final = self.out / "final"
+        self.save_model(final)
+        if self.ctx.is_main:
+            plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png")
+        self.final_eval(final)
+        self.ctx.barrier()
+        return final
+
+    def run_stage(self, index: int, stage: StageConfig, progress: StageProgress, resuming: bool) -> StageProgress:
+        model, ctx = self.model, self.ctx
+        set_trainable(model, stage)
+        if stage.aux_loss_coef is not None:
+            for moe in model.decoder.moe_layers():
+                moe.aux_loss_coef = stage.aux_loss_coef
+        step_module = TrainingStep(model)
+        if ctx.distributed and self.strategy == "fsdp2" and not getattr(model, "_fsdp_applied", False):
+            fdist.apply_fsdp2(model, list(model.decoder.layers) + [model.vision, model.adapter], ctx)
+            model._fsdp_applied = True
+        wrapped = fdist.wrap_ddp(step_module, ctx) if ctx.distributed and self.strategy == "ddp" else step_module
+        optimizer = build_optimizer(model, stage)
+        dataset = load_stage_data(self.config, stage, model)
+        total = stage.steps or math.ceil(stage.epochs * len(dataset) / stage.batch_size)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_multiplier(s, total, stage.warmup_steps, stage.min_lr_ratio))
+        if resuming:
+            state = self.resume_state
+            fdist.load_full_state(model, optimizer, _model_state_from_folder(state["folder"] / "model"),
+                                  state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"])
+        # one global batch per optimizer step: the data position follows from the step count
+        sampler = StageBatches(len(dataset), stage.batch_size, ctx, self.config.seed, index)
+        sampler.epoch, sampler.batch = divmod(progress.step, sampler.batches_per_epoch)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=self.config.num_workers,
+                            collate_fn=_as_list)
+        batches = iter(loader)
+        decoder_trains = stage.rate("decoder") > 0
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=progress.step, desc=f"stage {stage.name}", dynamic_ncols=True)
+        window = new_window()
+        while progress.step < total:
+            samples = next(batches)
+            loss_sum, tokens, stats = self.optimizer_step(wrapped, samples, stage, optimizer)
+            scheduler.step()
+            if decoder_trains:
+                model.decoder.update_expert_bias()
+            progress.step += 1
+            progress.global_step += 1
+            window["loss"] += loss_sum
+            window["tokens"] += tokens
+            window["samples"] += stats["samples"]
+            window["input_tokens"] += stats["input_tokens"]
+            window["dropped"] += stats["dropped"]
+            window["load"] = stats["load"] if window["load"] is None else window["load"] + stats["load"]
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / max(tokens, 1):.3f}")
+            if progress.step % self.config.log_every == 0 or progress.step == total:
+                self.log_train(stage, progress, window, optimizer)
+                window = new_window()
+            if stage.eval.every and progress.step % stage.eval.every == 0 and progress.step < total:
+                self.evaluate(stage, progress)
+            every = self.config.checkpoint_every
+            if every and progress.step % every == 0 and progress.step < total:
+                self.save_checkpoint(optimizer, scheduler, progress, divmod(progress.step, sampler.batches_per_epoch))
+        if bar is not None:
+            bar.close()
+        if stage.eval.data:
+            self.evaluate(stage, progress)
+        self.save_model(self.out / "stages" / stage.name)
+        self.save_checkpoint(None, None, StageProgress(index + 1, 0, progress.global_step), (0, 0))
+        return progress
+
+    def optimizer_step(self, wrapped, samples, stage: StageConfig, optimizer):
+        """One optimizer step over this process's share of a global batch (split into micro-batches)."""
+        ctx = self.ctx
+        pad_id = self.model.tokenizer.pad_id
+        micro = max(1, math.ceil(len(samples) / stage.grad_accum))
+        chunks = [samples[i:i + micro] for i in range(0, len(samples), micro)]
+        batches = [collate_samples(c, pad_id, stage.pack, stage.max_length) for c in chunks]
+        dropped = sum(s is None for s in samples)
+        batches = [b for b in batches if b is not None]
+        local_tokens = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        input_tokens = sum(int(b.attention_mask.sum()) for b in batches)
+        counts = ctx.all_reduce_sum(torch.tensor([local_tokens, len(samples) - dropped, dropped, input_tokens],
+                                                 dtype=torch.float64))
+        global_tokens = max(1.0, float(counts[0]))
+        # DDP averages gradients over processes: scale the per-process sums back to a global mean
+        normalizer = torch.tensor(global_tokens / ctx.world_size, device=ctx.device)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        load = None
+        aux_scale = 1.0 / max(1, len(batches))  # the aux loss is a per-batch mean: average it over micro-batches
+        for i, batch in enumerate(batches):
+            batch = batch.to(ctx.device)
+            sync = nullcontext() if (i == len(batches) - 1 or not hasattr(wrapped, "no_sync")) else wrapped.no_sync()
+            with sync, self.autocast():
+                loss, token_loss, batch_load = wrapped(batch.model_inputs(), normalizer, aux_scale)
+                loss.backward()
+            loss_sum += token_loss.double().cpu()
+            load = batch_load.cpu() if load is None else load + batch_load.cpu()
+        if not batches:  # every sample of this process was bad: still join the gradient all-reduce
+            with self.autocast():
+                zero = sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad)
+                zero.backward()
+        if stage.clip_grad_norm:
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            torch.nn.utils.clip_grad_norm_(trainable, stage.clip_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = float(ctx.all_reduce_sum(loss_sum))
+        return loss_sum, global_tokens, {"samples": int(counts[1]), "dropped": int(counts[2]),
+                                         "input_tokens": int(counts[3]),
+                                         "load": ctx.all_reduce_sum(load) if load is not None else None}
+
+    # -- logging, evaluation, checkpoints ----------------------------------------------------
+    def log_train(self, stage, progress, window, optimizer):
+        if not self.ctx.is_main:
+            return
+        elapsed = time.perf_counter() - window["time"]
+        entry = {"kind": "train", "stage": stage.name, "step": progress.global_step, "stage_step": progress.step,
+                 "loss": window["loss"] / max(window["tokens"], 1), "tokens_per_s": window["input_tokens"] / elapsed,
+                 "seconds": time.perf_counter() - self.started,
+                 "samples": window["samples"], "skipped_samples": window["dropped"],
+                 "lr": {g["part"]: g["lr"] for g in optimizer.param_groups}}
+        load = window["load"]
+        if load is not None and load.numel():
+            share = load / load.sum(-1, keepdim=True).clamp(min=1)  # [layers, (image, text), experts]
+            entry["router_load"] = {"image": share[:, 0].tolist(), "text": share[:, 1].tolist()}
+        self.log.write(**entry)
+
+    def evaluate(self, stage: StageConfig, progress: StageProgress):
+        """Validation loss on a few batches (all processes) and task accuracy (main process)."""
+        spec = stage.eval
+        if not spec.data:
+            return
+        model = self.model
+        was_training = {name: part.training for name, part in model.parts().items()}
+        model.eval()
+        val_loss = self._validation_loss(stage)
+        accuracy = {}
+        if spec.limit != 0:
+            eval_model = self._unsharded_copy() if self.strategy == "fsdp2" and self.ctx.distributed else model
+            if self.ctx.is_main:
+                from .evaluation.evaluate import evaluate
+
+                results = evaluate(eval_model, self.config.path(spec.data), limit=spec.limit,
+                                   max_new_tokens=spec.max_new_tokens, progress=False)
+                accuracy = _accuracies(results)
+        for name, part in model.parts().items():
+            part.train(was_training[name])
+        if self.ctx.is_main:
+            self.log.write(kind="eval", stage=stage.name, step=progress.global_step, val_loss=val_loss,
+                           accuracy=accuracy)
+            if self.progress:
+                shown = ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items())
+                print(f"\n[{stage.name} step {progress.step}] val loss {val_loss:.4f} {shown}", flush=True)
+        self.ctx.barrier()
+
+    def _unsharded_copy(self) -> FusionModel | None:
+        """A full copy of an FSDP2-sharded model on the main process (collective: every process calls it)."""
+        state = fdist.full_model_state(self.model)
+        if not self.ctx.is_main:
+            return None
+        copy = FusionModel(self.model.config, self.model.tokenizer)
+        copy.load_state_dict(state)
+        copy.processor = self.model.processor
+        return copy.to(self.ctx.device).eval()
+
+    @torch.no_grad()
+    def _validation_loss(self, stage: StageConfig) -> float | None:
+        spec = stage.eval
+        dataset = load_stage_data(self.config, stage, self.model, files=[spec.data])
+        per_process = max(1, stage.batch_size // self.ctx.world_size)
+        total = torch.zeros(2, dtype=torch.float64)
+        for b in range(spec.loss_batches):
+            start = (b * self.ctx.world_size + self.ctx.rank) * per_process
+            samples = [dataset[i] for i in range(start, min(start + per_process, len(dataset)))]
+            batch = collate_samples(samples, self.model.tokenizer.pad_id, False, 0)
+            if batch is None:
+                continue
+            batch = batch.to(self.ctx.device)
+            with self.autocast():
+                out = self.model(**{**batch.model_inputs(), "labels": None})
+            targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            total += torch.tensor([float(F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(),
+                                                         ignore_index=IGNORE_INDEX, reduction="sum")),
+                                   float((targets != IGNORE_INDEX).sum())], dtype=torch.float64)
+        total = self.ctx.all_reduce_sum(total)
+        return float(total[0] / total[1]) if total[1] > 0 else None
+
+    def save_model(self, folder: Path):
+        state = fdist.full_model_state(self.model)
+        if self.ctx.is_main:
+            save_model_folder(self.model, folder, state=state)
+        self.ctx.barrier()
+
+    def save_checkpoint(self, optimizer, scheduler, progress: StageProgress, data_position: tuple[int, int]):
+        """A resumable checkpoint: folder `checkpoints/step-{global_step}` then `latest.json` (both atomic)."""
+        model_state = fdist.full_model_state(self.model)
+        optimizer_state = fdist.full_optimizer_state(self.model, optimizer) if optimizer is not None else None
+        if not self.ctx.is_main:
+            self.ctx.barrier()
+            return
+        root = self.out / "checkpoints"
+        name = f"step-{progress.global_step:07d}"
+        with atomic_folder(root / name) as tmp:
+            save_model_folder(self.model, tmp / "model", state=model_state)
+            torch.save({"progress": vars(progress), "optimizer": optimizer_state,
+                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "data_position": data_position,  # (epoch, batch) of the stage's next batch
+                        "rng": _rng_state()}, tmp / TRAINER_STATE)
+        write_json(root / "latest.json", {"folder": name, "step": progress.global_step})
+        old = sorted(p for p in root.glob("step-*") if p.name != name)
+        for folder in old[:max(0, len(old) - self.config.keep_checkpoints + 1)]:
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+        self.ctx.barrier()
+
+    def final_eval(self, folder: Path):
+        spec = self.config.final_eval
+        if not spec or not self.ctx.is_main:
+            return
+        from .evaluation.evaluate import evaluate
+
+        model = FusionModel.from_pretrained(folder, device=self.ctx.device)
+        results = evaluate(model, self.config.path(spec["data"]), limit=spec.get("limit"),
+                           batch_size=spec.get("batch_size", 32), progress=self.progress)
+        write_json(self.out / "eval.json", results)
+        if self.progress:
+            print("final evaluation:", {k: round(v, 4) for k, v in _accuracies(results).items()}, flush=True)
+
+
+def new_window() -> dict:
+    """Running sums between two log lines."""
+    return {"loss": 0.0, "tokens": 0, "input_tokens": 0, "samples": 0, "dropped": 0, "time": time.perf_counter(),
+            "load": None}
+
+
+def _as_list(samples):
+    return samples
+
+
+def _accuracies(results: dict) -> dict:
+    """Flatten `evaluate` results to {metric name: value} for logging."""
+    flat = {}
+    for task, r in results.get("tasks", results).items():
+        if not isinstance(r, dict):
+            continue
+        for key in ("accuracy", "bleu4", "cider"):
+            if isinstance(r.get(key), (int, float)):
+                flat[f"{task}/{key}"] = r[key]
+        for qtype, value in (r.get("by_type") or {}).items():
+            if isinstance(value, (int, float)):
+                flat[f"{task}/{qtype}"] = value
+    return flat
+
+
+def _model_state_from_folder(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    read_model_config(folder)
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(config: TrainConfig | str | os.PathLike, resume: bool = False, progress: bool = True) -> Path:
+    """Run a training config (a `TrainConfig` or a YAML path); returns the final model folder."""
+    if not isinstance(config, TrainConfig):
+        config = load_train_config(config)
+    return Trainer(config, resume=resume, progress=progress).run()
