@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tokenizer import FusionTokenizer
+from tokenizer import FusionTokenizer, TokenizerError
 from vision.image import ImageProcessor
 
 from .errors import CheckpointError
@@ -103,13 +103,19 @@ def load_model_folder(path, device=None, dtype: torch.dtype | None = None):
     preprocessing = saved.get("preprocessing")
     settings = {k: v for k, v in saved.items() if k not in ("model_type", "preprocessing", "special_tokens")}
     config = FusionConfig.from_dict(settings)
-    tokenizer = FusionTokenizer.load(folder / TOKENIZER_FILE)
+    try:
+        tokenizer = FusionTokenizer.load(folder / TOKENIZER_FILE)
+    except TokenizerError as err:
+        raise CheckpointError(f"{folder / TOKENIZER_FILE} cannot be used: {err}") from err
     model = FusionModel(config, tokenizer)
     try:
         state = load_file(str(folder / WEIGHTS_FILE))
     except Exception as err:  # safetensors raises its own error types
         raise CheckpointError(f"{folder / WEIGHTS_FILE} cannot be read ({err}); the file is damaged") from err
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that differ from the config
+        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not match {folder / CONFIG_FILE}: {err}") from err
     missing = [k for k in result.missing_keys]
     if missing or result.unexpected_keys:
         raise CheckpointError(f"{folder / WEIGHTS_FILE} does not match its config: missing {missing[:4]}, "

@@ -67,7 +67,8 @@ class FusionModel(nn.Module):
         """[n_tiles, 3, S, S] -> [n_tiles, tokens_per_tile, D]. A frozen tower builds no autograd graph."""
         trainable = any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            features = self.vision(pixel_values.to(self.device))
+            tower_dtype = next(self.vision.parameters()).dtype
+            features = self.vision(pixel_values.to(self.device, dtype=tower_dtype))
         return self.adapter(features)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,

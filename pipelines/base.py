@@ -25,7 +25,6 @@ Settings come from three places, later wins: the class defaults, the constructio
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import itertools
 import operator
@@ -74,25 +73,6 @@ def merge_generation(settings: dict, max_new_tokens, generate_kwargs, where: str
         merged["max_new_tokens"] = max_new_tokens
     merged["max_new_tokens"] = check_positive_int(merged["max_new_tokens"], f"{where}: max_new_tokens")
     return merged
-
-
-@contextlib.contextmanager
-def pixels_in_tower_dtype(model: FusionModel):
-    """Cast pixels to the vision tower's dtype on their way in, for the duration of the block.
-
-    `FusionModel.encode_images` moves pixels to the model's device but keeps them float32, which a
-    bfloat16 or float16 tower rejects. Nothing is registered for a float32 tower; remove this once
-    `encode_images` casts itself.
-    """
-    weight = next(model.vision.parameters(), None)
-    if weight is None or weight.dtype == torch.float32:
-        yield
-        return
-    handle = model.vision.register_forward_pre_hook(lambda _module, args: (args[0].to(weight.dtype), *args[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class Pipeline:
@@ -158,10 +138,8 @@ class Pipeline:
     # -- the shared run --------------------------------------------------------------------------
     def forward(self, prepared: list[dict], **generation) -> list[dict]:
         """Generate for one batch of preprocessed inputs (greedy unless generate_kwargs say otherwise)."""
-        with pixels_in_tower_dtype(self.model):
-            return self.model.chat([p["conversation"] for p in prepared],
-                                   images=[p.get("images", ()) for p in prepared],
-                                   videos=[p.get("videos", ()) for p in prepared], **generation)
+        return self.model.chat([p["conversation"] for p in prepared], images=[p.get("images", ()) for p in prepared],
+                               videos=[p.get("videos", ()) for p in prepared], **generation)
 
     def __call__(self, *inputs, batch_size: int | None = None, max_new_tokens: int | None = None,
                  generate_kwargs: dict | None = None, **kwargs):

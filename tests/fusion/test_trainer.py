@@ -153,8 +153,8 @@ def test_two_process_torchrun_matches_one_process(world, tmp_path, strategy):
                                                           distributed={"strategy": strategy}))
     assert _run_cli(["train", str(one), "--no-progress"]).wait(timeout=300) == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", str(29500 + (os.getpid() % 1000)), "-m", "fusion.cli", "train",
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "fusion.cli", "train",
                                str(two), "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=300)
     assert torchrun.returncode == 0, torchrun.stdout[-3000:] + torchrun.stderr[-3000:]
