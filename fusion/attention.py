@@ -16,13 +16,16 @@ from .rope import apply_rope
 
 def build_attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, *, chunk_size: int | None = None,
                          k_valid: torch.Tensor | None = None, q_segments: torch.Tensor | None = None,
-                         k_segments: torch.Tensor | None = None) -> torch.Tensor:
+                         k_segments: torch.Tensor | None = None, q_branches: torch.Tensor | None = None,
+                         k_branches: torch.Tensor | None = None) -> torch.Tensor:
     """Which keys each query may see: [B, 1, Tq, Tk] bool (True = attend).
 
     allowed(q, k) = k_pos <= q_pos                        (causal, by position)
                   and k_pos // C == q_pos // C            (chunked layers: chunks aligned to absolute positions)
                   and k is a real token                   (padding, empty cache slots)
                   and segment(k) == segment(q)            (packed samples never see each other)
+                  and branch(k) in (branch(q), 0)         (branches of a sample share its prefix, branch 0,
+                                                           and never see each other)
     """
     allowed = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, Tq, Tk]
     if chunk_size is not None:
@@ -31,6 +34,8 @@ def build_attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, *, chunk_size
         allowed &= k_valid[:, None, :]
     if q_segments is not None:
         allowed &= k_segments[:, None, :] == q_segments[:, :, None]
+    if q_branches is not None:
+        allowed &= (k_branches[:, None, :] == q_branches[:, :, None]) | (k_branches[:, None, :] == 0)
     return allowed[:, None]
 
 

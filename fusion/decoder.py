@@ -127,8 +127,9 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                cache: DecoderCache | None = None, logits_to_keep: int | None = None) -> DecoderOutput:
+                segment_ids: torch.Tensor | None = None, branch_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, cache: DecoderCache | None = None,
+                logits_to_keep: int | None = None) -> DecoderOutput:
         """
         input_ids [B, T] or inputs_embeds [B, T, D] (exactly one).
         attention_mask [B, T]: 1 for real tokens, 0 for padding (left padding for generation).
@@ -136,6 +137,8 @@ class Decoder(nn.Module):
             the cache's positions), so left-padded samples each start at 0.
         segment_ids [B, T]: packed samples; tokens attend only within their own segment. Pass
             positions that restart per segment.
+        branch_ids [B, T]: a shared prefix (0) followed by branches (1, 2, ...) that each see the prefix
+            and themselves only, e.g. one image with several questions (see `data.collate.share_prefix`).
         labels [B, T]: next-token targets aligned with the inputs (shifted inside); -100 is ignored.
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -151,12 +154,12 @@ class Decoder(nn.Module):
             start = cache.next_positions if cache is not None else torch.zeros(B, 1, dtype=torch.long,
                                                                                  device=x.device)
             positions = start + (valid.long().cumsum(1) - 1).clamp(min=0)
-        if segment_ids is not None and cache is not None:
-            raise ValueError("Decoder.forward: segment_ids (packing) cannot be combined with a KV cache")
+        if (segment_ids is not None or branch_ids is not None) and cache is not None:
+            raise ValueError("Decoder.forward: segment_ids and branch_ids (packing) cannot be combined with a KV cache")
 
-        plans = self._attention_plans(positions, valid, segment_ids, cache,
+        plans = self._attention_plans(positions, valid, segment_ids, branch_ids, cache,
                                       plain=default_positions and attention_mask is None and cache is None
-                                      and segment_ids is None)
+                                      and segment_ids is None and branch_ids is None)
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
         rope = rope_angles(positions, self.inv_freq)
@@ -183,7 +186,8 @@ class Decoder(nn.Module):
         terms = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         return self.config.aux_loss_coef * torch.stack(terms).sum() if terms else None
 
-    def _attention_plans(self, positions, valid, segment_ids, cache, plain: bool) -> dict[str, AttentionPlan]:
+    def _attention_plans(self, positions, valid, segment_ids, branch_ids, cache,
+                         plain: bool) -> dict[str, AttentionPlan]:
         """One plan per layer kind present ("full" for NoPE / unchunked, "chunked" for chunked RoPE layers)."""
         chunk = self.config.attention_chunk_size
         plans = {}
@@ -194,7 +198,8 @@ class Decoder(nn.Module):
                     plans[kind] = AttentionPlan(is_causal=True)  # the fast path: no mask tensor at all
                 else:
                     mask = build_attention_mask(positions, positions, chunk_size=chunk_size, k_valid=valid,
-                                                q_segments=segment_ids, k_segments=segment_ids)
+                                                q_segments=segment_ids, k_segments=segment_ids,
+                                                q_branches=branch_ids, k_branches=branch_ids)
                     plans[kind] = AttentionPlan(mask=mask)
                 continue
             table = cache.tables[kind]

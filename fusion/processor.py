@@ -38,6 +38,8 @@ class ProcessedSample:
     pixel_values: torch.Tensor | None  # [n_tiles, 3, S, S], tiles in placeholder order; None without media
     sample_id: Any = None
     frame_timestamps: list[list[float]] | None = None  # per video, the seconds of its sampled frames
+    positions: torch.Tensor | None = None  # [T] only for shared-prefix samples (see data.collate.share_prefix)
+    branch_ids: torch.Tensor | None = None  # [T] 0 = shared prefix, k = the k-th branch
 
 
 class FusionProcessor:

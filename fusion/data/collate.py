@@ -1,7 +1,9 @@
-"""Batching processed samples: padding (right for training, left for generation) or packing several
-samples into one row with per-sample attention and positions that restart at each sample."""
+"""Batching processed samples: padding (right for training, left for generation), packing several
+samples into one row with per-sample attention and positions that restart at each sample, and
+sharing a common prefix (one image, several questions) between branches of one sample."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -15,24 +17,80 @@ class Batch:
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T] 1 = real token
     labels: torch.Tensor | None = None  # [B, T], -100 = not supervised
-    positions: torch.Tensor | None = None  # [B, T], only when packed
-    segment_ids: torch.Tensor | None = None  # [B, T], only when packed (padding has its own segment)
+    positions: torch.Tensor | None = None  # [B, T], when packed or branched
+    segment_ids: torch.Tensor | None = None  # [B, T], when packed (padding has its own segment)
     pixel_values: torch.Tensor | None = None  # [n_tiles, 3, S, S] in the order the placeholders appear
     sample_ids: list[Any] = field(default_factory=list)
+    branch_ids: torch.Tensor | None = None  # [B, T], when a sample shares a prefix between branches
 
     def to(self, device) -> "Batch":
         moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in vars(self).items()}
-        return Batch(**moved)
+        return type(self)(**moved)
 
     def model_inputs(self) -> dict:
         """Keyword arguments for `FusionModel.forward`."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels,
-                "positions": self.positions, "segment_ids": self.segment_ids, "pixel_values": self.pixel_values}
+                "positions": self.positions, "segment_ids": self.segment_ids, "branch_ids": self.branch_ids,
+                "pixel_values": self.pixel_values}
+
+
+def share_prefix(samples: Sequence, patch_id: int):
+    """Several samples that start with the same tokens -> one sample holding that prefix once.
+
+    For one image with several questions: the prefix (begin of text, user header, the image's
+    placeholders) is computed once, and each sample's remainder becomes a branch that attends to the
+    prefix and to itself only, at the positions it would have on its own. Each branch therefore gets
+    exactly the attention, positions and loss it would get as a separate sample (the first token of
+    branches after the first is not a target: nothing precedes it but another branch; it is user
+    text, which is not supervised anyway). The image is encoded once.
+
+    Image placeholders are never split: if a sample's own remainder holds images too, the prefix
+    ends before the first image and every branch keeps its own pixels.
+    """
+    if len(samples) == 1:
+        return samples[0]
+    first = samples[0]
+    shared = min(len(s.input_ids) for s in samples) - 1  # every branch keeps at least one token
+    for s in samples[1:]:
+        differ = (s.input_ids[:shared] != first.input_ids[:shared]).nonzero()
+        if len(differ):
+            shared = int(differ[0])
+    in_prefix = bool((first.input_ids[:shared] == patch_id).any())
+    in_branches = any(bool((s.input_ids[shared:] == patch_id).any()) for s in samples)
+    if in_prefix and in_branches:
+        shared = int((first.input_ids == patch_id).nonzero()[0])
+        in_prefix = False
+    ids, labels, positions, branches = [first.input_ids[:shared]], [], [torch.arange(shared)], [torch.zeros(shared)]
+    labels.append(first.labels[:shared] if first.labels is not None else torch.full((shared,), IGNORE_INDEX))
+    for k, s in enumerate(samples, start=1):
+        rest = s.input_ids[shared:]
+        ids.append(rest)
+        rest_labels = (s.labels[shared:] if s.labels is not None else torch.full_like(rest, IGNORE_INDEX)).clone()
+        if k > 1:
+            rest_labels[0] = IGNORE_INDEX
+        labels.append(rest_labels)
+        positions.append(torch.arange(shared, shared + len(rest)))
+        branches.append(torch.full((len(rest),), k))
+    if in_prefix:
+        pixels = first.pixel_values
+    else:
+        tiles = [s.pixel_values for s in samples if s.pixel_values is not None]
+        pixels = torch.cat(tiles) if tiles else None
+    return dataclasses.replace(first, input_ids=torch.cat(ids), labels=torch.cat(labels), pixel_values=pixels,
+                               positions=torch.cat(positions), branch_ids=torch.cat(branches).long(),
+                               sample_id=[s.sample_id for s in samples])
 
 
 def _pixels(samples) -> torch.Tensor | None:
     tiles = [s.pixel_values for s in samples if s.pixel_values is not None]
     return torch.cat(tiles) if tiles else None
+
+
+def _positions_and_branches(s) -> tuple[torch.Tensor, torch.Tensor]:
+    n = len(s.input_ids)
+    positions = s.positions if s.positions is not None else torch.arange(n)
+    branches = s.branch_ids if s.branch_ids is not None else torch.zeros(n, dtype=torch.long)
+    return positions, branches
 
 
 def pad_batch(samples: Sequence, pad_id: int, padding_side: str = "right") -> Batch:
@@ -47,6 +105,11 @@ def pad_batch(samples: Sequence, pad_id: int, padding_side: str = "right") -> Ba
     mask = torch.zeros((B, width), dtype=torch.long)
     with_labels = all(s.labels is not None for s in samples)
     labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long) if with_labels else None
+    branched = any(s.branch_ids is not None for s in samples)
+    if branched and padding_side == "left":
+        raise ValueError("shared-prefix samples are for training; pad them on the right")
+    positions = torch.zeros((B, width), dtype=torch.long) if branched else None
+    branch_ids = torch.full((B, width), -1, dtype=torch.long) if branched else None
     for row, s in enumerate(samples):
         n = len(s.input_ids)
         cols = slice(width - n, width) if padding_side == "left" else slice(0, n)
@@ -54,7 +117,10 @@ def pad_batch(samples: Sequence, pad_id: int, padding_side: str = "right") -> Ba
         mask[row, cols] = 1
         if labels is not None:
             labels[row, cols] = s.labels
-    return Batch(ids, mask, labels, pixel_values=_pixels(samples), sample_ids=[s.sample_id for s in samples])
+        if branched:
+            positions[row, cols], branch_ids[row, cols] = _positions_and_branches(s)
+    return Batch(ids, mask, labels, positions=positions, pixel_values=_pixels(samples),
+                 sample_ids=[s.sample_id for s in samples], branch_ids=branch_ids)
 
 
 def pack_batch(samples: Sequence, pad_id: int, max_length: int) -> Batch:
@@ -77,16 +143,22 @@ def pack_batch(samples: Sequence, pad_id: int, max_length: int) -> Batch:
     labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((B, width), dtype=torch.long)
     segments = torch.full((B, width), -1, dtype=torch.long)
+    branched = any(s.branch_ids is not None for s in samples)
+    branch_ids = torch.full((B, width), -1, dtype=torch.long) if branched else None
     ordered = []
     for r, row in enumerate(rows):
         start = 0
         for k, s in enumerate(row):
             n = len(s.input_ids)
-            ids[r, start:start + n] = s.input_ids
-            mask[r, start:start + n] = 1
-            labels[r, start:start + n] = s.labels
-            positions[r, start:start + n] = torch.arange(n)
-            segments[r, start:start + n] = k
+            cols = slice(start, start + n)
+            ids[r, cols] = s.input_ids
+            mask[r, cols] = 1
+            labels[r, cols] = s.labels
+            positions[r, cols], sample_branches = _positions_and_branches(s)
+            if branched:
+                branch_ids[r, cols] = sample_branches
+            segments[r, cols] = k
             start += n
             ordered.append(s)
-    return Batch(ids, mask, labels, positions, segments, _pixels(ordered), [s.sample_id for s in ordered])
+    return Batch(ids, mask, labels, positions, segments, _pixels(ordered), [s.sample_id for s in ordered],
+                 branch_ids=branch_ids)

@@ -43,19 +43,20 @@ Use with a plain ``DataLoader``::
 The dataset holds no open file or video reader (media are opened inside each ``dataset[i]``), so it
 pickles into ``DataLoader`` workers. Bad-sample counts are kept per process.
 
-``group_by_image=True`` merges consecutive records that show the same single image (and no video)
-into one multi-turn conversation ``user q1, assistant a1, user q2, assistant a2, ...``: the image is
-encoded once and every answer is supervised. The ``<image>`` marker stays only in the first user
-turn. A record joins the group before it only if it has exactly that one image, no video, at most
-one ``<image>`` marker, no ``<video>`` marker, and no system turn other than the group's own. The
-merged record keeps the first record's id, type and task; `Record.members` lists every merged id.
+``group_by_image=True`` groups consecutive records that show the same single image (and no video):
+``dataset[i]`` is then one shared-prefix sample (`fusion.data.collate.share_prefix`) in which the
+image is encoded once and each question is a branch that sees the image and itself only, at the
+positions it would have on its own. Nothing leaks between the questions (a multi-turn merge would
+let later answers be read off earlier ones), and every answer is supervised. A record joins the
+group before it only if it has exactly that one image, no video, at most one ``<image>`` marker, no
+``<video>`` marker, and no system turn other than the group's own. The group's record keeps the
+first record's id, type and task; `Record.members` lists every grouped id, `Record.group` the records.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ from tokenizer.errors import (
 from vision.errors import ImageLoadError, ImageTooLargeError, VideoLoadError, VisionInputError
 
 from ..errors import DatasetError
-from .collate import Batch, pack_batch, pad_batch
+from .collate import Batch, pack_batch, pad_batch, share_prefix
 
 __all__ = ["ConversationDataset", "Record", "DatasetWarning", "CollatedBatch", "Collator", "collate",
            "infer_task", "read_records", "group_records", "classify_error", "TASKS"]
@@ -94,7 +95,6 @@ UNREADABLE_VIDEO = "unreadable video"
 MEDIA_COUNT_MISMATCH = "media count mismatch"
 NO_SUPERVISED_TOKENS = "no supervised tokens"
 
-_IMAGE_MARKER_AND_SPACE = re.compile(re.escape(IMAGE_MARKER) + r"[ \t]*\n?")
 
 
 class DatasetWarning(UserWarning):
@@ -107,7 +107,7 @@ class Record:
 
     `images` and `videos` are resolved paths (joined to the dataset's root). `line` is the 1-based line
     of a JSONL file or the 1-based position in a JSON list. `members` lists the ids of the records that
-    `group_by_image` merged into this one (empty when nothing was merged).
+    `group_by_image` grouped into this one, `group` the records themselves (empty when nothing was grouped).
     """
 
     id: str
@@ -118,6 +118,7 @@ class Record:
     task: str | None = None
     line: int = 0
     members: tuple[str, ...] = ()
+    group: tuple["Record", ...] = ()  # the grouped records, when `group_by_image` grouped several
 
     @property
     def _last_assistant(self) -> int:
@@ -143,7 +144,8 @@ class Record:
         return self.task or infer_task(self)
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "members": list(self.members), "answer": self.answer}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "group"}
+        return {**fields, "members": list(self.members), "answer": self.answer}
 
 
 def infer_task(record: Record) -> str:
@@ -275,7 +277,7 @@ def _can_group(record: Record) -> bool:
 
 
 def group_records(records: Sequence[Record], max_group_size: int | None = None) -> list[Record]:
-    """Merge runs of consecutive records with the same single image (see the module docstring)."""
+    """Group runs of consecutive records with the same single image (see the module docstring)."""
     groups: list[list[Record]] = []
     for record in records:
         last = groups[-1] if groups else None
@@ -286,18 +288,9 @@ def group_records(records: Sequence[Record], max_group_size: int | None = None) 
             last.append(record)
         else:
             groups.append([record])
-    merged = []
-    for group in groups:
-        if len(group) == 1:
-            merged.append(group[0])
-            continue
-        first = group[0]
-        messages = [dict(m) for m in first.messages]
-        for other in group[1:]:
-            turns = other.messages[1:] if _system_turn(other) is not None else other.messages
-            messages += [{"role": m["role"], "content": _IMAGE_MARKER_AND_SPACE.sub("", m["content"])} for m in turns]
-        merged.append(dataclasses.replace(first, messages=messages, members=tuple(r.id for r in group)))
-    return merged
+    return [group[0] if len(group) == 1 else
+            dataclasses.replace(group[0], members=tuple(r.id for r in group), group=tuple(group))
+            for group in groups]
 
 
 class ConversationDataset(torch.utils.data.Dataset):
@@ -363,8 +356,12 @@ class ConversationDataset(torch.utils.data.Dataset):
         record = self.records[index]
         self.num_attempted += 1
         try:
-            return self.processor(record.messages, record.images, record.videos, sample_id=record.id,
-                                  num_frames=self.num_frames, fps=self.fps)
+            if not record.group:
+                return self.processor(record.messages, record.images, record.videos, sample_id=record.id,
+                                      num_frames=self.num_frames, fps=self.fps)
+            samples = [self.processor(r.messages, r.images, r.videos, sample_id=r.id, num_frames=self.num_frames,
+                                      fps=self.fps) for r in record.group]
+            return share_prefix(samples, self.processor.tokenizer.patch_id)
         except (VisionInputError, TokenizerError, OSError) as err:
             error = err
         reason = classify_error(error, record)

@@ -266,9 +266,9 @@ def test_mostly_bad_data_stops_early(model, media):
 # Grouping questions per image
 
 
-def test_group_by_image_merges_consecutive_questions(model, tok, media):
+def test_group_by_image_shares_the_image_between_consecutive_questions(model, tok, media):
     rows = [sample("a0", "<image>\nwhat color is the circle?", "red", ["images/a.png"], type="color"),
-            sample("a1", "how many shapes are there?<image>", "2", ["images/a.png"], type="count"),  # marker anywhere
+            sample("a1", "<image>\nhow many shapes are there?", "2", ["images/a.png"], type="count"),
             sample("a2", "<image>\nis there a star?", "no", ["images/a.png"], type="existence"),
             sample("b0", "<image>\nwhat color is the circle?", "blue", ["images/b.png"]),
             sample("t0", "is there a star?", "no"),
@@ -278,11 +278,7 @@ def test_group_by_image_merges_consecutive_questions(model, tok, media):
     grouped = ConversationDataset(path, model.processor, group_by_image=True)
     assert len(flat) == 6 and len(grouped) == 4
     assert [r.members for r in grouped.records] == [("a0", "a1", "a2"), (), (), ()]
-    merged = grouped.records[0]
-    assert [m["role"] for m in merged.messages] == ["user", "assistant"] * 3
-    assert [m["content"].count("<image>") for m in merged.messages] == [1, 0, 0, 0, 0, 0]
-    assert merged.messages[2]["content"] == "how many shapes are there?"
-    assert merged.answer == "no" and merged.id == "a0"
+    assert [r.id for r in grouped.records[0].group] == ["a0", "a1", "a2"] and grouped.records[0].id == "a0"
 
     s = grouped[0]
     assert s.pixel_values.shape[0] == 1  # the image is encoded once
@@ -290,12 +286,23 @@ def test_group_by_image_merges_consecutive_questions(model, tok, media):
     assert s.input_ids.tolist().count(tok.image_start_id) == 1
     assert supervised_text(tok, s) == "red2no"  # every answer is supervised (with its <|eot|>, not shown)
     assert int((s.labels == tok.eot_id).sum()) == 3
+    prefix = int((s.branch_ids == 0).sum())
+    for k, i in enumerate((0, 1, 2), start=1):  # each branch is its flat sample's remainder, at the same positions
+        branch = s.branch_ids == k
+        assert torch.equal(s.input_ids[branch], flat[i].input_ids[prefix:])
+        assert torch.equal(s.positions[branch], torch.arange(prefix, len(flat[i].input_ids)))
     for i in (1, 2, 3):
         same_sample(grouped[i], flat[{1: 3, 2: 4, 3: 5}[i]])
     assert len(ConversationDataset(path, model.processor, group_by_image=True, max_group_size=2)) == 5
 
+    # an image marker after the question: the questions differ before the image, so each keeps its own
+    rows[1] = sample("a1", "how many shapes are there?<image>", "2", ["images/a.png"], type="count")
+    path = write_jsonl(media / "group_late_marker.jsonl", rows)
+    s = ConversationDataset(path, model.processor, group_by_image=True)[0]
+    assert s.pixel_values.shape[0] == 3 and supervised_text(tok, s) == "red2no"
 
-def test_group_by_image_keeps_apart_what_cannot_share_a_conversation(model, media):
+
+def test_group_by_image_keeps_apart_what_cannot_share_a_prefix(model, media):
     system = {"role": "system", "content": "answer briefly"}
     rows = [{"id": "s0", "images": ["images/a.png"], "conversations": [system] + turns(("<image>\ncolor?", "red"))},
             {"id": "s1", "images": ["images/a.png"], "conversations": [system] + turns(("<image>\ncount?", "1"))},
@@ -305,8 +312,7 @@ def test_group_by_image_keeps_apart_what_cannot_share_a_conversation(model, medi
             sample("vid", "<video> <image>", "x", ["images/a.png"], ["videos/v.mp4"])]
     ds = ConversationDataset(write_jsonl(media / "group2.jsonl", rows), model.processor, group_by_image=True)
     assert [r.members for r in ds.records] == [("s0", "s1"), (), (), ()]
-    assert [m["role"] for m in ds.records[0].messages] == ["system", "user", "assistant", "user", "assistant"]
-    assert ds[0] is not None
+    assert ds[0] is not None and int((ds[0].branch_ids == 0).sum()) > 0  # the system turn and image are shared
 
 
 # ---------------------------------------------------------------------------------------------------

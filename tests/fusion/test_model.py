@@ -188,3 +188,28 @@ def test_frozen_vision_builds_no_graph(tok):
     loss.backward()
     assert all(p.grad is None for p in model.vision.parameters())
     assert model.adapter.fc1.weight.grad is not None
+
+
+def test_shared_prefix_sample_equals_its_separate_samples(tok):
+    """One image, three questions as branches of one sample: the same loss and the same answer logits
+    as the three samples run separately (the image encoded once instead of three times)."""
+    from fusion.data.collate import share_prefix
+
+    model = tiny_model(tok)
+    qa = [("what color is the circle?", "red"), ("how many shapes are there?", "3"), ("is there a square?", "no")]
+    samples = [model.processor(user(f"<image>\n{q}") + [{"role": "assistant", "content": a}], [image(7)])
+               for q, a in qa]
+    shared = share_prefix(samples, tok.patch_id)
+    assert shared.pixel_values.shape[0] == 1
+    assert len(shared.input_ids) < sum(len(s.input_ids) for s in samples)
+    separate = model(**pad_batch(samples, tok.pad_id).model_inputs())
+    branched = model(**pad_batch([shared], tok.pad_id).model_inputs())
+    assert branched.loss.item() == pytest.approx(separate.loss.item(), rel=1e-5)
+    prefix = int((shared.branch_ids == 0).sum())
+    for k, s in enumerate(samples, start=1):
+        rows = (shared.branch_ids == k).nonzero()[:, 0]
+        expected = separate.logits[k - 1, prefix:len(s.input_ids)]
+        assert (branched.logits[0, rows] - expected).abs().max().item() <= 1e-4
+    packed = model(**pack_batch([shared, samples[0]], tok.pad_id, max_length=1000).model_inputs())
+    both = model(**pad_batch(samples + [samples[0]], tok.pad_id).model_inputs())
+    assert packed.loss.item() == pytest.approx(both.loss.item(), rel=1e-5)
