@@ -1,0 +1,105 @@
+"""The one place the example notebooks take their settings from: which model, and how big a run.
+
+Environment variables (all optional):
+
+    FUSION_NOTEBOOK_MODEL    a model folder (written by `save_pretrained` or `fusion train`);
+                             default: the default model that ships in `fusion/default_model/`
+    FUSION_NOTEBOOK_SMOKE=1  tiny settings: a few samples and training steps, so that a notebook runs
+                             in seconds (the tests use it); the numbers it gives mean nothing
+    FUSION_NOTEBOOK_WORKDIR  where the notebooks write data and training runs;
+                             default: examples/runs/ (ignored by git)
+
+    from notebook_settings import MODEL, SMOKE, MEDIA_DIR, settings
+    vqa = fusion.pipeline("vqa", model=MODEL)        # MODEL is None for the default model
+    run = settings("finetune")                       # run.train_images, run.stage1_steps, ...
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+EXAMPLES_DIR = Path(__file__).resolve().parent
+MEDIA_DIR = EXAMPLES_DIR / "media"
+
+SMOKE: bool = os.environ.get("FUSION_NOTEBOOK_SMOKE", "").strip().lower() not in ("", "0", "false", "no")
+#: a model folder, or None for the default model (what `fusion.pipeline(task, model=None)` loads)
+MODEL: str | None = os.environ.get("FUSION_NOTEBOOK_MODEL") or None
+WORK_DIR = Path(os.environ.get("FUSION_NOTEBOOK_WORKDIR") or EXAMPLES_DIR / "runs")
+
+# Per notebook: the normal settings, and the tiny ones used under FUSION_NOTEBOOK_SMOKE=1.
+_SETTINGS = {
+    "image_pipelines": {
+        "normal": {"batch_size": 4},
+        "smoke": {"batch_size": 2},
+    },
+    "video_qa": {
+        "normal": {"num_frames": 8, "fps": 2.0},
+        "smoke": {"num_frames": 8, "fps": 2.0},
+    },
+    "finetune": {
+        # a few minutes on a 2-core laptop CPU (much less on a GPU)
+        "normal": {"train_images": 600, "val_images": 40, "test_images": 80, "eval_limit": None, "val_limit": 120,
+                   "stage1_steps": 100, "stage2_steps": 150, "batch_size": 32, "eval_batch_size": 32,
+                   "log_every": 5, "threads": None},
+        "smoke": {"train_images": 8, "val_images": 2, "test_images": 4, "eval_limit": 12, "val_limit": 4,
+                  "stage1_steps": 2, "stage2_steps": 2, "batch_size": 4, "eval_batch_size": 8,
+                  "log_every": 1, "threads": 1},
+    },
+}
+
+
+def settings(notebook: str) -> SimpleNamespace:
+    """The size settings of `notebook` ("image_pipelines", "video_qa", "finetune") for this run."""
+    if notebook not in _SETTINGS:
+        raise KeyError(f"no settings for {notebook!r}; known: {sorted(_SETTINGS)}")
+    return SimpleNamespace(**_SETTINGS[notebook]["smoke" if SMOKE else "normal"])
+
+
+def model_folder() -> Path:
+    """The folder of the model the notebooks use (FUSION_NOTEBOOK_MODEL, or the default model's folder)."""
+    if MODEL is not None:
+        return Path(MODEL).expanduser().resolve()
+    from pipelines import default_model_location
+
+    return Path(str(default_model_location()))
+
+
+def describe() -> str:
+    """One line saying which model and which settings this run uses."""
+    which = f"model folder {MODEL}" if MODEL else f"the default model ({model_folder()})"
+    mode = "SMOKE settings (tiny, for tests: the numbers mean nothing)" if SMOKE else "normal settings"
+    return f"{which}; {mode}"
+
+
+def media_manifest() -> dict:
+    """The sample media and their true answers (examples/media/media.json)."""
+    return json.loads((MEDIA_DIR / "media.json").read_text())
+
+
+def build_stand_in_model(folder, seed: int = 0) -> Path:
+    """Save an untrained tiny model with the default model's input settings to `folder` (for smoke tests
+    while no trained model is at hand): 64-pixel images, 8x8 patches -> 4x4 image tokens, 8-frame videos,
+    and a tokenizer that knows the shapes world's words. Its answers are nonsense. Returns the folder."""
+    import torch
+
+    import fusion
+    from fusion.data.shapes_world import ShapesWorldConfig, text_corpus
+    from tokenizer import FusionTokenizer
+    from vision import VisionEncoderConfig
+
+    corpus = text_corpus(ShapesWorldConfig(shapes=("circle", "square", "triangle", "star"),
+                                           colors=("red", "green", "blue", "yellow", "purple"), text_samples=200))
+    texts = [turn["content"] for sample in corpus for turn in sample["conversations"]]
+    tokenizer = FusionTokenizer.train(texts, vocab_size=300)
+    torch.manual_seed(seed)
+    config = fusion.FusionConfig(
+        decoder=fusion.DecoderConfig(vocab_size=len(tokenizer), hidden_size=64, num_layers=2, num_heads=4,
+                                     num_kv_heads=2, head_dim=16, intermediate_size=64, intermediate_size_mlp=96,
+                                     num_experts=2, attention_chunk_size=256),
+        vision=VisionEncoderConfig(image_size=64, patch_size=8, width=32, layers=1, heads=2),
+        adapter_hidden_size=64)
+    model = fusion.FusionModel(config, tokenizer)
+    model.save_pretrained(folder)
+    return Path(folder)

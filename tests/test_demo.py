@@ -1,0 +1,60 @@
+"""examples/demo.py (`make demo`) on a stand-in model: every sample file and question is shown with an
+answer, a score and a time; a model that cannot be loaded ends the demo with the pipeline's message."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def load_module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    settings = load_module("notebook_settings", EXAMPLES / "notebook_settings.py")
+    return settings.build_stand_in_model(tmp_path_factory.mktemp("demo") / "stand-in")
+
+
+def test_demo_shows_every_input_question_answer_score_and_time(stand_in):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(EXAMPLES / "demo.py"), "--model", str(stand_in), "--threads", "1"],
+                         capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    manifest = json.loads((EXAMPLES / "media" / "media.json").read_text())
+    items = manifest["images"] + manifest["videos"]
+    questions = [q for item in items for q in item["questions"]]
+    assert len(manifest["images"]) >= 3 and len(manifest["videos"]) >= 1
+    for item in items:
+        assert item["file"] in out
+    for q in questions:
+        assert f"Q: {q['question']}" in out
+        assert f"true: {q['answer']!r}" in out
+    answer_lines = [line for line in out.splitlines() if line.strip().startswith("A: ")]
+    assert len(answer_lines) == len(questions)
+    assert all("score 0." in line or "score 1." in line for line in answer_lines)
+    assert all(line.rstrip().endswith(" ms") for line in answer_lines)
+    assert out.count("caption: ") == len(manifest["images"])
+    assert f"of {len(questions)} questions answered correctly" in out
+    assert str(stand_in) in out.splitlines()[0]
+
+
+def test_missing_models_end_the_demo_with_the_pipeline_message(monkeypatch, tmp_path, capsys):
+    demo = load_module("fusion_demo", EXAMPLES / "demo.py")
+    monkeypatch.setattr("pipelines.loading.default_model_location", lambda: tmp_path / "default_model")
+    assert demo.main([]) == 1
+    err = capsys.readouterr().err
+    assert "default model is missing" in err and str(tmp_path / "default_model") in err
+    assert demo.main(["--model", str(tmp_path / "nowhere")]) == 1
+    assert str(tmp_path / "nowhere") in capsys.readouterr().err
