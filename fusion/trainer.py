@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,6 +325,7 @@ class Trainer:
         wrapped = fdist.wrap_ddp(step_module, ctx) if ctx.distributed and self.strategy == "ddp" else step_module
         optimizer = build_optimizer(model, stage)
         dataset = load_stage_data(self.config, stage, model)
+        self._check_eval_data(stage)
         total = stage.steps or math.ceil(stage.epochs * len(dataset) / stage.batch_size)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_multiplier(s, total, stage.warmup_steps, stage.min_lr_ratio))
@@ -463,6 +465,22 @@ class Trainer:
                 shown = ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items())
                 print(f"\n[{stage.name} step {progress.step}] val loss {val_loss:.4f} {shown}", flush=True)
         self.ctx.barrier()
+
+    def _check_eval_data(self, stage: StageConfig, probe: int = 4):
+        """Fail at the start of a stage, not after it, when its evaluation data cannot be read."""
+        if not stage.eval.data:
+            return
+        path = self.config.path(stage.eval.data)
+        if not path.is_file():
+            raise ConfigError(f"stage {stage.name!r}: eval data {str(path)!r} does not exist")
+        dataset = load_stage_data(self.config, stage, self.model, files=[stage.eval.data])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            readable = sum(dataset[i] is not None for i in range(min(probe, len(dataset))))
+        if readable == 0:
+            raise ConfigError(f"stage {stage.name!r}: none of the first {min(probe, len(dataset))} samples of its "
+                              f"eval data {str(path)!r} can be read ({dict(getattr(dataset, 'bad_counts', {}))}); "
+                              "check the file and the paths in it (they are relative to the file's folder)")
 
     def _unsharded_copy(self) -> FusionModel | None:
         """A full copy of an FSDP2-sharded model on the main process (collective: every process calls it)."""

@@ -124,23 +124,34 @@ class VisionEncoderConfig:
 class ConvPatchStem(nn.Module):
     """A small convolutional stem in place of the single patch-embedding conv.
 
-    ``[N, 3, S, S] -> [N, width, S/p, S/p]`` like the conv it replaces. For an even patch ``p``:
-    conv ``p/2 x p/2`` stride ``p/2`` -> GELU -> conv ``2x2`` stride 2 (patch 8: 4x4/4 then 2x2/2);
-    for an odd ``p``: conv ``p x p`` stride ``p`` -> GELU -> conv 1x1. Hidden channels: ``width // 2``.
-    Tiny ViTs learn shapes much faster on a CPU with it (vlm-lessons.md).
+    ``[N, 3, S, S] -> [N, width, S/p, S/p]`` like the conv it replaces. For a power-of-two patch
+    ``p = 2^n``: n overlapping 3x3 convs of stride 2 (padding 1), GELU between them, channels growing
+    to ``width`` (patch 8, width 128: 3 -> 32 -> 64 -> 128). Other patch sizes: conv ``p x p`` stride
+    ``p`` -> GELU -> conv 1x1. Tiny ViTs learn shapes much faster on a CPU with a convolutional stem
+    (vlm-lessons.md): overlapping 3x3 filters see edges and corners that one non-overlapping patch
+    projection has to learn from scratch.
     """
 
     def __init__(self, width: int, patch_size: int, in_channels: int = 3):
         super().__init__()
-        hidden = max(width // 2, 1)
-        first, second = (patch_size // 2, 2) if patch_size % 2 == 0 else (patch_size, 1)
-        self.conv_in = nn.Conv2d(in_channels, hidden, kernel_size=first, stride=first)
-        self.act = nn.GELU()
-        self.conv_out = nn.Conv2d(hidden, width, kernel_size=second, stride=second, bias=False)
+        steps = patch_size.bit_length() - 1
+        layers: list[nn.Module] = []
+        if patch_size >= 2 and 2 ** steps == patch_size:
+            channels = [in_channels] + [max(width >> (steps - 1 - i), 8) for i in range(steps)]
+            channels[-1] = width
+            for i in range(steps):
+                layers.append(nn.Conv2d(channels[i], channels[i + 1], kernel_size=3, stride=2, padding=1,
+                                        bias=i < steps - 1))
+                if i < steps - 1:
+                    layers.append(nn.GELU())
+        else:
+            hidden = max(width // 2, 1)
+            layers += [nn.Conv2d(in_channels, hidden, kernel_size=patch_size, stride=patch_size), nn.GELU(),
+                       nn.Conv2d(hidden, width, kernel_size=1, bias=False)]
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.conv_in(pixels))  # [N, hidden, S/first, S/first]
-        return self.conv_out(x)  # [N, width, S/p, S/p]
+        return self.layers(pixels)  # [N, width, S/p, S/p]
 
 
 class VisionEncoder(nn.Module):

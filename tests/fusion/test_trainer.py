@@ -167,3 +167,14 @@ def test_two_process_torchrun_matches_one_process(world, tmp_path, strategy):
     # Adam turns float-rounding differences of near-zero gradients into steps of up to lr (1e-3)
     for (name, p), q in zip(model.state_dict().items(), reference.state_dict().values()):
         assert torch.allclose(p, q, atol=3e-3), name
+
+
+def test_unreadable_eval_data_fails_before_training(world, tmp_path):
+    bad = tmp_path / "elsewhere" / "val.jsonl"  # the media paths inside are relative to the world folder
+    bad.parent.mkdir()
+    bad.write_text((world / "val.jsonl").read_text())
+    stages = [{"name": "s", "data": str(world / "train.jsonl"), "steps": 50, "batch_size": 4,
+               "lr": {"adapter": 1e-3}, "eval": {"data": str(bad)}}]
+    with pytest.raises(fusion.errors.ConfigError, match="eval data .* can be read"):
+        train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages)), progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or losses(tmp_path / "run") == []

@@ -228,11 +228,15 @@ def test_custom_tower_defaults_are_the_tiny_cpu_vit():
     assert encoder(torch.randn(2, 3, 64, 64)).shape == (2, 64, 128)
 
 
-@pytest.mark.parametrize("patch, first, second", [(8, 4, 2), (14, 7, 2), (7, 7, 1)])
-def test_conv_stem_replaces_the_patch_conv_with_the_same_output_grid(patch, first, second):
+@pytest.mark.parametrize("patch, strided_convs", [(8, 3), (16, 4), (2, 1), (14, 0), (7, 0)])
+def test_conv_stem_replaces_the_patch_conv_with_the_same_output_grid(patch, strided_convs):
     stem = ConvPatchStem(width=16, patch_size=patch)
-    assert (stem.conv_in.kernel_size[0], stem.conv_in.stride[0]) == (first, first)
-    assert (stem.conv_out.kernel_size[0], stem.conv_out.stride[0]) == (second, second)
+    convs = [m for m in stem.layers if isinstance(m, nn.Conv2d)]
+    if strided_convs:  # powers of two: overlapping 3x3 convs of stride 2
+        assert [(c.kernel_size[0], c.stride[0]) for c in convs] == [(3, 2)] * strided_convs
+    else:  # other sizes: one patch-sized conv, then 1x1
+        assert [(c.kernel_size[0], c.stride[0]) for c in convs] == [(patch, patch), (1, 1)]
+    assert convs[-1].out_channels == 16
     assert stem(torch.randn(1, 3, 4 * patch, 4 * patch)).shape == (1, 16, 4, 4)
 
 
@@ -243,7 +247,7 @@ def test_conv_stem_tower_trains_end_to_end():
     tokens = encoder(torch.randn(2, 3, 32, 32))
     assert tokens.shape == (2, 16, 32)
     tokens.square().mean().backward()
-    assert encoder.visual.conv1.conv_in.weight.grad.abs().sum() > 0
+    assert encoder.visual.conv1.layers[0].weight.grad.abs().sum() > 0
 
 
 def test_config_round_trips_and_a_saved_encoder_reloads_exactly(tmp_path):
