@@ -31,18 +31,18 @@ SIZE = CONFIG.image_size
 
 # (file, [(shape, color, row, col)], [questions]); every question must be one the world asks about the scene
 IMAGES = [
-    ("one_shape.png", [("circle", "red", 1, 1)],
-     ["What color is the circle?", "What shape is at the center?", "How many shapes are there?",
-      "Is there a blue square?"]),
-    ("two_shapes.png", [("square", "blue", 0, 0), ("triangle", "yellow", 2, 2)],
-     ["What color is the triangle?", "Where is the blue square?", "How many shapes are there?",
-      "Is the blue square above the yellow triangle?"]),
-    ("three_shapes.png", [("triangle", "green", 0, 2), ("circle", "yellow", 1, 0), ("circle", "blue", 2, 1)],
+    ("scene_0.png", [("circle", "red", 0, 0), ("square", "green", 2, 2)],
+     ["What color is the circle?", "Where is the green square?", "How many shapes are there?",
+      "Is the red circle left of the green square?"]),
+    ("scene_1.png", [("triangle", "blue", 1, 1)],
+     ["What shape is at the center?", "What color is the triangle?", "How many shapes are there?",
+      "Is there a red circle?"]),
+    ("scene_2.png", [("triangle", "green", 0, 2), ("circle", "yellow", 1, 0), ("circle", "blue", 2, 1)],
      ["What shape is the green object?", "How many circles are there?", "Where is the yellow circle?",
       "Is there a red shape?"]),
 ]
 
-VIDEO_FILE = "moving_shape.mp4"
+VIDEO_FILE = "clip.mp4"
 VIDEO_QUESTIONS = ["Which way does the red circle move?", "What appears?"]
 
 
