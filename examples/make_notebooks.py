@@ -620,7 +620,7 @@ def execute(path: Path, timeout: int = 1200, save: bool = True) -> nbformat.Note
 
     notebook = nbformat.read(path, as_version=4)
     os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [python_kernel_dir(), os.environ.get("JUPYTER_PATH")]))
-    client = NotebookClient(notebook, kernel_name="python3", timeout=timeout,
+    client = NotebookClient(notebook, kernel_name="python3", timeout=timeout, coalesce_streams=True,  # tidy progress bars
                             resources={"metadata": {"path": str(path.parent)}})
     client.execute()
     if save:
