@@ -133,15 +133,15 @@ class _LoopedExperts(torch.autograd.Function):
 
 
 def sort_tokens_by_expert(chosen: torch.Tensor, num_experts: int):
-    """chosen [N, k] expert ids -> (token_index [N·k], order [N·k], counts [E]).
+    """chosen [N, k] expert ids -> (order [N·k], counts [E]).
 
-    Row j of the sorted batch is token token_index[j] going to its (order[j] % k)-th expert; rows are
+    Row j of the sorted batch is the pair (token order[j] // k, its (order[j] % k)-th expert); rows are
     grouped by expert in increasing expert order.
     """
     flat = chosen.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts)
-    return order // chosen.shape[1], order, counts
+    return order, counts
 
 
 class MoE(nn.Module):
@@ -173,11 +173,15 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         chosen, gates, scores = self.route(x)
-        token_index, order, counts = sort_tokens_by_expert(chosen, self.num_experts)
-        routed_in = (x[token_index].float() * gates.reshape(-1)[order, None]).to(x.dtype)  # [N·k, D]
+        order, counts = sort_tokens_by_expert(chosen, self.num_experts)
+        k = self.top_k
+        routed_in = (x[order // k].float() * gates.reshape(-1)[order, None]).to(x.dtype)  # [N·k, D] sorted
         routed_out = self.experts(routed_in, counts)
+        # back to (token, k) order with a gather (cheaper than a scatter-add, also for tiny decode batches)
+        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         shared = self.shared_expert(x)
-        out = shared.index_add(0, token_index, routed_out.to(shared.dtype))
+        routed = routed_out.to(shared.dtype).index_select(0, unsort).view(-1, k, shared.shape[-1])
+        out = shared + (routed[:, 0] if k == 1 else routed.sum(1))
 
         self.last_counts, self.last_chosen = counts.detach(), chosen.detach()
         if self.training:

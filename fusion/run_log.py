@@ -36,15 +36,16 @@ def read_metrics(path) -> list[dict]:
 
 def plot_metrics(metrics_path, out_png) -> Path:
     """Training and validation loss (left) and task accuracy (right) against the optimizer step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own (not pyplot): the global backend, e.g. a notebook's inline plots, stays as it is.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     entries = read_metrics(metrics_path)
     train = [e for e in entries if e.get("kind") == "train"]
     evals = [e for e in entries if e.get("kind") == "eval"]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_acc = fig.subplots(1, 2)
     if train:
         ax_loss.plot([e["step"] for e in train], [e["loss"] for e in train], label="train loss", lw=1)
     with_val = [e for e in evals if e.get("val_loss") is not None]
@@ -58,19 +59,18 @@ def plot_metrics(metrics_path, out_png) -> Path:
     ax_loss.set_ylabel("loss")
     ax_loss.set_yscale("log")
     ax_loss.legend()
-    metrics = sorted({k for e in evals for k in e.get("accuracy", {})})
+    metrics = sorted({k for e in evals for k in e.get("accuracy", {}) if k.endswith("/accuracy")})  # per task
     for name in metrics:
         points = [(e["step"], e["accuracy"][name]) for e in evals if name in e.get("accuracy", {})]
         ax_acc.plot([p[0] for p in points], [p[1] for p in points], "o-", label=name)
     ax_acc.set_xlabel("step")
-    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_ylabel("accuracy (per task; per question type in metrics.jsonl)")
     ax_acc.set_ylim(0, 1.02)
     if metrics:
         ax_acc.legend(fontsize=8)
     fig.tight_layout()
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=100)
-    plt.close(fig)
     return out_png
 
 
