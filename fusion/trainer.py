@@ -281,6 +281,8 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> Path:
         config = self.config
+        started = time.perf_counter()
+        resumed = self.resume_state is not None
         self.prepare_data()
         self.seed_everything(config.seed)
         if self.resume_state is not None:
@@ -309,6 +311,12 @@ class Trainer:
         if self.ctx.is_main:
             plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png")
         self.final_eval(final)
+        if self.ctx.is_main:
+            write_json(self.out / "run_summary.json", {
+                "wall_seconds": round(time.perf_counter() - started, 1),
+                "resumed": resumed,  # True: wall_seconds covers only the part after the last --resume
+                "steps": progress.global_step, "device": str(self.ctx.device), "world_size": self.ctx.world_size,
+                "threads": torch.get_num_threads(), "torch": torch.__version__})
         self.ctx.barrier()
         return final
 
