@@ -30,17 +30,21 @@ def atomic_folder(path):
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
 
     If the block raises, the temporary folder is removed and `path` is untouched. An existing folder
-    at `path` is moved aside first and deleted only after the new one is in place.
+    at `path` is moved aside first and deleted only after the new one is in place. The folder and its
+    files get the usual permissions for the process's umask (not the private ones of a temporary folder).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        umask = _current_umask()
         for f in tmp.iterdir():  # flush file contents before the rename makes them visible
             if f.is_file():
                 with open(f, "rb") as handle:
                     os.fsync(handle.fileno())
+                f.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -51,6 +55,12 @@ def atomic_folder(path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def write_json(path, data) -> None:

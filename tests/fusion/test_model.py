@@ -1,5 +1,7 @@
 """The fused model: the splice, media order, batched generation, save/load, frozen parts."""
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -213,3 +215,13 @@ def test_shared_prefix_sample_equals_its_separate_samples(tok):
     packed = model(**pack_batch([shared, samples[0]], tok.pad_id, max_length=1000).model_inputs())
     both = model(**pad_batch(samples + [samples[0]], tok.pad_id).model_inputs())
     assert packed.loss.item() == pytest.approx(both.loss.item(), rel=1e-5)
+
+
+def test_saved_folders_are_readable_by_others_as_the_umask_allows(tok, tmp_path):
+    old = os.umask(0o022)
+    try:
+        tiny_model(tok).save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755  # not the 0o700 of a temporary folder
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()} == {0o644}
