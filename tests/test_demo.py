@@ -1,6 +1,5 @@
 """examples/demo.py (`make demo`) on a stand-in model: every sample file and question is shown with an
 answer, a score and a time; a model that cannot be loaded ends the demo with the pipeline's message."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,16 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def load_module(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def stand_in(tmp_path_factory):
-    settings = load_module("notebook_settings", EXAMPLES / "notebook_settings.py")
+def stand_in(tmp_path_factory, load_example):
+    settings = load_example("notebook_settings.py")
     return settings.build_stand_in_model(tmp_path_factory.mktemp("demo") / "stand-in")
 
 
@@ -50,8 +42,8 @@ def test_demo_shows_every_input_question_answer_score_and_time(stand_in):
     assert str(stand_in) in out.splitlines()[0]
 
 
-def test_missing_models_end_the_demo_with_the_pipeline_message(monkeypatch, tmp_path, capsys):
-    demo = load_module("fusion_demo", EXAMPLES / "demo.py")
+def test_missing_models_end_the_demo_with_the_pipeline_message(monkeypatch, tmp_path, capsys, load_example):
+    demo = load_example("demo.py")
     monkeypatch.setattr("pipelines.loading.default_model_location", lambda: tmp_path / "default_model")
     assert demo.main([]) == 1
     err = capsys.readouterr().err

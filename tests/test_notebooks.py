@@ -4,7 +4,6 @@ They run on the shipped default model when `fusion/default_model/` exists, other
 stand-in model built here and passed through FUSION_NOTEBOOK_MODEL. The kernel is `python3`, from a
 kernelspec that runs this test's own Python (`sys.executable`), so the notebooks see this checkout.
 """
-import importlib.util
 import json
 import os
 import sys
@@ -19,20 +18,13 @@ NOTEBOOKS = ["image_pipelines.ipynb", "video_qa.ipynb", "finetune_custom_data.ip
 CELL_TIMEOUT = 300
 
 
-def load_module(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def generator(load_example):
+    return load_example("make_notebooks.py")
 
 
 @pytest.fixture(scope="module")
-def generator():
-    return load_module("make_notebooks", EXAMPLES / "make_notebooks.py")
-
-
-@pytest.fixture(scope="module")
-def kernel_env(tmp_path_factory, generator):
+def kernel_env(tmp_path_factory, generator, load_example):
     """Environment of the notebook kernels: smoke settings, a model, a work folder, this Python's kernel."""
     import pipelines
 
@@ -44,7 +36,7 @@ def kernel_env(tmp_path_factory, generator):
     if Path(str(pipelines.default_model_location())).is_dir():
         env["FUSION_NOTEBOOK_MODEL"] = ""  # the shipped default model
     else:
-        settings = load_module("notebook_settings", EXAMPLES / "notebook_settings.py")
+        settings = load_example("notebook_settings.py")
         env["FUSION_NOTEBOOK_MODEL"] = str(settings.build_stand_in_model(work / "stand-in"))
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # the kernel process inherits the environment
