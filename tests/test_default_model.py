@@ -1,0 +1,89 @@
+"""The shipped default model does what its model card says.
+
+The card's accuracy table is re-measured here: the held-out test split of the model's shapes world is
+regenerated from the recorded generator settings (splits are independent, so the test split alone is
+the same as in the full dataset) and evaluated with `fusion eval` on the shipped weights.
+"""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fusion
+import pipelines
+from fusion.data.shapes_world import ShapesWorldConfig, generate_shapes_world
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = Path(str(pipelines.default_model_location()))
+ROW = re.compile(r"^\| (vqa|video-qa|caption) \| ([\w-]+) \| (\d+) \| ([\d.]+)(%?) \|$")
+
+
+def card_figures() -> dict:
+    """{(task, question type or metric): (count, value as a fraction or a score)} from MODEL_CARD.md."""
+    figures = {}
+    for line in (MODEL_DIR / "MODEL_CARD.md").read_text().splitlines():
+        m = ROW.match(line.strip())
+        if m:
+            task, kind, count, value, pct = m.groups()
+            figures[(task, kind)] = (int(count), float(value) / 100 if pct else float(value))
+    return figures
+
+
+def measured_figures(results: dict) -> dict:
+    figures = {}
+    for task in ("vqa", "video-qa"):
+        r = results["tasks"][task]
+        figures[(task, "all")] = (r["count"], r["accuracy"])
+        for qtype, value in r["by_type"].items():
+            figures[(task, qtype)] = (r["count_by_type"][qtype], value)
+    caption = results["tasks"]["caption"]
+    figures[("caption", "BLEU-4")] = (caption["count"], caption["bleu4"])
+    figures[("caption", "CIDEr")] = (caption["count"], caption["cider"])
+    return figures
+
+
+def test_default_model_ships_with_the_package():
+    assert (MODEL_DIR / "model.safetensors").is_file(), f"the default model is missing from {MODEL_DIR}"
+    size_mb = sum(f.stat().st_size for f in MODEL_DIR.iterdir()) / 2**20
+    assert size_mb < 20, f"the default model is {size_mb:.1f} MB; it is committed and should stay small"
+    figures = card_figures()
+    for task in ("vqa", "video-qa"):
+        assert (task, "all") in figures, f"MODEL_CARD.md states no overall {task} accuracy"
+    assert ("caption", "CIDEr") in figures
+
+
+def test_model_card_accuracy_is_reproduced_by_fusion_eval(tmp_path):
+    recorded = json.loads((MODEL_DIR / "evaluation.json").read_text())
+    world = dict(recorded["shapes_world"])
+    only_test = {"train_images": 0, "val_images": 0, "train_videos": 0, "val_videos": 0, "text_samples": 0}
+    generate_shapes_world(tmp_path / "shapes", ShapesWorldConfig(**{**world, **only_test}))
+    out = tmp_path / "results.json"
+    done = subprocess.run([sys.executable, "-m", "fusion.cli", "eval", str(MODEL_DIR),
+                           str(tmp_path / "shapes" / "test.jsonl"), "--batch-size", str(recorded["batch_size"]),
+                           "--out", str(out), "--no-progress", "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = measured_figures(json.loads(out.read_text()))
+    stated = card_figures()
+    assert set(stated) == set(measured), "MODEL_CARD.md and the evaluation list different question types"
+    for key, (count, value) in stated.items():
+        measured_count, measured_value = measured[key]
+        assert measured_count == count, f"{key}: the card counts {count} questions, the test split has {measured_count}"
+        if key[0] == "caption":  # a score with 3 decimals in the card
+            assert measured_value == pytest.approx(value, abs=0.01), key
+        else:  # a percentage with 1 decimal; allow one answer to flip on another CPU's rounding
+            assert abs(measured_value - value) <= 1 / count + 0.0006, \
+                f"{key}: the card says {100 * value:.1f}%, fusion eval measures {100 * measured_value:.1f}%"
+
+
+def test_default_model_describes_the_demo_scene():
+    # The demo's first image (examples/media/media.json holds its true caption and answers): the shipped
+    # model must get it right, since that is the first thing a user sees of it.
+    media = json.loads((ROOT / "examples" / "media" / "media.json").read_text())["images"][0]
+    image = str(ROOT / "examples" / "media" / media["file"])
+    assert fusion.pipeline("captioning")(image) == [{"generated_text": media["caption"]}]
+    [answer] = fusion.pipeline("vqa")(image=image, question="How many shapes are there?")
+    assert answer["answer"] == "2" and 0.5 < answer["score"] <= 1.0
