@@ -420,7 +420,7 @@ starts from the model folder. The same file runs from a shell with `fusion train
 """),
     code("""
 def stage(name, steps, lr):
-    return {"name": name, "data": str(data / "train.jsonl"), "group_by_image": True, "steps": steps,
+    return {"name": name, "data": str(data / "train.jsonl"), "group_by_media": True, "steps": steps,
             "batch_size": run.batch_size, "warmup_steps": min(10, steps), "lr": lr,
             "eval": {"data": str(data / "val.jsonl"), "limit": run.val_limit, "every": run.eval_every}}
 

@@ -18,7 +18,7 @@ rate per part. A rate of 0 (or a part left out) freezes that part for the stage.
         lr: {decoder: 3.0e-4}
       - name: cotrain
         data: data/shapes/train.jsonl
-        group_by_image: true
+        group_by_media: true
         lr: {vision: 1.0e-3, adapter: 1.0e-3}     # decoder frozen
         eval: {data: data/shapes/val.jsonl, every: 200, limit: 200}
 
@@ -60,7 +60,7 @@ class StageConfig:
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of each part's rate
     weight_decay: float = 0.0
     clip_grad_norm: float | None = 1.0
-    group_by_image: bool = False
+    group_by_media: bool = False
     pack: bool = False
     max_length: int = 1024  # packing row length
     init_from: str | None = None  # start this stage from a model folder

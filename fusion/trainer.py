@@ -161,7 +161,7 @@ class StageBatches(Sampler):
 def load_stage_data(config: TrainConfig, stage: StageConfig, model: FusionModel, files=None):
     from .data.datasets import ConversationDataset
 
-    datasets = [ConversationDataset(config.path(f), model.processor, group_by_image=stage.group_by_image)
+    datasets = [ConversationDataset(config.path(f), model.processor, group_by_media=stage.group_by_media)
                 for f in (files or stage.data)]
     return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
 

@@ -43,14 +43,15 @@ Use with a plain ``DataLoader``::
 The dataset holds no open file or video reader (media are opened inside each ``dataset[i]``), so it
 pickles into ``DataLoader`` workers. Bad-sample counts are kept per process.
 
-``group_by_image=True`` groups consecutive records that show the same single image (and no video):
-``dataset[i]`` is then one shared-prefix sample (`fusion.data.collate.share_prefix`) in which the
-image is encoded once and each question is a branch that sees the image and itself only, at the
-positions it would have on its own. Nothing leaks between the questions (a multi-turn merge would
-let later answers be read off earlier ones), and every answer is supervised. A record joins the
-group before it only if it has exactly that one image, no video, at most one ``<image>`` marker, no
-``<video>`` marker, and no system turn other than the group's own. The group's record keeps the
-first record's id, type and task; `Record.members` lists every grouped id, `Record.group` the records.
+``group_by_media=True`` groups consecutive records that show the same single image, or the same single
+video: ``dataset[i]`` is then one shared-prefix sample (`fusion.data.collate.share_prefix`) in which the
+image (or the video's frames) is encoded once and each question is a branch that sees the media and
+itself only, at the positions it would have on its own. Nothing leaks between the questions (a multi-turn
+merge would let later answers be read off earlier ones), and every answer is supervised. A record joins
+the group before it only if it has exactly that one image and no video (or that one video and no image),
+at most one marker for it, no marker for the other kind, and no system turn other than the group's own.
+The group's record keeps the first record's id, type and task; `Record.members` lists every grouped id,
+`Record.group` the records.
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ class Record:
 
     `images` and `videos` are resolved paths (joined to the dataset's root). `line` is the 1-based line
     of a JSONL file or the 1-based position in a JSON list. `members` lists the ids of the records that
-    `group_by_image` grouped into this one, `group` the records themselves (empty when nothing was grouped).
+    `group_by_media` grouped into this one, `group` the records themselves (empty when nothing was grouped).
     """
 
     id: str
@@ -118,7 +119,7 @@ class Record:
     task: str | None = None
     line: int = 0
     members: tuple[str, ...] = ()
-    group: tuple["Record", ...] = ()  # the grouped records, when `group_by_image` grouped several
+    group: tuple["Record", ...] = ()  # the grouped records, when `group_by_media` grouped several
 
     @property
     def _last_assistant(self) -> int:
@@ -271,18 +272,23 @@ def _system_turn(record: Record) -> str | None:
     return first["content"] if first["role"] == "system" else None
 
 
-def _can_group(record: Record) -> bool:
-    return (len(record.images) == 1 and not record.videos and _count_markers(record, IMAGE_MARKER) <= 1
-            and _count_markers(record, VIDEO_MARKER) == 0)
+def _group_key(record: Record) -> tuple[str, str] | None:
+    """("image", path) or ("video", path) for a record that shows one medium only, else None."""
+    images, videos = _count_markers(record, IMAGE_MARKER), _count_markers(record, VIDEO_MARKER)
+    if len(record.images) == 1 and not record.videos and images <= 1 and videos == 0:
+        return ("image", record.images[0])
+    if len(record.videos) == 1 and not record.images and videos <= 1 and images == 0:
+        return ("video", record.videos[0])
+    return None
 
 
 def group_records(records: Sequence[Record], max_group_size: int | None = None) -> list[Record]:
-    """Group runs of consecutive records with the same single image (see the module docstring)."""
+    """Group runs of consecutive records with the same single image or video (see the module docstring)."""
     groups: list[list[Record]] = []
     for record in records:
         last = groups[-1] if groups else None
-        if (last is not None and _can_group(record) and _can_group(last[0])
-                and record.images[0] == last[0].images[0]
+        key = _group_key(record)
+        if (last is not None and key is not None and key == _group_key(last[0])
                 and (max_group_size is None or len(last) < max_group_size)
                 and _system_turn(record) in (None, _system_turn(last[0]))):
             last.append(record)
@@ -301,7 +307,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         processor: a `fusion.FusionProcessor` (e.g. `model.processor`).
         root: the folder media paths are relative to (default: the file's folder).
         strict: raise `DatasetError` on the first bad line or sample instead of skipping it.
-        group_by_image: merge consecutive records with the same single image into one conversation.
+        group_by_media: merge consecutive records with the same single image or video into one sample
+            that encodes it once (see the module docstring).
         max_group_size: the most records merged into one (None: no limit).
         num_frames, fps: video frame sampling (None: the processor's settings).
         min_attempts, max_bad_fraction: stop with `DatasetError` once at least `min_attempts` samples
@@ -313,14 +320,14 @@ class ConversationDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, path: str | os.PathLike, processor, root: str | os.PathLike | None = None, strict: bool = False,
-                 group_by_image: bool = False, *, max_group_size: int | None = None, num_frames: int | None = None,
+                 group_by_media: bool = False, *, max_group_size: int | None = None, num_frames: int | None = None,
                  fps: float | None = None, min_attempts: int = 20, max_bad_fraction: float = 0.5,
                  max_warnings: int = 20):
         self.path = os.fspath(path)
         self.root = os.path.dirname(os.path.abspath(self.path)) if root is None else os.fspath(root)
         self.processor = processor
         self.strict = strict
-        self.group_by_image = group_by_image
+        self.group_by_media = group_by_media
         self.num_frames, self.fps = num_frames, fps
         self.min_attempts, self.max_bad_fraction = min_attempts, max_bad_fraction
         self.max_warnings = max_warnings
@@ -347,7 +354,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{self.path}: {len(bad)} of its {total} records are malformed "
                                f"({_most_common(self.bad_counts)}); is this the right file and format?")
         self.source_records: list[Record] = records
-        self.records: list[Record] = group_records(records, max_group_size) if group_by_image else records
+        self.records: list[Record] = group_records(records, max_group_size) if group_by_media else records
 
     def __len__(self) -> int:
         return len(self.records)
@@ -405,7 +412,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         return Collator(self.processor.tokenizer.pad_id, pack=pack, max_length=max_length)
 
     def __repr__(self) -> str:
-        grouped = f", grouped from {len(self.source_records)}" if self.group_by_image else ""
+        grouped = f", grouped from {len(self.source_records)}" if self.group_by_media else ""
         return f"ConversationDataset({self.path!r}, {len(self)} samples{grouped}, format={self.format})"
 
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import fusion
-from fusion.data.collate import Batch
+from fusion.data.collate import Batch, pad_batch
 from fusion.data.datasets import CollatedBatch, Collator, ConversationDataset, DatasetWarning, collate, infer_task
 from fusion.errors import DatasetError, ImageLoadError
 from tokenizer import FusionTokenizer
@@ -266,7 +266,7 @@ def test_mostly_bad_data_stops_early(model, media):
 # Grouping questions per image
 
 
-def test_group_by_image_shares_the_image_between_consecutive_questions(model, tok, media):
+def test_group_by_media_shares_the_image_between_consecutive_questions(model, tok, media):
     rows = [sample("a0", "<image>\nwhat color is the circle?", "red", ["images/a.png"], type="color"),
             sample("a1", "<image>\nhow many shapes are there?", "2", ["images/a.png"], type="count"),
             sample("a2", "<image>\nis there a star?", "no", ["images/a.png"], type="existence"),
@@ -275,7 +275,7 @@ def test_group_by_image_shares_the_image_between_consecutive_questions(model, to
             sample("a3", "<image>\nwhat color is the circle?", "green", ["images/a.png"])]  # not consecutive
     path = write_jsonl(media / "group.jsonl", rows)
     flat = ConversationDataset(path, model.processor)
-    grouped = ConversationDataset(path, model.processor, group_by_image=True)
+    grouped = ConversationDataset(path, model.processor, group_by_media=True)
     assert len(flat) == 6 and len(grouped) == 4
     assert [r.members for r in grouped.records] == [("a0", "a1", "a2"), (), (), ()]
     assert [r.id for r in grouped.records[0].group] == ["a0", "a1", "a2"] and grouped.records[0].id == "a0"
@@ -293,16 +293,40 @@ def test_group_by_image_shares_the_image_between_consecutive_questions(model, to
         assert torch.equal(s.positions[branch], torch.arange(prefix, len(flat[i].input_ids)))
     for i in (1, 2, 3):
         same_sample(grouped[i], flat[{1: 3, 2: 4, 3: 5}[i]])
-    assert len(ConversationDataset(path, model.processor, group_by_image=True, max_group_size=2)) == 5
+    assert len(ConversationDataset(path, model.processor, group_by_media=True, max_group_size=2)) == 5
 
     # an image marker after the question: the questions differ before the image, so each keeps its own
     rows[1] = sample("a1", "how many shapes are there?<image>", "2", ["images/a.png"], type="count")
     path = write_jsonl(media / "group_late_marker.jsonl", rows)
-    s = ConversationDataset(path, model.processor, group_by_image=True)[0]
+    s = ConversationDataset(path, model.processor, group_by_media=True)[0]
     assert s.pixel_values.shape[0] == 3 and supervised_text(tok, s) == "red2no"
 
 
-def test_group_by_image_keeps_apart_what_cannot_share_a_prefix(model, media):
+def test_group_by_media_encodes_a_video_once_for_its_questions(model, tok, media):
+    rows = [sample("v0", "<video>\nwhich way does the circle move?", "left", videos=["videos/v.mp4"]),
+            sample("v1", "<video>\nwhat appears?", "red square", videos=["videos/v.mp4"]),
+            sample("a0", "<image>\nwhat color?", "red", ["images/a.png"])]
+    path = write_jsonl(media / "group_video.jsonl", rows)
+    flat = ConversationDataset(path, model.processor)
+    grouped = ConversationDataset(path, model.processor, group_by_media=True)
+    assert [r.members for r in grouped.records] == [("v0", "v1"), ()]
+    s = grouped[0]
+    assert torch.equal(s.pixel_values, flat[0].pixel_values)  # the frames once, not once per question
+    assert s.frame_timestamps == flat[0].frame_timestamps
+    assert supervised_text(tok, s) == "leftred square"
+    prefix = int((s.branch_ids == 0).sum())
+    assert s.input_ids[:prefix].tolist().count(tok.patch_id) == int((flat[0].input_ids == tok.patch_id).sum())
+    for k in (1, 2):
+        assert torch.equal(s.input_ids[s.branch_ids == k], flat[k - 1].input_ids[prefix:])
+    with torch.no_grad():  # each branch gets the loss its question gets on its own
+        separate = [model(**pad_batch([flat[i]], tok.pad_id).model_inputs()) for i in (0, 1)]
+        together = model(**pad_batch([s], tok.pad_id).model_inputs())
+    tokens = [int((flat[i].labels != -100).sum()) for i in (0, 1)]
+    expected = sum(out.loss.item() * n for out, n in zip(separate, tokens)) / sum(tokens)
+    assert together.loss.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_group_by_media_keeps_apart_what_cannot_share_a_prefix(model, media):
     system = {"role": "system", "content": "answer briefly"}
     rows = [{"id": "s0", "images": ["images/a.png"], "conversations": [system] + turns(("<image>\ncolor?", "red"))},
             {"id": "s1", "images": ["images/a.png"], "conversations": [system] + turns(("<image>\ncount?", "1"))},
@@ -310,7 +334,7 @@ def test_group_by_image_keeps_apart_what_cannot_share_a_prefix(model, media):
              "conversations": [{"role": "system", "content": "other"}] + turns(("<image>\nshape?", "circle"))},
             sample("two", "<image><image> same?", "yes", ["images/a.png", "images/a.png"]),
             sample("vid", "<video> <image>", "x", ["images/a.png"], ["videos/v.mp4"])]
-    ds = ConversationDataset(write_jsonl(media / "group2.jsonl", rows), model.processor, group_by_image=True)
+    ds = ConversationDataset(write_jsonl(media / "group2.jsonl", rows), model.processor, group_by_media=True)
     assert [r.members for r in ds.records] == [("s0", "s1"), (), (), ()]
     assert ds[0] is not None and int((ds[0].branch_ids == 0).sum()) > 0  # the system turn and image are shared
 
@@ -380,10 +404,11 @@ def test_shapes_world_files_read_and_group(model, tok, tmp_path):
         image_size=32, video_size=32, video_frames=6))
     rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     flat = ConversationDataset(tmp_path / "train.jsonl", model.processor)
-    grouped = ConversationDataset(tmp_path / "train.jsonl", model.processor, group_by_image=True)
+    grouped = ConversationDataset(tmp_path / "train.jsonl", model.processor, group_by_media=True)
     image_rows = [r for r in rows if r["images"]]
     video_rows = [r for r in rows if r["videos"]]
-    assert len(flat) == len(rows) and len(grouped) == 3 + len(video_rows)
+    assert len(flat) == len(rows) and len(grouped) == 3 + 2  # one sample per image, one per video
+    assert sum(len(r.members or (r.id,)) for r in grouped.records) == len(rows)
     for i, record in enumerate(grouped.records):
         s = grouped[i]
         if record.images:
@@ -391,6 +416,9 @@ def test_shapes_world_files_read_and_group(model, tok, tmp_path):
             answers = [r["conversations"][-1]["content"] for r in image_rows if r["id"] in record.members]
             assert supervised_text(tok, s) == "".join(answers)
         else:
-            assert s.pixel_values.shape[0] == 3 and s.frame_timestamps is not None  # the model's 3 frames
+            assert s.pixel_values.shape[0] == 3 and s.frame_timestamps is not None  # the model's 3 frames, once
+            ids = record.members or (record.id,)
+            answers = [r["conversations"][-1]["content"] for r in video_rows if r["id"] in ids]
+            assert answers and supervised_text(tok, s) == "".join(answers)
     text = ConversationDataset(tmp_path / "text.jsonl", model.processor)
     assert len(text) == 5 and all(text[i].pixel_values is None for i in range(5))
