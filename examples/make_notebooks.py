@@ -324,7 +324,7 @@ Llama 4 way, and measure again:
 1. **stage 1**: train the vision encoder and the adapter against the frozen language decoder;
 2. **stage 2**: unfreeze everything, the encoder at a lower learning rate.
 
-With the normal settings this takes about 5 minutes on a 2-core CPU (under a minute on a GPU). Your
+With the normal settings this takes about 5 minutes on a 2-core CPU. Your
 own data works the same way: a JSONL file of conversations with image paths (see
 `fusion.data.datasets`).
 """ + SETTINGS_NOTE),

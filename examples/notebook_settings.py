@@ -43,9 +43,9 @@ _SETTINGS = {
         "smoke": {"num_frames": 8, "fps": 2.0},
     },
     "finetune": {
-        # About 5 minutes on 2 CPU cores (~1.3 s per step of 32 samples), under 1 minute on a GPU. Measured on a
-        # GPU from a shortened shapes-tiny model with 100 + 150 steps: test VQA accuracy 0.66 -> 0.77, "shape"
-        # questions 0.45 -> 0.90, caption BLEU-4 0.71 -> 0.96; most of the gain comes in stage 2.
+        # About 5 minutes on 2 CPU cores (60 + 120 steps of 32 samples, ~1.5 s each). Measured by
+        # `python examples/make_notebooks.py --execute` on the default model (the committed outputs): test VQA
+        # accuracy 0.689 -> 0.822, "shape" questions (stars) 0.350 -> 0.787, caption CIDEr 4.80 -> 9.21.
         "normal": {"train_images": 600, "val_images": 40, "test_images": 80, "eval_limit": None, "val_limit": 120,
                    "stage1_steps": 60, "stage2_steps": 120, "batch_size": 32, "eval_batch_size": 32,
                    "eval_every": 0, "log_every": 5},

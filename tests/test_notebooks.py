@@ -6,6 +6,7 @@ kernelspec that runs this test's own Python (`sys.executable`), so the notebooks
 """
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -117,3 +118,16 @@ def test_committed_notebooks_are_the_generators_cells(generator):
         assert [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in built.cells], \
             f"{name} differs from examples/make_notebooks.py; run `python examples/make_notebooks.py`"
         nbformat.validate(committed)
+
+
+def test_committed_notebooks_carry_a_real_run_with_a_measured_gain():
+    # The .ipynb files are committed with the outputs of `make_notebooks.py --execute` at normal settings.
+    for name in NOTEBOOKS:
+        text = outputs_text(nbformat.read(EXAMPLES / name, as_version=4))
+        assert "normal settings" in text and "SMOKE" not in text, f"{name}: committed without a normal-settings run"
+    text = outputs_text(nbformat.read(EXAMPLES / "finetune_custom_data.ipynb", as_version=4))
+    rows = {m[1]: (float(m[2]), float(m[3])) for m in re.finditer(r"^(VQA accuracy|shape)\s+([\d.]+)\s+([\d.]+)$",
+                                                                     text, flags=re.MULTILINE)}
+    assert set(rows) == {"VQA accuracy", "shape"}, "the before/after table is missing from the committed outputs"
+    for row, (before, after) in rows.items():
+        assert after > before + 0.05, f"{row}: {before} before fine-tuning, {after} after: no measured gain"
