@@ -173,15 +173,20 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         chosen, gates, scores = self.route(x)
-        order, counts = sort_tokens_by_expert(chosen, self.num_experts)
         k = self.top_k
-        routed_in = (x[order // k].float() * gates.reshape(-1)[order, None]).to(x.dtype)  # [N·k, D] sorted
-        routed_out = self.experts(routed_in, counts)
-        # back to (token, k) order with a gather (cheaper than a scatter-add, also for tiny decode batches)
-        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         shared = self.shared_expert(x)
-        routed = routed_out.to(shared.dtype).index_select(0, unsort).view(-1, k, shared.shape[-1])
-        out = shared + (routed[:, 0] if k == 1 else routed.sum(1))
+        if self.num_experts == 1:  # top-1 of one expert: tokens are already in expert order, nothing to sort
+            counts = torch.full((1,), x.shape[0], dtype=torch.long, device=x.device)
+            routed_in = (x.float() * gates).to(x.dtype)
+            out = shared + self.experts(routed_in, counts).to(shared.dtype)
+        else:
+            order, counts = sort_tokens_by_expert(chosen, self.num_experts)
+            routed_in = (x[order // k].float() * gates.reshape(-1)[order, None]).to(x.dtype)  # [N·k, D] sorted
+            routed_out = self.experts(routed_in, counts)
+            # back to (token, k) order with a gather (cheaper than a scatter-add, also for tiny decode batches)
+            unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+            routed = routed_out.to(shared.dtype).index_select(0, unsort).view(-1, k, shared.shape[-1])
+            out = shared + (routed[:, 0] if k == 1 else routed.sum(1))
 
         self.last_counts, self.last_chosen = counts.detach(), chosen.detach()
         if self.training:

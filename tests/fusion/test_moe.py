@@ -32,12 +32,16 @@ def dense_reference(moe: MoE, x):
     return out
 
 
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_matches_dense_reference(top_k):
-    moe = make_moe(top_k=top_k)
-    x = torch.randn(50, 32)
-    with torch.no_grad():
-        assert (moe(x) - dense_reference(moe, x)).abs().max().item() <= 1e-5
+@pytest.mark.parametrize("num_experts,top_k", [(8, 1), (8, 2), (1, 1)])  # one expert takes a path with no sort
+def test_matches_dense_reference(num_experts, top_k):
+    moe = make_moe(num_experts=num_experts, top_k=top_k)
+    x = torch.randn(50, 32, requires_grad=True)
+    ours, reference = moe(x), dense_reference(moe, x)
+    assert (ours - reference).abs().max().item() <= 1e-5
+    grad_out = torch.randn_like(ours)
+    params = [x, moe.router.weight, moe.experts.gate_up_proj, moe.experts.down_proj]
+    for g, g_ref in zip(torch.autograd.grad(ours, params, grad_out), torch.autograd.grad(reference, params, grad_out)):
+        assert (g - g_ref).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
