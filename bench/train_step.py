@@ -7,6 +7,7 @@ matmul rate measured in the same run.
 
     python bench/train_step.py                 # experts 1, 4, 16 (the BENCHMARKS.md table)
     python bench/train_step.py --experts 16 --rounds 3 --json out.json
+    python bench/train_step.py --profile 16    # where one step of fusion's decoder spends its time
 """
 from __future__ import annotations
 
@@ -128,6 +129,20 @@ def bench(num_experts: int, vocab: int, rounds: int, warmup: int) -> dict:
     return result
 
 
+def profile_step(num_experts: int, vocab: int, steps: int = 2) -> None:
+    """Print torch.profiler's table of `steps` fusion training steps (after two warm-up steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ours, _ = build_pair(num_experts, vocab)
+    step = make_step(ours, False)
+    step(), step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    print(f"fusion decoder, {num_experts} experts, {steps} training steps:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, nargs="+", default=[1, 4, 16])
@@ -136,8 +151,12 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--profile", type=int, metavar="EXPERTS", help="only profile fusion's step with this many experts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.profile:
+        profile_step(args.profile, args.vocab)
+        return
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or platform.machine()}, "

@@ -14,8 +14,9 @@ import fusion
 from fusion.data.collate import Batch, pad_batch
 from fusion.data.datasets import CollatedBatch, Collator, ConversationDataset, DatasetWarning, collate, infer_task
 from fusion.errors import DatasetError, ImageLoadError
+from tests.tiny_models import tiny_fusion_model
 from tokenizer import FusionTokenizer
-from vision import VisionEncoderConfig, write_video
+from vision import write_video
 
 TEXTS = ["what color is the circle? red", "a blue square at the top left", "which way does it move? left",
          "describe the image. a green triangle", "how many shapes are there? 2", "is there a star? no"] * 40
@@ -28,13 +29,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    torch.manual_seed(0)
-    decoder = fusion.DecoderConfig(vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                                   head_dim=16, intermediate_size=64, num_experts=4, attention_chunk_size=16,
-                                   floor_scale=8, nope_interval=2, initializer_range=0.1)
-    config = fusion.FusionConfig(decoder=decoder, video=fusion.VideoSettings(num_frames=3),
-                                 vision=VisionEncoderConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2))
-    return fusion.FusionModel(config, tok).eval()
+    return tiny_fusion_model(tok, num_frames=3)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import fusion
 from fusion.data.collate import pad_batch, pack_batch
 from fusion.errors import CheckpointError, PlaceholderMismatchError
 from tokenizer import FusionTokenizer
-from vision import VisionEncoderConfig, write_video
+from tests.tiny_models import tiny_fusion_model
+from vision import write_video
 
 TEXTS = ["what color is the circle? red", "a blue square at the top left", "which way does it move? left",
          "describe the image. a green triangle", "how many shapes are there? 2"] * 40
@@ -23,14 +24,7 @@ def tok():
 
 
 def tiny_model(tok, seed=0, **decoder):
-    torch.manual_seed(seed)
-    d = dict(vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-             intermediate_size=64, num_experts=4, attention_chunk_size=16, floor_scale=8, nope_interval=2,
-             initializer_range=0.1)
-    d.update(decoder)
-    config = fusion.FusionConfig(decoder=fusion.DecoderConfig(**d),
-                                 vision=VisionEncoderConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2))
-    return fusion.FusionModel(config, tok).eval()
+    return tiny_fusion_model(tok, seed, **decoder)
 
 
 def image(seed):
