@@ -42,6 +42,18 @@ class ProcessedSample:
     branch_ids: torch.Tensor | None = None  # [T] 0 = shared prefix, k = the k-th branch
 
 
+@dataclass
+class ProcessedMedia:
+    """The images and videos of a conversation, processed once (`FusionProcessor.process_media`), so that
+    several conversations about the same media (grouped questions) need not decode them again."""
+
+    image_tiles: list[torch.Tensor]
+    image_placeholders: list[ImagePlaceholder]
+    video_tiles: list[torch.Tensor]
+    video_placeholders: list[VideoPlaceholder]
+    timestamps: list[list[float]]
+
+
 class FusionProcessor:
     def __init__(self, tokenizer: FusionTokenizer, image_processor: ImageProcessor, tokens_per_tile: int,
                  video: VideoSettings | None = None):
@@ -65,22 +77,32 @@ class FusionProcessor:
         return sample_frames(video, num_frames=num_frames or self.video.num_frames, fps=use_fps,
                              max_frames=max_frames or self.video.max_frames)
 
-    def __call__(self, messages: Sequence[dict], images: Sequence = (), videos: Sequence = (), *,
-                 add_generation_prompt: bool = False, sample_id: Any = None, num_frames: int | None = None,
-                 fps: float | None = None) -> ProcessedSample:
-        """Encode one conversation. `images`: paths, PIL images, arrays or tensors; `videos`: paths, or
-        already-sampled `(frames, timestamps)`."""
-        image_tiles, image_placeholders = [], []
+    def process_media(self, images: Sequence = (), videos: Sequence = (), *, num_frames: int | None = None,
+                      fps: float | None = None) -> ProcessedMedia:
+        """Load, tile and normalise `images`; sample and normalise the frames of `videos`."""
+        media = ProcessedMedia([], [], [], [], [])
         for image in images:
             pixels, grid = self.image_processor(image)
-            image_tiles.append(pixels)
-            image_placeholders.append(ImagePlaceholder(tokens_per_tile=self.tokens_per_tile, grid=grid))
-        video_tiles, video_placeholders, timestamps = [], [], []
+            media.image_tiles.append(pixels)
+            media.image_placeholders.append(ImagePlaceholder(tokens_per_tile=self.tokens_per_tile, grid=grid))
         for video in videos:
             frames, seconds = self.sample_video(video, num_frames=num_frames, fps=fps)
-            video_tiles.append(torch.cat([self.frame_processor(frame)[0] for frame in frames]))
-            video_placeholders.append(VideoPlaceholder(timestamps=list(seconds), tokens_per_frame=self.tokens_per_tile))
-            timestamps.append([float(s) for s in seconds])
+            media.video_tiles.append(torch.cat([self.frame_processor(frame)[0] for frame in frames]))
+            media.video_placeholders.append(VideoPlaceholder(timestamps=list(seconds),
+                                                             tokens_per_frame=self.tokens_per_tile))
+            media.timestamps.append([float(s) for s in seconds])
+        return media
+
+    def __call__(self, messages: Sequence[dict], images: Sequence = (), videos: Sequence = (), *,
+                 add_generation_prompt: bool = False, sample_id: Any = None, num_frames: int | None = None,
+                 fps: float | None = None, media: ProcessedMedia | None = None) -> ProcessedSample:
+        """Encode one conversation. `images`: paths, PIL images, arrays or tensors; `videos`: paths, or
+        already-sampled `(frames, timestamps)`. `media`: those already processed by `process_media`
+        (then `images` and `videos` are ignored)."""
+        if media is None:
+            media = self.process_media(images, videos, num_frames=num_frames, fps=fps)
+        image_tiles, image_placeholders = media.image_tiles, media.image_placeholders
+        video_tiles, video_placeholders, timestamps = media.video_tiles, media.video_placeholders, media.timestamps
 
         encoded = self.tokenizer.encode_conversation(messages, images=image_placeholders, videos=video_placeholders,
                                                      sample_id=sample_id,

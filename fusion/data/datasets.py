@@ -366,8 +366,10 @@ class ConversationDataset(torch.utils.data.Dataset):
             if not record.group:
                 return self.processor(record.messages, record.images, record.videos, sample_id=record.id,
                                       num_frames=self.num_frames, fps=self.fps)
-            samples = [self.processor(r.messages, r.images, r.videos, sample_id=r.id, num_frames=self.num_frames,
-                                      fps=self.fps) for r in record.group]
+            # the group's records show the same one image or video: decode and normalise it once
+            media = self.processor.process_media(record.images, record.videos, num_frames=self.num_frames,
+                                                 fps=self.fps)
+            samples = [self.processor(r.messages, sample_id=r.id, media=media) for r in record.group]
             return share_prefix(samples, self.processor.tokenizer.patch_id)
         except (VisionInputError, TokenizerError, OSError) as err:
             error = err

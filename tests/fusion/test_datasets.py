@@ -297,7 +297,7 @@ def test_group_by_media_shares_the_image_between_consecutive_questions(model, to
     assert s.pixel_values.shape[0] == 3 and supervised_text(tok, s) == "red2no"
 
 
-def test_group_by_media_encodes_a_video_once_for_its_questions(model, tok, media):
+def test_group_by_media_encodes_a_video_once_for_its_questions(model, tok, media, monkeypatch):
     rows = [sample("v0", "<video>\nwhich way does the circle move?", "left", videos=["videos/v.mp4"]),
             sample("v1", "<video>\nwhat appears?", "red square", videos=["videos/v.mp4"]),
             sample("a0", "<image>\nwhat color?", "red", ["images/a.png"])]
@@ -305,7 +305,12 @@ def test_group_by_media_encodes_a_video_once_for_its_questions(model, tok, media
     flat = ConversationDataset(path, model.processor)
     grouped = ConversationDataset(path, model.processor, group_by_media=True)
     assert [r.members for r in grouped.records] == [("v0", "v1"), ()]
+    decoded = []
+    real_sample_video = model.processor.sample_video
+    monkeypatch.setattr(model.processor, "sample_video", lambda *a, **k: decoded.append(a) or real_sample_video(*a, **k))
     s = grouped[0]
+    assert len(decoded) == 1  # the video is decoded once for its two questions
+    monkeypatch.undo()
     assert torch.equal(s.pixel_values, flat[0].pixel_values)  # the frames once, not once per question
     assert s.frame_timestamps == flat[0].frame_timestamps
     assert supervised_text(tok, s) == "leftred square"
