@@ -101,14 +101,12 @@ class FusionProcessor:
         (then `images` and `videos` are ignored)."""
         if media is None:
             media = self.process_media(images, videos, num_frames=num_frames, fps=fps)
-        image_tiles, image_placeholders = media.image_tiles, media.image_placeholders
-        video_tiles, video_placeholders, timestamps = media.video_tiles, media.video_placeholders, media.timestamps
-
-        encoded = self.tokenizer.encode_conversation(messages, images=image_placeholders, videos=video_placeholders,
+        encoded = self.tokenizer.encode_conversation(messages, images=media.image_placeholders,
+                                                     videos=media.video_placeholders,
                                                      sample_id=sample_id,
                                                      add_generation_prompt=add_generation_prompt)
         ordered = []
-        next_image, next_video = iter(image_tiles), iter(video_tiles)
+        next_image, next_video = iter(media.image_tiles), iter(media.video_tiles)
         for kind in encoded.media_order:
             ordered.append(next(next_image) if kind == "image" else next(next_video))
         return ProcessedSample(
@@ -116,5 +114,5 @@ class FusionProcessor:
             labels=None if encoded.labels is None else torch.tensor(encoded.labels, dtype=torch.long),
             pixel_values=torch.cat(ordered) if ordered else None,
             sample_id=sample_id,
-            frame_timestamps=timestamps or None,
+            frame_timestamps=media.timestamps or None,
         )

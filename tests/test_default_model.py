@@ -81,7 +81,7 @@ def test_model_card_accuracy_is_reproduced_by_fusion_eval(tmp_path):
 
 def test_default_model_gets_the_readme_examples_right():
     # The README's examples (scene_1 and the clip of examples/media/, whose true captions and answers
-    # are in media.json) is the first thing a user sees of the shipped model: it must be right there.
+    # are in media.json) are the first thing a user sees of the shipped model: they must be right.
     # (It is not right everywhere: the model card lists its accuracy per question type.)
     media = json.loads((ROOT / "examples" / "media" / "media.json").read_text())
     scene = next(item for item in media["images"] if item["file"] == "scene_1.png")

@@ -33,7 +33,7 @@ TASK_TITLES = {"vqa": "VQA", "video-qa": "video QA"}
 
 def load_run(run_dir: Path) -> dict:
     """What the card needs from a run folder written by `fusion train`."""
-    missing = [name for name in ("final", "train_config.json", "eval.json", "run_summary.json")
+    missing = [name for name in ("final", "train_config.json", "run_summary.json")  # the summary comes last
                if not (run_dir / name).exists()]
     if missing:
         raise SystemExit(f"publish: {run_dir} is not a finished run ({', '.join(missing)} missing); "
@@ -45,8 +45,8 @@ def load_run(run_dir: Path) -> dict:
                          f"is trained on the shapes world")
     data_dir = (Path(config["base_dir"]) / spec["out_dir"]).resolve()
     world = json.loads((data_dir / "world.json").read_text())
-    return {"config": config, "summary": json.loads((run_dir / "run_summary.json").read_text()),
-            "run_eval": json.loads((run_dir / "eval.json").read_text()), "world": world, "data_dir": data_dir}
+    return {"config": config, "summary": json.loads((run_dir / "run_summary.json").read_text()), "world": world,
+            "data_dir": data_dir}
 
 
 def percent(value: float) -> str:
