@@ -263,14 +263,25 @@ class Trainer:
         spec = self.config.data.get("shapes_world")
         if not spec:
             return
+        from .data.shapes_world import ShapesWorldConfig, generate_shapes_world
+
         spec = dict(spec)
         out_dir = self.config.path(spec.pop("out_dir"))
-        if self.ctx.is_main and not (out_dir / "world.json").exists():
-            from .data.shapes_world import ShapesWorldConfig, generate_shapes_world
+        wanted = ShapesWorldConfig(**spec)
+        world_file = out_dir / "world.json"
+        if world_file.exists():  # never train on a world written with other settings without saying so
+            import json
 
+            found = ShapesWorldConfig(**json.loads(world_file.read_text())["config"]).to_dict()
+            differ = {k: (found[k], v) for k, v in wanted.to_dict().items() if found[k] != v}
+            if differ:
+                raise ConfigError(f"data.shapes_world: {out_dir} holds a shapes world generated with other settings "
+                                  f"(found vs wanted: {differ}); delete that folder to regenerate it, or give "
+                                  f"another out_dir")
+        elif self.ctx.is_main:
             if self.progress:
                 print(f"generating the shapes world in {out_dir} ...", flush=True)
-            generate_shapes_world(out_dir, ShapesWorldConfig(**spec))
+            generate_shapes_world(out_dir, wanted)
         self.ctx.barrier()
 
     def seed_everything(self, seed: int):

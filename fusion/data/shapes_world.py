@@ -2,6 +2,8 @@
 
 Images show 1 to `max_shapes` shapes of pure colours on a plain background, one shape per cell of a
 3x3 grid (a little jitter and size variation, never touching), so every question has one clear answer.
+`train_jitter` lets the shapes of training images stray further from their cell's centre (never out of
+it), so that the encoder also learns shapes that straddle its patches, as the shapes of videos do.
 Videos show 1 or 2 shapes that move, appear or disappear; their questions can only be answered by
 looking at the frames in order. A text-only corpus renders the same world as plain chat for training a
 language trunk from nothing.
@@ -117,6 +119,7 @@ class ShapesWorldConfig:
     focus: tuple[str, ...] = ()
     background: tuple[int, int, int] = (0, 0, 0)
     supersample: int = 4               # antialiasing: draw this many times larger, then box-downsample
+    train_jitter: float = 0.0          # train images only: 0..1, how far from its cell's centre a shape may sit
     seed: int = 0
 
     def __post_init__(self):
@@ -141,6 +144,8 @@ class ShapesWorldConfig:
         if len(self.shapes) * len(self.colors) < max(self.max_shapes, 2):
             raise ValueError("ShapesWorldConfig: need at least max(max_shapes, 2) distinct (color, shape) pairs, "
                              f"got {len(self.shapes)} shapes x {len(self.colors)} colors")
+        if not 0.0 <= self.train_jitter <= 1.0:
+            raise ValueError(f"ShapesWorldConfig: train_jitter must be in 0..1, got {self.train_jitter}")
         if self.image_size < 24:
             raise ValueError(f"ShapesWorldConfig: image_size must be at least 24, got {self.image_size}")
         if self.video_size < 24 or self.video_size % 2:
@@ -385,11 +390,15 @@ def focus_pairs(config: ShapesWorldConfig) -> list[tuple[str, str]]:
     return pairs
 
 
-def sample_image_scene(rng: np.random.Generator, config: ShapesWorldConfig) -> list[dict]:
+def sample_image_scene(rng: np.random.Generator, config: ShapesWorldConfig, jitter: float = 0.0) -> list[dict]:
     """1..max_shapes objects, each in its own grid cell, no two with the same colour and shape.
 
     Shapes and colours repeat on purpose now and then (so counts of 2 and 3 are common enough to
-    balance); a shape stays inside its cell with a margin, so shapes never overlap or touch.
+    balance). With `jitter` 0 a shape stays inside its cell with a margin, so shapes never overlap or
+    touch. A `jitter` j > 0 lets a shape's centre sit up to j x (half a cell - 1.5 px) from its cell's
+    centre, so the shape may reach into the next cell (as the shapes of videos do: they sit anywhere);
+    the centre stays in its cell, which names its position, shapes stay inside the image and still
+    never overlap.
     """
     n = int(rng.integers(1, config.max_shapes + 1))
     cells = rng.choice(GRID * GRID, size=n, replace=False)
@@ -415,14 +424,41 @@ def sample_image_scene(rng: np.random.Generator, config: ShapesWorldConfig) -> l
         used.add((color, shape))
         row, col = divmod(int(index), GRID)
         radius = cell * float(rng.uniform(0.32, 0.42))
-        room = max(0.0, cell / 2 - radius - 1.5)  # keeps a 1.5 px margin to the cell's edges
-        cx = (col + 0.5) * cell + float(rng.uniform(-room, room))
-        cy = (row + 0.5) * cell + float(rng.uniform(-room, room))
+        cx = cy = 0.0
+        if not jitter:  # inside the cell with a 1.5 px margin to its edges
+            room = max(0.0, cell / 2 - radius - 1.5)
+            cx = (col + 0.5) * cell + float(rng.uniform(-room, room))
+            cy = (row + 0.5) * cell + float(rng.uniform(-room, room))
         objects.append({"shape": shape, "color": color, "row": row, "col": col,
                         "position": position_name(row, col),
                         "center": [round(cx, 2), round(cy, 2)], "radius": round(radius, 2)})
+    if jitter:
+        _place_jittered(objects, rng, config, jitter)
     objects.sort(key=lambda o: (o["row"], o["col"]))
     return objects
+
+
+def _place_jittered(objects: list[dict], rng: np.random.Generator, config: ShapesWorldConfig, jitter: float):
+    """Centres up to jitter x (half a cell - 1.5 px) from their cells' centres, inside the image, no overlaps.
+
+    The whole scene is redrawn until no two shapes overlap: a shape placed first may leave no room for the
+    next one, but a fresh draw of all of them always can succeed (unjittered places are among the draws).
+    """
+    cell, size = config.image_size / GRID, config.image_size
+    for _ in range(10_000):
+        centers = []
+        for o in objects:
+            r = o["radius"]
+            room = max(cell / 2 - r - 1.5, jitter * (cell / 2 - 1.5))
+            c = [(o["col"] + 0.5) * cell + float(rng.uniform(-room, room)),
+                 (o["row"] + 0.5) * cell + float(rng.uniform(-room, room))]
+            centers.append([min(max(v, r + 1.5), size - r - 1.5) for v in c])  # a clipped shape would be ambiguous
+        if all(math.hypot(a[0] - b[0], a[1] - b[1]) > objects[i]["radius"] + objects[j]["radius"] + 1.5
+               for i, a in enumerate(centers) for j, b in enumerate(centers) if i < j):
+            for o, c in zip(objects, centers):
+                o["center"] = [round(c[0], 2), round(c[1], 2)]
+            return
+    raise RuntimeError("shapes world: could not place a scene's shapes without overlap")  # never seen
 
 
 def image_question_types_for(index: int, config: ShapesWorldConfig) -> list[str]:
@@ -700,8 +736,9 @@ def generate_split(out_dir: str, split: str, config: ShapesWorldConfig) -> tuple
     balancer = AnswerBalancer()
     if n_images:
         os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
+    jitter = config.train_jitter if split == "train" else 0.0
     for i in range(n_images):
-        objects = sample_image_scene(rng, config)
+        objects = sample_image_scene(rng, config, jitter)
         rel_path = f"images/{split}/{i:06d}.png"
         pixels = render_shapes(objects, config.image_size, config.background, config.supersample)
         Image.fromarray(pixels).save(os.path.join(out_dir, rel_path))
@@ -784,6 +821,8 @@ def main(argv=None) -> dict:
                  "video_frames", "max_shapes", "video_crf"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     parser.add_argument("--video-fps", type=float, default=defaults.video_fps)
+    parser.add_argument("--train-jitter", type=float, default=defaults.train_jitter,
+                        help="0..1: how far from its cell's centre a shape of a training image may sit")
     parser.add_argument("--no-captions", action="store_true", help="no caption sample per image")
     parser.add_argument("--shapes", type=_names, default=defaults.shapes,
                         help=f"comma-separated, from {','.join(SHAPE_NAMES)}")

@@ -431,3 +431,36 @@ def test_narration_says_then_only_for_a_later_event():
         "the red circle appears. then the blue square disappears."
     assert sw.narrate_video(clip((3, "red circle", "appears"), (3, "blue square", "disappears"))) == \
         "the red circle appears. the blue square disappears."
+
+
+def test_train_jitter_moves_training_shapes_off_their_cells_centre_only(world, tmp_path):
+    """Jittered training shapes straddle cell (and patch) edges like video shapes, yet keep their centre
+    in the cell their position names, stay inside the image, never overlap and are drawn where recorded; val and test are
+    byte-identical to an unjittered world's."""
+    root, config, _ = world
+    jittered = tmp_path / "jittered"
+    sw.generate_shapes_world(jittered, sw.ShapesWorldConfig(seed=7, train_jitter=1.0, **SMALL))
+    cell = config.image_size / 3
+    straddling = 0
+    for r in read_split(jittered, "train"):
+        if r["task"] != "caption":
+            continue
+        objects = r["meta"]["objects"]
+        pixels = np.asarray(Image.open(jittered / r["images"][0]).convert("RGB"))
+        for o in objects:
+            assert (o["row"], o["col"]) == cell_of(o, config.image_size)
+            x, y = (int(v) for v in o["center"])
+            assert tuple(pixels[y, x]) == sw.COLOR_RGB[o["color"]], (r["id"], o)
+            cx, cy = o["center"]
+            inside = (o["col"] * cell < cx - o["radius"] and cx + o["radius"] < (o["col"] + 1) * cell
+                      and o["row"] * cell < cy - o["radius"] and cy + o["radius"] < (o["row"] + 1) * cell)
+            straddling += not inside
+            assert o["radius"] < min(cx, cy) and max(cx, cy) < config.image_size - o["radius"]  # not clipped
+        for a, b in ((a, b) for i, a in enumerate(objects) for b in objects[i + 1:]):
+            gap = np.hypot(a["center"][0] - b["center"][0], a["center"][1] - b["center"][1])
+            assert gap > a["radius"] + b["radius"], (r["id"], a, b)
+    assert straddling >= 10  # most of the ~80 shapes of 40 images; none without jitter (test above)
+    for split in ("val", "test"):
+        assert (jittered / f"{split}.jsonl").read_bytes() == (root / f"{split}.jsonl").read_bytes()
+    with pytest.raises(ValueError, match="train_jitter must be in 0..1"):
+        sw.ShapesWorldConfig(train_jitter=1.5)

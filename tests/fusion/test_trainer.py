@@ -73,6 +73,25 @@ def test_global_batches_are_the_same_for_one_or_two_processes():
         assert next(it1) == next(it2[0]) + next(it2[1])
 
 
+def test_a_generated_world_with_other_settings_is_refused_not_reused(world, tmp_path):
+    """`data.shapes_world` generates the world once; a folder written with other settings is not silently
+    trained on (a changed recipe would otherwise keep its old data)."""
+    from fusion.errors import ConfigError
+    from fusion.train_config import load_train_config
+    from fusion.trainer import Trainer
+
+    settings = json.loads((world / "world.json").read_text())["config"]
+    stages = [{"name": "trunk", "data": str(world / "text.jsonl"), "steps": 1, "lr": {"decoder": 1e-3}}]
+
+    def trainer(**spec):
+        config = base_config(world, tmp_path / "run", stages, data={"shapes_world": {"out_dir": str(world), **spec}})
+        return Trainer(load_train_config(write_config(tmp_path / "run.yaml", config)), progress=False)
+
+    trainer(**settings).prepare_data()  # the same settings: reused as it is
+    with pytest.raises(ConfigError, match=r"other settings.*'train_jitter': \(0.0, 0.5\).*delete that folder"):
+        trainer(**{**settings, "train_jitter": 0.5}).prepare_data()
+
+
 def test_frozen_parts_stay_bit_identical_and_trainable_parts_move(world, tmp_path):
     stages = [{"name": "trunk", "data": str(world / "text.jsonl"), "steps": 3, "batch_size": 4,
                "lr": {"decoder": 1e-3}},
