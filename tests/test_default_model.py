@@ -96,3 +96,24 @@ def test_default_model_gets_the_readme_examples_right():
     [result] = fusion.pipeline("video-qa")(video=str(ROOT / "examples" / "media" / clip["file"]),
                                            question=direction["question"], num_frames=8)
     assert result["answer"] == direction["answer"]
+
+
+def test_video_shape_probe_runs_on_a_shapes_split(tmp_path, load_example):
+    """examples/recipes/probe_video_shapes.py: one frame per appear/disappear clip, asked as an image."""
+    world = ShapesWorldConfig(train_images=0, val_images=0, test_images=0, train_videos=0, val_videos=0,
+                              test_videos=12, questions_per_video=4, text_samples=0, seed=3)
+    generate_shapes_world(tmp_path, world)
+    samples = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    event = {"appeared": "appear", "disappeared": "disappear"}
+
+    def one_of_its_colour(s):  # the probe asks about "the <colour> object": it skips ambiguous clips
+        objects = s["meta"]["objects"]
+        target = next(o for o in objects if o["event"] == event[s["type"]])
+        return sum(o["color"] == target["color"] for o in objects) == 1
+
+    asked = [s for s in samples if s["type"] in event and one_of_its_colour(s)]
+    probe = load_example("recipes/probe_video_shapes.py")
+    counts = probe.main([str(MODEL_DIR), str(tmp_path / "test.jsonl")])
+    assert counts["clips"] == len(asked) > 0
+    assert 0 <= counts["frame shape right"] <= counts["clips"]
+    assert 0 <= counts["video question right"] <= counts["clips"]
