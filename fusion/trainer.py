@@ -11,6 +11,7 @@ every `checkpoint_every` steps; `--resume` continues from the latest one exactly
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -79,8 +80,6 @@ def build_tokenizer(spec: dict, config: TrainConfig) -> FusionTokenizer:
 
 def _texts_of(paths):
     """Every message text of JSONL / LLaVA JSON dataset files (markers removed)."""
-    import json
-
     for path in paths:
         text = Path(path).read_text()
         records = json.loads(text) if text.lstrip().startswith("[") else \
@@ -252,8 +251,6 @@ class Trainer:
         pointer = self.out / "checkpoints" / "latest.json"
         if not pointer.exists():
             return None
-        import json
-
         folder = self.out / "checkpoints" / json.loads(pointer.read_text())["folder"]
         state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=False)
         state["folder"] = folder
@@ -270,8 +267,6 @@ class Trainer:
         wanted = ShapesWorldConfig(**spec)
         world_file = out_dir / "world.json"
         if world_file.exists():  # never train on a world written with other settings without saying so
-            import json
-
             found = ShapesWorldConfig(**json.loads(world_file.read_text())["config"]).to_dict()
             differ = {k: (found[k], v) for k, v in wanted.to_dict().items() if found[k] != v}
             if differ:

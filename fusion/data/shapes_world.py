@@ -424,11 +424,7 @@ def sample_image_scene(rng: np.random.Generator, config: ShapesWorldConfig, jitt
         used.add((color, shape))
         row, col = divmod(int(index), GRID)
         radius = cell * float(rng.uniform(0.32, 0.42))
-        cx = cy = 0.0
-        if not jitter:  # inside the cell with a 1.5 px margin to its edges
-            room = max(0.0, cell / 2 - radius - 1.5)
-            cx = (col + 0.5) * cell + float(rng.uniform(-room, room))
-            cy = (row + 0.5) * cell + float(rng.uniform(-room, room))
+        cx, cy = _center_near(rng, row, col, cell, _inside_room(cell, radius)) if not jitter else (0.0, 0.0)
         objects.append({"shape": shape, "color": color, "row": row, "col": col,
                         "position": position_name(row, col),
                         "center": [round(cx, 2), round(cy, 2)], "radius": round(radius, 2)})
@@ -436,6 +432,18 @@ def sample_image_scene(rng: np.random.Generator, config: ShapesWorldConfig, jitt
         _place_jittered(objects, rng, config, jitter)
     objects.sort(key=lambda o: (o["row"], o["col"]))
     return objects
+
+
+def _inside_room(cell: float, radius: float) -> float:
+    """How far a shape's centre may move from its cell's centre and keep a 1.5 px margin to the cell's edges."""
+    return max(0.0, cell / 2 - radius - 1.5)
+
+
+def _center_near(rng: np.random.Generator, row: int, col: int, cell: float, room: float) -> tuple[float, float]:
+    """A centre drawn uniformly within `room` of cell (row, col)'s centre, x first."""
+    cx = (col + 0.5) * cell + float(rng.uniform(-room, room))
+    cy = (row + 0.5) * cell + float(rng.uniform(-room, room))
+    return cx, cy
 
 
 def _place_jittered(objects: list[dict], rng: np.random.Generator, config: ShapesWorldConfig, jitter: float):
@@ -449,9 +457,7 @@ def _place_jittered(objects: list[dict], rng: np.random.Generator, config: Shape
         centers = []
         for o in objects:
             r = o["radius"]
-            room = max(cell / 2 - r - 1.5, jitter * (cell / 2 - 1.5))
-            c = [(o["col"] + 0.5) * cell + float(rng.uniform(-room, room)),
-                 (o["row"] + 0.5) * cell + float(rng.uniform(-room, room))]
+            c = _center_near(rng, o["row"], o["col"], cell, max(_inside_room(cell, r), jitter * (cell / 2 - 1.5)))
             centers.append([min(max(v, r + 1.5), size - r - 1.5) for v in c])  # a clipped shape would be ambiguous
         if all(math.hypot(a[0] - b[0], a[1] - b[1]) > objects[i]["radius"] + objects[j]["radius"] + 1.5
                for i, a in enumerate(centers) for j, b in enumerate(centers) if i < j):

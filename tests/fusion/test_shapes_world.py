@@ -435,8 +435,8 @@ def test_narration_says_then_only_for_a_later_event():
 
 def test_train_jitter_moves_training_shapes_off_their_cells_centre_only(world, tmp_path):
     """Jittered training shapes straddle cell (and patch) edges like video shapes, yet keep their centre
-    in the cell their position names, stay inside the image, never overlap and are drawn where recorded; val and test are
-    byte-identical to an unjittered world's."""
+    in the cell their position names, stay inside the image, never overlap and are drawn where recorded;
+    val and test are byte-identical to an unjittered world's."""
     root, config, _ = world
     jittered = tmp_path / "jittered"
     sw.generate_shapes_world(jittered, sw.ShapesWorldConfig(seed=7, train_jitter=1.0, **SMALL))
