@@ -20,6 +20,9 @@ class FusionConfig:
     vision: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
     adapter_hidden_size: int | None = None  # width of the adapter MLP; None = the decoder's width
     pixel_shuffle_ratio: float = 0.5
+    # A learned embedding per image-token position added to the adapter's output (not in Llama 4, whose
+    # encoder carries position with 2-D RoPE): lets a small model say where a thing is (see VisionAdapter).
+    image_position_embedding: bool = False
     max_tiles: int = 1  # Llama 4 tiling up to this many tiles (+ a global thumbnail); 1 = resize and pad
     pad_with_mean: bool = True  # pad images with the mean colour (normalises to 0); False = black, as Llama 4
     video: VideoSettings = field(default_factory=VideoSettings)
@@ -35,6 +38,7 @@ class FusionConfig:
     def to_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, "decoder": self.decoder.to_dict(), "vision": self.vision.to_dict(),
                 "adapter_hidden_size": self.adapter_hidden_size, "pixel_shuffle_ratio": self.pixel_shuffle_ratio,
+                "image_position_embedding": self.image_position_embedding,
                 "max_tiles": self.max_tiles, "pad_with_mean": self.pad_with_mean,
                 "video": dataclasses.asdict(self.video)}
 

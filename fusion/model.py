@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from tokenizer import FusionTokenizer
-from vision.adapter import VisionAdapter
+from vision.adapter import VisionAdapter, pixel_shuffle_tokens
 from vision.encoder import VisionEncoder
 
 from .data.collate import pad_batch
@@ -44,11 +44,13 @@ class FusionModel(nn.Module):
         self.tokenizer = tokenizer
         self.vision = VisionEncoder(config.vision, weights=vision_weights)
         d = config.decoder.hidden_size
-        self.adapter = VisionAdapter(self.vision.width, config.adapter_hidden_size or d, d, config.pixel_shuffle_ratio)
+        tokens_per_tile = pixel_shuffle_tokens(self.vision.num_patches, config.pixel_shuffle_ratio)
+        self.adapter = VisionAdapter(self.vision.width, config.adapter_hidden_size or d, d, config.pixel_shuffle_ratio,
+                                     position_tokens=tokens_per_tile if config.image_position_embedding else None)
         self.decoder = Decoder(config.decoder)
         self.processor = FusionProcessor(
             tokenizer, self.vision.image_processor(max_tiles=config.max_tiles, pad_with_mean=config.pad_with_mean),
-            tokens_per_tile=self.adapter.tokens_per_image(self.vision.num_patches), video=config.video)
+            tokens_per_tile=tokens_per_tile, video=config.video)
 
     @property
     def device(self) -> torch.device:

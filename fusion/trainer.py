@@ -57,10 +57,12 @@ def build_model(config: TrainConfig) -> FusionModel:
     fusion_config = FusionConfig(
         decoder=DecoderConfig(**decoder), vision=VisionEncoderConfig(**(spec.get("vision") or {})),
         adapter_hidden_size=spec.get("adapter_hidden_size"), pixel_shuffle_ratio=spec.get("pixel_shuffle_ratio", 0.5),
+        image_position_embedding=spec.get("image_position_embedding", False),
         max_tiles=spec.get("max_tiles", 1), pad_with_mean=spec.get("pad_with_mean", True),
         video=VideoSettings(**(spec.get("video") or {})))
     unknown = sorted(set(spec) - {"init_from", "tokenizer", "decoder", "vision", "vision_weights", "adapter_hidden_size",
-                                  "pixel_shuffle_ratio", "max_tiles", "pad_with_mean", "video"})
+                                  "pixel_shuffle_ratio", "image_position_embedding", "max_tiles", "pad_with_mean",
+                                  "video"})
     if unknown:
         raise ConfigError(f"unknown keys {unknown} under model:")
     torch.manual_seed(config.seed)

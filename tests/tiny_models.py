@@ -5,7 +5,8 @@ import fusion
 from vision import VisionEncoderConfig
 
 
-def tiny_fusion_model(tok, seed: int = 0, num_frames: int | None = None, **decoder) -> fusion.FusionModel:
+def tiny_fusion_model(tok, seed: int = 0, num_frames: int | None = None, image_position_embedding: bool = False,
+                      **decoder) -> fusion.FusionModel:
     """A 2-layer MoE decoder with a 1-layer 32-px vision tower, in eval mode; `decoder` overrides its config."""
     torch.manual_seed(seed)
     settings = dict(vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -14,5 +15,6 @@ def tiny_fusion_model(tok, seed: int = 0, num_frames: int | None = None, **decod
     settings.update(decoder)
     extra = {} if num_frames is None else {"video": fusion.VideoSettings(num_frames=num_frames)}
     config = fusion.FusionConfig(decoder=fusion.DecoderConfig(**settings), **extra,
+                                 image_position_embedding=image_position_embedding,
                                  vision=VisionEncoderConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2))
     return fusion.FusionModel(config, tok).eval()

@@ -3,6 +3,10 @@
 ``[N, P, C]`` patch features -> pixel shuffle -> ``[N, P*r^2, C/r^2]`` -> fc1 -> GELU -> fc2 -> GELU
 -> projector -> ``[N, P*r^2, out_dim]`` (llama4-reference.md §4 items 6-8). With r = 0.5 each
 output token carries a 2x2 block of patches, so a tile costs a quarter of the tokens.
+
+Optionally (not in Llama 4) a learned embedding per output-token position is added after the projector,
+so that each image token says *where* in the tile it is in its value, not only through the decoder's
+RoPE (which moves queries and keys, never values).
 """
 
 from __future__ import annotations
@@ -71,12 +75,16 @@ class VisionAdapter(nn.Module):
         hidden_dim: MLP width (Llama 4: 4096).
         out_dim: decoder width (Llama 4 Scout: 5120).
         ratio: pixel shuffle ratio r (0.5 merges 2x2 patches).
+        position_tokens: when given, the tokens per tile, and a learned ``[position_tokens, out_dim]``
+            embedding (one row per token position of the shuffled grid, the same for every tile and
+            video frame) is added to the output. ``None`` (the default, as Llama 4): no such embedding.
 
     ``projector`` is its own submodule so training can give it a separate learning rate.
     No layer has a bias, as in Llama 4; GELU is the exact (erf) one.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, ratio: float = 0.5):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, ratio: float = 0.5,
+                 position_tokens: int | None = None):
         super().__init__()
         factor = _shuffle_factor(ratio)
         self.in_dim, self.hidden_dim, self.out_dim, self.ratio = in_dim, hidden_dim, out_dim, ratio
@@ -84,6 +92,11 @@ class VisionAdapter(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, hidden_dim, bias=False)
         self.act = nn.GELU()
         self.projector = nn.Linear(hidden_dim, out_dim, bias=False)
+        self.position_embedding = None
+        if position_tokens is not None:
+            if position_tokens < 1:
+                raise ValueError(f"VisionAdapter: position_tokens must be at least 1, got {position_tokens}")
+            self.position_embedding = nn.Parameter(torch.randn(position_tokens, out_dim) * 0.02)
 
     def tokens_per_image(self, num_patches: int) -> int:
         """Output tokens for one tile of ``num_patches`` patches: ``num_patches * ratio**2``."""
@@ -97,4 +110,10 @@ class VisionAdapter(nn.Module):
         x = pixel_shuffle(patches, self.ratio)  # [N, P·r², C/r²]
         x = self.act(self.fc1(x))  # [N, P·r², hidden]
         x = self.act(self.fc2(x))  # [N, P·r², hidden]
-        return self.projector(x)  # [N, P·r², out_dim]
+        x = self.projector(x)  # [N, P·r², out_dim]
+        if self.position_embedding is not None:
+            if x.shape[1] != self.position_embedding.shape[0]:
+                raise ValueError(f"VisionAdapter: the position embedding has {self.position_embedding.shape[0]} "
+                                 f"token positions, but these patches give {x.shape[1]} tokens per tile")
+            x = x + self.position_embedding.to(x.dtype)
+        return x

@@ -140,6 +140,26 @@ def test_save_and_load_give_identical_outputs(tok, tmp_path):
         assert torch.equal(model(**batch.model_inputs()).logits, loaded(**batch.model_inputs()).logits)
 
 
+def test_image_position_embedding_is_an_adapter_weight_that_saves_and_loads(tok, tmp_path):
+    model = tiny_model(tok, image_position_embedding=True)
+    embedding = model.adapter.position_embedding
+    assert embedding.shape == (model.processor.tokens_per_tile, model.config.decoder.hidden_size)
+    assert any(p is embedding for p in model.parts()["adapter"].parameters())  # trained (or frozen) with the adapter
+    model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["image_position_embedding"] is True
+    loaded = fusion.FusionModel.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.adapter.position_embedding, embedding)
+    sample = model.processor(user("<image>\nwhere is the circle?"), [image(5)], add_generation_prompt=True)
+    batch = pad_batch([sample], tok.pad_id)
+    with torch.no_grad():
+        assert torch.equal(model(**batch.model_inputs()).logits, loaded(**batch.model_inputs()).logits)
+        model.adapter.position_embedding.zero_()  # the embedding reaches the logits
+        assert not torch.equal(model(**batch.model_inputs()).logits, loaded(**batch.model_inputs()).logits)
+    old = model.config.to_dict()
+    del old["image_position_embedding"]  # folders written before the option existed load without it
+    assert fusion.FusionConfig.from_dict(old).image_position_embedding is False
+
+
 def test_broken_or_missing_folders_are_named(tok, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         fusion.FusionModel.from_pretrained(tmp_path / "nope")

@@ -82,3 +82,25 @@ def test_projector_is_a_separately_named_submodule():
 def test_adapter_refuses_features_of_the_wrong_width():
     with pytest.raises(ValueError, match=r"\[N, P, 8\]"):
         VisionAdapter(8, 16, 12)(torch.zeros(1, 16, 4))
+
+
+def test_position_embedding_adds_one_learned_row_per_token_position():
+    torch.manual_seed(0)
+    plain = VisionAdapter(in_dim=8, hidden_dim=16, out_dim=12)
+    placed = VisionAdapter(in_dim=8, hidden_dim=16, out_dim=12, position_tokens=4)
+    placed.load_state_dict(plain.state_dict(), strict=False)  # same MLP, plus the embedding
+    assert placed.position_embedding.shape == (4, 12) and placed.position_embedding.requires_grad
+    patches = torch.randn(3, 16, 8)
+    assert torch.allclose(placed(patches), plain(patches) + placed.position_embedding, atol=1e-6)
+    same = torch.randn(1, 1, 8).expand(1, 16, 8)  # one feature everywhere: only the position tells tokens apart
+    out = placed(same)[0]
+    assert all(not torch.allclose(out[i], out[j]) for i in range(4) for j in range(i + 1, 4))
+    assert [name for name, _ in plain.named_parameters()] == ["fc1.weight", "fc2.weight", "projector.weight"]
+
+
+def test_position_embedding_refuses_another_grid():
+    adapter = VisionAdapter(8, 16, 12, position_tokens=4)
+    with pytest.raises(ValueError, match="4 token positions, but these patches give 9 tokens"):
+        adapter(torch.zeros(1, 36, 8))
+    with pytest.raises(ValueError, match="position_tokens must be at least 1"):
+        VisionAdapter(8, 16, 12, position_tokens=0)
