@@ -33,6 +33,7 @@ from vision.encoder import VisionEncoderConfig
 from . import distributed as fdist
 from .checkpoint import atomic_folder, read_model_config, save_model_folder, write_json
 from .data.collate import pack_batch, pad_batch
+from .data.datasets import ROLE_ALIASES, ConversationDataset
 from .decoder import IGNORE_INDEX
 from .decoder_config import DecoderConfig
 from .errors import ConfigError, DatasetError
@@ -81,14 +82,18 @@ def build_tokenizer(spec: dict, config: TrainConfig) -> FusionTokenizer:
 
 
 def _texts_of(paths):
-    """Every message text of JSONL / LLaVA JSON dataset files (markers removed)."""
+    """The texts a conversation of JSONL / LLaVA JSON dataset files puts through BPE: each turn's message
+    (media markers removed) and its header's text (the role name, then the blank line), so that the
+    tokenizer learns the chat format's own words too (one token for "assistant", not seven)."""
     for path in paths:
         text = Path(path).read_text()
         records = json.loads(text) if text.lstrip().startswith("[") else \
             [json.loads(line) for line in text.splitlines() if line.strip()]
         for record in records:
             for turn in record.get("conversations", []):
+                role = ROLE_ALIASES.get(turn.get("role", turn.get("from")), "")
                 content = turn.get("content", turn.get("value", ""))
+                yield from (role, "\n\n")  # what the chat template encodes between <|header_start|> and a message
                 yield content.replace("<image>", "").replace("<video>", "").strip()
 
 
@@ -160,8 +165,6 @@ class StageBatches(Sampler):
 
 
 def load_stage_data(config: TrainConfig, stage: StageConfig, model: FusionModel, files=None):
-    from .data.datasets import ConversationDataset
-
     datasets = [ConversationDataset(config.path(f), model.processor, group_by_media=stage.group_by_media)
                 for f in (files or stage.data)]
     return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)

@@ -58,6 +58,25 @@ def losses(out):
     return [(e["step"], e["loss"]) for e in read_metrics(Path(out) / "metrics.jsonl") if e["kind"] == "train"]
 
 
+def test_a_trained_tokenizer_spends_one_token_on_each_chat_header_word(world, tmp_path):
+    """The tokenizer is trained on the words the chat template adds too: a turn's header (<|header_start|>,
+    the role, <|header_end|>, a blank line) costs four tokens in every sample (an assistant header took 11
+    when BPE had only seen message texts)."""
+    from types import SimpleNamespace
+
+    from fusion.trainer import build_tokenizer
+
+    llava = tmp_path / "llava.json"
+    llava.write_text(json.dumps([{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nhi"},
+                                                                      {"from": "gpt", "value": "red"}]}] * 50))
+    for files in ([str(world / "train.jsonl")], [str(llava)]):
+        tok = build_tokenizer({"train_on": files, "vocab_size": 300}, SimpleNamespace(path=Path))
+        assert [len(tok.encode(text)) for text in ("assistant", "user", "\n\n")] == [1, 1, 1], files
+    conversation = [{"role": "user", "content": "What color is it?"}, {"role": "assistant", "content": "red"}]
+    ids = tok.encode_conversation(conversation).input_ids
+    assert len(ids) == 1 + 4 + len(tok.encode("What color is it?")) + 1 + 4 + len(tok.encode("red")) + 1
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     values = [lr_multiplier(s, total=100, warmup=10, min_ratio=0.1) for s in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
