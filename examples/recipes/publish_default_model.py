@@ -88,6 +88,8 @@ def model_card(run: dict, results: dict, model: FusionModel, dtype: torch.dtype,
         f"{', '.join(Path(d).name for d in s['data'])} |" for s in config["stages"])
     minutes = summary["wall_seconds"] / 60
     resumed = " (resumed; the time covers the last part only)" if summary.get("resumed") else ""
+    position = " (plus a learned embedding per image-token position)" if model.config.image_position_embedding else ""
+    qk_norm = "QK norm in RoPE layers" if model.config.decoder.use_qk_norm else "no QK norm"
     return f"""# fusion default model: `shapes-tiny`
 
 The model that `fusion.pipeline(task)` loads when no `model=` is given. It is a tiny early-fusion
@@ -99,10 +101,10 @@ shapes world and nothing else.**
 ## What it is
 - {params / 1e6:.2f} M parameters, stored in {str(dtype).removeprefix('torch.')} ({size_mb:.1f} MB).
 - Vision: a ViT (open_clip tower, {vis['layers']} layers, width {vis['width']}, {vis['image_size']} px images,
-  {vis['patch_size']} px patches, convolutional stem), pixel-shuffle adapter into the decoder.
+  {vis['patch_size']} px patches, convolutional stem), pixel-shuffle adapter into the decoder{position}.
 - Decoder: Llama-4-style, {dec['num_layers']} layers, hidden size {dec['hidden_size']}, {dec['num_heads']} heads
   ({dec['num_kv_heads']} KV heads), MoE every {dec['interleave_moe_layer_step']} layers with {dec['num_experts']}
-  routed experts (top-{dec['top_k']}) plus a shared expert, NoPE every {dec['nope_interval']} layers.
+  routed experts (top-{dec['top_k']}) plus a shared expert, NoPE every {dec['nope_interval']} layers, {qk_norm}.
 - A byte-level BPE tokenizer with {model.tokenizer.vocab_size} tokens trained on the shapes-world text.
 - Videos: {config['model']['video']['num_frames']} frames sampled uniformly.
 
