@@ -18,6 +18,7 @@ import random
 import time
 import warnings
 from contextlib import nullcontext
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,18 +29,15 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
 from tokenizer import FusionTokenizer
-from vision.encoder import VisionEncoderConfig
 
 from . import distributed as fdist
 from .checkpoint import atomic_folder, read_model_config, save_model_folder, write_json
 from .data.collate import pack_batch, pad_batch
 from .data.datasets import ROLE_ALIASES, ConversationDataset
 from .decoder import IGNORE_INDEX
-from .decoder_config import DecoderConfig
 from .errors import ConfigError, DatasetError
 from .fusion_config import FusionConfig
 from .model import FusionModel
-from .processor import VideoSettings
 from .run_log import MetricsLog, plot_metrics
 from .train_config import PARTS, StageConfig, TrainConfig, load_train_config
 
@@ -47,25 +45,24 @@ TRAINER_STATE = "trainer_state.pt"
 
 
 # -- model ---------------------------------------------------------------------------------------
+_MODEL_BUILD_KEYS = {"init_from", "tokenizer", "vision_weights"}  # keys under `model:` that are not FusionConfig fields
+
+
 def build_model(config: TrainConfig) -> FusionModel:
-    """A new model from `config.model`, or the folder `config.model["init_from"]`."""
+    """A new model from `config.model` (FusionConfig fields plus `tokenizer` and `vision_weights`), or the
+    folder `config.model["init_from"]`."""
     spec = dict(config.model)
     if spec.get("init_from"):
         return FusionModel.from_pretrained(config.path(spec["init_from"]))
-    tokenizer = build_tokenizer(spec.get("tokenizer") or {}, config)
-    decoder = dict(spec.get("decoder") or {})
-    decoder["vocab_size"] = max(decoder.get("vocab_size", 0), len(tokenizer))
-    fusion_config = FusionConfig(
-        decoder=DecoderConfig(**decoder), vision=VisionEncoderConfig(**(spec.get("vision") or {})),
-        adapter_hidden_size=spec.get("adapter_hidden_size"), pixel_shuffle_ratio=spec.get("pixel_shuffle_ratio", 0.5),
-        image_position_embedding=spec.get("image_position_embedding", False),
-        max_tiles=spec.get("max_tiles", 1), pad_with_mean=spec.get("pad_with_mean", True),
-        video=VideoSettings(**(spec.get("video") or {})))
-    unknown = sorted(set(spec) - {"init_from", "tokenizer", "decoder", "vision", "vision_weights", "adapter_hidden_size",
-                                  "pixel_shuffle_ratio", "image_position_embedding", "max_tiles", "pad_with_mean",
-                                  "video"})
+    fusion_fields = {f.name for f in dataclasses.fields(FusionConfig)}
+    unknown = sorted(set(spec) - fusion_fields - _MODEL_BUILD_KEYS)
     if unknown:
         raise ConfigError(f"unknown keys {unknown} under model:")
+    tokenizer = build_tokenizer(spec.get("tokenizer") or {}, config)
+    settings = {key: value for key, value in spec.items() if key in fusion_fields and value is not None}
+    decoder = dict(settings.get("decoder") or {})
+    settings["decoder"] = {**decoder, "vocab_size": max(decoder.get("vocab_size", 0), len(tokenizer))}
+    fusion_config = FusionConfig(**settings)  # it builds its decoder, vision and video settings from the dicts
     torch.manual_seed(config.seed)
     return FusionModel(fusion_config, tokenizer, vision_weights=config.path(spec.get("vision_weights")))
 
