@@ -4,6 +4,8 @@ Images show 1 to `max_shapes` shapes of pure colours on a plain background, one 
 3x3 grid (a little jitter and size variation, never touching), so every question has one clear answer.
 `train_jitter` lets the shapes of training images stray further from their cell's centre (never out of
 it), so that the encoder also learns shapes that straddle its patches, as the shapes of videos do.
+`train_extra_questions` asks training images more questions of the named types (e.g. every relation
+question a scene has), since some types need many more examples than one per image to be learned.
 Videos show 1 or 2 shapes that move, appear or disappear; their questions can only be answered by
 looking at the frames in order. A text-only corpus renders the same world as plain chat for training a
 language trunk from nothing.
@@ -96,6 +98,11 @@ class ShapesWorldConfig:
     `shapes` may use any of `SHAPE_NAMES`, `colors` any of `COLOR_RGB`: extending them (e.g. a "star"
     or "purple") gives data a default model has never seen; `focus` then makes every image and video
     contain at least one object with one of the named shapes or colours (see `new_concept_config`).
+
+    `train_extra_questions` maps an image question type to how many more questions of that type each
+    training image asks, beyond the `questions_per_image` ones (distinct questions, answers balanced; fewer
+    where the scene has fewer, e.g. {"relation": 12} asks about every ordered pair of a 3-shape scene for
+    some relations). Validation and test images are unchanged, so their figures stay comparable.
     """
 
     image_size: int = 64
@@ -120,6 +127,7 @@ class ShapesWorldConfig:
     background: tuple[int, int, int] = (0, 0, 0)
     supersample: int = 4               # antialiasing: draw this many times larger, then box-downsample
     train_jitter: float = 0.0          # train images only: 0..1, how far from its cell's centre a shape may sit
+    train_extra_questions: dict[str, int] = dataclasses.field(default_factory=dict)  # train images only, see below
     seed: int = 0
 
     def __post_init__(self):
@@ -144,6 +152,14 @@ class ShapesWorldConfig:
         if len(self.shapes) * len(self.colors) < max(self.max_shapes, 2):
             raise ValueError("ShapesWorldConfig: need at least max(max_shapes, 2) distinct (color, shape) pairs, "
                              f"got {len(self.shapes)} shapes x {len(self.colors)} colors")
+        self.train_extra_questions = {str(k): v for k, v in sorted(dict(self.train_extra_questions).items())}
+        for qtype, n in self.train_extra_questions.items():
+            if qtype not in IMAGE_QUESTION_TYPES:
+                raise ValueError(f"ShapesWorldConfig: train_extra_questions names {qtype!r}, which is not an image "
+                                 f"question type; choose from {list(IMAGE_QUESTION_TYPES)}")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"ShapesWorldConfig: train_extra_questions[{qtype!r}] must be an integer >= 0, "
+                                 f"got {n!r}")
         if not 0.0 <= self.train_jitter <= 1.0:
             raise ValueError(f"ShapesWorldConfig: train_jitter must be in 0..1, got {self.train_jitter}")
         if self.image_size < 24:
@@ -474,9 +490,15 @@ def image_question_types_for(index: int, config: ShapesWorldConfig) -> list[str]
     return [IMAGE_QUESTION_TYPES[(index * q + k) % n_types] for k in range(q)]
 
 
-def choose_image_questions(objects, config, index, balancer, rng) -> list[Question]:
+def choose_image_questions(objects, config, index, balancer, rng, extra: dict[str, int] | None = None
+                            ) -> list[Question]:
+    """The questions asked about image `index`: its `image_question_types_for` types, then `extra[type]` more
+    of each type in `extra` (each question at most once; a type runs out when the scene has no more)."""
     chosen: list[Question] = []
-    for qtype in image_question_types_for(index, config):
+    types = list(image_question_types_for(index, config))
+    for qtype, n in (extra or {}).items():
+        types += [qtype] * n
+    for qtype in types:
         asked = {q.text for q in chosen}
         candidates = [q for q in image_questions(objects, config, qtype) if q.text not in asked]
         if candidates:  # e.g. no relation question with one shape
@@ -743,13 +765,14 @@ def generate_split(out_dir: str, split: str, config: ShapesWorldConfig) -> tuple
     if n_images:
         os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
     jitter = config.train_jitter if split == "train" else 0.0
+    extra = config.train_extra_questions if split == "train" else {}
     for i in range(n_images):
         objects = sample_image_scene(rng, config, jitter)
         rel_path = f"images/{split}/{i:06d}.png"
         pixels = render_shapes(objects, config.image_size, config.background, config.supersample)
         Image.fromarray(pixels).save(os.path.join(out_dir, rel_path))
         meta = {"objects": objects}
-        for k, q in enumerate(choose_image_questions(objects, config, i, balancer, rng)):
+        for k, q in enumerate(choose_image_questions(objects, config, i, balancer, rng, extra)):
             samples.append(chat_sample(f"{split}-img{i:06d}-q{k}", [rel_path], [], f"<image>\n{q.text}", q.answer,
                                        q.type, "vqa", {**meta, "template": q.template}))
         if config.captions:
@@ -816,6 +839,16 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def _extra_questions(text: str) -> dict[str, int]:
+    out = {}
+    for item in _names(text):
+        qtype, sep, n = item.partition("=")
+        if not sep or not n.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"expected TYPE=N pairs like relation=12, got {item!r}")
+        out[qtype.strip()] = int(n)
+    return out
+
+
 def main(argv=None) -> dict:
     defaults = ShapesWorldConfig()
     parser = argparse.ArgumentParser(prog="python -m fusion.data.shapes_world",
@@ -829,6 +862,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--video-fps", type=float, default=defaults.video_fps)
     parser.add_argument("--train-jitter", type=float, default=defaults.train_jitter,
                         help="0..1: how far from its cell's centre a shape of a training image may sit")
+    parser.add_argument("--train-extra-questions", type=_extra_questions, default={}, metavar="TYPE=N,...",
+                        help="more questions of these types per training image, e.g. relation=12")
     parser.add_argument("--no-captions", action="store_true", help="no caption sample per image")
     parser.add_argument("--shapes", type=_names, default=defaults.shapes,
                         help=f"comma-separated, from {','.join(SHAPE_NAMES)}")

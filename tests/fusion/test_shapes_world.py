@@ -464,3 +464,42 @@ def test_train_jitter_moves_training_shapes_off_their_cells_centre_only(world, t
         assert (jittered / f"{split}.jsonl").read_bytes() == (root / f"{split}.jsonl").read_bytes()
     with pytest.raises(ValueError, match="train_jitter must be in 0..1"):
         sw.ShapesWorldConfig(train_jitter=1.5)
+
+
+def test_train_extra_questions_ask_training_images_more_of_a_type_only(world, tmp_path):
+    """Extra relation questions per training image: distinct, right for the scene, about both answers
+    alike; the other types still one per image; val and test byte-identical to the plain world's."""
+    root, config, _ = world
+    extra = tmp_path / "extra"
+    sw.generate_shapes_world(extra, sw.ShapesWorldConfig(seed=7, train_extra_questions={"relation": 6}, **SMALL))
+    by_image = {}
+    for r in read_split(extra, "train"):
+        if r["task"] == "vqa":
+            by_image.setdefault(r["images"][0], []).append(r)
+    relation_counts, answers = [], Counter()
+    for rows in by_image.values():
+        objects = rows[0]["meta"]["objects"]
+        texts = [r["conversations"][0]["content"] for r in rows]
+        assert len(set(texts)) == len(texts)  # no question twice
+        relations = [r for r in rows if r["type"] == "relation"]
+        possible = len(objects) * (len(objects) - 1) * 4
+        assert len(relations) == min(possible, 7)  # the usual one (when the turn is relation's) + 6, or all there are
+        for r in relations:
+            question = r["conversations"][0]["content"].split("\n", 1)[1]
+            assert answer_image_question(question, objects, config.image_size) == r["conversations"][1]["content"]
+            answers[r["conversations"][1]["content"]] += 1
+        relation_counts.append(len(relations))
+        assert Counter(r["type"] for r in rows if r["type"] != "relation") == \
+            Counter(t for t in sw.image_question_types_for(int(rows[0]["id"][9:15]), config) if t != "relation")
+    assert max(relation_counts) == 7 and abs(answers["yes"] - answers["no"]) <= 0.1 * sum(answers.values())
+    for split in ("val", "test"):
+        assert (extra / f"{split}.jsonl").read_bytes() == (root / f"{split}.jsonl").read_bytes()
+    assert sw.main([str(tmp_path / "cli"), "--train-images", "4", "--val-images", "1", "--test-images", "1",
+                    "--train-videos", "0", "--val-videos", "0", "--test-videos", "0", "--text-samples", "0",
+                    "--train-extra-questions", "relation=2,position=1"])
+    saved = json.loads((tmp_path / "cli" / "world.json").read_text())["config"]
+    assert saved["train_extra_questions"] == {"position": 1, "relation": 2}
+    with pytest.raises(ValueError, match="train_extra_questions names 'relations'.*choose from"):
+        sw.ShapesWorldConfig(train_extra_questions={"relations": 2})
+    with pytest.raises(ValueError, match=r"train_extra_questions\['relation'\] must be an integer >= 0"):
+        sw.ShapesWorldConfig(train_extra_questions={"relation": -1})
