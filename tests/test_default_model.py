@@ -117,3 +117,19 @@ def test_video_shape_probe_runs_on_a_shapes_split(tmp_path, load_example):
     assert counts["clips"] == len(asked) > 0
     assert 0 <= counts["frame shape right"] <= counts["clips"]
     assert 0 <= counts["video question right"] <= counts["clips"]
+
+
+def test_off_grid_shape_probe_asks_each_scene_four_ways(tmp_path, load_example):
+    """examples/recipes/probe_offgrid_shapes.py: the same objects asked about as drawn, off their cells'
+    centres, and through the video codec; the default model names shapes drawn as in training."""
+    world = ShapesWorldConfig(train_images=0, val_images=0, test_images=10, train_videos=0, val_videos=0,
+                              test_videos=0, text_samples=0, seed=3)
+    generate_shapes_world(tmp_path, world)
+    scenes = [json.loads(line)["meta"]["objects"] for line in (tmp_path / "test.jsonl").read_text().splitlines()
+              if json.loads(line)["task"] == "caption"]
+    unique = sum(sum(p["color"] == o["color"] for p in s) == 1 for s in scenes for o in s)
+    probe = load_example("recipes/probe_offgrid_shapes.py")
+    result = probe.main([str(MODEL_DIR), str(tmp_path / "test.jsonl"), "--scenes", "10"])
+    assert set(result) == {"grid", "off_grid", "grid_mp4", "off_grid_mp4"}
+    assert all(r["asked"] == unique > 0 and 0 <= r["right"] <= r["asked"] for r in result.values())
+    assert result["grid"]["share"] >= 0.9

@@ -90,6 +90,9 @@ def model_card(run: dict, results: dict, model: FusionModel, dtype: torch.dtype,
     resumed = " (resumed; the time covers the last part only)" if summary.get("resumed") else ""
     position = " (plus a learned embedding per image-token position)" if model.config.image_position_embedding else ""
     qk_norm = "QK norm in RoPE layers" if model.config.decoder.use_qk_norm else "no QK norm"
+    extra_questions = wcfg.get("train_extra_questions") or {}
+    more = " and ".join(f"{n} more {qtype}" for qtype, n in extra_questions.items())
+    extra = f"; training images also ask up to {more} questions (where the scene has them)" if more else ""
     return f"""# fusion default model: `shapes-tiny`
 
 The model that `fusion.pipeline(task)` loads when no `model=` is given. It is a tiny early-fusion
@@ -111,7 +114,7 @@ shapes world and nothing else.**
 ## Training
 Data: the shapes world (`fusion.data.shapes_world`, seed {wcfg['seed']}): {wcfg['image_size']} px images with
 1-{wcfg['max_shapes']} shapes ({', '.join(wcfg['shapes'])}) in {', '.join(wcfg['colors'])} on a black background,
-questions on colour, shape, count, position, existence and relation, one caption per image;
+questions on colour, shape, count, position, existence and relation, one caption per image{extra};
 {wcfg['video_frames']}-frame {wcfg['video_size']} px clips of shapes that move, appear and disappear with questions on
 direction, what appeared, what disappeared and what happened first; a text-only corpus.
 Train split: {counts['train']['images']} images, {counts['train']['videos']} videos, {counts['train']['samples']}
