@@ -101,8 +101,7 @@ class ShapesWorldConfig:
 
     `train_extra_questions` maps an image question type to how many more questions of that type each
     training image asks, beyond the `questions_per_image` ones (distinct questions, answers balanced; fewer
-    where the scene has fewer, e.g. {"relation": 12} asks about every ordered pair of a 3-shape scene for
-    some relations). Validation and test images are unchanged, so their figures stay comparable.
+    where the scene has fewer: a 2-shape scene has 8 relation questions, a 3-shape scene 24). Validation and test images are unchanged, so their figures stay comparable.
     """
 
     image_size: int = 64
@@ -127,7 +126,7 @@ class ShapesWorldConfig:
     background: tuple[int, int, int] = (0, 0, 0)
     supersample: int = 4               # antialiasing: draw this many times larger, then box-downsample
     train_jitter: float = 0.0          # train images only: 0..1, how far from its cell's centre a shape may sit
-    train_extra_questions: dict[str, int] = dataclasses.field(default_factory=dict)  # train images only, see below
+    train_extra_questions: dict[str, int] = dataclasses.field(default_factory=dict)  # train images only, see above
     seed: int = 0
 
     def __post_init__(self):
@@ -498,9 +497,12 @@ def choose_image_questions(objects, config, index, balancer, rng, extra: dict[st
     types = list(image_question_types_for(index, config))
     for qtype, n in (extra or {}).items():
         types += [qtype] * n
+    every: dict[str, list[Question]] = {}  # each type's questions, listed once however often it is asked
     for qtype in types:
+        if qtype not in every:
+            every[qtype] = image_questions(objects, config, qtype)
         asked = {q.text for q in chosen}
-        candidates = [q for q in image_questions(objects, config, qtype) if q.text not in asked]
+        candidates = [q for q in every[qtype] if q.text not in asked]
         if candidates:  # e.g. no relation question with one shape
             chosen.append(balancer.pick(candidates, rng))
     return chosen
