@@ -65,6 +65,7 @@ class StageConfig:
     group_by_media: bool = False
     pack: bool = False
     max_length: int = 1024  # packing row length
+    length_buckets: int = 1  # pad each micro-batch as up to N groups of similar length (less padding, same loss)
     init_from: str | None = None  # start this stage from a model folder
     eval: EvalConfig = field(default_factory=EvalConfig)
     aux_loss_coef: float | None = None  # override the decoder's aux-loss coefficient for this stage
@@ -83,6 +84,8 @@ class StageConfig:
             raise ConfigError(f"stage {self.name!r}: every part is frozen (all learning rates are 0)")
         if (self.steps is None) == (self.epochs is None):
             raise ConfigError(f"stage {self.name!r}: give exactly one of steps and epochs")
+        if self.length_buckets < 1:
+            raise ConfigError(f"stage {self.name!r}: length_buckets must be >= 1, got {self.length_buckets}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"stage {self.name!r}: batch_size {self.batch_size} is not a multiple of "
                               f"grad_accum {self.grad_accum}")

@@ -32,7 +32,7 @@ from tokenizer import FusionTokenizer
 
 from . import distributed as fdist
 from .checkpoint import atomic_folder, read_model_config, save_model_folder, write_json
-from .data.collate import pack_batch, pad_batch
+from .data.collate import pack_batch, pad_batch, split_by_length
 from .data.datasets import ROLE_ALIASES, ConversationDataset
 from .decoder import IGNORE_INDEX
 from .errors import ConfigError, DatasetError
@@ -376,6 +376,7 @@ class Trainer:
             window["tokens"] += tokens
             window["samples"] += stats["samples"]
             window["input_tokens"] += stats["input_tokens"]
+            window["padded_tokens"] += stats["padded_tokens"]
             window["dropped"] += stats["dropped"]
             window["load"] = stats["load"] if window["load"] is None else window["load"] + stats["load"]
             if bar is not None:
@@ -403,12 +404,17 @@ class Trainer:
         pad_id = self.model.tokenizer.pad_id
         micro = max(1, math.ceil(len(samples) / stage.grad_accum))
         chunks = [samples[i:i + micro] for i in range(0, len(samples), micro)]
+        if stage.length_buckets > 1 and not stage.pack:
+            chunks = [group for c in chunks for group in split_by_length([s for s in c if s is not None],
+                                                                           stage.length_buckets)]
         batches = [collate_samples(c, pad_id, stage.pack, stage.max_length) for c in chunks]
         dropped = sum(s is None for s in samples)
         batches = [b for b in batches if b is not None]
         local_tokens = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         input_tokens = sum(int(b.attention_mask.sum()) for b in batches)
-        counts = ctx.all_reduce_sum(torch.tensor([local_tokens, len(samples) - dropped, dropped, input_tokens],
+        padded_tokens = sum(b.attention_mask.numel() for b in batches)  # what the model computes, padding included
+        counts = ctx.all_reduce_sum(torch.tensor([local_tokens, len(samples) - dropped, dropped, input_tokens,
+                                                  padded_tokens],
                                                  dtype=torch.float64))
         global_tokens = max(1.0, float(counts[0]))
         # DDP averages gradients over processes: scale the per-process sums back to a global mean
@@ -435,7 +441,7 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         loss_sum = float(ctx.all_reduce_sum(loss_sum))
         return loss_sum, global_tokens, {"samples": int(counts[1]), "dropped": int(counts[2]),
-                                         "input_tokens": int(counts[3]),
+                                         "input_tokens": int(counts[3]), "padded_tokens": int(counts[4]),
                                          "load": ctx.all_reduce_sum(load) if load is not None else None}
 
     # -- logging, evaluation, checkpoints ----------------------------------------------------
@@ -445,6 +451,7 @@ class Trainer:
         elapsed = time.perf_counter() - window["time"]
         entry = {"kind": "train", "stage": stage.name, "step": progress.global_step, "stage_step": progress.step,
                  "loss": window["loss"] / max(window["tokens"], 1), "tokens_per_s": window["input_tokens"] / elapsed,
+                 "padded_tokens": window["padded_tokens"],
                  "seconds": time.perf_counter() - self.started,
                  "samples": window["samples"], "skipped_samples": window["dropped"],
                  "lr": {g["part"]: g["lr"] for g in optimizer.param_groups}}
@@ -575,8 +582,8 @@ class Trainer:
 
 def new_window() -> dict:
     """Running sums between two log lines."""
-    return {"loss": 0.0, "tokens": 0, "input_tokens": 0, "samples": 0, "dropped": 0, "time": time.perf_counter(),
-            "load": None}
+    return {"loss": 0.0, "tokens": 0, "input_tokens": 0, "padded_tokens": 0, "samples": 0, "dropped": 0,
+            "time": time.perf_counter(), "load": None}
 
 
 def _as_list(samples):

@@ -39,6 +39,7 @@ from open_clip.model import _build_vision_tower  # open_clip's own vision-tower 
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from .attention import attend_in_float32_on_cpu
 from .errors import WeightsError
 from .image import ImageProcessor
 
@@ -390,6 +391,8 @@ def _build_tower(config: VisionEncoderConfig, embed_dim: int, vision_cfg: dict[s
             if not isinstance(visual, VisionTransformer):
                 raise ValueError(f"stem='conv' needs an open_clip ViT tower; {config.model_name!r} is a timm tower")
             visual.conv1 = ConvPatchStem(visual.transformer.width, visual.patch_size[0])
+        if isinstance(visual, VisionTransformer):
+            attend_in_float32_on_cpu(visual)
     return visual
 
 

@@ -422,3 +422,28 @@ def test_shapes_world_files_read_and_group(model, tok, tmp_path):
             assert answers and supervised_text(tok, s) == "".join(answers)
     text = ConversationDataset(tmp_path / "text.jsonl", model.processor)
     assert len(text) == 5 and all(text[i].pixel_values is None for i in range(5))
+
+
+def test_split_by_length_keeps_every_sample_and_pads_least():
+    import itertools
+    import random
+    from types import SimpleNamespace
+
+    from fusion.data.collate import split_by_length
+
+    rng = random.Random(0)
+    for trial in range(30):
+        samples = [SimpleNamespace(input_ids=[0] * rng.randint(1, 60), tag=i) for i in range(rng.randint(1, 9))]
+        groups = rng.randint(1, 4)
+        out = split_by_length(samples, groups)
+        assert sorted(s.tag for g in out for s in g) == list(range(len(samples)))  # each sample once
+        assert 1 <= len(out) <= groups and all(out)
+        padded = sum(len(g) * max(len(s.input_ids) for s in g) for g in out)
+        # brute force: every way to cut the length-sorted samples into at most `groups` runs
+        lengths = sorted(len(s.input_ids) for s in samples)
+        best = min(sum((b - a) * lengths[b - 1] for a, b in zip((0, *cuts), (*cuts, len(lengths))))
+                   for k in range(min(groups, len(lengths))) for cuts in itertools.combinations(range(1, len(lengths)), k))
+        assert padded == best, (lengths, groups, [[len(s.input_ids) for s in g] for g in out])
+    assert split_by_length([], 2) == []
+    with pytest.raises(ValueError, match="groups must be >= 1"):
+        split_by_length(samples, 0)

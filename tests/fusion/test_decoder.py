@@ -191,3 +191,20 @@ def test_training_step_reduces_loss_and_updates_every_part():
     unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
     assert unchanged == []
     assert any(m.expert_bias.abs().sum() > 0 for m in model.moe_layers())  # the balancing hook ran
+
+
+def test_cpu_bf16_attention_is_computed_in_float32():
+    """Under CPU bf16 autocast the decoder attends in float32 (faster there) and returns bf16."""
+    from fusion.attention import AttentionPlan, attend
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 10, 8) for _ in range(3))
+    plan = AttentionPlan(is_causal=True)
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), plan, enable_gqa=False)
+    assert out.dtype == torch.bfloat16
+    upcast = torch.nn.functional.scaled_dot_product_attention(q.bfloat16().float(), k.bfloat16().float(),
+                                                              v.bfloat16().float(), is_causal=True)
+    assert torch.equal(out, upcast.bfloat16())  # float32 attention of the bf16 inputs, rounded once
+    assert torch.allclose(out.float(), exact, atol=0.05)

@@ -222,3 +222,20 @@ def test_unreadable_eval_data_fails_before_training(world, tmp_path):
     with pytest.raises(fusion.errors.ConfigError, match="eval data .* can be read"):
         train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages)), progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or losses(tmp_path / "run") == []
+
+
+def test_length_buckets_pad_less_and_train_the_same(world, tmp_path):
+    """Splitting each batch into groups of similar length (short image samples apart from long video ones)
+    changes only the padding: the logged losses equal those of one padded batch."""
+    stages = [{"name": "all", "data": [str(world / "train.jsonl"), str(world / "text.jsonl")], "steps": 4,
+               "batch_size": 8, "group_by_media": True, "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3}}]
+    runs = {}
+    for buckets in (1, 2):
+        staged = [{**stages[0], "length_buckets": buckets}]
+        config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / str(buckets), staged, threads=1))
+        train(config, progress=False)
+        runs[buckets] = [e for e in read_metrics(tmp_path / str(buckets) / "metrics.jsonl") if e["kind"] == "train"]
+    for one, two in zip(runs[1], runs[2], strict=True):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-5), (one["step"], one["loss"], two["loss"])
+    padded = lambda run: sum(e["padded_tokens"] for e in run)  # noqa: E731
+    assert padded(runs[2]) < padded(runs[1])
