@@ -262,7 +262,7 @@ class Trainer:
         spec = self.config.data.get("shapes_world")
         if not spec:
             return
-        from .data.shapes_world import ShapesWorldConfig, generate_shapes_world
+        from .data.shapes_world import ShapesWorldConfig, generate_shapes_world, rewrite_extra_questions
 
         spec = dict(spec)
         out_dir = self.config.path(spec.pop("out_dir"))
@@ -271,7 +271,10 @@ class Trainer:
         if world_file.exists():  # never train on a world written with other settings without saying so
             found = ShapesWorldConfig(**json.loads(world_file.read_text())["config"]).to_dict()
             differ = {k: (found[k], v) for k, v in wanted.to_dict().items() if found[k] != v}
-            if differ:
+            if set(differ) == {"train_extra_questions"}:  # only the extra questions' file changes
+                if self.ctx.is_main:
+                    rewrite_extra_questions(out_dir, wanted)
+            elif differ:
                 raise ConfigError(f"data.shapes_world: {out_dir} holds a shapes world generated with other settings "
                                   f"(found vs wanted: {differ}); delete that folder to regenerate it, or give "
                                   f"another out_dir")

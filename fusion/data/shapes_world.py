@@ -5,7 +5,8 @@ Images show 1 to `max_shapes` shapes of pure colours on a plain background, one 
 `train_jitter` lets the shapes of training images stray further from their cell's centre (never out of
 it), so that the encoder also learns shapes that straddle its patches, as the shapes of videos do.
 `train_extra_questions` asks training images more questions of the named types (e.g. every relation
-question a scene has), since some types need many more examples than one per image to be learned.
+question a scene has), since some types need many more examples than one per image to be learned; they go
+to their own file, `train_extra.jsonl`, so that a recipe chooses the stages that see them.
 Videos show 1 or 2 shapes that move, appear or disappear; their questions can only be answered by
 looking at the frames in order. A text-only corpus renders the same world as plain chat for training a
 language trunk from nothing.
@@ -15,6 +16,7 @@ Layout written by `generate_shapes_world(out_dir, config)`::
     out_dir/
       world.json                      the generator settings, palette, question types and answer vocabularies
       train.jsonl val.jsonl test.jsonl one sample per line (below); splits never share an image or a video
+      train_extra.jsonl               with `train_extra_questions` only: more questions about the train images
       text.jsonl                      the text-only corpus (no images, no videos)
       images/{split}/000123.png
       videos/{split}/000007.mp4
@@ -101,7 +103,10 @@ class ShapesWorldConfig:
 
     `train_extra_questions` maps an image question type to how many more questions of that type each
     training image asks, beyond the `questions_per_image` ones (distinct questions, answers balanced; fewer
-    where the scene has fewer: a 2-shape scene has 8 relation questions, a 3-shape scene 24). Validation and test images are unchanged, so their figures stay comparable.
+    where the scene has fewer: a 2-shape scene has 8 relation questions, a 3-shape scene 24). They are
+    written to `train_extra.jsonl`, image by image (so `group_by_media` shares each image between them), from
+    their own random stream: `train.jsonl`, `val.jsonl` and `test.jsonl` are byte-identical to those of the
+    same world without them.
     """
 
     image_size: int = 64
@@ -489,23 +494,51 @@ def image_question_types_for(index: int, config: ShapesWorldConfig) -> list[str]
     return [IMAGE_QUESTION_TYPES[(index * q + k) % n_types] for k in range(q)]
 
 
-def choose_image_questions(objects, config, index, balancer, rng, extra: dict[str, int] | None = None
-                            ) -> list[Question]:
-    """The questions asked about image `index`: its `image_question_types_for` types, then `extra[type]` more
-    of each type in `extra` (each question at most once; a type runs out when the scene has no more)."""
+def choose_image_questions(objects, config, index, balancer, rng) -> list[Question]:
+    """The questions asked about image `index`: one of each of its `image_question_types_for` types."""
     chosen: list[Question] = []
-    types = list(image_question_types_for(index, config))
-    for qtype, n in (extra or {}).items():
-        types += [qtype] * n
-    every: dict[str, list[Question]] = {}  # each type's questions, listed once however often it is asked
-    for qtype in types:
-        if qtype not in every:
-            every[qtype] = image_questions(objects, config, qtype)
-        asked = {q.text for q in chosen}
-        candidates = [q for q in every[qtype] if q.text not in asked]
+    for qtype in image_question_types_for(index, config):
+        candidates = image_questions(objects, config, qtype)
         if candidates:  # e.g. no relation question with one shape
             chosen.append(balancer.pick(candidates, rng))
     return chosen
+
+
+def choose_extra_questions(objects, config, asked: set[str], balancer, rng) -> list[Question]:
+    """`config.train_extra_questions[type]` more questions of each named type about one training image:
+    distinct, none of them among `asked` (the image's usual questions), fewer where the scene has fewer."""
+    chosen: list[Question] = []
+    asked = set(asked)
+    for qtype, n in config.train_extra_questions.items():
+        pool = [q for q in image_questions(objects, config, qtype) if q.text not in asked]
+        for _ in range(n):
+            if not pool:
+                break
+            q = balancer.pick(pool, rng)
+            chosen.append(q)
+            asked.add(q.text)
+            pool = [c for c in pool if c.text != q.text]
+    return chosen
+
+
+def extra_question_samples(train_samples: list[dict], config: ShapesWorldConfig) -> list[dict]:
+    """The samples of `train_extra.jsonl`: `choose_extra_questions` for each image of the train split,
+    drawn from their own random stream so that `train.jsonl` is byte-identical with or without them."""
+    rng = np.random.default_rng([config.seed, SPLITS.index("train"), 2])
+    balancer = AnswerBalancer()
+    by_image: dict[str, list[dict]] = {}
+    for s in train_samples:
+        if s["task"] in ("vqa", "caption") and s["images"]:
+            by_image.setdefault(s["images"][0], []).append(s)
+    out = []
+    for path, rows in by_image.items():
+        objects = rows[0]["meta"]["objects"]
+        asked = {r["conversations"][0]["content"].split("\n", 1)[1] for r in rows}
+        stem = rows[0]["id"].rsplit("-", 1)[0]  # train-img000123
+        for k, q in enumerate(choose_extra_questions(objects, config, asked, balancer, rng)):
+            out.append(chat_sample(f"{stem}-x{k}", [path], [], f"<image>\n{q.text}", q.answer, q.type, "vqa",
+                                   {"objects": objects, "template": q.template}))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -767,14 +800,13 @@ def generate_split(out_dir: str, split: str, config: ShapesWorldConfig) -> tuple
     if n_images:
         os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
     jitter = config.train_jitter if split == "train" else 0.0
-    extra = config.train_extra_questions if split == "train" else {}
     for i in range(n_images):
         objects = sample_image_scene(rng, config, jitter)
         rel_path = f"images/{split}/{i:06d}.png"
         pixels = render_shapes(objects, config.image_size, config.background, config.supersample)
         Image.fromarray(pixels).save(os.path.join(out_dir, rel_path))
         meta = {"objects": objects}
-        for k, q in enumerate(choose_image_questions(objects, config, i, balancer, rng, extra)):
+        for k, q in enumerate(choose_image_questions(objects, config, i, balancer, rng)):
             samples.append(chat_sample(f"{split}-img{i:06d}-q{k}", [rel_path], [], f"<image>\n{q.text}", q.answer,
                                        q.type, "vqa", {**meta, "template": q.template}))
         if config.captions:
@@ -812,6 +844,10 @@ def generate_shapes_world(out_dir: str | os.PathLike, config: ShapesWorldConfig 
         samples, n_images, n_videos = generate_split(out_dir, split, config)
         _write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), samples)
         counts[split] = {"images": n_images, "videos": n_videos, "samples": len(samples)}
+        if split == "train" and config.train_extra_questions:
+            extra = extra_question_samples(samples, config)
+            _write_jsonl(os.path.join(out_dir, "train_extra.jsonl"), extra)
+            counts["train_extra"] = {"samples": len(extra)}
     corpus = text_corpus(config)
     _write_jsonl(os.path.join(out_dir, "text.jsonl"), corpus)
     counts["text"] = {"samples": len(corpus)}
@@ -830,6 +866,45 @@ def generate_shapes_world(out_dir: str | os.PathLike, config: ShapesWorldConfig 
     with open(os.path.join(out_dir, "world.json"), "w", encoding="utf-8", newline="\n") as f:
         json.dump(world, f, indent=2)
         f.write("\n")
+    return counts
+
+
+def rewrite_extra_questions(out_dir: str | os.PathLike, config: ShapesWorldConfig) -> dict:
+    """Give the world in `out_dir` the `train_extra_questions` of `config`, redrawing nothing else.
+
+    The extra questions depend only on `train.jsonl` and the config, so changing them rewrites
+    `train_extra.jsonl` (or removes it) and `world.json`, and leaves every image and video as it is.
+    Any other difference between the world on disk and `config` is a ValueError. Returns the counts.
+    """
+    out_dir = os.fspath(out_dir)
+    world_file = os.path.join(out_dir, "world.json")
+    with open(world_file, encoding="utf-8") as f:
+        world = json.load(f)
+    found, wanted = ShapesWorldConfig(**world["config"]).to_dict(), config.to_dict()
+    differ = sorted(k for k in wanted if found[k] != wanted[k] and k != "train_extra_questions")
+    if differ:
+        raise ValueError(f"rewrite_extra_questions: {out_dir} was generated with other {differ}; only "
+                         "train_extra_questions can change without generating the world again")
+    extra_file = os.path.join(out_dir, "train_extra.jsonl")
+    counts = world["counts"]
+    if config.train_extra_questions:
+        with open(os.path.join(out_dir, "train.jsonl"), encoding="utf-8") as f:
+            train = [json.loads(line) for line in f if line.strip()]
+        extra = extra_question_samples(train, config)
+        _write_jsonl(extra_file + ".tmp", extra)
+        os.replace(extra_file + ".tmp", extra_file)
+        counts["train_extra"] = {"samples": len(extra)}
+    else:
+        if os.path.exists(extra_file):
+            os.remove(extra_file)
+        counts.pop("train_extra", None)
+    order = ["train", "train_extra", *SPLITS[1:]]  # as generate_shapes_world lists them
+    world["counts"] = dict(sorted(counts.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    world["config"] = wanted
+    with open(world_file + ".tmp", "w", encoding="utf-8", newline="\n") as f:  # last: a crash leaves it stale
+        json.dump(world, f, indent=2)
+        f.write("\n")
+    os.replace(world_file + ".tmp", world_file)
     return counts
 
 
@@ -865,7 +940,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-jitter", type=float, default=defaults.train_jitter,
                         help="0..1: how far from its cell's centre a shape of a training image may sit")
     parser.add_argument("--train-extra-questions", type=_extra_questions, default={}, metavar="TYPE=N,...",
-                        help="more questions of these types per training image, e.g. relation=12")
+                        help="more questions of these types per training image, written to train_extra.jsonl, "
+                             "e.g. relation=12")
     parser.add_argument("--no-captions", action="store_true", help="no caption sample per image")
     parser.add_argument("--shapes", type=_names, default=defaults.shapes,
                         help=f"comma-separated, from {','.join(SHAPE_NAMES)}")

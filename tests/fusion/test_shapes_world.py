@@ -3,6 +3,7 @@ frames that agree with the recorded scenes."""
 import hashlib
 import json
 import re
+import shutil
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -467,33 +468,50 @@ def test_train_jitter_moves_training_shapes_off_their_cells_centre_only(world, t
 
 
 def test_train_extra_questions_ask_training_images_more_of_a_type_only(world, tmp_path):
-    """Extra relation questions per training image: distinct, right for the scene, about both answers
-    alike; the other types still one per image; val and test byte-identical to the plain world's."""
+    """Extra relation questions per training image go to train_extra.jsonl: distinct from each other and from
+    the image's usual questions, right for the scene, about both answers alike, image by image; every other
+    file is byte-identical to the plain world's."""
     root, config, _ = world
     extra = tmp_path / "extra"
     sw.generate_shapes_world(extra, sw.ShapesWorldConfig(seed=7, train_extra_questions={"relation": 6}, **SMALL))
-    by_image = {}
+    for split in ("train", "val", "test"):
+        assert (extra / f"{split}.jsonl").read_bytes() == (root / f"{split}.jsonl").read_bytes()
+    assert not (root / "train_extra.jsonl").exists()
+    usual = {}
     for r in read_split(extra, "train"):
-        if r["task"] == "vqa":
-            by_image.setdefault(r["images"][0], []).append(r)
+        if r["task"] in ("vqa", "caption"):
+            usual.setdefault(r["images"][0], []).append(r["conversations"][0]["content"])
+    rows = [json.loads(line) for line in (extra / "train_extra.jsonl").read_text().splitlines()]
+    order = list(dict.fromkeys(r["images"][0] for r in rows))
+    assert order == [p for p in usual if p in set(order)]  # image by image, in the train split's order
     relation_counts, answers = [], Counter()
-    for rows in by_image.values():
-        objects = rows[0]["meta"]["objects"]
-        texts = [r["conversations"][0]["content"] for r in rows]
-        assert len(set(texts)) == len(texts)  # no question twice
-        relations = [r for r in rows if r["type"] == "relation"]
+    for path in order:
+        mine = [r for r in rows if r["images"][0] == path]
+        objects = mine[0]["meta"]["objects"]
+        texts = [r["conversations"][0]["content"] for r in mine]
+        assert len(set(texts)) == len(texts) and not set(texts) & set(usual[path])  # nothing asked twice
         possible = len(objects) * (len(objects) - 1) * 4
-        assert len(relations) == min(possible, 7)  # the usual one (when the turn is relation's) + 6, or all there are
-        for r in relations:
+        already = sum("left of" in t or "right of" in t or "above" in t or "below" in t for t in usual[path])
+        assert all(r["type"] == "relation" for r in mine) and len(mine) == min(6, possible - already)
+        for r in mine:
             question = r["conversations"][0]["content"].split("\n", 1)[1]
             assert answer_image_question(question, objects, config.image_size) == r["conversations"][1]["content"]
             answers[r["conversations"][1]["content"]] += 1
-        relation_counts.append(len(relations))
-        assert Counter(r["type"] for r in rows if r["type"] != "relation") == \
-            Counter(t for t in sw.image_question_types_for(int(rows[0]["id"][9:15]), config) if t != "relation")
-    assert max(relation_counts) == 7 and abs(answers["yes"] - answers["no"]) <= 0.1 * sum(answers.values())
-    for split in ("val", "test"):
-        assert (extra / f"{split}.jsonl").read_bytes() == (root / f"{split}.jsonl").read_bytes()
+        relation_counts.append(len(mine))
+    assert max(relation_counts) == 6 and abs(answers["yes"] - answers["no"]) <= 0.1 * sum(answers.values())
+    counts = json.loads((extra / "world.json").read_text())["counts"]
+    assert counts["train_extra"] == {"samples": len(rows)}
+    # the same file, written into an existing plain world without drawing its media again
+    plain = tmp_path / "plain"
+    shutil.copytree(root, plain)
+    sw.rewrite_extra_questions(plain, sw.ShapesWorldConfig(seed=7, train_extra_questions={"relation": 6}, **SMALL))
+    assert (plain / "train_extra.jsonl").read_bytes() == (extra / "train_extra.jsonl").read_bytes()
+    assert (plain / "world.json").read_bytes() == (extra / "world.json").read_bytes()
+    sw.rewrite_extra_questions(plain, sw.ShapesWorldConfig(seed=7, **SMALL))
+    assert not (plain / "train_extra.jsonl").exists()
+    assert (plain / "world.json").read_bytes() == (root / "world.json").read_bytes()
+    with pytest.raises(ValueError, match=r"other \['seed'\]; only train_extra_questions can change"):
+        sw.rewrite_extra_questions(plain, sw.ShapesWorldConfig(seed=8, **SMALL))
     assert sw.main([str(tmp_path / "cli"), "--train-images", "4", "--val-images", "1", "--test-images", "1",
                     "--train-videos", "0", "--val-videos", "0", "--test-videos", "0", "--text-samples", "0",
                     "--train-extra-questions", "relation=2,position=1"])

@@ -111,6 +111,24 @@ def test_a_generated_world_with_other_settings_is_refused_not_reused(world, tmp_
         trainer(**{**settings, "train_jitter": 0.5}).prepare_data()
 
 
+def test_changing_only_the_extra_questions_rewrites_their_file_and_keeps_the_media(world, tmp_path):
+    from fusion.train_config import load_train_config
+    from fusion.trainer import Trainer
+
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    settings = json.loads((copy / "world.json").read_text())["config"]
+    media = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.suffix in (".png", ".mp4")}
+    stages = [{"name": "trunk", "data": str(copy / "text.jsonl"), "steps": 1, "lr": {"decoder": 1e-3}}]
+    for extra in ({"relation": 3}, {}):
+        spec = {"out_dir": str(copy), **settings, "train_extra_questions": extra}
+        config = base_config(world, tmp_path / "run", stages, data={"shapes_world": spec})
+        Trainer(load_train_config(write_config(tmp_path / "run.yaml", config)), progress=False).prepare_data()
+        assert json.loads((copy / "world.json").read_text())["config"]["train_extra_questions"] == extra
+        assert (copy / "train_extra.jsonl").exists() == bool(extra)
+    assert {p: p.stat().st_mtime_ns for p in media} == media  # no image or video was drawn again
+
+
 def test_frozen_parts_stay_bit_identical_and_trainable_parts_move(world, tmp_path):
     stages = [{"name": "trunk", "data": str(world / "text.jsonl"), "steps": 3, "batch_size": 4,
                "lr": {"decoder": 1e-3}},
