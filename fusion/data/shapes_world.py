@@ -7,6 +7,8 @@ it), so that the encoder also learns shapes that straddle its patches, as the sh
 `train_extra_questions` asks training images more questions of the named types (e.g. every relation
 question a scene has), since some types need many more examples than one per image to be learned; they go
 to their own file, `train_extra.jsonl`, so that a recipe chooses the stages that see them.
+`train_video_captions` gives each training video a caption sample too (its events in order, naming each
+shape), so that the encoder sees many more shapes named where they sit off the grid.
 Videos show 1 or 2 shapes that move, appear or disappear; their questions can only be answered by
 looking at the frames in order. A text-only corpus renders the same world as plain chat for training a
 language trunk from nothing.
@@ -90,6 +92,7 @@ VIDEO_QUESTION_TYPES: tuple[str, ...] = ("direction", "appeared", "disappeared",
 QUESTION_TYPES: tuple[str, ...] = IMAGE_QUESTION_TYPES + ("caption",) + VIDEO_QUESTION_TYPES
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 CAPTION_PROMPT = "Describe the image."
+VIDEO_CAPTION_PROMPT = "Describe the video."
 TEXT_CAPTION_PROMPT = "Describe a scene with shapes."
 
 
@@ -132,6 +135,7 @@ class ShapesWorldConfig:
     supersample: int = 4               # antialiasing: draw this many times larger, then box-downsample
     train_jitter: float = 0.0          # train images only: 0..1, how far from its cell's centre a shape may sit
     train_extra_questions: dict[str, int] = dataclasses.field(default_factory=dict)  # train images only, see above
+    train_video_captions: bool = False  # train videos only: also a caption sample ("Describe the video.")
     seed: int = 0
 
     def __post_init__(self):
@@ -827,6 +831,10 @@ def generate_split(out_dir: str, split: str, config: ShapesWorldConfig) -> tuple
         for k, q in enumerate(choose_video_questions(video, primary, config, balancer, rng)):
             samples.append(chat_sample(f"{split}-vid{i:06d}-q{k}", [], [rel_path], f"<video>\n{q.text}", q.answer,
                                        q.type, "video-qa", {**video, "template": q.template}))
+        if split == "train" and config.train_video_captions:  # draws nothing: the questions stay the same
+            samples.append(chat_sample(f"{split}-vid{i:06d}-caption", [], [rel_path],
+                                       f"<video>\n{VIDEO_CAPTION_PROMPT}", narrate_video(video), "caption",
+                                       "caption", video))
     return samples, n_images, n_videos
 
 
@@ -860,7 +868,8 @@ def generate_shapes_world(out_dir: str | os.PathLike, config: ShapesWorldConfig 
         "question_types": {"vqa": list(IMAGE_QUESTION_TYPES), "caption": ["caption"],
                            "video-qa": list(VIDEO_QUESTION_TYPES)},
         "answers": answer_vocabulary(config),
-        "prompts": {"caption": CAPTION_PROMPT, "text_caption": TEXT_CAPTION_PROMPT},
+        "prompts": {"caption": CAPTION_PROMPT, "video_caption": VIDEO_CAPTION_PROMPT,
+                    "text_caption": TEXT_CAPTION_PROMPT},
         "counts": counts,
     }
     with open(os.path.join(out_dir, "world.json"), "w", encoding="utf-8", newline="\n") as f:
@@ -943,6 +952,8 @@ def main(argv=None) -> dict:
                         help="more questions of these types per training image, written to train_extra.jsonl, "
                              "e.g. relation=12")
     parser.add_argument("--no-captions", action="store_true", help="no caption sample per image")
+    parser.add_argument("--train-video-captions", action="store_true",
+                        help="a caption sample per training video too (its events, naming each shape)")
     parser.add_argument("--shapes", type=_names, default=defaults.shapes,
                         help=f"comma-separated, from {','.join(SHAPE_NAMES)}")
     parser.add_argument("--colors", type=_names, default=defaults.colors,

@@ -521,3 +521,25 @@ def test_train_extra_questions_ask_training_images_more_of_a_type_only(world, tm
         sw.ShapesWorldConfig(train_extra_questions={"relations": 2})
     with pytest.raises(ValueError, match=r"train_extra_questions\['relation'\] must be an integer >= 0"):
         sw.ShapesWorldConfig(train_extra_questions={"relation": -1})
+
+
+def test_train_video_captions_name_every_shape_of_each_training_clip(world, tmp_path):
+    """Each training video gets one caption (its events in order) right after its questions; nothing else
+    changes: the same questions in the same order, val and test byte-identical."""
+    root, _, _ = world
+    captioned = tmp_path / "captioned"
+    sw.generate_shapes_world(captioned, sw.ShapesWorldConfig(seed=7, train_video_captions=True, **SMALL))
+    plain, rows = read_split(root, "train"), read_split(captioned, "train")
+    assert [r for r in rows if r["type"] != "caption" or r["images"]] == plain
+    captions = [r for r in rows if r["videos"] and r["type"] == "caption"]
+    assert len(captions) == SMALL["train_videos"]
+    for r in captions:
+        position = rows.index(r)
+        assert rows[position - 1]["videos"] == r["videos"]  # grouped with the clip's questions
+        assert r["conversations"][0]["content"] == "<video>\nDescribe the video." and r["task"] == "caption"
+        text = r["conversations"][1]["content"]
+        assert text == sw.narrate_video(r["meta"])
+        for o in r["meta"]["objects"]:
+            assert f"the {o['color']} {o['shape']} " in text
+    for split in ("val", "test"):
+        assert (captioned / f"{split}.jsonl").read_bytes() == (root / f"{split}.jsonl").read_bytes()
