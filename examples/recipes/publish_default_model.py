@@ -92,7 +92,10 @@ def model_card(run: dict, results: dict, model: FusionModel, dtype: torch.dtype,
     qk_norm = "QK norm in RoPE layers" if model.config.decoder.use_qk_norm else "no QK norm"
     extra_questions = wcfg.get("train_extra_questions") or {}
     more = " and ".join(f"{n} more {qtype}" for qtype, n in extra_questions.items())
-    extra = f"; training images also ask up to {more} questions (where the scene has them)" if more else ""
+    extra = (f"; training images also ask up to {more} questions (where the scene has them; in `train_extra.jsonl`, "
+             "seen by the stages that list it)") if more else ""
+    clip_captions = (", and one caption per training clip (its events in order)"
+                     if wcfg.get("train_video_captions") else "")
     return f"""# fusion default model: `shapes-tiny`
 
 The model that `fusion.pipeline(task)` loads when no `model=` is given. It is a tiny early-fusion
@@ -116,7 +119,7 @@ Data: the shapes world (`fusion.data.shapes_world`, seed {wcfg['seed']}): {wcfg[
 1-{wcfg['max_shapes']} shapes ({', '.join(wcfg['shapes'])}) in {', '.join(wcfg['colors'])} on a black background,
 questions on colour, shape, count, position, existence and relation, one caption per image{extra};
 {wcfg['video_frames']}-frame {wcfg['video_size']} px clips of shapes that move, appear and disappear with questions on
-direction, what appeared, what disappeared and what happened first; a text-only corpus.
+direction, what appeared, what disappeared and what happened first{clip_captions}; a text-only corpus.
 Train split: {counts['train']['images']} images, {counts['train']['videos']} videos, {counts['train']['samples']}
 conversations; text corpus: {counts['text']['samples']} samples.
 

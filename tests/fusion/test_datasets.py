@@ -441,8 +441,9 @@ def test_split_by_length_keeps_every_sample_and_pads_least():
         padded = sum(len(g) * max(len(s.input_ids) for s in g) for g in out)
         # brute force: every way to cut the length-sorted samples into at most `groups` runs
         lengths = sorted(len(s.input_ids) for s in samples)
-        best = min(sum((b - a) * lengths[b - 1] for a, b in zip((0, *cuts), (*cuts, len(lengths))))
-                   for k in range(min(groups, len(lengths))) for cuts in itertools.combinations(range(1, len(lengths)), k))
+        n = len(lengths)
+        best = min(sum((b - a) * lengths[b - 1] for a, b in zip((0, *cuts), (*cuts, n)))
+                   for k in range(min(groups, n)) for cuts in itertools.combinations(range(1, n), k))
         assert padded == best, (lengths, groups, [[len(s.input_ids) for s in g] for g in out])
     assert split_by_length([], 2) == []
     with pytest.raises(ValueError, match="groups must be >= 1"):
