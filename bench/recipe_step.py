@@ -1,0 +1,122 @@
+"""One training step of the default model's recipe on a CPU: what float32 attention and length buckets save.
+
+A step = forward, backward and AdamW on 32 shared-prefix samples of a shapes world (images with their
+questions and caption, videos with theirs), everything trainable, under bf16 autocast, the model built as
+`examples/recipes/shapes-tiny.yaml` builds it (from `fusion/default_model/config.json`). Three ways,
+alternating A, B, C in every round on the very same batches, so machine noise hits all alike:
+
+    old        attention in bf16 (torch's own kernels under autocast), one padded batch
+    fp32-attn  attention in float32 (`fusion.attention.attend`, `vision.attention`), one padded batch
+    buckets    float32 attention and `length_buckets: 2` (two padded groups of similar length)
+
+    python bench/recipe_step.py                    # 7 rounds; medians and ratios
+    python bench/recipe_step.py --rounds 3 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import fusion.attention  # noqa: E402
+from fusion.data.collate import split_by_length  # noqa: E402
+from fusion.data.datasets import ConversationDataset  # noqa: E402
+from fusion.data.shapes_world import ShapesWorldConfig, generate_shapes_world  # noqa: E402
+from fusion.model import FusionModel  # noqa: E402
+from fusion.trainer import TrainingStep, collate_samples  # noqa: E402
+from vision.attention import Float32CpuAttention  # noqa: E402
+
+WAYS = ("old", "fp32-attn", "buckets")
+
+
+def bf16_attend(q, k, v, plan, enable_gqa):
+    """The attention before float32 upcasting: scaled_dot_product_attention in the autocast dtype."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.is_causal,
+                                          enable_gqa=enable_gqa)
+
+
+def set_attention(model: FusionModel, float32: bool):
+    fusion.attention.attend = float32_attend if float32 else bf16_attend
+    for module in model.vision.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            module.__class__ = Float32CpuAttention if float32 else nn.MultiheadAttention
+
+
+float32_attend = fusion.attention.attend
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--model", default=os.path.join(ROOT, "fusion", "default_model"))
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    random.seed(0)
+    model = FusionModel.from_pretrained(args.model)
+    with open(os.path.join(args.model, "evaluation.json")) as f:
+        world = json.load(f)["shapes_world"]
+    with tempfile.TemporaryDirectory() as tmp:  # a small world with the recipe's settings (images and videos)
+        settings = {**world, "train_images": 160, "train_videos": 80, "val_images": 0, "val_videos": 0,
+                    "test_images": 0, "test_videos": 0, "text_samples": 0}
+        generate_shapes_world(tmp, ShapesWorldConfig(**settings))
+        data = ConversationDataset(os.path.join(tmp, "train.jsonl"), model.processor, group_by_media=True)
+        batches = [[data[i] for i in random.sample(range(len(data)), args.batch_size)] for _ in range(args.rounds + 1)]
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    step = TrainingStep(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    pad = model.processor.tokenizer.pad_id
+
+    def run(samples, way):
+        set_attention(model, float32=way != "old")
+        groups = split_by_length(samples, 2) if way == "buckets" else [samples]
+        normalizer = torch.tensor(float(sum(int((s.labels[1:] != -100).sum()) for s in samples)))
+        start = time.perf_counter()
+        for group in groups:
+            batch = collate_samples(group, pad, False, 1024)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, _, _ = step(batch.model_inputs(), normalizer, 1.0)
+                loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    for way in WAYS:  # warm-up
+        run(batches[0], way)
+    times = {way: [] for way in WAYS}
+    for r in range(args.rounds):
+        for way in WAYS:
+            times[way].append(run(batches[r + 1], way))
+    median = {way: statistics.median(t) for way, t in times.items()}
+    result = {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "batch_size": args.batch_size, "rounds": args.rounds,
+        "median_step_s": {w: round(m, 3) for w, m in median.items()},
+        "speedup_vs_old": {w: round(median["old"] / m, 2) for w, m in median.items()},
+        "all_step_s": {w: [round(x, 3) for x in t] for w, t in times.items()},
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
