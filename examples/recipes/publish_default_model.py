@@ -127,7 +127,8 @@ conversations; text corpus: {counts['text']['samples']} samples.
 |---|---|---|---|---|
 {stages}
 
-Wall time of the whole recipe (data generation, tokenizer, all stages, final evaluation):
+Wall time of the whole recipe (tokenizer, all stages, final evaluation; generating the shapes world on first
+use adds about 45 s):
 **{minutes:.1f} minutes** on {summary['device']} with {summary['threads']} threads{resumed}, torch {summary['torch']}.
 
 ## Evaluation
