@@ -39,6 +39,7 @@ from fusion.trainer import TrainingStep, collate_samples  # noqa: E402
 from vision.attention import Float32CpuAttention  # noqa: E402
 
 WAYS = ("old", "fp32-attn", "buckets")
+float32_attend = fusion.attention.attend  # the library's own, kept before set_attention swaps it
 
 
 def bf16_attend(q, k, v, plan, enable_gqa):
@@ -52,9 +53,6 @@ def set_attention(model: FusionModel, float32: bool):
     for module in model.vision.modules():
         if isinstance(module, nn.MultiheadAttention):
             module.__class__ = Float32CpuAttention if float32 else nn.MultiheadAttention
-
-
-float32_attend = fusion.attention.attend
 
 
 def main(argv=None):

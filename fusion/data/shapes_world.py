@@ -512,7 +512,6 @@ def choose_extra_questions(objects, config, asked: set[str], balancer, rng) -> l
     """`config.train_extra_questions[type]` more questions of each named type about one training image:
     distinct, none of them among `asked` (the image's usual questions), fewer where the scene has fewer."""
     chosen: list[Question] = []
-    asked = set(asked)
     for qtype, n in config.train_extra_questions.items():
         pool = [q for q in image_questions(objects, config, qtype) if q.text not in asked]
         for _ in range(n):
@@ -520,8 +519,7 @@ def choose_extra_questions(objects, config, asked: set[str], balancer, rng) -> l
                 break
             q = balancer.pick(pool, rng)
             chosen.append(q)
-            asked.add(q.text)
-            pool = [c for c in pool if c.text != q.text]
+            pool.remove(q)
     return chosen
 
 
@@ -788,9 +786,20 @@ def text_corpus(config: ShapesWorldConfig) -> list[dict]:
 
 
 def _write_jsonl(path: str, samples: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
+    """One sample per line, written under a temporary name and then renamed (a crash leaves no half file)."""
+    with open(path + ".tmp", "w", encoding="utf-8", newline="\n") as f:
         for s in samples:
             f.write(json.dumps(s, ensure_ascii=False, separators=(", ", ": ")) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def _write_world(out_dir: str, world: dict) -> None:
+    """`world.json`, written under a temporary name and then renamed."""
+    path = os.path.join(out_dir, "world.json")
+    with open(path + ".tmp", "w", encoding="utf-8", newline="\n") as f:
+        json.dump(world, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
 
 
 def generate_split(out_dir: str, split: str, config: ShapesWorldConfig) -> tuple[list[dict], int, int]:
@@ -872,9 +881,7 @@ def generate_shapes_world(out_dir: str | os.PathLike, config: ShapesWorldConfig 
                     "text_caption": TEXT_CAPTION_PROMPT},
         "counts": counts,
     }
-    with open(os.path.join(out_dir, "world.json"), "w", encoding="utf-8", newline="\n") as f:
-        json.dump(world, f, indent=2)
-        f.write("\n")
+    _write_world(out_dir, world)
     return counts
 
 
@@ -886,8 +893,7 @@ def rewrite_extra_questions(out_dir: str | os.PathLike, config: ShapesWorldConfi
     Any other difference between the world on disk and `config` is a ValueError. Returns the counts.
     """
     out_dir = os.fspath(out_dir)
-    world_file = os.path.join(out_dir, "world.json")
-    with open(world_file, encoding="utf-8") as f:
+    with open(os.path.join(out_dir, "world.json"), encoding="utf-8") as f:
         world = json.load(f)
     found, wanted = ShapesWorldConfig(**world["config"]).to_dict(), config.to_dict()
     differ = sorted(k for k in wanted if found[k] != wanted[k] and k != "train_extra_questions")
@@ -900,21 +906,17 @@ def rewrite_extra_questions(out_dir: str | os.PathLike, config: ShapesWorldConfi
         with open(os.path.join(out_dir, "train.jsonl"), encoding="utf-8") as f:
             train = [json.loads(line) for line in f if line.strip()]
         extra = extra_question_samples(train, config)
-        _write_jsonl(extra_file + ".tmp", extra)
-        os.replace(extra_file + ".tmp", extra_file)
+        _write_jsonl(extra_file, extra)
         counts["train_extra"] = {"samples": len(extra)}
     else:
         if os.path.exists(extra_file):
             os.remove(extra_file)
         counts.pop("train_extra", None)
-    order = ["train", "train_extra", *SPLITS[1:]]  # as generate_shapes_world lists them
-    world["counts"] = dict(sorted(counts.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    order = ("train", "train_extra", *SPLITS[1:], "text")  # as generate_shapes_world lists them
+    world["counts"] = {k: counts[k] for k in order if k in counts}
     world["config"] = wanted
-    with open(world_file + ".tmp", "w", encoding="utf-8", newline="\n") as f:  # last: a crash leaves it stale
-        json.dump(world, f, indent=2)
-        f.write("\n")
-    os.replace(world_file + ".tmp", world_file)
-    return counts
+    _write_world(out_dir, world)  # last: a crash before it leaves world.json stale, so the next run rewrites again
+    return world["counts"]
 
 
 # ----------------------------------------------------------------------------------------------------
