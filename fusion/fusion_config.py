@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from vision.adapter import POSITION_EMBEDDINGS
 from vision.encoder import VisionEncoderConfig
 
 from .decoder_config import DecoderConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .processor import VideoSettings
 
 FORMAT_VERSION = 1
@@ -20,9 +21,10 @@ class FusionConfig:
     vision: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
     adapter_hidden_size: int | None = None  # width of the adapter MLP; None = the decoder's width
     pixel_shuffle_ratio: float = 0.5
-    # A learned embedding per image-token position added to the adapter's output (not in Llama 4, whose
+    # A learned embedding of each image token's place added to the adapter's output (not in Llama 4, whose
     # encoder carries position with 2-D RoPE): lets a small model say where a thing is (see VisionAdapter).
-    image_position_embedding: bool = False
+    # False: none; "per_token" (or True): one vector per token position; "rows_cols": a row plus a column vector.
+    image_position_embedding: bool | str = False
     max_tiles: int = 1  # Llama 4 tiling up to this many tiles (+ a global thumbnail); 1 = resize and pad
     pad_with_mean: bool = True  # pad images with the mean colour (normalises to 0); False = black, as Llama 4
     video: VideoSettings = field(default_factory=VideoSettings)
@@ -34,6 +36,11 @@ class FusionConfig:
             self.vision = VisionEncoderConfig.from_dict(self.vision)
         if isinstance(self.video, dict):
             self.video = VideoSettings(**self.video)
+        if self.image_position_embedding is True:
+            self.image_position_embedding = "per_token"
+        if self.image_position_embedding not in (False, *POSITION_EMBEDDINGS):
+            raise ConfigError(f"FusionConfig: image_position_embedding must be false or one of "
+                              f"{list(POSITION_EMBEDDINGS)}, got {self.image_position_embedding!r}")
 
     def to_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, "decoder": self.decoder.to_dict(), "vision": self.vision.to_dict(),

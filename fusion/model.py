@@ -46,7 +46,8 @@ class FusionModel(nn.Module):
         d = config.decoder.hidden_size
         tokens_per_tile = pixel_shuffle_tokens(self.vision.num_patches, config.pixel_shuffle_ratio)
         self.adapter = VisionAdapter(self.vision.width, config.adapter_hidden_size or d, d, config.pixel_shuffle_ratio,
-                                     position_tokens=tokens_per_tile if config.image_position_embedding else None)
+                                     position_tokens=tokens_per_tile if config.image_position_embedding else None,
+                                     position_embedding=config.image_position_embedding or "per_token")
         self.decoder = Decoder(config.decoder)
         self.processor = FusionProcessor(
             tokenizer, self.vision.image_processor(max_tiles=config.max_tiles, pad_with_mean=config.pad_with_mean),

@@ -4,9 +4,12 @@
 -> projector -> ``[N, P*r^2, out_dim]`` (llama4-reference.md §4 items 6-8). With r = 0.5 each
 output token carries a 2x2 block of patches, so a tile costs a quarter of the tokens.
 
-Optionally (not in Llama 4) a learned embedding per output-token position is added after the projector,
-so that each image token says *where* in the tile it is in its value, not only through the decoder's
-RoPE (which moves queries and keys, never values).
+Optionally (not in Llama 4) a learned embedding of each output token's position is added after the
+projector, so that each image token says *where* in the tile it is in its value, not only through the
+decoder's RoPE (which moves queries and keys, never values): either one vector per token position
+(``"per_token"``) or a vector for its row plus a vector for its column (``"rows_cols"``), which shares what
+is learned about a row or a column between all tokens in it (the words "top" or "left" name a whole row or
+column).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["pixel_shuffle", "pixel_shuffle_tokens", "VisionAdapter"]
+__all__ = ["pixel_shuffle", "pixel_shuffle_tokens", "VisionAdapter", "POSITION_EMBEDDINGS"]
+
+POSITION_EMBEDDINGS = ("per_token", "rows_cols")
 
 
 def _shuffle_factor(ratio: float) -> int:
@@ -75,16 +80,20 @@ class VisionAdapter(nn.Module):
         hidden_dim: MLP width (Llama 4: 4096).
         out_dim: decoder width (Llama 4 Scout: 5120).
         ratio: pixel shuffle ratio r (0.5 merges 2x2 patches).
-        position_tokens: when given, the tokens per tile, and a learned ``[position_tokens, out_dim]``
-            embedding (one row per token position of the shuffled grid, the same for every tile and
-            video frame) is added to the output. ``None`` (the default, as Llama 4): no such embedding.
+        position_tokens: when given, the tokens per tile, and a learned embedding of each token's place in the
+            shuffled grid (the same for every tile and video frame) is added to the output. ``None`` (the
+            default, as Llama 4): no such embedding.
+        position_embedding: ``"per_token"``: one learned ``[position_tokens, out_dim]`` row per token position
+            (parameter ``position_embedding``); ``"rows_cols"``: learned ``[side, out_dim]`` rows
+            (``position_rows``) and columns (``position_cols``) of the square token grid, token (y, x)
+            getting ``position_rows[y] + position_cols[x]``.
 
     ``projector`` is its own submodule so training can give it a separate learning rate.
     No layer has a bias, as in Llama 4; GELU is the exact (erf) one.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, ratio: float = 0.5,
-                 position_tokens: int | None = None):
+                 position_tokens: int | None = None, position_embedding: str = "per_token"):
         super().__init__()
         factor = _shuffle_factor(ratio)
         self.in_dim, self.hidden_dim, self.out_dim, self.ratio = in_dim, hidden_dim, out_dim, ratio
@@ -92,15 +101,33 @@ class VisionAdapter(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, hidden_dim, bias=False)
         self.act = nn.GELU()
         self.projector = nn.Linear(hidden_dim, out_dim, bias=False)
-        self.position_embedding = None
+        self.position_embedding = self.position_rows = self.position_cols = None
+        if position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"VisionAdapter: position_embedding must be one of {list(POSITION_EMBEDDINGS)}, "
+                             f"got {position_embedding!r}")
         if position_tokens is not None:
             if position_tokens < 1:
                 raise ValueError(f"VisionAdapter: position_tokens must be at least 1, got {position_tokens}")
-            self.position_embedding = nn.Parameter(torch.randn(position_tokens, out_dim) * 0.02)
+            if position_embedding == "per_token":
+                self.position_embedding = nn.Parameter(torch.randn(position_tokens, out_dim) * 0.02)
+            else:
+                side = math.isqrt(position_tokens)
+                if side * side != position_tokens:
+                    raise ValueError(f"VisionAdapter: rows_cols position embedding needs a square token grid, "
+                                     f"got {position_tokens} tokens per tile")
+                self.position_rows = nn.Parameter(torch.randn(side, out_dim) * 0.02)
+                self.position_cols = nn.Parameter(torch.randn(side, out_dim) * 0.02)
 
     def tokens_per_image(self, num_patches: int) -> int:
         """Output tokens for one tile of ``num_patches`` patches: ``num_patches * ratio**2``."""
         return pixel_shuffle_tokens(num_patches, self.ratio)
+
+    def token_positions(self) -> torch.Tensor | None:
+        """The ``[tokens per tile, out_dim]`` embedding added to each tile's tokens (row-major), or None."""
+        if self.position_rows is not None:
+            side, dim = self.position_rows.shape
+            return (self.position_rows[:, None, :] + self.position_cols[None, :, :]).reshape(side * side, dim)
+        return self.position_embedding
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """``[N, P, in_dim]`` patch features -> ``[N, P * ratio**2, out_dim]`` decoder embeddings."""
@@ -111,9 +138,10 @@ class VisionAdapter(nn.Module):
         x = self.act(self.fc1(x))  # [N, P·r², hidden]
         x = self.act(self.fc2(x))  # [N, P·r², hidden]
         x = self.projector(x)  # [N, P·r², out_dim]
-        if self.position_embedding is not None:
-            if x.shape[1] != self.position_embedding.shape[0]:
-                raise ValueError(f"VisionAdapter: the position embedding has {self.position_embedding.shape[0]} "
+        positions = self.token_positions()
+        if positions is not None:
+            if x.shape[1] != positions.shape[0]:
+                raise ValueError(f"VisionAdapter: the position embedding has {positions.shape[0]} "
                                  f"token positions, but these patches give {x.shape[1]} tokens per tile")
-            x = x + self.position_embedding.to(x.dtype)
+            x = x + positions.to(x.dtype)
         return x

@@ -88,7 +88,9 @@ def model_card(run: dict, results: dict, model: FusionModel, dtype: torch.dtype,
         f"{', '.join(Path(d).name for d in s['data'])} |" for s in config["stages"])
     minutes = summary["wall_seconds"] / 60
     resumed = " (resumed; the time covers the last part only)" if summary.get("resumed") else ""
-    position = " (plus a learned embedding per image-token position)" if model.config.image_position_embedding else ""
+    position = {"per_token": " (plus a learned embedding per image-token position)",
+                "rows_cols": " (plus a learned embedding of each image token's row and column)",
+                }.get(model.config.image_position_embedding, "")
     qk_norm = "QK norm in RoPE layers" if model.config.decoder.use_qk_norm else "no QK norm"
     extra_questions = wcfg.get("train_extra_questions") or {}
     more = " and ".join(f"{n} more {qtype}" for qtype, n in extra_questions.items())

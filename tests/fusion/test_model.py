@@ -1,5 +1,6 @@
 """The fused model: the splice, media order, batched generation, save/load, frozen parts."""
 import json
+import math
 import os
 import stat
 
@@ -9,7 +10,7 @@ import torch
 
 import fusion
 from fusion.data.collate import pad_batch, pack_batch
-from fusion.errors import CheckpointError, PlaceholderMismatchError
+from fusion.errors import CheckpointError, ConfigError, PlaceholderMismatchError
 from tokenizer import FusionTokenizer
 from tests.tiny_models import tiny_fusion_model
 from vision import write_video
@@ -146,7 +147,7 @@ def test_image_position_embedding_is_an_adapter_weight_that_saves_and_loads(tok,
     assert embedding.shape == (model.processor.tokens_per_tile, model.config.decoder.hidden_size)
     assert any(p is embedding for p in model.parts()["adapter"].parameters())  # trained (or frozen) with the adapter
     model.save_pretrained(tmp_path / "m")
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["image_position_embedding"] is True
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["image_position_embedding"] == "per_token"
     loaded = fusion.FusionModel.from_pretrained(tmp_path / "m")
     assert torch.equal(loaded.adapter.position_embedding, embedding)
     sample = model.processor(user("<image>\nwhere is the circle?"), [image(5)], add_generation_prompt=True)
@@ -158,6 +159,20 @@ def test_image_position_embedding_is_an_adapter_weight_that_saves_and_loads(tok,
     old = model.config.to_dict()
     del old["image_position_embedding"]  # folders written before the option existed load without it
     assert fusion.FusionConfig.from_dict(old).image_position_embedding is False
+
+
+def test_rows_cols_image_position_embedding_saves_and_loads(tok, tmp_path):
+    model = tiny_model(tok, image_position_embedding="rows_cols")
+    side = math.isqrt(model.processor.tokens_per_tile)
+    assert model.adapter.position_rows.shape == (side, model.config.decoder.hidden_size)
+    assert model.adapter.position_embedding is None
+    model.save_pretrained(tmp_path / "m")
+    loaded = fusion.FusionModel.from_pretrained(tmp_path / "m")
+    assert loaded.config.image_position_embedding == "rows_cols"
+    assert torch.equal(loaded.adapter.token_positions(), model.adapter.token_positions())
+    with pytest.raises(ConfigError, match="image_position_embedding must be false or one of"):
+        fusion.FusionConfig(image_position_embedding="rows")
+    assert fusion.FusionConfig(image_position_embedding=True).image_position_embedding == "per_token"
 
 
 def test_broken_or_missing_folders_are_named(tok, tmp_path):

@@ -104,3 +104,30 @@ def test_position_embedding_refuses_another_grid():
         adapter(torch.zeros(1, 36, 8))
     with pytest.raises(ValueError, match="position_tokens must be at least 1"):
         VisionAdapter(8, 16, 12, position_tokens=0)
+
+
+def test_rows_cols_position_embedding_gives_each_token_its_row_plus_its_column():
+    torch.manual_seed(0)
+    plain = VisionAdapter(in_dim=8, hidden_dim=16, out_dim=12)
+    placed = VisionAdapter(in_dim=8, hidden_dim=16, out_dim=12, position_tokens=9, position_embedding="rows_cols")
+    placed.load_state_dict(plain.state_dict(), strict=False)
+    assert [n for n, _ in placed.named_parameters()] == ["position_rows", "position_cols", "fc1.weight",
+                                                         "fc2.weight", "projector.weight"]
+    assert placed.position_rows.shape == placed.position_cols.shape == (3, 12)
+    patches = torch.randn(2, 36, 8)  # a 6x6 patch grid -> a 3x3 token grid
+    added = placed(patches) - plain(patches)
+    for y in range(3):
+        for x in range(3):
+            expected = placed.position_rows[y] + placed.position_cols[x]
+            assert torch.allclose(added[:, 3 * y + x], expected.expand(2, 12), atol=1e-6)
+    # what a row's vector learns holds for every token in that row: one gradient reaches all three
+    placed(patches)[:, 0:3].sum().backward()
+    assert placed.position_rows.grad[0].abs().sum() > 0 and placed.position_rows.grad[1:].abs().sum() == 0
+    assert (placed.position_cols.grad.abs().sum(dim=1) > 0).all()
+
+
+def test_rows_cols_position_embedding_needs_a_square_grid_and_a_known_kind():
+    with pytest.raises(ValueError, match="square token grid, got 6 tokens"):
+        VisionAdapter(8, 16, 12, position_tokens=6, position_embedding="rows_cols")
+    with pytest.raises(ValueError, match=r"position_embedding must be one of \['per_token', 'rows_cols'\]"):
+        VisionAdapter(8, 16, 12, position_tokens=9, position_embedding="2d")
