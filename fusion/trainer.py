@@ -33,7 +33,7 @@ from tokenizer import FusionTokenizer
 from . import distributed as fdist
 from .checkpoint import atomic_folder, read_model_config, save_model_folder, write_json
 from .data.collate import pack_batch, pad_batch, split_by_length
-from .data.datasets import ROLE_ALIASES, ConversationDataset
+from .data.datasets import ROLE_ALIASES, ConversationDataset, join_media_groups
 from .decoder import IGNORE_INDEX
 from .errors import ConfigError, DatasetError
 from .fusion_config import FusionConfig
@@ -164,6 +164,8 @@ class StageBatches(Sampler):
 def load_stage_data(config: TrainConfig, stage: StageConfig, model: FusionModel, files=None):
     datasets = [ConversationDataset(config.path(f), model.processor, group_by_media=stage.group_by_media)
                 for f in (files or stage.data)]
+    if stage.group_by_media and len(datasets) > 1:  # one sample per medium, whichever files ask about it
+        datasets = join_media_groups(datasets)
     return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
 
 

@@ -294,9 +294,41 @@ def group_records(records: Sequence[Record], max_group_size: int | None = None) 
             last.append(record)
         else:
             groups.append([record])
-    return [group[0] if len(group) == 1 else
-            dataclasses.replace(group[0], members=tuple(r.id for r in group), group=tuple(group))
-            for group in groups]
+    return [_make_group(group) for group in groups]
+
+
+def _make_group(records: Sequence[Record]) -> Record:
+    return records[0] if len(records) == 1 else dataclasses.replace(
+        records[0], members=tuple(r.id for r in records), group=tuple(records))
+
+
+def join_media_groups(datasets: Sequence["ConversationDataset"]) -> list["ConversationDataset"]:
+    """Move the questions of a later dataset about a medium that an earlier one already shows into that
+    earlier sample, so the medium is encoded once for all of them (the datasets must group by media).
+
+    E.g. `train.jsonl` + `train_extra.jsonl` (more questions about the same images): each image becomes one
+    sample with its questions from both files, in file order, instead of a sample per file. Groups keep
+    the order of their first file; records of a later file that no earlier file shows stay where they
+    are. Returns the datasets that still have samples.
+    """
+    first_group: dict[tuple, tuple[ConversationDataset, int]] = {}
+    for dataset in datasets:
+        if not dataset.group_by_media:
+            raise ValueError(f"join_media_groups: {dataset.path} does not group by media")
+        kept, shown = [], {}
+        for record in dataset.records:
+            key = (_group_key(record), _system_turn(record))
+            if key[0] is not None and key in first_group:
+                owner, index = first_group[key]
+                joined = owner.records[index]
+                owner.records[index] = _make_group([*(joined.group or (joined,)), *(record.group or (record,))])
+                continue
+            if key[0] is not None:
+                shown.setdefault(key, (dataset, len(kept)))  # within one file only runs are grouped
+            kept.append(record)
+        dataset.records = kept
+        first_group.update({k: v for k, v in shown.items() if k not in first_group})
+    return [d for d in datasets if d.records]
 
 
 class ConversationDataset(torch.utils.data.Dataset):

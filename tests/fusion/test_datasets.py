@@ -12,7 +12,8 @@ from PIL import Image
 
 import fusion
 from fusion.data.collate import Batch, pad_batch
-from fusion.data.datasets import CollatedBatch, Collator, ConversationDataset, DatasetWarning, collate, infer_task
+from fusion.data.datasets import (CollatedBatch, Collator, ConversationDataset, DatasetWarning, collate, infer_task,
+                                  join_media_groups)
 from fusion.errors import DatasetError, ImageLoadError
 from tests.tiny_models import tiny_fusion_model
 from tokenizer import FusionTokenizer
@@ -295,6 +296,40 @@ def test_group_by_media_shares_the_image_between_consecutive_questions(model, to
     path = write_jsonl(media / "group_late_marker.jsonl", rows)
     s = ConversationDataset(path, model.processor, group_by_media=True)[0]
     assert s.pixel_values.shape[0] == 3 and supervised_text(tok, s) == "red2no"
+
+
+def test_join_media_groups_asks_one_image_every_question_of_every_file(model, tok, media):
+    """A stage listing train.jsonl and train_extra.jsonl (more questions about the same images) gets one
+    sample per image: the medium is encoded once for the questions of both files, none is lost."""
+    first = write_jsonl(media / "join_a.jsonl", [
+        sample("a0", "<image>\nwhat color is the circle?", "red", ["images/a.png"]),
+        sample("a1", "<image>\nhow many shapes are there?", "2", ["images/a.png"]),
+        sample("b0", "<image>\nwhat color is the circle?", "blue", ["images/b.png"]),
+        sample("t0", "is there a star?", "no"),
+        sample("v0", "<video>\nwhich way does it move?", "left", videos=["videos/v.mp4"])])
+    second = write_jsonl(media / "join_b.jsonl", [
+        sample("a2", "<image>\nis there a star?", "no", ["images/a.png"]),
+        sample("c0", "<image>\nis there a star?", "yes", ["images/c.png"]),  # only this file shows c
+        sample("v1", "<video>\nwhat appears?", "a square", videos=["videos/v.mp4"]),
+        sample("a3", "<image>\nwhat shape is red?", "circle", ["images/a.png"]),
+        sample("t1", "is there a star?", "yes")])
+    a = ConversationDataset(first, model.processor, group_by_media=True)
+    b = ConversationDataset(second, model.processor, group_by_media=True)
+    joined = join_media_groups([a, b])
+    assert joined == [a, b]
+    assert [r.members or (r.id,) for r in a.records] == [("a0", "a1", "a2", "a3"), ("b0",), ("t0",), ("v0", "v1")]
+    assert [r.id for r in b.records] == ["c0", "t1"]  # what the first file does not show stays in its own
+    s = a[0]
+    assert s.pixel_values.shape[0] == 1 and supervised_text(tok, s) == "red2nocircle"
+    assert a[3].pixel_values.shape[0] == len(a[3].frame_timestamps[0])  # the video's frames, once
+    assert supervised_text(tok, a[3]) == "lefta square"
+    only_extra = ConversationDataset(write_jsonl(media / "join_c.jsonl", [
+        sample("a4", "<image>\nis there a star?", "no", ["images/a.png"])]), model.processor, group_by_media=True)
+    again = ConversationDataset(first, model.processor, group_by_media=True)
+    assert join_media_groups([again, only_extra]) == [again] and len(only_extra) == 0  # emptied: dropped
+    assert again.records[0].members == ("a0", "a1", "a4")
+    with pytest.raises(ValueError, match="does not group by media"):
+        join_media_groups([ConversationDataset(first, model.processor), b])
 
 
 def test_group_by_media_encodes_a_video_once_for_its_questions(model, tok, media, monkeypatch):

@@ -129,6 +129,29 @@ def test_changing_only_the_extra_questions_rewrites_their_file_and_keeps_the_med
     assert {p: p.stat().st_mtime_ns for p in media} == media  # no image or video was drawn again
 
 
+def test_a_stage_asks_each_image_the_questions_of_all_its_files_at_once(world, tmp_path):
+    """With group_by_media, a stage listing train.jsonl and train_extra.jsonl trains one sample per image
+    (encoded once) holding its questions from both files: the extra questions take no media slot."""
+    from fusion.data.shapes_world import rewrite_extra_questions
+    from fusion.train_config import load_train_config
+    from fusion.trainer import build_model, load_stage_data
+
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    settings = json.loads((copy / "world.json").read_text())["config"]
+    rewrite_extra_questions(copy, ShapesWorldConfig(**{**settings, "train_extra_questions": {"relation": 4}}))
+    files = [str(copy / "train.jsonl"), str(copy / "train_extra.jsonl")]
+    stages = [{"name": "s", "data": files, "steps": 1, "group_by_media": True, "lr": {"decoder": 1e-3}}]
+    config = load_train_config(write_config(tmp_path / "run.yaml", base_config(world, tmp_path / "run", stages)))
+    data = load_stage_data(config, config.stages[0], build_model(config))
+    train_rows = [json.loads(line) for line in open(files[0])]
+    extra_rows = [json.loads(line) for line in open(files[1])]
+    media = {tuple(r["images"] + r["videos"]) for r in train_rows}
+    assert len(data) == len(media)  # one sample per image or video of train.jsonl
+    members = [m for r in data.records for m in (r.members or (r.id,))]
+    assert sorted(members) == sorted(r["id"] for r in train_rows + extra_rows)  # no question lost
+
+
 def test_frozen_parts_stay_bit_identical_and_trainable_parts_move(world, tmp_path):
     stages = [{"name": "trunk", "data": str(world / "text.jsonl"), "steps": 3, "batch_size": 4,
                "lr": {"decoder": 1e-3}},
