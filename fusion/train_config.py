@@ -62,7 +62,7 @@ class StageConfig:
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of each part's rate
     weight_decay: float = 0.0
     clip_grad_norm: float | None = 1.0
-    group_by_media: bool = False
+    group_by_media: bool = False  # one sample per image or video: its questions from all the stage's files
     pack: bool = False
     max_length: int = 1024  # packing row length
     length_buckets: int = 1  # pad each micro-batch as up to N groups of similar length (less padding, same loss)
