@@ -62,7 +62,8 @@ class StageConfig:
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of each part's rate
     weight_decay: float = 0.0
     clip_grad_norm: float | None = 1.0
-    group_by_media: bool = False  # one sample per image or video: its questions from all the stage's files
+    group_by_media: bool = False  # one sample per run of questions about one image or video
+    join_files: bool = False  # with group_by_media: a later file's questions about a medium join the earlier sample
     pack: bool = False
     max_length: int = 1024  # packing row length
     length_buckets: int = 1  # pad each micro-batch as up to N groups of similar length (less padding, same loss)
@@ -84,6 +85,8 @@ class StageConfig:
             raise ConfigError(f"stage {self.name!r}: every part is frozen (all learning rates are 0)")
         if (self.steps is None) == (self.epochs is None):
             raise ConfigError(f"stage {self.name!r}: give exactly one of steps and epochs")
+        if self.join_files and not self.group_by_media:
+            raise ConfigError(f"stage {self.name!r}: join_files needs group_by_media: true")
         if self.length_buckets < 1:
             raise ConfigError(f"stage {self.name!r}: length_buckets must be >= 1, got {self.length_buckets}")
         if self.batch_size % self.grad_accum:

@@ -164,7 +164,7 @@ class StageBatches(Sampler):
 def load_stage_data(config: TrainConfig, stage: StageConfig, model: FusionModel, files=None):
     datasets = [ConversationDataset(config.path(f), model.processor, group_by_media=stage.group_by_media)
                 for f in (files or stage.data)]
-    if stage.group_by_media and len(datasets) > 1:  # one sample per medium, whichever files ask about it
+    if stage.join_files and len(datasets) > 1:  # one sample per medium, whichever files ask about it
         datasets = join_media_groups(datasets)
     return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
 
