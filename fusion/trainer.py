@@ -264,7 +264,8 @@ class Trainer:
         spec = self.config.data.get("shapes_world")
         if not spec:
             return
-        from .data.shapes_world import ShapesWorldConfig, generate_shapes_world, rewrite_extra_questions
+        from .data.shapes_world import (EXTRA_QUESTION_SETTINGS, ShapesWorldConfig, generate_shapes_world,
+                                        rewrite_extra_questions)
 
         spec = dict(spec)
         out_dir = self.config.path(spec.pop("out_dir"))
@@ -273,7 +274,7 @@ class Trainer:
         if world_file.exists():  # never train on a world written with other settings without saying so
             found = ShapesWorldConfig(**json.loads(world_file.read_text())["config"]).to_dict()
             differ = {k: (found[k], v) for k, v in wanted.to_dict().items() if found[k] != v}
-            if set(differ) == {"train_extra_questions"}:  # only the extra questions' file changes
+            if differ and set(differ) <= set(EXTRA_QUESTION_SETTINGS):  # only the extra questions' file changes
                 if self.ctx.is_main:
                     rewrite_extra_questions(out_dir, wanted)
             elif differ:

@@ -6,7 +6,8 @@ Images show 1 to `max_shapes` shapes of pure colours on a plain background, one 
 it), so that the encoder also learns shapes that straddle its patches, as the shapes of videos do.
 `train_extra_questions` asks training images more questions of the named types (e.g. every relation
 question a scene has), since some types need many more examples than one per image to be learned; they go
-to their own file, `train_extra.jsonl`, so that a recipe chooses the stages that see them.
+to their own file, `train_extra.jsonl`, so that a recipe chooses the stages that see them;
+`train_extra_balanced` keeps their answers even (a scene's relation questions are mostly "no").
 `train_video_captions` gives each training video a caption sample too (its events in order, naming each
 shape), so that the encoder sees many more shapes named where they sit off the grid.
 Videos show 1 or 2 shapes that move, appear or disappear; their questions can only be answered by
@@ -109,7 +110,10 @@ class ShapesWorldConfig:
     where the scene has fewer: a 2-shape scene has 8 relation questions, a 3-shape scene 24). They are
     written to `train_extra.jsonl`, image by image (so `group_by_media` shares each image between them), from
     their own random stream: `train.jsonl`, `val.jsonl` and `test.jsonl` are byte-identical to those of the
-    same world without them.
+    same world without them. Asking for every question of a type follows the scenes' answers, which are not
+    even (most relation questions of a scene are answered "no": ~63% of them); `train_extra_balanced` adds a
+    question only while its answer is among the type's least used so far, over all training images, so the
+    answers stay even (relation: half "yes", at the cost of fewer questions).
     """
 
     image_size: int = 64
@@ -135,6 +139,7 @@ class ShapesWorldConfig:
     supersample: int = 4               # antialiasing: draw this many times larger, then box-downsample
     train_jitter: float = 0.0          # train images only: 0..1, how far from its cell's centre a shape may sit
     train_extra_questions: dict[str, int] = dataclasses.field(default_factory=dict)  # train images only, see above
+    train_extra_balanced: bool = False  # extra questions keep each type's answers even (see above)
     train_video_captions: bool = False  # train videos only: also a caption sample ("Describe the video.")
     seed: int = 0
 
@@ -514,7 +519,11 @@ def choose_extra_questions(objects, config, asked: set[str], balancer, rng) -> l
     chosen: list[Question] = []
     for qtype, n in config.train_extra_questions.items():
         pool = [q for q in image_questions(objects, config, qtype) if q.text not in asked]
+        vocabulary = answer_vocabulary(config)[qtype]
         for _ in range(n):
+            if config.train_extra_balanced:  # only questions whose answer is among the type's least used
+                fewest = min(balancer.answer_counts[(qtype, a)] for a in vocabulary)
+                pool = [q for q in pool if balancer.answer_counts[(qtype, q.answer)] == fewest]
             if not pool:
                 break
             q = balancer.pick(pool, rng)
@@ -885,8 +894,12 @@ def generate_shapes_world(out_dir: str | os.PathLike, config: ShapesWorldConfig 
     return counts
 
 
+# The settings that decide only `train_extra.jsonl`: changing them rewrites that file, nothing else.
+EXTRA_QUESTION_SETTINGS = ("train_extra_questions", "train_extra_balanced")
+
+
 def rewrite_extra_questions(out_dir: str | os.PathLike, config: ShapesWorldConfig) -> dict:
-    """Give the world in `out_dir` the `train_extra_questions` of `config`, redrawing nothing else.
+    """Give the world in `out_dir` the extra questions of `config` (`EXTRA_QUESTION_SETTINGS`), redrawing nothing else.
 
     The extra questions depend only on `train.jsonl` and the config, so changing them rewrites
     `train_extra.jsonl` (or removes it) and `world.json`, and leaves every image and video as it is.
@@ -896,10 +909,10 @@ def rewrite_extra_questions(out_dir: str | os.PathLike, config: ShapesWorldConfi
     with open(os.path.join(out_dir, "world.json"), encoding="utf-8") as f:
         world = json.load(f)
     found, wanted = ShapesWorldConfig(**world["config"]).to_dict(), config.to_dict()
-    differ = sorted(k for k in wanted if found[k] != wanted[k] and k != "train_extra_questions")
+    differ = sorted(k for k in wanted if found[k] != wanted[k] and k not in EXTRA_QUESTION_SETTINGS)
     if differ:
         raise ValueError(f"rewrite_extra_questions: {out_dir} was generated with other {differ}; only "
-                         "train_extra_questions can change without generating the world again")
+                         f"{' and '.join(EXTRA_QUESTION_SETTINGS)} can change without generating the world again")
     extra_file = os.path.join(out_dir, "train_extra.jsonl")
     counts = world["counts"]
     if config.train_extra_questions:
@@ -953,6 +966,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-extra-questions", type=_extra_questions, default={}, metavar="TYPE=N,...",
                         help="more questions of these types per training image, written to train_extra.jsonl, "
                              "e.g. relation=12")
+    parser.add_argument("--train-extra-balanced", action="store_true",
+                        help="extra questions keep each type's answers even (relation: half yes, half no)")
     parser.add_argument("--no-captions", action="store_true", help="no caption sample per image")
     parser.add_argument("--train-video-captions", action="store_true",
                         help="a caption sample per training video too (its events, naming each shape)")

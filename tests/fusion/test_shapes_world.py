@@ -510,7 +510,8 @@ def test_train_extra_questions_ask_training_images_more_of_a_type_only(world, tm
     sw.rewrite_extra_questions(plain, sw.ShapesWorldConfig(seed=7, **SMALL))
     assert not (plain / "train_extra.jsonl").exists()
     assert (plain / "world.json").read_bytes() == (root / "world.json").read_bytes()
-    with pytest.raises(ValueError, match=r"other \['seed'\]; only train_extra_questions can change"):
+    with pytest.raises(ValueError, match=r"other \['seed'\]; only train_extra_questions and train_extra_balanced "
+                                         r"can change"):
         sw.rewrite_extra_questions(plain, sw.ShapesWorldConfig(seed=8, **SMALL))
     assert sw.main([str(tmp_path / "cli"), "--train-images", "4", "--val-images", "1", "--test-images", "1",
                     "--train-videos", "0", "--val-videos", "0", "--test-videos", "0", "--text-samples", "0",
@@ -521,6 +522,41 @@ def test_train_extra_questions_ask_training_images_more_of_a_type_only(world, tm
         sw.ShapesWorldConfig(train_extra_questions={"relations": 2})
     with pytest.raises(ValueError, match=r"train_extra_questions\['relation'\] must be an integer >= 0"):
         sw.ShapesWorldConfig(train_extra_questions={"relation": -1})
+
+
+def test_train_extra_balanced_keeps_yes_and_no_even_where_every_question_would_not(world, tmp_path):
+    """All relation questions of the scenes are mostly "no"; balanced extras are half "yes", each still right
+    for its scene and new to its image, and switching the option rewrites only train_extra.jsonl."""
+    root, config, _ = world
+
+    def extra_answers(folder):
+        rows = [json.loads(line) for line in (folder / "train_extra.jsonl").read_text().splitlines()]
+        for r in rows:
+            question = r["conversations"][0]["content"].split("\n", 1)[1]
+            assert answer_image_question(question, r["meta"]["objects"], config.image_size) == \
+                r["conversations"][1]["content"]
+        return Counter(r["conversations"][1]["content"] for r in rows), rows
+
+    every = tmp_path / "every"
+    shutil.copytree(root, every)
+    sw.rewrite_extra_questions(every, sw.ShapesWorldConfig(seed=7, train_extra_questions={"relation": 24}, **SMALL))
+    answers, _ = extra_answers(every)
+    assert answers["no"] > 1.3 * answers["yes"]  # the scenes' own mix
+    balanced = tmp_path / "balanced"
+    shutil.copytree(every, balanced)
+    sw.rewrite_extra_questions(balanced, sw.ShapesWorldConfig(seed=7, train_extra_questions={"relation": 24},
+                                                              train_extra_balanced=True, **SMALL))
+    answers, rows = extra_answers(balanced)
+    assert abs(answers["yes"] - answers["no"]) <= 1 and answers["yes"] >= 20
+    usual = {(tuple(r["images"]), r["conversations"][0]["content"]) for r in read_split(root, "train")}
+    assert not {(tuple(r["images"]), r["conversations"][0]["content"]) for r in rows} & usual
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "text.jsonl"):
+        assert (balanced / name).read_bytes() == (root / name).read_bytes()
+    assert json.loads((balanced / "world.json").read_text())["config"]["train_extra_balanced"] is True
+    assert sw.main([str(tmp_path / "cli"), "--train-images", "4", "--val-images", "1", "--test-images", "1",
+                    "--train-videos", "0", "--val-videos", "0", "--test-videos", "0", "--text-samples", "0",
+                    "--train-extra-questions", "relation=2", "--train-extra-balanced"])
+    assert json.loads((tmp_path / "cli" / "world.json").read_text())["config"]["train_extra_balanced"] is True
 
 
 def test_train_video_captions_name_every_shape_of_each_training_clip(world, tmp_path):
