@@ -521,12 +521,13 @@ def choose_extra_questions(objects, config, asked: set[str], balancer, rng) -> l
         pool = [q for q in image_questions(objects, config, qtype) if q.text not in asked]
         vocabulary = answer_vocabulary(config)[qtype]
         for _ in range(n):
+            allowed = pool
             if config.train_extra_balanced:  # only questions whose answer is among the type's least used
                 fewest = min(balancer.answer_counts[(qtype, a)] for a in vocabulary)
-                pool = [q for q in pool if balancer.answer_counts[(qtype, q.answer)] == fewest]
-            if not pool:
+                allowed = [q for q in pool if balancer.answer_counts[(qtype, q.answer)] == fewest]
+            if not allowed:
                 break
-            q = balancer.pick(pool, rng)
+            q = balancer.pick(allowed, rng)
             chosen.append(q)
             pool.remove(q)
     return chosen

@@ -540,14 +540,15 @@ def test_train_extra_balanced_keeps_yes_and_no_even_where_every_question_would_n
     every = tmp_path / "every"
     shutil.copytree(root, every)
     sw.rewrite_extra_questions(every, sw.ShapesWorldConfig(seed=7, train_extra_questions={"relation": 24}, **SMALL))
-    answers, _ = extra_answers(every)
-    assert answers["no"] > 1.3 * answers["yes"]  # the scenes' own mix
+    every_answers, _ = extra_answers(every)
+    assert every_answers["no"] > 1.3 * every_answers["yes"]  # the scenes' own mix
     balanced = tmp_path / "balanced"
     shutil.copytree(every, balanced)
     sw.rewrite_extra_questions(balanced, sw.ShapesWorldConfig(seed=7, train_extra_questions={"relation": 24},
                                                               train_extra_balanced=True, **SMALL))
     answers, rows = extra_answers(balanced)
-    assert abs(answers["yes"] - answers["no"]) <= 1 and answers["yes"] >= 20
+    assert abs(answers["yes"] - answers["no"]) <= 1
+    assert answers["yes"] >= 0.9 * every_answers["yes"]  # nearly every "yes" question is still asked
     usual = {(tuple(r["images"]), r["conversations"][0]["content"]) for r in read_split(root, "train")}
     assert not {(tuple(r["images"]), r["conversations"][0]["content"]) for r in rows} & usual
     for name in ("train.jsonl", "val.jsonl", "test.jsonl", "text.jsonl"):
