@@ -519,7 +519,7 @@ def choose_extra_questions(objects, config, asked: set[str], balancer, rng) -> l
     chosen: list[Question] = []
     for qtype, n in config.train_extra_questions.items():
         pool = [q for q in image_questions(objects, config, qtype) if q.text not in asked]
-        vocabulary = answer_vocabulary(config)[qtype]
+        vocabulary = answer_vocabulary(config)[qtype] if config.train_extra_balanced else ()
         for _ in range(n):
             allowed = pool
             if config.train_extra_balanced:  # only questions whose answer is among the type's least used
@@ -900,7 +900,8 @@ EXTRA_QUESTION_SETTINGS = ("train_extra_questions", "train_extra_balanced")
 
 
 def rewrite_extra_questions(out_dir: str | os.PathLike, config: ShapesWorldConfig) -> dict:
-    """Give the world in `out_dir` the extra questions of `config` (`EXTRA_QUESTION_SETTINGS`), redrawing nothing else.
+    """Give the world in `out_dir` the extra questions of `config` (`EXTRA_QUESTION_SETTINGS`), redrawing
+    nothing else.
 
     The extra questions depend only on `train.jsonl` and the config, so changing them rewrites
     `train_extra.jsonl` (or removes it) and `world.json`, and leaves every image and video as it is.
