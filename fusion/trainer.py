@@ -161,8 +161,8 @@ class StageBatches(Sampler):
             self.epoch, self.batch = self.epoch + 1, 0
 
 
-def load_stage_data(config: TrainConfig, stage: StageConfig, model: FusionModel, files=None):
-    datasets = [ConversationDataset(config.path(f), model.processor, group_by_media=stage.group_by_media)
+def load_stage_data(config: TrainConfig, stage: StageConfig, model: FusionModel, files=None, cache: bool = False):
+    datasets = [ConversationDataset(config.path(f), model.processor, group_by_media=stage.group_by_media, cache=cache)
                 for f in (files or stage.data)]
     if stage.join_files and len(datasets) > 1:  # one sample per medium, whichever files ask about it
         datasets = join_media_groups(datasets)
@@ -346,7 +346,7 @@ class Trainer:
             model._fsdp_applied = True
         wrapped = fdist.wrap_ddp(step_module, ctx) if ctx.distributed and self.strategy == "ddp" else step_module
         optimizer = build_optimizer(model, stage)
-        dataset = load_stage_data(self.config, stage, model)
+        dataset = load_stage_data(self.config, stage, model, cache=stage.cache_samples)
         self._check_eval_data(stage)
         total = stage.steps or math.ceil(stage.epochs * len(dataset) / stage.batch_size)
         scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -327,6 +327,7 @@ def join_media_groups(datasets: Sequence["ConversationDataset"]) -> list["Conver
                 shown.setdefault(key, (dataset, len(kept)))  # within one file only runs are grouped
             kept.append(record)
         dataset.records = kept
+        dataset.clear_cache()  # indices moved
         first_group.update({k: v for k, v in shown.items() if k not in first_group})
     return [d for d in datasets if d.records]
 
@@ -346,6 +347,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         min_attempts, max_bad_fraction: stop with `DatasetError` once at least `min_attempts` samples
             were read and more than `max_bad_fraction` of them were bad.
         max_warnings: warn about this many bad samples (per process), then count the rest silently.
+        cache: keep each processed sample in memory after its first read, so later epochs skip decoding,
+            resizing and tokenizing (the same sample either way: processing is deterministic). Costs
+            about 4 x 3 x H x W bytes per image or video frame (float32 pixels) plus the token ids, per
+            process and per `DataLoader` worker; bad samples are not kept (they are read, and counted, again).
 
     `dataset[i]` is a `ProcessedSample` or None (a bad sample: skipped, counted, warned about);
     `dataset.records[i]` its `Record` (id, type, task, answer, messages, media paths).
@@ -354,7 +359,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __init__(self, path: str | os.PathLike, processor, root: str | os.PathLike | None = None, strict: bool = False,
                  group_by_media: bool = False, *, max_group_size: int | None = None, num_frames: int | None = None,
                  fps: float | None = None, min_attempts: int = 20, max_bad_fraction: float = 0.5,
-                 max_warnings: int = 20):
+                 max_warnings: int = 20, cache: bool = False):
         self.path = os.fspath(path)
         self.root = os.path.dirname(os.path.abspath(self.path)) if root is None else os.fspath(root)
         self.processor = processor
@@ -367,6 +372,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.num_attempted = 0  # dataset[i] calls in this process
         self.num_bad = 0  # of those, the ones that returned None
         self._warned = 0
+        self.cache = cache
+        self._cached: dict[int, Any] = {}  # index -> processed sample (cache=True)
 
         self.format, records, bad = read_records(self.path, self.root)
         for line, reason, message, sample_id in bad:
@@ -394,17 +401,27 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         record = self.records[index]
         self.num_attempted += 1
+        sample = self._cached.get(index)
+        if sample is not None:
+            return sample
         try:
-            if not record.group:
-                return self.processor(record.messages, record.images, record.videos, sample_id=record.id,
-                                      num_frames=self.num_frames, fps=self.fps)
-            # the group's records show the same one image or video: decode and normalise it once
-            media = self.processor.process_media(record.images, record.videos, num_frames=self.num_frames,
-                                                 fps=self.fps)
-            samples = [self.processor(r.messages, sample_id=r.id, media=media) for r in record.group]
-            return share_prefix(samples, self.processor.tokenizer.patch_id)
+            sample = self._process(record)
         except (VisionInputError, TokenizerError, OSError) as err:
-            error = err
+            return self._bad_sample(record, err)
+        if self.cache:
+            self._cached[index] = sample
+        return sample
+
+    def _process(self, record: Record):
+        if not record.group:
+            return self.processor(record.messages, record.images, record.videos, sample_id=record.id,
+                                  num_frames=self.num_frames, fps=self.fps)
+        # the group's records show the same one image or video: decode and normalise it once
+        media = self.processor.process_media(record.images, record.videos, num_frames=self.num_frames, fps=self.fps)
+        samples = [self.processor(r.messages, sample_id=r.id, media=media) for r in record.group]
+        return share_prefix(samples, self.processor.tokenizer.patch_id)
+
+    def _bad_sample(self, record: Record, error: BaseException) -> None:
         reason = classify_error(error, record)
         message = f"{self.path}: sample {record.id!r} ({self.where(record.line)}): {reason}: {error}"
         if self.strict:
@@ -414,6 +431,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         self._warn(message.replace(": sample", ": skipped sample", 1))
         self._check_mostly_bad()
         return None
+
+    def clear_cache(self) -> None:
+        """Forget the processed samples kept by `cache=True` (e.g. after changing `records`)."""
+        self._cached.clear()
 
     def where(self, line: int) -> str:
         """"line N" of a JSONL file, "item N" of a JSON list (1-based)."""

@@ -374,6 +374,32 @@ def test_group_by_media_keeps_apart_what_cannot_share_a_prefix(model, media):
     assert ds[0] is not None and int((ds[0].branch_ids == 0).sum()) > 0  # the system turn and image are shared
 
 
+def test_cache_keeps_processed_samples_and_reads_media_once(model, media, monkeypatch):
+    rows = [sample("v0", "<video>\nwhich way?", "left", videos=["videos/v.mp4"]),
+            sample("v1", "<video>\nwhat appears?", "red square", videos=["videos/v.mp4"]),
+            sample("a0", "<image>\nwhat color?", "red", ["images/a.png"]),
+            sample("gone", "<image>\nwhat color?", "red", ["images/missing.png"])]
+    path = write_jsonl(media / "cached.jsonl", rows)
+    plain = ConversationDataset(path, model.processor, group_by_media=True)
+    cached = ConversationDataset(path, model.processor, group_by_media=True, cache=True)
+    assert [r.members for r in cached.records] == [("v0", "v1"), (), ()]
+    reads = []
+    real = model.processor.process_media
+    monkeypatch.setattr(model.processor, "process_media", lambda *a, **k: reads.append(a) or real(*a, **k))
+    for _ in range(3):
+        for i in range(2):
+            before = len(reads)
+            same_sample(cached[i], plain[i])  # the same sample as without the cache
+            assert len(reads) - before in (1, 2)  # plain decodes it each time
+        with pytest.warns(DatasetWarning, match="missing image"):
+            assert cached[2] is None  # a bad sample is read and counted each time, never kept
+    assert len(reads) == 3 * 2 + 2 + 3  # plain: 3 x 2; cached: the video and the image once, the bad one 3 times
+    assert cached.bad_counts == {"missing image": 3} and (cached.num_attempted, cached.num_bad) == (9, 3)
+    cached.clear_cache()
+    same_sample(cached[0], plain[0])
+    assert len(reads) == 3 * 2 + 2 + 3 + 2
+
+
 # ---------------------------------------------------------------------------------------------------
 # Batching
 

@@ -282,3 +282,24 @@ def test_length_buckets_pad_less_and_train_the_same(world, tmp_path):
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-5), (one["step"], one["loss"], two["loss"])
     padded = lambda run: sum(e["padded_tokens"] for e in run)  # noqa: E731
     assert padded(runs[2]) < padded(runs[1])
+
+
+def test_cached_samples_train_the_same(world, tmp_path, monkeypatch):
+    """`cache_samples: true` keeps each processed sample in memory: the second epoch decodes nothing, and
+    the losses are exactly the uncached run's."""
+    stage = {"name": "all", "data": [str(world / "train.jsonl")], "epochs": 2, "batch_size": 4,
+             "group_by_media": True, "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3}}
+    decoded = []
+    real = fusion.processor.FusionProcessor.process_media
+    monkeypatch.setattr(fusion.processor.FusionProcessor, "process_media",
+                        lambda self, *a, **k: decoded.append(a) or real(self, *a, **k))
+    runs, reads = {}, {}
+    for cache in (False, True):
+        decoded.clear()
+        config = fusion.trainer.TrainConfig.from_dict(
+            base_config(world, tmp_path / str(cache), [{**stage, "cache_samples": cache}], threads=1))
+        train(config, progress=False)
+        runs[cache], reads[cache] = losses(tmp_path / str(cache)), len(decoded)
+    samples = 24 + 4  # the world's training images and videos, one grouped sample each
+    assert len(runs[True]) == 2 * samples // 4 and runs[True] == runs[False]
+    assert reads == {False: 2 * samples, True: samples}
