@@ -112,7 +112,7 @@ class FusionProcessor:
         return ProcessedSample(
             input_ids=torch.tensor(encoded.input_ids, dtype=torch.long),
             labels=None if encoded.labels is None else torch.tensor(encoded.labels, dtype=torch.long),
-            pixel_values=torch.cat(ordered) if ordered else None,
+            pixel_values=(ordered[0] if len(ordered) == 1 else torch.cat(ordered)) if ordered else None,
             sample_id=sample_id,
             frame_timestamps=media.timestamps or None,
         )

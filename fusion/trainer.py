@@ -33,7 +33,7 @@ from tokenizer import FusionTokenizer
 from . import distributed as fdist
 from .checkpoint import atomic_folder, read_model_config, save_model_folder, write_json
 from .data.collate import pack_batch, pad_batch, split_by_length
-from .data.datasets import ROLE_ALIASES, ConversationDataset, join_media_groups
+from .data.datasets import ROLE_ALIASES, ConversationDataset, MediaCache, join_media_groups
 from .decoder import IGNORE_INDEX
 from .errors import ConfigError, DatasetError
 from .fusion_config import FusionConfig
@@ -161,8 +161,11 @@ class StageBatches(Sampler):
             self.epoch, self.batch = self.epoch + 1, 0
 
 
-def load_stage_data(config: TrainConfig, stage: StageConfig, model: FusionModel, files=None, cache: bool = False):
-    datasets = [ConversationDataset(config.path(f), model.processor, group_by_media=stage.group_by_media, cache=cache)
+def load_stage_data(config: TrainConfig, stage: StageConfig, model: FusionModel, files=None,
+                    media_cache: MediaCache | None = None):
+    """The stage's training data (or `files`); with `media_cache`, samples and media are kept in memory."""
+    datasets = [ConversationDataset(config.path(f), model.processor, group_by_media=stage.group_by_media,
+                                    cache=media_cache is not None, media_cache=media_cache)
                 for f in (files or stage.data)]
     if stage.join_files and len(datasets) > 1:  # one sample per medium, whichever files ask about it
         datasets = join_media_groups(datasets)
@@ -238,6 +241,7 @@ class Trainer:
         self.strategy = config.distributed.get("strategy", "ddp")
         self.autocast_dtype = self._autocast_dtype()
         self.started = time.perf_counter()
+        self.media_cache = MediaCache()  # decoded media, shared by the stages with cache_samples
 
     # -- setup -------------------------------------------------------------------------------
     def _autocast_dtype(self):
@@ -346,7 +350,8 @@ class Trainer:
             model._fsdp_applied = True
         wrapped = fdist.wrap_ddp(step_module, ctx) if ctx.distributed and self.strategy == "ddp" else step_module
         optimizer = build_optimizer(model, stage)
-        dataset = load_stage_data(self.config, stage, model, cache=stage.cache_samples)
+        dataset = load_stage_data(self.config, stage, model,
+                                  media_cache=self.media_cache if stage.cache_samples else None)
         self._check_eval_data(stage)
         total = stage.steps or math.ceil(stage.epochs * len(dataset) / stage.batch_size)
         scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -77,7 +77,7 @@ from vision.errors import ImageLoadError, ImageTooLargeError, VideoLoadError, Vi
 from ..errors import DatasetError
 from .collate import Batch, pack_batch, pad_batch, share_prefix
 
-__all__ = ["ConversationDataset", "Record", "DatasetWarning", "CollatedBatch", "Collator", "collate",
+__all__ = ["ConversationDataset", "MediaCache", "Record", "DatasetWarning", "CollatedBatch", "Collator", "collate",
            "infer_task", "read_records", "group_records", "classify_error", "TASKS"]
 
 TASKS = ("vqa", "video-qa", "caption", "text")
@@ -332,6 +332,37 @@ def join_media_groups(datasets: Sequence["ConversationDataset"]) -> list["Conver
     return [d for d in datasets if d.records]
 
 
+class MediaCache:
+    """Processed media (normalised image tiles, sampled and normalised video frames) by file, kept in
+    memory and shared by the datasets given it: each image or video is decoded once per processor.
+
+    Costs about 4 x 3 x H x W bytes per image tile or video frame. A medium that fails to load is not
+    kept (its error is raised each time it is asked for).
+    """
+
+    def __init__(self):
+        self._media: dict[tuple, Any] = {}
+        self._processors: dict[int, Any] = {}  # keeps each keyed processor alive, so its id stays its own
+
+    def process(self, processor, images: Sequence[str], videos: Sequence[str], num_frames: int | None = None,
+                fps: float | None = None):
+        """`processor.process_media(images, videos, ...)`, from memory after the first call."""
+        key = (id(processor), tuple(images), tuple(videos), num_frames, fps)
+        media = self._media.get(key)
+        if media is None:
+            media = processor.process_media(images, videos, num_frames=num_frames, fps=fps)
+            self._processors[id(processor)] = processor
+            self._media[key] = media
+        return media
+
+    def __len__(self) -> int:
+        return len(self._media)
+
+    def clear(self) -> None:
+        self._media.clear()
+        self._processors.clear()
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """Conversations with images and videos from a JSONL or LLaVA JSON file (see the module docstring).
 
@@ -351,6 +382,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             resizing and tokenizing (the same sample either way: processing is deterministic). Costs
             about 4 x 3 x H x W bytes per image or video frame (float32 pixels) plus the token ids, per
             process and per `DataLoader` worker; bad samples are not kept (they are read, and counted, again).
+        media_cache: a `MediaCache` that several datasets share (e.g. a training file and a file of more
+            questions about the same images, or the stages of a run): each medium is decoded once for all.
 
     `dataset[i]` is a `ProcessedSample` or None (a bad sample: skipped, counted, warned about);
     `dataset.records[i]` its `Record` (id, type, task, answer, messages, media paths).
@@ -359,7 +392,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __init__(self, path: str | os.PathLike, processor, root: str | os.PathLike | None = None, strict: bool = False,
                  group_by_media: bool = False, *, max_group_size: int | None = None, num_frames: int | None = None,
                  fps: float | None = None, min_attempts: int = 20, max_bad_fraction: float = 0.5,
-                 max_warnings: int = 20, cache: bool = False):
+                 max_warnings: int = 20, cache: bool = False, media_cache: "MediaCache | None" = None):
         self.path = os.fspath(path)
         self.root = os.path.dirname(os.path.abspath(self.path)) if root is None else os.fspath(root)
         self.processor = processor
@@ -372,7 +405,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.num_attempted = 0  # dataset[i] calls in this process
         self.num_bad = 0  # of those, the ones that returned None
         self._warned = 0
-        self.cache = cache
+        self.cache, self.media_cache = cache, media_cache
         self._cached: dict[int, Any] = {}  # index -> processed sample (cache=True)
 
         self.format, records, bad = read_records(self.path, self.root)
@@ -413,11 +446,16 @@ class ConversationDataset(torch.utils.data.Dataset):
         return sample
 
     def _process(self, record: Record):
-        if not record.group:
+        if self.media_cache is not None:
+            media = self.media_cache.process(self.processor, record.images, record.videos, self.num_frames, self.fps)
+        elif not record.group:
             return self.processor(record.messages, record.images, record.videos, sample_id=record.id,
                                   num_frames=self.num_frames, fps=self.fps)
-        # the group's records show the same one image or video: decode and normalise it once
-        media = self.processor.process_media(record.images, record.videos, num_frames=self.num_frames, fps=self.fps)
+        else:  # the group's records show the same one image or video: decode and normalise it once
+            media = self.processor.process_media(record.images, record.videos, num_frames=self.num_frames,
+                                                 fps=self.fps)
+        if not record.group:
+            return self.processor(record.messages, sample_id=record.id, media=media)
         samples = [self.processor(r.messages, sample_id=r.id, media=media) for r in record.group]
         return share_prefix(samples, self.processor.tokenizer.patch_id)
 

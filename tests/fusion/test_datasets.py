@@ -12,8 +12,8 @@ from PIL import Image
 
 import fusion
 from fusion.data.collate import Batch, pad_batch
-from fusion.data.datasets import (CollatedBatch, Collator, ConversationDataset, DatasetWarning, collate, infer_task,
-                                  join_media_groups)
+from fusion.data.datasets import (CollatedBatch, Collator, ConversationDataset, DatasetWarning, MediaCache, collate,
+                                  infer_task, join_media_groups)
 from fusion.errors import DatasetError, ImageLoadError
 from tests.tiny_models import tiny_fusion_model
 from tokenizer import FusionTokenizer
@@ -398,6 +398,31 @@ def test_cache_keeps_processed_samples_and_reads_media_once(model, media, monkey
     cached.clear_cache()
     same_sample(cached[0], plain[0])
     assert len(reads) == 3 * 2 + 2 + 3 + 2
+
+
+def test_a_shared_media_cache_decodes_each_medium_once_for_every_dataset(model, media, monkeypatch):
+    first = write_jsonl(media / "first.jsonl", [sample("a0", "<image>\nwhat color?", "red", ["images/a.png"]),
+                                                sample("v0", "<video>\nwhich way?", "left", videos=["videos/v.mp4"])])
+    more = write_jsonl(media / "more.jsonl", [sample("a1", "<image>\nhow many?", "1", ["images/a.png"]),
+                                              sample("t0", "is there a star?", "no")])
+    plain = [ConversationDataset(p, model.processor) for p in (first, more)]
+    expected = [[d[i] for i in range(len(d))] for d in plain]
+    reads = []
+    real = model.processor.process_media
+    monkeypatch.setattr(model.processor, "process_media", lambda *a, **k: reads.append(a) or real(*a, **k))
+    cache = MediaCache()
+    datasets = [ConversationDataset(p, model.processor, media_cache=cache) for p in (first, more)]
+    for _ in range(2):
+        for dataset, samples in zip(datasets, expected):
+            for i, want in enumerate(samples):
+                same_sample(dataset[i], want)
+    assert len(cache) == len(reads) == 3  # a.png (asked by both files), v.mp4, the text-only sample's no media
+    assert [[os.path.basename(p) for p in (*images, *videos)] for images, videos in reads] == [["a.png"], ["v.mp4"], []]
+    missing = ConversationDataset(write_jsonl(media / "missing.jsonl", [
+        sample("gone", "<image>\nwhat color?", "red", ["images/missing.png"])]), model.processor, media_cache=cache)
+    with pytest.warns(DatasetWarning, match="missing image"):
+        assert missing[0] is None
+    assert len(cache) == 3  # what failed to load is not kept
 
 
 # ---------------------------------------------------------------------------------------------------

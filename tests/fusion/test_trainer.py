@@ -285,10 +285,11 @@ def test_length_buckets_pad_less_and_train_the_same(world, tmp_path):
 
 
 def test_cached_samples_train_the_same(world, tmp_path, monkeypatch):
-    """`cache_samples: true` keeps each processed sample in memory: the second epoch decodes nothing, and
-    the losses are exactly the uncached run's."""
-    stage = {"name": "all", "data": [str(world / "train.jsonl")], "epochs": 2, "batch_size": 4,
-             "group_by_media": True, "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3}}
+    """`cache_samples: true` keeps processed samples and decoded media in memory for the run: after the
+    first stage's epoch nothing is decoded again, in that stage or the next, and the losses are exactly
+    the uncached run's."""
+    stage = {"data": [str(world / "train.jsonl")], "epochs": 1, "batch_size": 4, "group_by_media": True,
+             "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3}}
     decoded = []
     real = fusion.processor.FusionProcessor.process_media
     monkeypatch.setattr(fusion.processor.FusionProcessor, "process_media",
@@ -296,8 +297,8 @@ def test_cached_samples_train_the_same(world, tmp_path, monkeypatch):
     runs, reads = {}, {}
     for cache in (False, True):
         decoded.clear()
-        config = fusion.trainer.TrainConfig.from_dict(
-            base_config(world, tmp_path / str(cache), [{**stage, "cache_samples": cache}], threads=1))
+        stages = [{**stage, "name": name, "cache_samples": cache} for name in ("first", "second")]
+        config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / str(cache), stages, threads=1))
         train(config, progress=False)
         runs[cache], reads[cache] = losses(tmp_path / str(cache)), len(decoded)
     samples = 24 + 4  # the world's training images and videos, one grouped sample each
