@@ -55,6 +55,17 @@ def set_attention(model: FusionModel, float32: bool):
             module.__class__ = Float32CpuAttention if float32 else nn.MultiheadAttention
 
 
+def recipe_world(model_dir: str, out_dir: str, images: int = 160, videos: int = 80) -> str:
+    """A small shapes world with the settings the model at `model_dir` was trained on (its
+    evaluation.json) in `out_dir`: training images and videos only. Returns its train.jsonl."""
+    with open(os.path.join(model_dir, "evaluation.json")) as f:
+        world = json.load(f)["shapes_world"]
+    settings = {**world, "train_images": images, "train_videos": videos, "val_images": 0, "val_videos": 0,
+                "test_images": 0, "test_videos": 0, "text_samples": 0}
+    generate_shapes_world(out_dir, ShapesWorldConfig(**settings))
+    return os.path.join(out_dir, "train.jsonl")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
@@ -66,13 +77,8 @@ def main(argv=None):
     torch.manual_seed(0)
     random.seed(0)
     model = FusionModel.from_pretrained(args.model)
-    with open(os.path.join(args.model, "evaluation.json")) as f:
-        world = json.load(f)["shapes_world"]
-    with tempfile.TemporaryDirectory() as tmp:  # a small world with the recipe's settings (images and videos)
-        settings = {**world, "train_images": 160, "train_videos": 80, "val_images": 0, "val_videos": 0,
-                    "test_images": 0, "test_videos": 0, "text_samples": 0}
-        generate_shapes_world(tmp, ShapesWorldConfig(**settings))
-        data = ConversationDataset(os.path.join(tmp, "train.jsonl"), model.processor, group_by_media=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = ConversationDataset(recipe_world(args.model, tmp), model.processor, group_by_media=True)
         batches = [[data[i] for i in random.sample(range(len(data)), args.batch_size)] for _ in range(args.rounds + 1)]
     model.train()
     for p in model.parameters():

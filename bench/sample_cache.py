@@ -1,0 +1,107 @@
+"""What `cache_samples: true` saves per training step of the default model's recipe on a CPU.
+
+A stage past its first epoch reads every sample again: without the cache, each read decodes the image
+or video, resizes and normalises it and tokenizes the questions; with it, the sample comes from memory.
+Each round reads the same 32 shared-prefix samples (a random batch of a small shapes world with the
+recipe's settings) both ways, in alternating order, and runs one training step on them (forward,
+backward, AdamW under bf16 autocast, everything trainable), so machine noise hits all alike:
+
+    read        the 32 samples read (and decoded) from the files
+    cached      the same 32 samples from the cache (warmed by one pass over the data)
+    step        the training step on them (the same either way)
+
+    python bench/sample_cache.py                    # 7 rounds; medians and the step speed-up
+    python bench/sample_cache.py --rounds 3 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from recipe_step import recipe_world  # noqa: E402
+
+from fusion.data.collate import split_by_length  # noqa: E402
+from fusion.data.datasets import ConversationDataset, MediaCache  # noqa: E402
+from fusion.model import FusionModel  # noqa: E402
+from fusion.trainer import TrainingStep, collate_samples  # noqa: E402
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--model", default=os.path.join(ROOT, "fusion", "default_model"))
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    random.seed(0)
+    model = FusionModel.from_pretrained(args.model)
+    model.train()
+    step = TrainingStep(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    pad = model.processor.tokenizer.pad_id
+    times = {"read": [], "cached": [], "step": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        train = recipe_world(args.model, tmp)
+        plain = ConversationDataset(train, model.processor, group_by_media=True)
+        cached = ConversationDataset(train, model.processor, group_by_media=True, cache=True, media_cache=MediaCache())
+        for i in range(len(cached)):  # the first epoch fills the cache
+            cached[i]
+        for r in range(args.rounds + 1):  # round 0 warms up
+            indices = random.sample(range(len(plain)), args.batch_size)
+            ways = [("read", plain), ("cached", cached)]
+            for name, dataset in (ways if r % 2 else ways[::-1]):
+                samples, seconds = timed(lambda: [dataset[i] for i in indices])  # noqa: B023
+                if r:
+                    times[name].append(seconds)
+
+            def train_step():
+                normalizer = torch.tensor(float(sum(int((s.labels[1:] != -100).sum()) for s in samples)))
+                for group in split_by_length(samples, 2):
+                    batch = collate_samples(group, pad, False, 1024)
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        loss, _, _ = step(batch.model_inputs(), normalizer, 1.0)
+                        loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            _, seconds = timed(train_step)
+            if r:
+                times["step"].append(seconds)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    result = {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "batch_size": args.batch_size, "rounds": args.rounds,
+        "median_s": {name: round(m, 4) for name, m in median.items()},
+        "read_share_of_an_uncached_step": round(median["read"] / (median["read"] + median["step"]), 3),
+        "step_speedup_with_cache": round((median["read"] + median["step"]) / (median["cached"] + median["step"]), 3),
+        "all_s": {name: [round(x, 4) for x in t] for name, t in times.items()},
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
