@@ -66,20 +66,23 @@ def recipe_world(model_dir: str, out_dir: str, images: int = 160, videos: int = 
     return os.path.join(out_dir, "train.jsonl")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def recipe_bench_setup(doc: str, argv=None):
+    """The command line shared by the recipe benches (--rounds, --batch-size, --model, --json), seeds,
+    and the model -> (args, model)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model", default=os.path.join(ROOT, "fusion", "default_model"))
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
-
     torch.manual_seed(0)
     random.seed(0)
-    model = FusionModel.from_pretrained(args.model)
-    with tempfile.TemporaryDirectory() as tmp:
-        data = ConversationDataset(recipe_world(args.model, tmp), model.processor, group_by_media=True)
-        batches = [[data[i] for i in random.sample(range(len(data)), args.batch_size)] for _ in range(args.rounds + 1)]
+    return args, FusionModel.from_pretrained(args.model)
+
+
+def recipe_train_step(model: FusionModel):
+    """Everything trainable, AdamW -> `train_step(groups)`: forward, backward (each group of samples
+    padded as one batch) and an optimizer step under bf16 autocast; returns its seconds."""
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -87,10 +90,8 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     pad = model.processor.tokenizer.pad_id
 
-    def run(samples, way):
-        set_attention(model, float32=way != "old")
-        groups = split_by_length(samples, 2) if way == "buckets" else [samples]
-        normalizer = torch.tensor(float(sum(int((s.labels[1:] != -100).sum()) for s in samples)))
+    def train_step(groups: list[list]) -> float:
+        normalizer = torch.tensor(float(sum(int((s.labels[1:] != -100).sum()) for g in groups for s in g)))
         start = time.perf_counter()
         for group in groups:
             batch = collate_samples(group, pad, False, 1024)
@@ -101,6 +102,32 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
+    return train_step
+
+
+def report(args, results: dict) -> dict:
+    """Machine, torch and settings + `results`: printed as JSON, and written to --json if given."""
+    result = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": args.batch_size,
+              "rounds": args.rounds, **results}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def main(argv=None):
+    args, model = recipe_bench_setup(__doc__, argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = ConversationDataset(recipe_world(args.model, tmp), model.processor, group_by_media=True)
+        batches = [[data[i] for i in random.sample(range(len(data)), args.batch_size)] for _ in range(args.rounds + 1)]
+    train_step = recipe_train_step(model)
+
+    def run(samples, way):
+        set_attention(model, float32=way != "old")
+        return train_step(split_by_length(samples, 2) if way == "buckets" else [samples])
+
     for way in WAYS:  # warm-up
         run(batches[0], way)
     times = {way: [] for way in WAYS}
@@ -108,18 +135,11 @@ def main(argv=None):
         for way in WAYS:
             times[way].append(run(batches[r + 1], way))
     median = {way: statistics.median(t) for way, t in times.items()}
-    result = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "batch_size": args.batch_size, "rounds": args.rounds,
+    return report(args, {
         "median_step_s": {w: round(m, 3) for w, m in median.items()},
         "speedup_vs_old": {w: round(median["old"] / m, 2) for w, m in median.items()},
         "all_step_s": {w: [round(x, 3) for x in t] for w, t in times.items()},
-    }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    })
 
 
 if __name__ == "__main__":

@@ -15,27 +15,21 @@ backward, AdamW under bf16 autocast, everything trainable), so machine noise hit
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import random
 import statistics
 import sys
 import tempfile
 import time
 
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from recipe_step import recipe_world  # noqa: E402
+from recipe_step import recipe_bench_setup, recipe_train_step, recipe_world, report  # noqa: E402
 
 from fusion.data.collate import split_by_length  # noqa: E402
 from fusion.data.datasets import ConversationDataset, MediaCache  # noqa: E402
-from fusion.model import FusionModel  # noqa: E402
-from fusion.trainer import TrainingStep, collate_samples  # noqa: E402
 
 
 def timed(fn):
@@ -45,20 +39,8 @@ def timed(fn):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--model", default=os.path.join(ROOT, "fusion", "default_model"))
-    parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args(argv)
-
-    torch.manual_seed(0)
-    random.seed(0)
-    model = FusionModel.from_pretrained(args.model)
-    model.train()
-    step = TrainingStep(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    pad = model.processor.tokenizer.pad_id
+    args, model = recipe_bench_setup(__doc__, argv)
+    train_step = recipe_train_step(model)
     times = {"read": [], "cached": [], "step": []}
     with tempfile.TemporaryDirectory() as tmp:
         train = recipe_world(args.model, tmp)
@@ -73,34 +55,16 @@ def main(argv=None):
                 samples, seconds = timed(lambda: [dataset[i] for i in indices])  # noqa: B023
                 if r:
                     times[name].append(seconds)
-
-            def train_step():
-                normalizer = torch.tensor(float(sum(int((s.labels[1:] != -100).sum()) for s in samples)))
-                for group in split_by_length(samples, 2):
-                    batch = collate_samples(group, pad, False, 1024)
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
-                        loss, _, _ = step(batch.model_inputs(), normalizer, 1.0)
-                        loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            _, seconds = timed(train_step)
+            seconds = train_step(split_by_length(samples, 2))
             if r:
                 times["step"].append(seconds)
     median = {name: statistics.median(t) for name, t in times.items()}
-    result = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "batch_size": args.batch_size, "rounds": args.rounds,
+    return report(args, {
         "median_s": {name: round(m, 4) for name, m in median.items()},
         "read_share_of_an_uncached_step": round(median["read"] / (median["read"] + median["step"]), 3),
         "step_speedup_with_cache": round((median["read"] + median["step"]) / (median["cached"] + median["step"]), 3),
         "all_s": {name: [round(x, 4) for x in t] for name, t in times.items()},
-    }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    })
 
 
 if __name__ == "__main__":
