@@ -334,33 +334,31 @@ def join_media_groups(datasets: Sequence["ConversationDataset"]) -> list["Conver
 
 class MediaCache:
     """Processed media (normalised image tiles, sampled and normalised video frames) by file, kept in
-    memory and shared by the datasets given it: each image or video is decoded once per processor.
+    memory and shared by the datasets given it: each image or video is decoded once.
 
-    Costs about 4 x 3 x H x W bytes per image tile or video frame. A medium that fails to load is not
-    kept (its error is raised each time it is asked for).
+    Holds the media of one processor: asked with another (e.g. a stage that starts from another model),
+    it forgets what the previous one made. Costs about 4 x 3 x H x W bytes per image tile or video
+    frame. A medium that fails to load is not kept (its error is raised each time it is asked for).
     """
 
     def __init__(self):
         self._media: dict[tuple, Any] = {}
-        self._processors: dict[int, Any] = {}  # keeps each keyed processor alive, so its id stays its own
+        self._processor = None
 
     def process(self, processor, images: Sequence[str], videos: Sequence[str], num_frames: int | None = None,
                 fps: float | None = None):
         """`processor.process_media(images, videos, ...)`, from memory after the first call."""
-        key = (id(processor), tuple(images), tuple(videos), num_frames, fps)
+        if processor is not self._processor:
+            self._media.clear()
+            self._processor = processor
+        key = (tuple(images), tuple(videos), num_frames, fps)
         media = self._media.get(key)
         if media is None:
-            media = processor.process_media(images, videos, num_frames=num_frames, fps=fps)
-            self._processors[id(processor)] = processor
-            self._media[key] = media
+            media = self._media[key] = processor.process_media(images, videos, num_frames=num_frames, fps=fps)
         return media
 
     def __len__(self) -> int:
         return len(self._media)
-
-    def clear(self) -> None:
-        self._media.clear()
-        self._processors.clear()
 
 
 class ConversationDataset(torch.utils.data.Dataset):
