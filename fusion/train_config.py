@@ -19,7 +19,7 @@ rate per part. A rate of 0 (or a part left out) freezes that part for the stage.
         batch_size: 32
         lr: {decoder: 3.0e-4}
       - name: cotrain
-        data: data/shapes/train.jsonl
+        data: data/shapes/train.jsonl     # or a list; an entry may be {path, types, media, repeat} (DataSource)
         group_by_media: true
         lr: {vision: 1.0e-3, adapter: 1.0e-3}     # decoder frozen
         eval: {data: data/shapes/val.jsonl, every: 200, limit: 200}
@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from .data.datasets import MEDIA_KINDS
 from .errors import ConfigError
 
 PARTS = ("vision", "adapter", "decoder")
@@ -50,9 +51,56 @@ class EvalConfig:
 
 
 @dataclass
+class DataSource:
+    """One training file of a stage; in YAML a path, or a mapping for a part of the file or more of it::
+
+        data:
+          - data/shapes/train.jsonl
+          - {path: data/shapes/train.jsonl, media: [video], repeat: 2}       # its videos twice more per epoch
+          - {path: data/shapes/more.jsonl, types: [position, relation]}      # only these question types
+    """
+
+    path: str
+    types: list[str] | None = None  # keep only records whose `type` is one of these
+    media: list[str] | None = None  # keep only records showing an image, a video or nothing ("text")
+    repeat: int = 1  # the file's (kept) samples come this many times per epoch
+
+    def check(self, where: str):
+        if not isinstance(self.path, str) or not self.path:
+            raise ConfigError(f"{where}: a data entry needs a path (a dataset file), got {self.path!r}")
+        for name in ("types", "media"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, str) or not value
+                                      or not all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"{where}: {name} of {self.path} must be a non-empty list of names, "
+                                  f"got {value!r}")
+        unknown = sorted(set(self.media or ()) - set(MEDIA_KINDS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown media {unknown} for {self.path}; choose from {list(MEDIA_KINDS)}")
+        if isinstance(self.repeat, bool) or not isinstance(self.repeat, int) or self.repeat < 1:
+            raise ConfigError(f"{where}: repeat of {self.path} must be an integer >= 1, got {self.repeat!r}")
+
+
+def data_source(entry, where: str) -> DataSource:
+    """A stage's data entry (a path, a mapping or a `DataSource`) as a checked `DataSource`."""
+    if isinstance(entry, (str, Path)):
+        entry = DataSource(str(entry))
+    elif isinstance(entry, dict):
+        unknown = sorted(set(entry) - {f.name for f in dataclasses.fields(DataSource)})
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {unknown} in a data entry; known keys are "
+                              f"path, types, media, repeat")
+        entry = DataSource(**{"path": None, **entry})
+    elif not isinstance(entry, DataSource):
+        raise ConfigError(f"{where}: a data entry is a path or a mapping with a path, got {entry!r}")
+    entry.check(where)
+    return entry
+
+
+@dataclass
 class StageConfig:
     name: str
-    data: str | list[str]
+    data: str | list[str | DataSource]
     lr: dict[str, float]
     steps: int | None = None
     epochs: float | None = None
@@ -75,8 +123,11 @@ class StageConfig:
     def __post_init__(self):
         if isinstance(self.eval, dict):
             self.eval = EvalConfig(**self.eval)
-        if isinstance(self.data, str):
+        if isinstance(self.data, (str, dict, DataSource)):
             self.data = [self.data]
+        if not self.data:
+            raise ConfigError(f"stage {self.name!r}: data names no dataset file")
+        self.data = [data_source(d, f"stage {self.name!r}") for d in self.data]
         unknown = sorted(set(self.lr) - set(PARTS))
         if unknown:
             raise ConfigError(f"stage {self.name!r}: unknown parts {unknown} in lr; the parts are {list(PARTS)}")

@@ -39,7 +39,7 @@ from .errors import ConfigError, DatasetError
 from .fusion_config import FusionConfig
 from .model import FusionModel
 from .run_log import MetricsLog, plot_metrics
-from .train_config import PARTS, StageConfig, TrainConfig, load_train_config
+from .train_config import PARTS, DataSource, StageConfig, TrainConfig, load_train_config
 
 TRAINER_STATE = "trainer_state.pt"
 
@@ -163,13 +163,17 @@ class StageBatches(Sampler):
 
 def load_stage_data(config: TrainConfig, stage: StageConfig, model: FusionModel, files=None,
                     media_cache: MediaCache | None = None):
-    """The stage's training data (or `files`); with `media_cache`, samples and media are kept in memory."""
-    datasets = [ConversationDataset(config.path(f), model.processor, group_by_media=stage.group_by_media,
-                                    cache=media_cache is not None, media_cache=media_cache)
-                for f in (files or stage.data)]
+    """The stage's training data (or `files`): each entry's kept records (its `types`, `media`), `repeat`
+    times over; with `media_cache`, samples and media are kept in memory."""
+    sources = [DataSource(str(f)) for f in files] if files else stage.data
+    datasets = [ConversationDataset(config.path(s.path), model.processor, group_by_media=stage.group_by_media,
+                                    cache=media_cache is not None, media_cache=media_cache, types=s.types,
+                                    media=s.media)
+                for s in sources]
     if stage.join_files and len(datasets) > 1:  # one sample per medium, whichever files ask about it
-        datasets = join_media_groups(datasets)
-    return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
+        join_media_groups(datasets)  # moves records between the datasets; one left empty is left out below
+    parts = [d for d, s in zip(datasets, sources) for _ in range(s.repeat) if d.records]
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
 def collate_samples(samples, pad_id: int, pack: bool, max_length: int):

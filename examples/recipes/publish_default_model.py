@@ -76,6 +76,20 @@ def weakest(results: dict, n: int = 3) -> str:
     return ", ".join(f"{name} ({percent(value)})" for value, name in sorted(scored)[:n])
 
 
+def data_entry(entry) -> str:
+    """A stage's data entry as the card names it: "train.jsonl (videos only, 2x)"."""
+    if isinstance(entry, str):
+        return Path(entry).name
+    parts = []
+    if entry.get("types"):
+        parts.append(", ".join(entry["types"]))
+    if entry.get("media"):
+        parts.append(" and ".join(f"{m}s" if m != "text" else "text" for m in entry["media"]) + " only")
+    if entry.get("repeat", 1) > 1:
+        parts.append(f"{entry['repeat']}x")
+    return Path(entry["path"]).name + (f" ({'; '.join(parts)})" if parts else "")
+
+
 def model_card(run: dict, results: dict, model: FusionModel, dtype: torch.dtype, size_mb: float) -> str:
     config, summary, world = run["config"], run["summary"], run["world"]
     wcfg, counts = world["config"], world["counts"]
@@ -85,7 +99,7 @@ def model_card(run: dict, results: dict, model: FusionModel, dtype: torch.dtype,
     stages = "\n".join(
         f"| {s['name']} | {s['steps']} | {s['batch_size']} | "
         f"{', '.join(f'{part} {rate:g}' for part, rate in s['lr'].items())} | "
-        f"{', '.join(Path(d).name for d in s['data'])} |" for s in config["stages"])
+        f"{', '.join(data_entry(d) for d in s['data'])} |" for s in config["stages"])
     minutes = summary["wall_seconds"] / 60
     resumed = " (resumed; the time covers the last part only)" if summary.get("resumed") else ""
     position = {"per_token": " (plus a learned embedding per image-token position)",

@@ -52,6 +52,10 @@ the group before it only if it has exactly that one image and no video (or that 
 at most one marker for it, no marker for the other kind, and no system turn other than the group's own.
 The group's record keeps the first record's id, type and task; `Record.members` lists every grouped id,
 `Record.group` the records.
+
+``types=[...]`` keeps only the records whose ``type`` is one of those, ``media=[...]`` only those that show
+an ``image``, a ``video`` or nothing (``text``), both before grouping: e.g. a later training stage that
+leaves out the question types a model already answers, or that trains on a file's videos only.
 """
 from __future__ import annotations
 
@@ -282,6 +286,36 @@ def _group_key(record: Record) -> tuple[str, str] | None:
     return None
 
 
+MEDIA_KINDS = ("image", "video", "text")
+
+
+def media_kind(record: Record) -> str:
+    """"video" if the record shows a video, else "image" if it shows an image, else "text"."""
+    return "video" if record.videos else "image" if record.images else "text"
+
+
+def select_records(records: Sequence[Record], types: Sequence[str] | None, media: Sequence[str] | None,
+                   path: str = "dataset") -> list[Record]:
+    """The records whose type is in `types` and whose `media_kind` is in `media` (None: no condition).
+    Raises `DatasetError` when the condition leaves none, naming the types and kinds the file has."""
+    if isinstance(types, str) or isinstance(media, str):
+        raise DatasetError(f"{path}: types and media are lists (e.g. types=['position']), got "
+                           f"types={types!r}, media={media!r}")
+    unknown = sorted(set(media or ()) - set(MEDIA_KINDS))
+    if unknown:
+        raise DatasetError(f"{path}: unknown media {unknown}; choose from {list(MEDIA_KINDS)}")
+    if types is None and media is None:
+        return list(records)
+    kept = [r for r in records if (types is None or r.type in types) and (media is None or media_kind(r) in media)]
+    if not kept:
+        have_types = sorted({str(r.type) for r in records})
+        have_media = sorted({media_kind(r) for r in records})
+        raise DatasetError(f"{path}: no record has type in {list(types) if types is not None else 'any'} and "
+                           f"media in {list(media) if media is not None else 'any'}; the file's types are "
+                           f"{have_types}, its media {have_media}")
+    return kept
+
+
 def group_records(records: Sequence[Record], max_group_size: int | None = None) -> list[Record]:
     """Group runs of consecutive records with the same single image or video (see the module docstring)."""
     groups: list[list[Record]] = []
@@ -382,6 +416,9 @@ class ConversationDataset(torch.utils.data.Dataset):
             process and per `DataLoader` worker; bad samples are not kept (they are read, and counted, again).
         media_cache: a `MediaCache` that several datasets share (e.g. a training file and a file of more
             questions about the same images, or the stages of a run): each medium is decoded once for all.
+        types: keep only the records whose `type` is one of these (None: all).
+        media: keep only the records that show one of these: "image", "video" (a record with both counts
+            as "video"), "text" (neither) (None: all).
 
     `dataset[i]` is a `ProcessedSample` or None (a bad sample: skipped, counted, warned about);
     `dataset.records[i]` its `Record` (id, type, task, answer, messages, media paths).
@@ -390,7 +427,8 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __init__(self, path: str | os.PathLike, processor, root: str | os.PathLike | None = None, strict: bool = False,
                  group_by_media: bool = False, *, max_group_size: int | None = None, num_frames: int | None = None,
                  fps: float | None = None, min_attempts: int = 20, max_bad_fraction: float = 0.5,
-                 max_warnings: int = 20, cache: bool = False, media_cache: "MediaCache | None" = None):
+                 max_warnings: int = 20, cache: bool = False, media_cache: "MediaCache | None" = None,
+                 types: Sequence[str] | None = None, media: Sequence[str] | None = None):
         self.path = os.fspath(path)
         self.root = os.path.dirname(os.path.abspath(self.path)) if root is None else os.fspath(root)
         self.processor = processor
@@ -423,7 +461,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         if total >= min_attempts and len(bad) > max_bad_fraction * total:
             raise DatasetError(f"{self.path}: {len(bad)} of its {total} records are malformed "
                                f"({_most_common(self.bad_counts)}); is this the right file and format?")
-        self.source_records: list[Record] = records
+        self.source_records: list[Record] = select_records(records, types, media, self.path)
+        records = self.source_records
         self.records: list[Record] = group_records(records, max_group_size) if group_by_media else records
 
     def __len__(self) -> int:

@@ -332,6 +332,32 @@ def test_join_media_groups_asks_one_image_every_question_of_every_file(model, to
         join_media_groups([ConversationDataset(first, model.processor), b])
 
 
+def test_types_and_media_keep_part_of_a_file_before_grouping(model, tok, media):
+    """A stage can leave out question types a model already answers, or train on a file's videos only: the
+    records are chosen before grouping, so a kept image is asked only the kept questions."""
+    rows = [sample("a0", "<image>\nwhat color is the circle?", "red", ["images/a.png"], type="color"),
+            sample("a1", "<image>\nhow many shapes are there?", "2", ["images/a.png"], type="count"),
+            sample("a2", "<image>\nwhat shape is red?", "circle", ["images/a.png"], type="shape"),
+            sample("v0", "<video>\nwhich way does it move?", "left", videos=["videos/v.mp4"], type="direction"),
+            sample("v1", "<video>\nDescribe the video.", "a square moves", videos=["videos/v.mp4"], type="caption"),
+            sample("t0", "is there a star?", "no", type="existence")]
+    path = write_jsonl(media / "select.jsonl", rows)
+    grouped = ConversationDataset(path, model.processor, group_by_media=True, types=["count", "shape", "caption"])
+    assert [r.members or (r.id,) for r in grouped.records] == [("a1", "a2"), ("v1",)]
+    assert supervised_text(tok, grouped[0]) == "2circle"
+    videos = ConversationDataset(path, model.processor, media=["video"])
+    assert [r.id for r in videos.records] == ["v0", "v1"]
+    both = ConversationDataset(path, model.processor, types=["caption", "existence"], media=["video", "text"])
+    assert [r.id for r in both.records] == ["v1", "t0"]
+    assert [r.id for r in ConversationDataset(path, model.processor, media=["text"]).records] == ["t0"]
+    with pytest.raises(DatasetError, match=r"no record has type in \['relation'\].*types are \['caption', 'color'"):
+        ConversationDataset(path, model.processor, types=["relation"])
+    with pytest.raises(DatasetError, match=r"unknown media \['audio'\]"):
+        ConversationDataset(path, model.processor, media=["audio"])
+    with pytest.raises(DatasetError, match="are lists"):
+        ConversationDataset(path, model.processor, types="count")
+
+
 def test_group_by_media_encodes_a_video_once_for_its_questions(model, tok, media, monkeypatch):
     rows = [sample("v0", "<video>\nwhich way does the circle move?", "left", videos=["videos/v.mp4"]),
             sample("v1", "<video>\nwhat appears?", "red square", videos=["videos/v.mp4"]),

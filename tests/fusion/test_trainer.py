@@ -154,6 +154,39 @@ def test_a_stage_asks_each_image_the_questions_of_all_its_files_at_once(world, t
     assert sorted(members) == sorted(r["id"] for r in train_rows + extra_rows)  # no question lost
 
 
+def test_a_stage_trains_on_chosen_types_and_media_of_its_files_repeated(world, tmp_path):
+    """A data entry may keep some question types or media of a file and repeat it: e.g. a last stage that
+    leaves out mastered question types and sees each video twice per epoch. The config round-trips through
+    the run folder's train_config.json (what --resume reads)."""
+    from fusion.errors import ConfigError
+    from fusion.train_config import TrainConfig, load_train_config
+    from fusion.trainer import build_model, load_stage_data
+
+    train_file = str(world / "train.jsonl")
+    stages = [{"name": "s", "steps": 2, "batch_size": 4, "group_by_media": True, "lr": {"decoder": 1e-3},
+               "data": [{"path": train_file, "types": ["count", "position"]},
+                        {"path": train_file, "media": ["video"], "repeat": 2}]}]
+    config = load_train_config(write_config(tmp_path / "run.yaml", base_config(world, tmp_path / "run", stages)))
+    data = load_stage_data(config, config.stages[0], build_model(config))
+    rows = [json.loads(line) for line in open(train_file)]
+    images = [r for r in rows if r["images"] and r["type"] in ("count", "position")]
+    videos = [r for r in rows if r["videos"]]
+    assert len(data.datasets) == 3 and data.datasets[1] is data.datasets[2]  # the video part, twice
+    assert len(data) == len({r["images"][0] for r in images}) + 2 * len({r["videos"][0] for r in videos})
+    kept = [m for d in data.datasets[:2] for r in d.records for m in (r.members or (r.id,))]
+    assert sorted(kept) == sorted(r["id"] for r in images + videos)
+    again = TrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again.stages[0].data == config.stages[0].data
+    trained = tmp_path / "trained"
+    train(write_config(tmp_path / "trained.yaml", base_config(world, trained, stages)))
+    assert [s for s, _ in losses(trained)] == [1, 2]
+    for bad, message in (({"path": train_file, "repeat": 0}, "repeat of .* must be an integer >= 1"),
+                         ({"path": train_file, "media": ["audio"]}, r"unknown media \['audio'\]"),
+                         ({"file": train_file}, r"unknown keys \['file'\] in a data entry")):
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig.from_dict({"stages": [{**stages[0], "data": [bad]}]})
+
+
 def test_frozen_parts_stay_bit_identical_and_trainable_parts_move(world, tmp_path):
     stages = [{"name": "trunk", "data": str(world / "text.jsonl"), "steps": 3, "batch_size": 4,
                "lr": {"decoder": 1e-3}},
