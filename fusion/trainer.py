@@ -38,6 +38,7 @@ from .decoder import IGNORE_INDEX
 from .errors import ConfigError, DatasetError
 from .fusion_config import FusionConfig
 from .model import FusionModel
+from .precision import has_native_bf16
 from .run_log import MetricsLog, plot_metrics
 from .train_config import PARTS, DataSource, StageConfig, TrainConfig, load_train_config
 
@@ -249,10 +250,18 @@ class Trainer:
 
     # -- setup -------------------------------------------------------------------------------
     def _autocast_dtype(self):
+        """bf16 for `precision: bf16`, and for `auto` where the device computes bf16 natively; else None (fp32)."""
         precision = self.config.precision
-        if precision == "bf16" or (precision == "auto" and self.ctx.device.type == "cuda"):
-            return torch.bfloat16
-        return None
+        if precision == "fp32":
+            return None
+        native = has_native_bf16(self.ctx.device)
+        if precision == "auto":
+            return torch.bfloat16 if native else None
+        if not native and self.ctx.is_main:
+            warnings.warn(f"precision: bf16 on {self.ctx.device}, which has no native bf16 (on a CPU: no AVX512-BF16 "
+                          f"or AMX): torch emulates it and training runs many times slower than in float32; "
+                          f"use precision: auto (bf16 only where native) or fp32", stacklevel=2)
+        return torch.bfloat16
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -319,6 +328,8 @@ class Trainer:
             if self.ctx.is_main else None
         if self.ctx.is_main:
             write_json(self.out / "train_config.json", config.to_dict())
+            computed = "bf16 autocast" if self.autocast_dtype is not None else "float32"
+            print(f"training on {self.ctx.device} in {computed} (precision: {config.precision})", flush=True)
         for index, stage in enumerate(config.stages):
             if index < progress.stage_index:
                 continue

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,32 @@ def test_a_generated_world_with_other_settings_is_refused_not_reused(world, tmp_
     trainer(**settings).prepare_data()  # the same settings: reused as it is
     with pytest.raises(ConfigError, match=r"other settings.*'train_jitter': \(0.0, 0.5\).*delete that folder"):
         trainer(**{**settings, "train_jitter": 0.5}).prepare_data()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_uses_bf16_only_where_the_cpu_computes_it_natively(world, tmp_path, monkeypatch, native):
+    """On a CPU without AVX512-BF16/AMX torch emulates bf16 (tens of times slower than float32): `auto` trains
+    in float32 there, an explicit `bf16` is obeyed with a warning that says what to use instead."""
+    from fusion.train_config import load_train_config
+    from fusion.trainer import Trainer
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    stages = [{"name": "trunk", "data": str(world / "text.jsonl"), "steps": 1, "lr": {"decoder": 1e-3}}]
+
+    def autocast_dtype(precision):
+        config = base_config(world, tmp_path / "run", stages, precision=precision, device="cpu")
+        return Trainer(load_train_config(write_config(tmp_path / "run.yaml", config)), progress=False).autocast_dtype
+
+    assert autocast_dtype("auto") == (torch.bfloat16 if native else None)
+    assert autocast_dtype("fp32") is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert autocast_dtype("bf16") == torch.bfloat16
+    slow = [w for w in caught if "no native bf16" in str(w.message)]
+    assert len(slow) == (0 if native else 1)
+    if not native:
+        assert "precision: auto" in str(slow[0].message)
 
 
 def test_changing_only_the_extra_questions_rewrites_their_file_and_keeps_the_media(world, tmp_path):

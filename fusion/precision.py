@@ -1,0 +1,31 @@
+"""Whether a device computes bfloat16 natively, so that bf16 autocast pays off there.
+
+On a GPU with bf16 support, and on a CPU with AVX512-BF16 or AMX, bf16 matmuls are faster than float32 ones
+(~1.4x for the default recipe's step on a 2-core Sapphire Rapids box). On a CPU without them (e.g. AVX2 only)
+torch emulates bf16 and a matmul is tens of times slower than in float32 (0.8 vs 46 GFLOP/s for 1024x1024 on a
+2-core AVX2 EPYC). `precision: auto` uses bf16 only where it is native.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where this CPU has AVX512-BF16 or AMX (torch's fast bf16 paths); False where unknown."""
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, name, None)
+        try:
+            if check is not None and check():
+                return True
+        except Exception:  # a private torch helper; a failing check only means "not known to be fast"
+            continue
+    return False
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast on `device` runs on native bf16 hardware."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return False
