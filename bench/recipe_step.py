@@ -11,6 +11,9 @@ alternating A, B, C in every round on the very same batches, so machine noise hi
 
     python bench/recipe_step.py                    # 7 rounds; medians and ratios
     python bench/recipe_step.py --rounds 3 --json out.json
+
+It measures bf16 autocast, so it needs a CPU that computes bf16 natively (AVX512-BF16 or AMX); elsewhere
+torch emulates bf16 (tens of times slower) and the bench stops with a message instead of timing that.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from fusion.data.collate import split_by_length  # noqa: E402
 from fusion.data.datasets import ConversationDataset  # noqa: E402
 from fusion.data.shapes_world import ShapesWorldConfig, generate_shapes_world  # noqa: E402
 from fusion.model import FusionModel  # noqa: E402
+from fusion.precision import cpu_has_native_bf16  # noqa: E402
 from fusion.trainer import TrainingStep, collate_samples  # noqa: E402
 from vision.attention import Float32CpuAttention  # noqa: E402
 
@@ -80,9 +84,9 @@ def recipe_bench_setup(doc: str, argv=None):
     return args, FusionModel.from_pretrained(args.model)
 
 
-def recipe_train_step(model: FusionModel):
+def recipe_train_step(model: FusionModel, bf16: bool = True):
     """Everything trainable, AdamW -> `train_step(groups)`: forward, backward (each group of samples
-    padded as one batch) and an optimizer step under bf16 autocast; returns its seconds."""
+    padded as one batch) and an optimizer step, under bf16 autocast if `bf16`; returns its seconds."""
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -95,7 +99,7 @@ def recipe_train_step(model: FusionModel):
         start = time.perf_counter()
         for group in groups:
             batch = collate_samples(group, pad, False, 1024)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss, _, _ = step(batch.model_inputs(), normalizer, 1.0)
                 loss.backward()
         optimizer.step()
@@ -119,6 +123,10 @@ def report(args, results: dict) -> dict:
 
 def main(argv=None):
     args, model = recipe_bench_setup(__doc__, argv)
+    if not cpu_has_native_bf16():
+        sys.exit("bench/recipe_step.py compares attention under bf16 autocast, but this CPU has no native bf16 "
+                 "(no AVX512-BF16 or AMX): torch would emulate it and the figures would time that emulation. "
+                 "Run it on a CPU with native bf16.")
     with tempfile.TemporaryDirectory() as tmp:
         data = ConversationDataset(recipe_world(args.model, tmp), model.processor, group_by_media=True)
         batches = [[data[i] for i in random.sample(range(len(data)), args.batch_size)] for _ in range(args.rounds + 1)]

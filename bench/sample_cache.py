@@ -4,7 +4,8 @@ A stage past its first epoch reads every sample again: without the cache, each r
 or video, resizes and normalises it and tokenizes the questions; with it, the sample comes from memory.
 Each round reads the same 32 shared-prefix samples (a random batch of a small shapes world with the
 recipe's settings) both ways, in alternating order, and runs one training step on them (forward,
-backward, AdamW under bf16 autocast, everything trainable), so machine noise hits all alike:
+backward, AdamW, everything trainable; under bf16 autocast where the CPU computes bf16 natively,
+else in float32, as `precision: auto` trains), so machine noise hits all alike:
 
     read        the 32 samples read (and decoded) from the files
     cached      the same 32 samples from the cache (warmed by one pass over the data)
@@ -30,6 +31,7 @@ from recipe_step import recipe_bench_setup, recipe_train_step, recipe_world, rep
 
 from fusion.data.collate import split_by_length  # noqa: E402
 from fusion.data.datasets import ConversationDataset, MediaCache  # noqa: E402
+from fusion.precision import cpu_has_native_bf16  # noqa: E402
 
 
 def timed(fn):
@@ -40,7 +42,8 @@ def timed(fn):
 
 def main(argv=None):
     args, model = recipe_bench_setup(__doc__, argv)
-    train_step = recipe_train_step(model)
+    bf16 = cpu_has_native_bf16()
+    train_step = recipe_train_step(model, bf16)
     times = {"read": [], "cached": [], "step": []}
     with tempfile.TemporaryDirectory() as tmp:
         train = recipe_world(args.model, tmp)
@@ -60,6 +63,7 @@ def main(argv=None):
                 times["step"].append(seconds)
     median = {name: statistics.median(t) for name, t in times.items()}
     return report(args, {
+        "step_computed_in": "bf16 autocast" if bf16 else "float32",
         "median_s": {name: round(m, 4) for name, m in median.items()},
         "read_share_of_an_uncached_step": round(median["read"] / (median["read"] + median["step"]), 3),
         "step_speedup_with_cache": round((median["read"] + median["step"]) / (median["cached"] + median["step"]), 3),
