@@ -246,7 +246,16 @@ class Trainer:
         self.strategy = config.distributed.get("strategy", "ddp")
         self.autocast_dtype = self._autocast_dtype()
         self.started = time.perf_counter()
+        # wall time of the run before the checkpoint it resumes from (earlier invocations, lost work excluded);
+        # None where that checkpoint does not say (written by an older fusion)
+        self.seconds_before = self.resume_state.get("wall_seconds") if self.resume_state else 0.0
         self.media_cache = MediaCache()  # decoded media, shared by the stages with cache_samples
+
+    def total_wall_seconds(self) -> float | None:
+        """The run's wall time so far over all its invocations (None: a resumed checkpoint did not record it)."""
+        if self.seconds_before is None:
+            return None
+        return self.seconds_before + time.perf_counter() - self.started
 
     # -- setup -------------------------------------------------------------------------------
     def _autocast_dtype(self):
@@ -345,9 +354,12 @@ class Trainer:
             plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png")
         self.final_eval(final)
         if self.ctx.is_main:
+            total = self.total_wall_seconds()
             write_json(self.out / "run_summary.json", {
                 "wall_seconds": round(time.perf_counter() - started, 1),
                 "resumed": resumed,  # True: wall_seconds covers only the part after the last --resume
+                # ... and this adds the time up to the checkpoint it resumed from (all earlier parts)
+                "wall_seconds_total": None if total is None else round(total, 1),
                 "steps": progress.global_step, "device": str(self.ctx.device), "world_size": self.ctx.world_size,
                 "threads": torch.get_num_threads(), "torch": torch.__version__})
         self.ctx.barrier()
@@ -583,6 +595,7 @@ class Trainer:
             torch.save({"progress": vars(progress), "optimizer": optimizer_state,
                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
                         "data_position": data_position,  # (epoch, batch) of the stage's next batch
+                        "wall_seconds": self.total_wall_seconds(),
                         "rng": _rng_state()}, tmp / TRAINER_STATE)
         write_json(root / "latest.json", {"folder": name, "step": progress.global_step})
         old = sorted(p for p in root.glob("step-*") if p.name != name)

@@ -100,8 +100,12 @@ def model_card(run: dict, results: dict, model: FusionModel, dtype: torch.dtype,
         f"| {s['name']} | {s['steps']} | {s['batch_size']} | "
         f"{', '.join(f'{part} {rate:g}' for part, rate in s['lr'].items())} | "
         f"{', '.join(data_entry(d) for d in s['data'])} |" for s in config["stages"])
-    minutes = summary["wall_seconds"] / 60
-    resumed = " (resumed; the time covers the last part only)" if summary.get("resumed") else ""
+    if summary.get("wall_seconds_total") is not None:  # all the run's parts, each up to its last checkpoint
+        minutes = summary["wall_seconds_total"] / 60
+        resumed = " (in parts: the run was resumed from a checkpoint)" if summary.get("resumed") else ""
+    else:
+        minutes = summary["wall_seconds"] / 60
+        resumed = " (resumed; the time covers the last part only)" if summary.get("resumed") else ""
     position = {"per_token": " (plus a learned embedding per image-token position)",
                 "rows_cols": " (plus a learned embedding of each image token's row and column)",
                 }.get(model.config.image_position_embedding, "")

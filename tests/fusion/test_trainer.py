@@ -283,12 +283,20 @@ def test_sigkill_then_resume_continues_exactly(world, tmp_path):
     proc.wait()
     done = len(losses(tmp_path / "kill"))
     assert 10 <= done < 18, f"the run should have been killed mid-way, it logged {done} steps"
+    checkpoint = tmp_path / "kill" / "checkpoints" / json.loads(latest.read_text())["folder"]
+    before_kill = torch.load(checkpoint / "trainer_state.pt", weights_only=False)["wall_seconds"]
+    assert before_kill > 0
     assert _run_cli(["train", str(killed), "--resume", "--no-progress"]).wait(timeout=300) == 0
 
     ref, resumed = losses(tmp_path / "ref"), losses(tmp_path / "kill")
     assert [s for s, _ in resumed] == [s for s, _ in ref] == list(range(1, 19))
     for (step, a), (_, b) in zip(ref, resumed):
         assert a == pytest.approx(b, rel=1e-6), f"step {step}: {a} vs {b}"
+    # the summary of the resumed run counts the killed part's time up to its last checkpoint too
+    summary = json.loads((tmp_path / "kill" / "run_summary.json").read_text())
+    assert summary["resumed"] is True
+    assert summary["wall_seconds_total"] == pytest.approx(before_kill + summary["wall_seconds"], abs=5.0)
+    assert summary["wall_seconds_total"] > summary["wall_seconds"] > 0
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
