@@ -251,6 +251,10 @@ class Trainer:
         self.seconds_before = self.resume_state.get("wall_seconds") if self.resume_state else 0.0
         self.media_cache = MediaCache()  # decoded media, shared by the stages with cache_samples
 
+    @property
+    def computed_in(self) -> str:
+        return "bf16 autocast" if self.autocast_dtype is not None else "float32"
+
     def total_wall_seconds(self) -> float | None:
         """The run's wall time so far over all its invocations (None: a resumed checkpoint did not record it)."""
         if self.seconds_before is None:
@@ -337,8 +341,7 @@ class Trainer:
             if self.ctx.is_main else None
         if self.ctx.is_main:
             write_json(self.out / "train_config.json", config.to_dict())
-            computed = "bf16 autocast" if self.autocast_dtype is not None else "float32"
-            print(f"training on {self.ctx.device} in {computed} (precision: {config.precision})", flush=True)
+            print(f"training on {self.ctx.device} in {self.computed_in} (precision: {config.precision})", flush=True)
         for index, stage in enumerate(config.stages):
             if index < progress.stage_index:
                 continue
@@ -361,6 +364,7 @@ class Trainer:
                 # ... and this adds the time up to the checkpoint it resumed from (all earlier parts)
                 "wall_seconds_total": None if total is None else round(total, 1),
                 "steps": progress.global_step, "device": str(self.ctx.device), "world_size": self.ctx.world_size,
+                "computed_in": self.computed_in,
                 "threads": torch.get_num_threads(), "torch": torch.__version__})
         self.ctx.barrier()
         return final

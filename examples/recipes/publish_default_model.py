@@ -106,6 +106,7 @@ def model_card(run: dict, results: dict, model: FusionModel, dtype: torch.dtype,
     else:
         minutes = summary["wall_seconds"] / 60
         resumed = " (resumed; the time covers the last part only)" if summary.get("resumed") else ""
+    computed = f" in {summary['computed_in']}" if summary.get("computed_in") else ""
     position = {"per_token": " (plus a learned embedding per image-token position)",
                 "rows_cols": " (plus a learned embedding of each image token's row and column)",
                 }.get(model.config.image_position_embedding, "")
@@ -150,7 +151,7 @@ conversations; text corpus: {counts['text']['samples']} samples.
 
 Wall time of the whole recipe (tokenizer, all stages, final evaluation; generating the shapes world on first
 use adds about 45 s):
-**{minutes:.1f} minutes** on {summary['device']} with {summary['threads']} threads{resumed}, torch {summary['torch']}.
+**{minutes:.1f} minutes** on {summary['device']} with {summary['threads']} threads{computed}{resumed}, torch {summary['torch']}.
 
 ## Evaluation
 Held-out test split of the same world ({counts['test']['images']} images, {counts['test']['videos']} videos, never

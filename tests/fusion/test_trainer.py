@@ -129,6 +129,9 @@ def test_precision_auto_uses_bf16_only_where_the_cpu_computes_it_natively(world,
 
     assert autocast_dtype("auto") == (torch.bfloat16 if native else None)
     assert autocast_dtype("fp32") is None
+    config = base_config(world, tmp_path / "run", stages, precision="auto", device="cpu")
+    trainer = Trainer(load_train_config(write_config(tmp_path / "run.yaml", config)), progress=False)
+    assert trainer.computed_in == ("bf16 autocast" if native else "float32")  # printed, and in run_summary.json
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert autocast_dtype("bf16") == torch.bfloat16
