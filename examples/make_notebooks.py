@@ -429,7 +429,8 @@ recipe = {
     "name": "finetune-star",
     "output_dir": str(work / "run"),
     "seed": 0,
-    "precision": "bf16",      # bf16 autocast, on CPU as on GPU
+    "precision": "auto",      # bf16 autocast where the device computes bf16 natively (GPU; CPU with AVX512-BF16
+                              # or AMX), else float32 (bf16 emulated on an AVX2-only CPU is many times slower)
     "log_every": run.log_every,
     "checkpoint_every": 0,    # resumable checkpoints only at the end of each stage
     "model": {"init_from": str(BASE)},
