@@ -31,7 +31,7 @@ from recipe_step import recipe_bench_setup, recipe_train_step, recipe_world, rep
 
 from fusion.data.collate import split_by_length  # noqa: E402
 from fusion.data.datasets import ConversationDataset, MediaCache  # noqa: E402
-from fusion.precision import cpu_has_native_bf16  # noqa: E402
+from fusion.precision import computed_in, cpu_has_native_bf16  # noqa: E402
 
 
 def timed(fn):
@@ -63,7 +63,7 @@ def main(argv=None):
                 times["step"].append(seconds)
     median = {name: statistics.median(t) for name, t in times.items()}
     return report(args, {
-        "step_computed_in": "bf16 autocast" if bf16 else "float32",
+        "step_computed_in": computed_in(bf16),
         "median_s": {name: round(m, 4) for name, m in median.items()},
         "read_share_of_an_uncached_step": round(median["read"] / (median["read"] + median["step"]), 3),
         "step_speedup_with_cache": round((median["read"] + median["step"]) / (median["cached"] + median["step"]), 3),

@@ -157,7 +157,7 @@ class TrainConfig:
     seed: int = 0
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
-    precision: str = "auto"  # auto (bf16 autocast where the device has native bf16, see fusion/precision.py) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast where native, see fusion/precision.py) | fp32 | bf16
     device: str | None = None  # default: cuda if available, else cpu
     distributed: dict[str, Any] = field(default_factory=lambda: {"strategy": "ddp"})  # ddp | fsdp2 (under torchrun)
     log_every: int = 10

@@ -38,7 +38,7 @@ from .decoder import IGNORE_INDEX
 from .errors import ConfigError, DatasetError
 from .fusion_config import FusionConfig
 from .model import FusionModel
-from .precision import has_native_bf16
+from .precision import computed_in, has_native_bf16
 from .run_log import MetricsLog, plot_metrics
 from .train_config import PARTS, DataSource, StageConfig, TrainConfig, load_train_config
 
@@ -253,7 +253,7 @@ class Trainer:
 
     @property
     def computed_in(self) -> str:
-        return "bf16 autocast" if self.autocast_dtype is not None else "float32"
+        return computed_in(self.autocast_dtype is not None)
 
     def total_wall_seconds(self) -> float | None:
         """The run's wall time so far over all its invocations (None: a resumed checkpoint did not record it)."""
