@@ -51,7 +51,7 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class DecoderOutput:
-    logits: torch.Tensor  # [B, T, vocab] (or the last `logits_to_keep` positions)
+    logits: torch.Tensor  # [B, T, vocab] (or the last `logits_to_keep` positions; [N, vocab] with `logits_at`)
     loss: torch.Tensor | None = None  # mean cross-entropy over supervised tokens (+ aux loss if enabled)
     aux_loss: torch.Tensor | None = None  # the MoE balance loss, already scaled by aux_loss_coef
     hidden_states: torch.Tensor | None = None  # final-norm output [B, T, D]
@@ -129,7 +129,7 @@ class Decoder(nn.Module):
                 attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, branch_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: DecoderCache | None = None,
-                logits_to_keep: int | None = None) -> DecoderOutput:
+                logits_to_keep: int | None = None, logits_at: torch.Tensor | None = None) -> DecoderOutput:
         """
         input_ids [B, T] or inputs_embeds [B, T, D] (exactly one).
         attention_mask [B, T]: 1 for real tokens, 0 for padding (left padding for generation).
@@ -140,7 +140,13 @@ class Decoder(nn.Module):
         branch_ids [B, T]: a shared prefix (0) followed by branches (1, 2, ...) that each see the prefix
             and themselves only, e.g. one image with several questions (see `data.collate.share_prefix`).
         labels [B, T]: next-token targets aligned with the inputs (shifted inside); -100 is ignored.
+        logits_to_keep: logits of the last n positions only (generation).
+        logits_at [B, T] bool: logits only where True, as [N, vocab] in row-major order (training: the
+            positions whose next token is supervised; the LM head and its float32 softmax then skip the
+            image, prompt and padding tokens, which for a 200k vocabulary is most of a step's memory).
         """
+        if logits_to_keep is not None and logits_at is not None:
+            raise ValueError("Decoder.forward: pass at most one of logits_to_keep and logits_at")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Decoder.forward: pass exactly one of input_ids and inputs_embeds")
         x = input_ids if inputs_embeds is None else inputs_embeds
@@ -172,11 +178,14 @@ class Decoder(nn.Module):
             cache.next_positions = torch.maximum(cache.next_positions, last + 1)
 
         hidden = self.norm(x)
-        kept = hidden if logits_to_keep is None else hidden[:, -logits_to_keep:]
+        if logits_at is not None:
+            kept = hidden[logits_at.to(hidden.device, torch.bool)]
+        else:
+            kept = hidden if logits_to_keep is None else hidden[:, -logits_to_keep:]
         logits = self.lm_head(kept)
         loss = aux = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels)
+            loss = causal_lm_loss(logits, labels, logits_at)
             aux = self._aux_loss()
             if aux is not None:
                 loss = loss + aux
@@ -233,11 +242,20 @@ class Decoder(nn.Module):
         return generate(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; labels[:, t+1] is the target of logits[:, t]; -100 is ignored."""
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B, T]: the target of position t is labels[:, t+1]; the last position gets -100 (ignored)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy; labels[:, t+1] is the target of logits[:, t]; -100 is ignored.
+
+    `logits` are [B, T, vocab], or [N, vocab] at the positions `logits_at` marks (see `Decoder.forward`).
+    """
     # shift the labels, not the logits: slicing the logits would copy them
-    shifted = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=IGNORE_INDEX)
-    return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX)
+    targets = next_token_targets(labels.to(logits.device))
+    targets = targets.flatten() if logits_at is None else targets[logits_at.to(logits.device, torch.bool)]
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets, ignore_index=IGNORE_INDEX)
 
 
 def attach_load_balancing(optimizer: torch.optim.Optimizer, decoder: Decoder):

@@ -98,11 +98,17 @@ class FusionModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                branch_ids: torch.Tensor | None = None, logits_to_keep: int | None = None) -> FusionOutput:
-        """Loss (when `labels` are given) and logits. Tensors as built by `fusion.data.collate`."""
+                branch_ids: torch.Tensor | None = None, logits_to_keep: int | None = None,
+                logits_at: torch.Tensor | None = None) -> FusionOutput:
+        """Loss (when `labels` are given) and logits. Tensors as built by `fusion.data.collate`.
+
+        `logits_to_keep` / `logits_at`: logits of the last n positions / of the marked positions only
+        (see `fusion.Decoder.forward`).
+        """
         embeds, image_mask = self.embed(input_ids, pixel_values, attention_mask)
         out = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, positions=positions,
-                           segment_ids=segment_ids, branch_ids=branch_ids, logits_to_keep=logits_to_keep)
+                           segment_ids=segment_ids, branch_ids=branch_ids, logits_to_keep=logits_to_keep,
+                           logits_at=logits_at)
         return FusionOutput(**vars(out), image_mask=image_mask)
 
     # -- generation ------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from . import distributed as fdist
 from .checkpoint import atomic_folder, read_model_config, save_model_folder, write_json
 from .data.collate import pack_batch, pad_batch, split_by_length
 from .data.datasets import ROLE_ALIASES, ConversationDataset, MediaCache, join_media_groups
-from .decoder import IGNORE_INDEX
+from .decoder import IGNORE_INDEX, next_token_targets
 from .errors import ConfigError, DatasetError
 from .fusion_config import FusionConfig
 from .model import FusionModel
@@ -197,11 +197,10 @@ class TrainingStep(nn.Module):
         self.model = model
 
     def forward(self, inputs: dict, normalizer: torch.Tensor, aux_scale: float):
-        labels = inputs.pop("labels")
-        out = self.model(**inputs)
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        token_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                     reduction="sum")
+        targets = next_token_targets(inputs.pop("labels"))
+        supervised = targets != IGNORE_INDEX
+        out = self.model(**inputs, logits_at=supervised)  # the LM head runs on the supervised positions only
+        token_loss = F.cross_entropy(out.logits.float(), targets[supervised], reduction="sum")
         loss = token_loss / normalizer
         if out.aux_loss is not None:
             loss = loss + aux_scale * out.aux_loss
@@ -570,12 +569,12 @@ class Trainer:
             if batch is None:
                 continue
             batch = batch.to(self.ctx.device)
+            targets = next_token_targets(batch.labels)
+            supervised = targets != IGNORE_INDEX
             with self.autocast():
-                out = self.model(**{**batch.model_inputs(), "labels": None})
-            targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-            total += torch.tensor([float(F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(),
-                                                         ignore_index=IGNORE_INDEX, reduction="sum")),
-                                   float((targets != IGNORE_INDEX).sum())], dtype=torch.float64)
+                out = self.model(**{**batch.model_inputs(), "labels": None}, logits_at=supervised)
+            total += torch.tensor([float(F.cross_entropy(out.logits.float(), targets[supervised], reduction="sum")),
+                                   float(supervised.sum())], dtype=torch.float64)
         total = self.ctx.all_reduce_sum(total)
         return float(total[0] / total[1]) if total[1] > 0 else None
 

@@ -166,6 +166,31 @@ def test_loss_ignores_masked_labels():
     assert out.loss.item() == pytest.approx(manual.item(), rel=1e-5)
 
 
+def test_logits_at_computes_the_marked_positions_only_with_the_same_loss_and_gradients():
+    """Training asks for the logits of the supervised positions only: the same numbers as the full
+    logits there, the same loss, the same gradients; and it cannot be mixed with logits_to_keep."""
+    model = make_decoder().train()
+    x = ids(batch=2, length=12)
+    labels = x.clone()
+    labels[0, :7] = -100
+    labels[1, :3] = -100
+    labels[1, 9:] = -100  # padding-like tail
+    at = fusion.decoder.next_token_targets(labels) != -100
+    full = model(x, labels=labels)
+    full_grads = torch.autograd.grad(full.loss, list(model.parameters()), allow_unused=True)
+    part = model(x, labels=labels, logits_at=at)
+    part_grads = torch.autograd.grad(part.loss, list(model.parameters()), allow_unused=True)
+    assert part.logits.shape == (int(at.sum()), 97) and int(at.sum()) == 5 + 6
+    assert (part.logits - full.logits[at]).abs().max().item() <= 1e-6
+    assert part.loss.item() == pytest.approx(full.loss.item(), rel=1e-6)
+    for a, b in zip(full_grads, part_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert (a - b).abs().max().item() <= 1e-6
+    with pytest.raises(ValueError, match="at most one of logits_to_keep and logits_at"):
+        model(x, logits_to_keep=1, logits_at=at)
+
+
 def test_input_errors_are_clear():
     model = make_decoder()
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
