@@ -185,6 +185,15 @@ def collate_samples(samples, pad_id: int, pack: bool, max_length: int):
 
 
 # -- one step ------------------------------------------------------------------------------------
+def supervised_loss_sum(model: FusionModel, inputs: dict, labels: torch.Tensor):
+    """model(**inputs) with logits at the supervised positions only -> (output, summed next-token
+    cross-entropy, number of supervised tokens). The LM head skips image, prompt and padding tokens."""
+    targets = next_token_targets(labels)
+    supervised = targets != IGNORE_INDEX
+    out = model(**inputs, logits_at=supervised)
+    return out, F.cross_entropy(out.logits.float(), targets[supervised], reduction="sum"), supervised.sum()
+
+
 class TrainingStep(nn.Module):
     """forward(batch) -> (summed token loss / normalizer (+ aux loss), router load per layer).
 
@@ -197,10 +206,8 @@ class TrainingStep(nn.Module):
         self.model = model
 
     def forward(self, inputs: dict, normalizer: torch.Tensor, aux_scale: float):
-        targets = next_token_targets(inputs.pop("labels"))
-        supervised = targets != IGNORE_INDEX
-        out = self.model(**inputs, logits_at=supervised)  # the LM head runs on the supervised positions only
-        token_loss = F.cross_entropy(out.logits.float(), targets[supervised], reduction="sum")
+        labels = inputs.pop("labels")
+        out, token_loss, _ = supervised_loss_sum(self.model, inputs, labels)
         loss = token_loss / normalizer
         if out.aux_loss is not None:
             loss = loss + aux_scale * out.aux_loss
@@ -569,12 +576,10 @@ class Trainer:
             if batch is None:
                 continue
             batch = batch.to(self.ctx.device)
-            targets = next_token_targets(batch.labels)
-            supervised = targets != IGNORE_INDEX
             with self.autocast():
-                out = self.model(**{**batch.model_inputs(), "labels": None}, logits_at=supervised)
-            total += torch.tensor([float(F.cross_entropy(out.logits.float(), targets[supervised], reduction="sum")),
-                                   float(supervised.sum())], dtype=torch.float64)
+                _, loss_sum, count = supervised_loss_sum(self.model, {**batch.model_inputs(), "labels": None},
+                                                         batch.labels)
+            total += torch.tensor([float(loss_sum), float(count)], dtype=torch.float64)
         total = self.ctx.all_reduce_sum(total)
         return float(total[0] / total[1]) if total[1] > 0 else None
 
