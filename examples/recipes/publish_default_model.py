@@ -113,7 +113,9 @@ def model_card(run: dict, results: dict, model: FusionModel, dtype: torch.dtype,
     qk_norm = "QK norm in RoPE layers" if model.config.decoder.use_qk_norm else "no QK norm"
     extra_questions = wcfg.get("train_extra_questions") or {}
     more = " and ".join(f"{n} more {qtype}" for qtype, n in extra_questions.items())
-    balanced = ", answers kept even" if wcfg.get("train_extra_balanced") else ""
+    balanced_types = wcfg.get("train_extra_balanced")
+    balanced = (", answers kept even" if balanced_types is True else
+                f", {' and '.join(balanced_types)} answers kept even" if balanced_types else "")
     extra = (f"; training images also ask up to {more} questions (where the scene has them{balanced}; in "
              "`train_extra.jsonl`, seen by the stages that list it)") if more else ""
     clip_captions = (", and one caption per training clip (its events in order)"

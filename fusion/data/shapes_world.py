@@ -113,7 +113,9 @@ class ShapesWorldConfig:
     same world without them. Asking for every question of a type follows the scenes' answers, which are not
     even (most relation questions of a scene are answered "no": ~63% of them); `train_extra_balanced` adds a
     question only while its answer is among the type's least used so far, over all training images, so the
-    answers stay even (relation: half "yes", at the cost of fewer questions).
+    answers stay even (relation: half "yes", at the cost of fewer questions). It is `True` (every type it
+    names) or a list of types, e.g. `["relation"]`: a type whose answers are even anyway (position: a shape is
+    as likely in any cell) then keeps all its questions instead of about one per image.
     """
 
     image_size: int = 64
@@ -139,7 +141,7 @@ class ShapesWorldConfig:
     supersample: int = 4               # antialiasing: draw this many times larger, then box-downsample
     train_jitter: float = 0.0          # train images only: 0..1, how far from its cell's centre a shape may sit
     train_extra_questions: dict[str, int] = dataclasses.field(default_factory=dict)  # train images only, see above
-    train_extra_balanced: bool = False  # extra questions keep each type's answers even (see above)
+    train_extra_balanced: bool | list[str] = False  # extra questions keep answers even: all types or those named
     train_video_captions: bool = False  # train videos only: also a caption sample ("Describe the video.")
     seed: int = 0
 
@@ -173,6 +175,16 @@ class ShapesWorldConfig:
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise ValueError(f"ShapesWorldConfig: train_extra_questions[{qtype!r}] must be an integer >= 0, "
                                  f"got {n!r}")
+        if not isinstance(self.train_extra_balanced, bool):
+            balanced = self.train_extra_balanced
+            if isinstance(balanced, str) or not all(isinstance(t, str) for t in balanced):
+                raise ValueError(f"ShapesWorldConfig: train_extra_balanced must be true, false or a list of question "
+                                 f"types, got {balanced!r}")
+            self.train_extra_balanced = sorted(set(balanced))
+            unknown = [t for t in self.train_extra_balanced if t not in self.train_extra_questions]
+            if unknown:
+                raise ValueError(f"ShapesWorldConfig: train_extra_balanced names {unknown}, which "
+                                 f"train_extra_questions does not ask; it asks {list(self.train_extra_questions)}")
         if not 0.0 <= self.train_jitter <= 1.0:
             raise ValueError(f"ShapesWorldConfig: train_jitter must be in 0..1, got {self.train_jitter}")
         if self.image_size < 24:
@@ -519,10 +531,12 @@ def choose_extra_questions(objects, config, asked: set[str], balancer, rng) -> l
     chosen: list[Question] = []
     for qtype, n in config.train_extra_questions.items():
         pool = [q for q in image_questions(objects, config, qtype) if q.text not in asked]
-        vocabulary = answer_vocabulary(config)[qtype] if config.train_extra_balanced else ()
+        balanced = config.train_extra_balanced is True or (
+            not isinstance(config.train_extra_balanced, bool) and qtype in config.train_extra_balanced)
+        vocabulary = answer_vocabulary(config)[qtype] if balanced else ()
         for _ in range(n):
             allowed = pool
-            if config.train_extra_balanced:  # only questions whose answer is among the type's least used
+            if balanced:  # only questions whose answer is among the type's least used
                 fewest = min(balancer.answer_counts[(qtype, a)] for a in vocabulary)
                 allowed = [q for q in pool if balancer.answer_counts[(qtype, q.answer)] == fewest]
             if not allowed:
@@ -968,8 +982,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-extra-questions", type=_extra_questions, default={}, metavar="TYPE=N,...",
                         help="more questions of these types per training image, written to train_extra.jsonl, "
                              "e.g. relation=12")
-    parser.add_argument("--train-extra-balanced", action="store_true",
-                        help="extra questions keep each type's answers even (relation: half yes, half no)")
+    parser.add_argument("--train-extra-balanced", nargs="?", const=True, default=False, type=_names,
+                        metavar="TYPE,...", help="extra questions keep each type's answers even (relation: half "
+                                                 "yes, half no); with types, only those types' answers")
     parser.add_argument("--no-captions", action="store_true", help="no caption sample per image")
     parser.add_argument("--train-video-captions", action="store_true",
                         help="a caption sample per training video too (its events, naming each shape)")

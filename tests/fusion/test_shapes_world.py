@@ -560,6 +560,34 @@ def test_train_extra_balanced_keeps_yes_and_no_even_where_every_question_would_n
     assert json.loads((tmp_path / "cli" / "world.json").read_text())["config"]["train_extra_balanced"] is True
 
 
+def test_train_extra_balanced_can_name_the_types_to_balance(world, tmp_path):
+    """`train_extra_balanced: [relation]` keeps relation answers even and asks every position question it can
+    (position answers are even anyway; balancing them would leave about one question per image)."""
+    root, config, _ = world
+    train = read_split(root, "train")
+
+    def extra(balanced, questions=(("relation", 24), ("position", 4))):
+        rows = sw.extra_question_samples(train, sw.ShapesWorldConfig(
+            seed=7, train_extra_questions=dict(questions), train_extra_balanced=balanced, **SMALL))
+        return {t: Counter(r["conversations"][1]["content"] for r in rows if r["type"] == t)
+                for t in ("relation", "position")}
+
+    named, every, unbalanced = extra(["relation"]), extra(True), extra(False)
+    assert abs(named["relation"]["yes"] - named["relation"]["no"]) <= 1
+    assert sum(named["relation"].values()) == sum(every["relation"].values())
+    assert sum(named["position"].values()) == sum(unbalanced["position"].values())
+    assert sum(named["position"].values()) > 2 * sum(every["position"].values())
+    assert sw.main([str(tmp_path / "cli"), "--train-images", "4", "--val-images", "1", "--test-images", "1",
+                    "--train-videos", "0", "--val-videos", "0", "--test-videos", "0", "--text-samples", "0",
+                    "--train-extra-questions", "relation=2,position=1", "--train-extra-balanced", "relation"])
+    assert json.loads((tmp_path / "cli" / "world.json").read_text())["config"]["train_extra_balanced"] == ["relation"]
+    with pytest.raises(ValueError, match=r"train_extra_balanced names \['count'\], which train_extra_questions "
+                                         r"does not ask"):
+        sw.ShapesWorldConfig(train_extra_questions={"relation": 2}, train_extra_balanced=["count"])
+    with pytest.raises(ValueError, match="must be true, false or a list of question types"):
+        sw.ShapesWorldConfig(train_extra_questions={"relation": 2}, train_extra_balanced="relation")
+
+
 def test_train_video_captions_name_every_shape_of_each_training_clip(world, tmp_path):
     """Each training video gets one caption (its events in order) right after its questions; nothing else
     changes: the same questions in the same order, val and test byte-identical."""

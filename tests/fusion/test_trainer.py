@@ -150,7 +150,8 @@ def test_changing_only_the_extra_questions_rewrites_their_file_and_keeps_the_med
     settings = json.loads((copy / "world.json").read_text())["config"]
     media = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.suffix in (".png", ".mp4")}
     stages = [{"name": "trunk", "data": str(copy / "text.jsonl"), "steps": 1, "lr": {"decoder": 1e-3}}]
-    for extra, balanced in (({"relation": 3}, False), ({"relation": 3}, True), ({}, False)):
+    for extra, balanced in (({"relation": 3}, False), ({"relation": 3}, True),
+                            ({"position": 1, "relation": 3}, ["relation"]), ({}, False)):
         spec = {"out_dir": str(copy), **settings, "train_extra_questions": extra, "train_extra_balanced": balanced}
         config = base_config(world, tmp_path / "run", stages, data={"shapes_world": spec})
         Trainer(load_train_config(write_config(tmp_path / "run.yaml", config)), progress=False).prepare_data()
