@@ -199,6 +199,12 @@ class ShapesWorldConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"ShapesWorldConfig: {name} must be >= 0, got {getattr(self, name)}")
 
+    def balances(self, qtype: str) -> bool:
+        """Whether `train_extra_balanced` keeps the extra answers of `qtype` even."""
+        if isinstance(self.train_extra_balanced, bool):
+            return self.train_extra_balanced
+        return qtype in self.train_extra_balanced
+
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
@@ -531,8 +537,7 @@ def choose_extra_questions(objects, config, asked: set[str], balancer, rng) -> l
     chosen: list[Question] = []
     for qtype, n in config.train_extra_questions.items():
         pool = [q for q in image_questions(objects, config, qtype) if q.text not in asked]
-        balanced = config.train_extra_balanced is True or (
-            not isinstance(config.train_extra_balanced, bool) and qtype in config.train_extra_balanced)
+        balanced = config.balances(qtype)
         vocabulary = answer_vocabulary(config)[qtype] if balanced else ()
         for _ in range(n):
             allowed = pool
