@@ -8,6 +8,9 @@ it), so that the encoder also learns shapes that straddle its patches, as the sh
 question a scene has), since some types need many more examples than one per image to be learned; they go
 to their own file, `train_extra.jsonl`, so that a recipe chooses the stages that see them;
 `train_extra_balanced` keeps their answers even (a scene's relation questions are mostly "no").
+`train_extra_offgrid_images` adds that many more training images to `train_extra.jsonl`, each with the usual
+questions and caption, whose shapes sit anywhere in their cells (as `train_jitter=1` places them): off-grid
+shapes for the stages that see that file only, while the other stages keep the centred ones.
 `train_video_captions` gives each training video a caption sample too (its events in order, naming each
 shape), so that the encoder sees many more shapes named where they sit off the grid.
 Videos show 1 or 2 shapes that move, appear or disappear; their questions can only be answered by
@@ -19,9 +22,11 @@ Layout written by `generate_shapes_world(out_dir, config)`::
     out_dir/
       world.json                      the generator settings, palette, question types and answer vocabularies
       train.jsonl val.jsonl test.jsonl one sample per line (below); splits never share an image or a video
-      train_extra.jsonl               with `train_extra_questions` only: more questions about the train images
+      train_extra.jsonl               with `train_extra_questions`: more questions about the train images;
+                                      with `train_extra_offgrid_images`: those images' samples
       text.jsonl                      the text-only corpus (no images, no videos)
       images/{split}/000123.png
+      images/train_extra/000123.png   the off-grid images (`train_extra_offgrid_images`)
       videos/{split}/000007.mp4
 
 A sample (paths are relative to `out_dir`)::
@@ -44,6 +49,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -142,6 +148,7 @@ class ShapesWorldConfig:
     train_jitter: float = 0.0          # train images only: 0..1, how far from its cell's centre a shape may sit
     train_extra_questions: dict[str, int] = dataclasses.field(default_factory=dict)  # train images only, see above
     train_extra_balanced: bool | list[str] = False  # extra questions keep answers even: all types or those named
+    train_extra_offgrid_images: int = 0  # more training images, shapes anywhere in their cells, see above
     train_video_captions: bool = False  # train videos only: also a caption sample ("Describe the video.")
     seed: int = 0
 
@@ -195,9 +202,13 @@ class ShapesWorldConfig:
             raise ValueError(f"ShapesWorldConfig: video_frames must be at least 6 (events need frames before "
                              f"and after them), got {self.video_frames}")
         for name in ("train_images", "val_images", "test_images", "train_videos", "val_videos", "test_videos",
-                     "text_samples", "questions_per_image", "questions_per_video"):
+                     "text_samples", "questions_per_image", "questions_per_video", "train_extra_offgrid_images"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ShapesWorldConfig: {name} must be >= 0, got {getattr(self, name)}")
+
+    def has_train_extra(self) -> bool:
+        """Whether the world has a `train_extra.jsonl` (extra questions or off-grid images)."""
+        return bool(self.train_extra_questions) or self.train_extra_offgrid_images > 0
 
     def balances(self, qtype: str) -> bool:
         """Whether `train_extra_balanced` keeps the extra answers of `qtype` even."""
@@ -552,6 +563,18 @@ def choose_extra_questions(objects, config, asked: set[str], balancer, rng) -> l
     return chosen
 
 
+OFFGRID_FOLDER = "train_extra"  # images/train_extra/: the off-grid training images
+
+
+def train_extra_samples(out_dir: str, train_samples: list[dict], config: ShapesWorldConfig) -> list[dict]:
+    """The samples of `train_extra.jsonl`: the extra questions about the train split's images, then the
+    `train_extra_offgrid_images` off-grid images (drawn into `out_dir`) with their questions and captions.
+    Each from its own random stream, so that every other file is byte-identical with or without them."""
+    rng = np.random.default_rng([config.seed, SPLITS.index("train"), 3])
+    offgrid = write_image_samples(out_dir, OFFGRID_FOLDER, config.train_extra_offgrid_images, config, rng, 1.0)
+    return extra_question_samples(train_samples, config) + offgrid
+
+
 def extra_question_samples(train_samples: list[dict], config: ShapesWorldConfig) -> list[dict]:
     """The samples of `train_extra.jsonl`: `choose_extra_questions` for each image of the train split,
     drawn from their own random stream so that `train.jsonl` is byte-identical with or without them."""
@@ -831,29 +854,36 @@ def _write_world(out_dir: str, world: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def generate_split(out_dir: str, split: str, config: ShapesWorldConfig) -> tuple[list[dict], int, int]:
-    """Write the images and videos of `split` under `out_dir`; return (samples, n_images, n_videos)."""
-    code = SPLITS.index(split)
-    n_images, n_videos = config.split_sizes(split)
+def write_image_samples(out_dir: str, folder: str, n_images: int, config: ShapesWorldConfig,
+                        rng: np.random.Generator, jitter: float) -> list[dict]:
+    """Draw `n_images` scenes into `out_dir`/images/`folder`/ and return their samples: each image's
+    questions (`choose_image_questions`, answers balanced within these images) and its caption."""
     samples: list[dict] = []
-
-    rng = np.random.default_rng([config.seed, code, 0])
     balancer = AnswerBalancer()
     if n_images:
-        os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
-    jitter = config.train_jitter if split == "train" else 0.0
+        os.makedirs(os.path.join(out_dir, "images", folder), exist_ok=True)
     for i in range(n_images):
         objects = sample_image_scene(rng, config, jitter)
-        rel_path = f"images/{split}/{i:06d}.png"
+        rel_path = f"images/{folder}/{i:06d}.png"
         pixels = render_shapes(objects, config.image_size, config.background, config.supersample)
         Image.fromarray(pixels).save(os.path.join(out_dir, rel_path))
         meta = {"objects": objects}
         for k, q in enumerate(choose_image_questions(objects, config, i, balancer, rng)):
-            samples.append(chat_sample(f"{split}-img{i:06d}-q{k}", [rel_path], [], f"<image>\n{q.text}", q.answer,
+            samples.append(chat_sample(f"{folder}-img{i:06d}-q{k}", [rel_path], [], f"<image>\n{q.text}", q.answer,
                                        q.type, "vqa", {**meta, "template": q.template}))
         if config.captions:
-            samples.append(chat_sample(f"{split}-img{i:06d}-caption", [rel_path], [], f"<image>\n{CAPTION_PROMPT}",
+            samples.append(chat_sample(f"{folder}-img{i:06d}-caption", [rel_path], [], f"<image>\n{CAPTION_PROMPT}",
                                        caption_for(objects), "caption", "caption", meta))
+    return samples
+
+
+def generate_split(out_dir: str, split: str, config: ShapesWorldConfig) -> tuple[list[dict], int, int]:
+    """Write the images and videos of `split` under `out_dir`; return (samples, n_images, n_videos)."""
+    code = SPLITS.index(split)
+    n_images, n_videos = config.split_sizes(split)
+    jitter = config.train_jitter if split == "train" else 0.0
+    samples = write_image_samples(out_dir, split, n_images, config, np.random.default_rng([config.seed, code, 0]),
+                                  jitter)
 
     rng = np.random.default_rng([config.seed, code, 1])
     balancer = AnswerBalancer()
@@ -890,8 +920,8 @@ def generate_shapes_world(out_dir: str | os.PathLike, config: ShapesWorldConfig 
         samples, n_images, n_videos = generate_split(out_dir, split, config)
         _write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), samples)
         counts[split] = {"images": n_images, "videos": n_videos, "samples": len(samples)}
-        if split == "train" and config.train_extra_questions:
-            extra = extra_question_samples(samples, config)
+        if split == "train" and config.has_train_extra():
+            extra = train_extra_samples(out_dir, samples, config)
             _write_jsonl(os.path.join(out_dir, "train_extra.jsonl"), extra)
             counts["train_extra"] = {"samples": len(extra)}
     corpus = text_corpus(config)
@@ -914,17 +944,19 @@ def generate_shapes_world(out_dir: str | os.PathLike, config: ShapesWorldConfig 
     return counts
 
 
-# The settings that decide only `train_extra.jsonl`: changing them rewrites that file, nothing else.
-EXTRA_QUESTION_SETTINGS = ("train_extra_questions", "train_extra_balanced")
+# The settings that decide only `train_extra.jsonl` (and its off-grid images): changing them rewrites
+# those, nothing else.
+EXTRA_QUESTION_SETTINGS = ("train_extra_questions", "train_extra_balanced", "train_extra_offgrid_images")
 
 
 def rewrite_extra_questions(out_dir: str | os.PathLike, config: ShapesWorldConfig) -> dict:
-    """Give the world in `out_dir` the extra questions of `config` (`EXTRA_QUESTION_SETTINGS`), redrawing
+    """Give the world in `out_dir` the extra samples of `config` (`EXTRA_QUESTION_SETTINGS`), redrawing
     nothing else.
 
-    The extra questions depend only on `train.jsonl` and the config, so changing them rewrites
-    `train_extra.jsonl` (or removes it) and `world.json`, and leaves every image and video as it is.
-    Any other difference between the world on disk and `config` is a ValueError. Returns the counts.
+    The extra samples depend only on `train.jsonl` and the config, so changing them rewrites
+    `train_extra.jsonl` (or removes it), the off-grid images and `world.json`, and leaves every other
+    image and video as it is. Any other difference between the world on disk and `config` is a
+    ValueError. Returns the counts.
     """
     out_dir = os.fspath(out_dir)
     with open(os.path.join(out_dir, "world.json"), encoding="utf-8") as f:
@@ -933,13 +965,15 @@ def rewrite_extra_questions(out_dir: str | os.PathLike, config: ShapesWorldConfi
     differ = sorted(k for k in wanted if found[k] != wanted[k] and k not in EXTRA_QUESTION_SETTINGS)
     if differ:
         raise ValueError(f"rewrite_extra_questions: {out_dir} was generated with other {differ}; only "
-                         f"{' and '.join(EXTRA_QUESTION_SETTINGS)} can change without generating the world again")
+                         f"{', '.join(EXTRA_QUESTION_SETTINGS[:-1])} and {EXTRA_QUESTION_SETTINGS[-1]} can change "
+                         f"without generating the world again")
     extra_file = os.path.join(out_dir, "train_extra.jsonl")
     counts = world["counts"]
-    if config.train_extra_questions:
+    shutil.rmtree(os.path.join(out_dir, "images", OFFGRID_FOLDER), ignore_errors=True)
+    if config.has_train_extra():
         with open(os.path.join(out_dir, "train.jsonl"), encoding="utf-8") as f:
             train = [json.loads(line) for line in f if line.strip()]
-        extra = extra_question_samples(train, config)
+        extra = train_extra_samples(out_dir, train, config)
         _write_jsonl(extra_file, extra)
         counts["train_extra"] = {"samples": len(extra)}
     else:
@@ -990,6 +1024,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-extra-balanced", nargs="?", const=True, default=False, type=_names,
                         metavar="TYPE,...", help="extra questions keep each type's answers even (relation: half "
                                                  "yes, half no); with types, only those types' answers")
+    parser.add_argument("--train-extra-offgrid-images", type=int, default=0, metavar="N",
+                        help="N more training images in train_extra.jsonl, shapes anywhere in their cells")
     parser.add_argument("--no-captions", action="store_true", help="no caption sample per image")
     parser.add_argument("--train-video-captions", action="store_true",
                         help="a caption sample per training video too (its events, naming each shape)")

@@ -434,6 +434,28 @@ def test_narration_says_then_only_for_a_later_event():
         "the red circle appears. the blue square disappears."
 
 
+def straddling_shapes(root, sample, image_size):
+    """Check a jittered scene (centres in the cells their positions name, drawn where recorded, inside the
+    image, no overlaps) and count its shapes that reach out of their cells."""
+    cell = image_size / 3
+    objects = sample["meta"]["objects"]
+    pixels = np.asarray(Image.open(root / sample["images"][0]).convert("RGB"))
+    straddling = 0
+    for o in objects:
+        assert (o["row"], o["col"]) == cell_of(o, image_size)
+        x, y = (int(v) for v in o["center"])
+        assert tuple(pixels[y, x]) == sw.COLOR_RGB[o["color"]], (sample["id"], o)
+        cx, cy = o["center"]
+        inside = (o["col"] * cell < cx - o["radius"] and cx + o["radius"] < (o["col"] + 1) * cell
+                  and o["row"] * cell < cy - o["radius"] and cy + o["radius"] < (o["row"] + 1) * cell)
+        straddling += not inside
+        assert o["radius"] < min(cx, cy) and max(cx, cy) < image_size - o["radius"]  # not clipped
+    for a, b in ((a, b) for i, a in enumerate(objects) for b in objects[i + 1:]):
+        gap = np.hypot(a["center"][0] - b["center"][0], a["center"][1] - b["center"][1])
+        assert gap > a["radius"] + b["radius"], (sample["id"], a, b)
+    return straddling
+
+
 def test_train_jitter_moves_training_shapes_off_their_cells_centre_only(world, tmp_path):
     """Jittered training shapes straddle cell (and patch) edges like video shapes, yet keep their centre
     in the cell their position names, stay inside the image, never overlap and are drawn where recorded;
@@ -441,25 +463,8 @@ def test_train_jitter_moves_training_shapes_off_their_cells_centre_only(world, t
     root, config, _ = world
     jittered = tmp_path / "jittered"
     sw.generate_shapes_world(jittered, sw.ShapesWorldConfig(seed=7, train_jitter=1.0, **SMALL))
-    cell = config.image_size / 3
-    straddling = 0
-    for r in read_split(jittered, "train"):
-        if r["task"] != "caption":
-            continue
-        objects = r["meta"]["objects"]
-        pixels = np.asarray(Image.open(jittered / r["images"][0]).convert("RGB"))
-        for o in objects:
-            assert (o["row"], o["col"]) == cell_of(o, config.image_size)
-            x, y = (int(v) for v in o["center"])
-            assert tuple(pixels[y, x]) == sw.COLOR_RGB[o["color"]], (r["id"], o)
-            cx, cy = o["center"]
-            inside = (o["col"] * cell < cx - o["radius"] and cx + o["radius"] < (o["col"] + 1) * cell
-                      and o["row"] * cell < cy - o["radius"] and cy + o["radius"] < (o["row"] + 1) * cell)
-            straddling += not inside
-            assert o["radius"] < min(cx, cy) and max(cx, cy) < config.image_size - o["radius"]  # not clipped
-        for a, b in ((a, b) for i, a in enumerate(objects) for b in objects[i + 1:]):
-            gap = np.hypot(a["center"][0] - b["center"][0], a["center"][1] - b["center"][1])
-            assert gap > a["radius"] + b["radius"], (r["id"], a, b)
+    straddling = sum(straddling_shapes(jittered, r, config.image_size)
+                     for r in read_split(jittered, "train") if r["task"] == "caption")
     assert straddling >= 10  # most of the ~80 shapes of 40 images; none without jitter (test above)
     for split in ("val", "test"):
         assert (jittered / f"{split}.jsonl").read_bytes() == (root / f"{split}.jsonl").read_bytes()
@@ -510,8 +515,8 @@ def test_train_extra_questions_ask_training_images_more_of_a_type_only(world, tm
     sw.rewrite_extra_questions(plain, sw.ShapesWorldConfig(seed=7, **SMALL))
     assert not (plain / "train_extra.jsonl").exists()
     assert (plain / "world.json").read_bytes() == (root / "world.json").read_bytes()
-    with pytest.raises(ValueError, match=r"other \['seed'\]; only train_extra_questions and train_extra_balanced "
-                                         r"can change"):
+    with pytest.raises(ValueError, match=r"other \['seed'\]; only train_extra_questions, train_extra_balanced "
+                                         r"and train_extra_offgrid_images can change"):
         sw.rewrite_extra_questions(plain, sw.ShapesWorldConfig(seed=8, **SMALL))
     assert sw.main([str(tmp_path / "cli"), "--train-images", "4", "--val-images", "1", "--test-images", "1",
                     "--train-videos", "0", "--val-videos", "0", "--test-videos", "0", "--text-samples", "0",
@@ -608,3 +613,52 @@ def test_train_video_captions_name_every_shape_of_each_training_clip(world, tmp_
             assert f"the {o['color']} {o['shape']} " in text
     for split in ("val", "test"):
         assert (captioned / f"{split}.jsonl").read_bytes() == (root / f"{split}.jsonl").read_bytes()
+
+
+def test_train_extra_offgrid_images_add_jittered_training_images_to_the_extra_file_only(world, tmp_path):
+    """Off-grid images go to train_extra.jsonl after the extra questions: their shapes straddle cell edges,
+    their questions are right and their captions canonical; every other file stays byte-identical, and the
+    setting can be switched on and off in an existing world without drawing anything else again."""
+    root, config, _ = world
+    settings = dict(seed=7, train_extra_questions={"relation": 2}, **SMALL)
+    questions_only = tmp_path / "questions_only"
+    sw.generate_shapes_world(questions_only, sw.ShapesWorldConfig(**settings))
+    offgrid = tmp_path / "offgrid"
+    sw.generate_shapes_world(offgrid, sw.ShapesWorldConfig(**settings, train_extra_offgrid_images=30))
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "text.jsonl"):
+        assert (offgrid / name).read_bytes() == (root / name).read_bytes()
+    before = read_jsonl(questions_only / "train_extra.jsonl")
+    rows = read_jsonl(offgrid / "train_extra.jsonl")
+    assert rows[:len(before)] == before  # the extra questions first, as without off-grid images
+    added = rows[len(before):]
+    assert {r["images"][0] for r in added} == {f"images/train_extra/{i:06d}.png" for i in range(30)}
+    assert not {r["images"][0] for r in added} & {p for r in read_split(root, "train") for p in r["images"]}
+    straddling = 0
+    for r in added:
+        objects, asked = r["meta"]["objects"], r["conversations"][0]["content"].split("\n", 1)[1]
+        if r["task"] == "caption":
+            assert r["conversations"][1]["content"] == sw.caption_for(objects)
+            straddling += straddling_shapes(offgrid, r, config.image_size)
+        else:
+            assert answer_image_question(asked, objects, config.image_size) == r["conversations"][1]["content"]
+    assert straddling >= 15  # most of the ~60 shapes of 30 images
+    assert Counter(r["type"] for r in added)["shape"] == 30  # one of each type per image, as in the train split
+    assert json.loads((offgrid / "world.json").read_text())["counts"]["train_extra"] == {"samples": len(rows)}
+    # switched on, then off, in an existing world
+    plain = tmp_path / "plain"
+    shutil.copytree(root, plain)
+    sw.rewrite_extra_questions(plain, sw.ShapesWorldConfig(**settings, train_extra_offgrid_images=30))
+    assert (plain / "train_extra.jsonl").read_bytes() == (offgrid / "train_extra.jsonl").read_bytes()
+    assert (plain / "world.json").read_bytes() == (offgrid / "world.json").read_bytes()
+    for i in (0, 29):
+        image = f"images/train_extra/{i:06d}.png"
+        assert (plain / image).read_bytes() == (offgrid / image).read_bytes()
+    sw.rewrite_extra_questions(plain, sw.ShapesWorldConfig(seed=7, **SMALL))
+    assert not (plain / "train_extra.jsonl").exists() and not (plain / "images" / "train_extra").exists()
+    assert (plain / "world.json").read_bytes() == (root / "world.json").read_bytes()
+    with pytest.raises(ValueError, match="train_extra_offgrid_images must be >= 0"):
+        sw.ShapesWorldConfig(train_extra_offgrid_images=-1)
+    assert sw.main([str(tmp_path / "cli"), "--train-images", "2", "--val-images", "1", "--test-images", "1",
+                    "--train-videos", "0", "--val-videos", "0", "--test-videos", "0", "--text-samples", "0",
+                    "--train-extra-offgrid-images", "3"])
+    assert len(list((tmp_path / "cli" / "images" / "train_extra").iterdir())) == 3
