@@ -118,6 +118,11 @@ def model_card(run: dict, results: dict, model: FusionModel, dtype: torch.dtype,
                 f", {' and '.join(balanced_types)} answers kept even" if balanced_types else "")
     extra = (f"; training images also ask up to {more} questions (where the scene has them{balanced}; in "
              "`train_extra.jsonl`, seen by the stages that list it)") if more else ""
+    offgrid = wcfg.get("train_extra_offgrid_images") or 0
+    if offgrid:
+        extra += (f"; {offgrid} more training images, in `train_extra.jsonl` too, whose shapes sit anywhere in "
+                  "their cells (across the image tokens, as the shapes of clips do), with their questions and "
+                  "captions")
     clip_captions = (", and one caption per training clip (its events in order)"
                      if wcfg.get("train_video_captions") else "")
     return f"""# fusion default model: `shapes-tiny`
