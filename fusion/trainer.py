@@ -300,8 +300,8 @@ class Trainer:
         spec = self.config.data.get("shapes_world")
         if not spec:
             return
-        from .data.shapes_world import (EXTRA_QUESTION_SETTINGS, ShapesWorldConfig, generate_shapes_world,
-                                        rewrite_extra_questions)
+        from .data.shapes_world import (TRAIN_EXTRA_SETTINGS, ShapesWorldConfig, generate_shapes_world,
+                                        rewrite_train_extra)
 
         spec = dict(spec)
         out_dir = self.config.path(spec.pop("out_dir"))
@@ -310,9 +310,9 @@ class Trainer:
         if world_file.exists():  # never train on a world written with other settings without saying so
             found = ShapesWorldConfig(**json.loads(world_file.read_text())["config"]).to_dict()
             differ = {k: (found[k], v) for k, v in wanted.to_dict().items() if found[k] != v}
-            if differ and set(differ) <= set(EXTRA_QUESTION_SETTINGS):  # only the extra questions' file changes
+            if differ and set(differ) <= set(TRAIN_EXTRA_SETTINGS):  # only train_extra.jsonl (and its images) changes
                 if self.ctx.is_main:
-                    rewrite_extra_questions(out_dir, wanted)
+                    rewrite_train_extra(out_dir, wanted)
             elif differ:
                 raise ConfigError(f"data.shapes_world: {out_dir} holds a shapes world generated with other settings "
                                   f"(found vs wanted: {differ}); delete that folder to regenerate it, or give "

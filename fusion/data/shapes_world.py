@@ -946,11 +946,11 @@ def generate_shapes_world(out_dir: str | os.PathLike, config: ShapesWorldConfig 
 
 # The settings that decide only `train_extra.jsonl` (and its off-grid images): changing them rewrites
 # those, nothing else.
-EXTRA_QUESTION_SETTINGS = ("train_extra_questions", "train_extra_balanced", "train_extra_offgrid_images")
+TRAIN_EXTRA_SETTINGS = ("train_extra_questions", "train_extra_balanced", "train_extra_offgrid_images")
 
 
-def rewrite_extra_questions(out_dir: str | os.PathLike, config: ShapesWorldConfig) -> dict:
-    """Give the world in `out_dir` the extra samples of `config` (`EXTRA_QUESTION_SETTINGS`), redrawing
+def rewrite_train_extra(out_dir: str | os.PathLike, config: ShapesWorldConfig) -> dict:
+    """Give the world in `out_dir` the extra samples of `config` (`TRAIN_EXTRA_SETTINGS`), redrawing
     nothing else.
 
     The extra samples depend only on `train.jsonl` and the config, so changing them rewrites
@@ -962,10 +962,10 @@ def rewrite_extra_questions(out_dir: str | os.PathLike, config: ShapesWorldConfi
     with open(os.path.join(out_dir, "world.json"), encoding="utf-8") as f:
         world = json.load(f)
     found, wanted = ShapesWorldConfig(**world["config"]).to_dict(), config.to_dict()
-    differ = sorted(k for k in wanted if found[k] != wanted[k] and k not in EXTRA_QUESTION_SETTINGS)
+    differ = sorted(k for k in wanted if found[k] != wanted[k] and k not in TRAIN_EXTRA_SETTINGS)
     if differ:
-        raise ValueError(f"rewrite_extra_questions: {out_dir} was generated with other {differ}; only "
-                         f"{', '.join(EXTRA_QUESTION_SETTINGS[:-1])} and {EXTRA_QUESTION_SETTINGS[-1]} can change "
+        raise ValueError(f"rewrite_train_extra: {out_dir} was generated with other {differ}; only "
+                         f"{', '.join(TRAIN_EXTRA_SETTINGS[:-1])} and {TRAIN_EXTRA_SETTINGS[-1]} can change "
                          f"without generating the world again")
     extra_file = os.path.join(out_dir, "train_extra.jsonl")
     counts = world["counts"]

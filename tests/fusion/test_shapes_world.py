@@ -509,15 +509,15 @@ def test_train_extra_questions_ask_training_images_more_of_a_type_only(world, tm
     # the same file, written into an existing plain world without drawing its media again
     plain = tmp_path / "plain"
     shutil.copytree(root, plain)
-    sw.rewrite_extra_questions(plain, sw.ShapesWorldConfig(seed=7, train_extra_questions={"relation": 6}, **SMALL))
+    sw.rewrite_train_extra(plain, sw.ShapesWorldConfig(seed=7, train_extra_questions={"relation": 6}, **SMALL))
     assert (plain / "train_extra.jsonl").read_bytes() == (extra / "train_extra.jsonl").read_bytes()
     assert (plain / "world.json").read_bytes() == (extra / "world.json").read_bytes()
-    sw.rewrite_extra_questions(plain, sw.ShapesWorldConfig(seed=7, **SMALL))
+    sw.rewrite_train_extra(plain, sw.ShapesWorldConfig(seed=7, **SMALL))
     assert not (plain / "train_extra.jsonl").exists()
     assert (plain / "world.json").read_bytes() == (root / "world.json").read_bytes()
     with pytest.raises(ValueError, match=r"other \['seed'\]; only train_extra_questions, train_extra_balanced "
                                          r"and train_extra_offgrid_images can change"):
-        sw.rewrite_extra_questions(plain, sw.ShapesWorldConfig(seed=8, **SMALL))
+        sw.rewrite_train_extra(plain, sw.ShapesWorldConfig(seed=8, **SMALL))
     assert sw.main([str(tmp_path / "cli"), "--train-images", "4", "--val-images", "1", "--test-images", "1",
                     "--train-videos", "0", "--val-videos", "0", "--test-videos", "0", "--text-samples", "0",
                     "--train-extra-questions", "relation=2,position=1"])
@@ -544,12 +544,12 @@ def test_train_extra_balanced_keeps_yes_and_no_even_where_every_question_would_n
 
     every = tmp_path / "every"
     shutil.copytree(root, every)
-    sw.rewrite_extra_questions(every, sw.ShapesWorldConfig(seed=7, train_extra_questions={"relation": 24}, **SMALL))
+    sw.rewrite_train_extra(every, sw.ShapesWorldConfig(seed=7, train_extra_questions={"relation": 24}, **SMALL))
     every_answers, _ = extra_answers(every)
     assert every_answers["no"] > 1.3 * every_answers["yes"]  # the scenes' own mix
     balanced = tmp_path / "balanced"
     shutil.copytree(every, balanced)
-    sw.rewrite_extra_questions(balanced, sw.ShapesWorldConfig(seed=7, train_extra_questions={"relation": 24},
+    sw.rewrite_train_extra(balanced, sw.ShapesWorldConfig(seed=7, train_extra_questions={"relation": 24},
                                                               train_extra_balanced=True, **SMALL))
     answers, rows = extra_answers(balanced)
     assert abs(answers["yes"] - answers["no"]) <= 1
@@ -647,13 +647,13 @@ def test_train_extra_offgrid_images_add_jittered_training_images_to_the_extra_fi
     # switched on, then off, in an existing world
     plain = tmp_path / "plain"
     shutil.copytree(root, plain)
-    sw.rewrite_extra_questions(plain, sw.ShapesWorldConfig(**settings, train_extra_offgrid_images=30))
+    sw.rewrite_train_extra(plain, sw.ShapesWorldConfig(**settings, train_extra_offgrid_images=30))
     assert (plain / "train_extra.jsonl").read_bytes() == (offgrid / "train_extra.jsonl").read_bytes()
     assert (plain / "world.json").read_bytes() == (offgrid / "world.json").read_bytes()
     for i in (0, 29):
         image = f"images/train_extra/{i:06d}.png"
         assert (plain / image).read_bytes() == (offgrid / image).read_bytes()
-    sw.rewrite_extra_questions(plain, sw.ShapesWorldConfig(seed=7, **SMALL))
+    sw.rewrite_train_extra(plain, sw.ShapesWorldConfig(seed=7, **SMALL))
     assert not (plain / "train_extra.jsonl").exists() and not (plain / "images" / "train_extra").exists()
     assert (plain / "world.json").read_bytes() == (root / "world.json").read_bytes()
     with pytest.raises(ValueError, match="train_extra_offgrid_images must be >= 0"):

@@ -164,14 +164,14 @@ def test_changing_only_the_extra_questions_rewrites_their_file_and_keeps_the_med
 def test_a_stage_asks_each_image_the_questions_of_all_its_files_at_once(world, tmp_path):
     """With join_files, a stage listing train.jsonl and train_extra.jsonl trains one sample per image
     (encoded once) holding its questions from both files: the extra questions take no media slot."""
-    from fusion.data.shapes_world import rewrite_extra_questions
+    from fusion.data.shapes_world import rewrite_train_extra
     from fusion.train_config import load_train_config
     from fusion.trainer import build_model, load_stage_data
 
     copy = tmp_path / "world"
     shutil.copytree(world, copy)
     settings = json.loads((copy / "world.json").read_text())["config"]
-    rewrite_extra_questions(copy, ShapesWorldConfig(**{**settings, "train_extra_questions": {"relation": 4}}))
+    rewrite_train_extra(copy, ShapesWorldConfig(**{**settings, "train_extra_questions": {"relation": 4}}))
     files = [str(copy / "train.jsonl"), str(copy / "train_extra.jsonl")]
     stages = [{"name": "s", "data": files, "steps": 1, "group_by_media": True, "join_files": True,
                "lr": {"decoder": 1e-3}}]
