@@ -550,7 +550,7 @@ def test_train_extra_balanced_keeps_yes_and_no_even_where_every_question_would_n
     balanced = tmp_path / "balanced"
     shutil.copytree(every, balanced)
     sw.rewrite_train_extra(balanced, sw.ShapesWorldConfig(seed=7, train_extra_questions={"relation": 24},
-                                                              train_extra_balanced=True, **SMALL))
+                                                          train_extra_balanced=True, **SMALL))
     answers, rows = extra_answers(balanced)
     assert abs(answers["yes"] - answers["no"]) <= 1
     assert answers["yes"] >= 0.9 * every_answers["yes"]  # nearly every "yes" question is still asked
