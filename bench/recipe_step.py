@@ -59,25 +59,27 @@ def set_attention(model: FusionModel, float32: bool):
             module.__class__ = Float32CpuAttention if float32 else nn.MultiheadAttention
 
 
-def recipe_world(model_dir: str, out_dir: str, images: int = 160, videos: int = 80) -> str:
+def recipe_world(model_dir: str, out_dir: str, images: int = 160, videos: int = 80, **overrides) -> str:
     """A small shapes world with the settings the model at `model_dir` was trained on (its
-    evaluation.json) in `out_dir`: training images and videos only. Returns its train.jsonl."""
+    evaluation.json, then `overrides`) in `out_dir`: training images and videos only. Returns its train.jsonl."""
     with open(os.path.join(model_dir, "evaluation.json")) as f:
         world = json.load(f)["shapes_world"]
     settings = {**world, "train_images": images, "train_videos": videos, "val_images": 0, "val_videos": 0,
-                "test_images": 0, "test_videos": 0, "text_samples": 0}
+                "test_images": 0, "test_videos": 0, "text_samples": 0, **overrides}
     generate_shapes_world(out_dir, ShapesWorldConfig(**settings))
     return os.path.join(out_dir, "train.jsonl")
 
 
-def recipe_bench_setup(doc: str, argv=None):
-    """The command line shared by the recipe benches (--rounds, --batch-size, --model, --json), seeds,
-    and the model -> (args, model)."""
+def recipe_bench_setup(doc: str, argv=None, add_arguments=None):
+    """The command line shared by the recipe benches (--rounds, --batch-size, --model, --json; a bench's
+    own through `add_arguments(parser)`), seeds, and the model -> (args, model)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model", default=os.path.join(ROOT, "fusion", "default_model"))
     parser.add_argument("--json", help="write the results here")
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     random.seed(0)

@@ -116,6 +116,7 @@ class StageConfig:
     max_length: int = 1024  # packing row length
     length_buckets: int = 1  # pad each micro-batch as up to N groups of similar length (less padding, same loss)
     cache_samples: bool = False  # keep processed training samples, and the run's decoded media, in memory (see README)
+    compile: bool = False  # torch.compile the decoder blocks for this stage's training steps (fusion/compilation.py)
     init_from: str | None = None  # start this stage from a model folder
     eval: EvalConfig = field(default_factory=EvalConfig)
     aux_loss_coef: float | None = None  # override the decoder's aux-loss coefficient for this stage

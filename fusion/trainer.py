@@ -38,6 +38,7 @@ from .decoder import IGNORE_INDEX, next_token_targets
 from .errors import ConfigError, DatasetError
 from .fusion_config import FusionConfig
 from .model import FusionModel
+from .compilation import check_can_compile, compile_decoder_blocks, eager
 from .precision import computed_in, has_native_bf16
 from .run_log import MetricsLog, plot_metrics
 from .train_config import PARTS, DataSource, StageConfig, TrainConfig, load_train_config
@@ -256,6 +257,9 @@ class Trainer:
         # None where that checkpoint does not say (written by an older fusion)
         self.seconds_before = self.resume_state.get("wall_seconds") if self.resume_state else 0.0
         self.media_cache = MediaCache()  # decoded media, shared by the stages with cache_samples
+        for stage in config.stages:
+            if stage.compile:
+                self._check_compile(stage)
 
     @property
     def computed_in(self) -> str:
@@ -281,6 +285,13 @@ class Trainer:
                           f"or AMX): torch emulates it and training runs many times slower than in float32; "
                           f"use precision: auto (bf16 only where native) or fp32", stacklevel=2)
         return torch.bfloat16
+
+    def _check_compile(self, stage: StageConfig):
+        where = f"stage {stage.name!r}"
+        if self.ctx.distributed:
+            raise ConfigError(f"{where}: compile: true is for single-process training for now (this run has "
+                              f"{self.ctx.world_size} processes); set compile: false for distributed runs")
+        check_can_compile(self.ctx.device, where)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -378,6 +389,8 @@ class Trainer:
     def run_stage(self, index: int, stage: StageConfig, progress: StageProgress, resuming: bool) -> StageProgress:
         model, ctx = self.model, self.ctx
         set_trainable(model, stage)
+        if stage.compile:
+            compile_decoder_blocks(model.decoder)
         if stage.aux_loss_coef is not None:
             for moe in model.decoder.moe_layers():
                 moe.aux_loss_coef = stage.aux_loss_coef
@@ -414,7 +427,8 @@ class Trainer:
         window = new_window()
         while progress.step < total:
             samples = next(batches)
-            loss_sum, tokens, stats = self.optimizer_step(wrapped, samples, stage, optimizer)
+            with eager(not stage.compile):  # blocks compiled by an earlier stage run eagerly in this one
+                loss_sum, tokens, stats = self.optimizer_step(wrapped, samples, stage, optimizer)
             scheduler.step()
             if decoder_trains:
                 model.decoder.update_expert_bias()
@@ -514,6 +528,11 @@ class Trainer:
         spec = stage.eval
         if not spec.data:
             return
+        with eager():  # generation's shapes (a token at a time, a KV cache) would only compile more graphs
+            self._evaluate(stage, progress)
+
+    def _evaluate(self, stage: StageConfig, progress: StageProgress):
+        spec = stage.eval
         model = self.model
         was_training = {name: part.training for name, part in model.parts().items()}
         model.eval()

@@ -376,3 +376,42 @@ def test_cached_samples_train_the_same(world, tmp_path, monkeypatch):
     samples = 24 + 4  # the world's training images and videos, one grouped sample each
     assert len(runs[True]) == 2 * samples // 4 and runs[True] == runs[False]
     assert reads == {False: 2 * samples, True: samples}
+
+
+def test_a_compiled_stage_trains_like_an_eager_one(world, tmp_path):
+    """`compile: true` runs the stage's steps through torch.compile'd decoder blocks: the losses are the eager
+    run's (float32, within float tolerance), evaluation in the middle of it still works (it runs eagerly), and
+    the stage after it runs eagerly again."""
+    import torch._dynamo
+
+    stage = {"data": [str(world / "train.jsonl")], "steps": 3, "batch_size": 8, "group_by_media": True,
+             "length_buckets": 2, "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3}}
+    runs = {}
+    for compiled in (False, True):
+        stages = [{**stage, "name": "eager"},
+                  {**stage, "name": "compiled", "compile": compiled,
+                   "eval": {"data": str(world / "val.jsonl"), "every": 2, "limit": 4}},
+                  {**stage, "name": "after"}]
+        config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / str(compiled), stages,
+                                                                  threads=1, precision="fp32"))
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        train(config, progress=False)
+        runs[compiled] = losses(tmp_path / str(compiled))
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == compiled, graphs
+    assert len(runs[True]) == 9
+    for (step, eager_loss), (_, compiled_loss) in zip(runs[False], runs[True], strict=True):
+        assert compiled_loss == pytest.approx(eager_loss, rel=1e-4, abs=1e-5), step
+    evals = [e for e in read_metrics(tmp_path / "True" / "metrics.jsonl") if e["kind"] == "eval"]
+    assert [e["stage"] for e in evals] == ["compiled", "compiled"] and all(e["accuracy"] for e in evals)
+
+
+def test_compile_without_a_cpu_compiler_fails_before_training(world, tmp_path, monkeypatch):
+    monkeypatch.setattr(fusion.compilation.shutil, "which", lambda name: None)
+    stages = [{"name": "fast", "data": [str(world / "train.jsonl")], "steps": 1, "batch_size": 2,
+               "lr": {"decoder": 1e-3}, "compile": True}]
+    config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path, stages, device="cpu"))
+    with pytest.raises(fusion.errors.ConfigError, match="stage 'fast': compile: true on a CPU needs a C.. compiler"):
+        train(config, progress=False)
+    assert not (tmp_path / "metrics.jsonl").exists()
