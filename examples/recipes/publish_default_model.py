@@ -177,7 +177,7 @@ weights as evaluated by `fusion eval`:
 
 ## Reproduce
 ```
-fusion train examples/recipes/shapes-tiny.yaml          # about {minutes:.0f} minutes on a 2-core CPU
+fusion train examples/recipes/shapes-tiny.yaml          # about {minutes:.0f} minutes on a 2-core CPU{computed}
 python examples/recipes/publish_default_model.py        # writes fusion/default_model/
 pytest tests/test_default_model.py                      # regenerates the test split, checks this card
 ```
