@@ -378,6 +378,8 @@ def test_cached_samples_train_the_same(world, tmp_path, monkeypatch):
     assert reads == {False: 2 * samples, True: samples}
 
 
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="compile: true on a CPU needs a C++ compiler (g++ or $CXX); none on PATH")
 def test_a_compiled_stage_trains_like_an_eager_one(world, tmp_path):
     """`compile: true` runs the stage's steps through torch.compile'd decoder blocks: the losses are the eager
     run's (float32, within float tolerance), evaluation in the middle of it still works (it runs eagerly), and
