@@ -288,9 +288,9 @@ class Trainer:
 
     def _check_compile(self, stage: StageConfig):
         where = f"stage {stage.name!r}"
-        if self.ctx.distributed:
-            raise ConfigError(f"{where}: compile: true is for single-process training for now (this run has "
-                              f"{self.ctx.world_size} processes); set compile: false for distributed runs")
+        if self.ctx.distributed and self.strategy != "ddp":
+            raise ConfigError(f"{where}: compile: true works with one process or distributed.strategy ddp, not "
+                              f"{self.strategy} (yet); set compile: false or use ddp")
         check_can_compile(self.ctx.device, where)
 
     def autocast(self):

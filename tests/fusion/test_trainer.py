@@ -303,15 +303,26 @@ def test_sigkill_then_resume_continues_exactly(world, tmp_path):
     assert summary["wall_seconds_total"] > summary["wall_seconds"] > 0
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def _needs_cxx(param):
+    return pytest.param(param, marks=pytest.mark.skipif(
+        shutil.which(os.environ.get("CXX", "g++")) is None,
+        reason="compile: true on a CPU needs a C++ compiler (g++ or $CXX); none on PATH"))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", _needs_cxx("ddp+compile")])
 def test_two_process_torchrun_matches_one_process(world, tmp_path, strategy):
-    stages = [{"name": "all", "data": str(world / "train.jsonl"), "steps": 5, "batch_size": 8,
-               "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3}}]
-    one = write_config(tmp_path / "one.yaml", base_config(world, tmp_path / "one", stages, threads=1))
-    two = write_config(tmp_path / "two.yaml", base_config(world, tmp_path / "two", stages, threads=1,
-                                                          distributed={"strategy": strategy}))
+    """2 processes (gloo, CPU) give the 1-process run's losses; with `ddp+compile` the 2 processes run compiled
+    decoder blocks (`compile: true`) against an eager 1-process run, both in float32."""
+    strategy, _, compiled = strategy.partition("+")
+    stage = {"name": "all", "data": str(world / "train.jsonl"), "steps": 5, "batch_size": 8,
+             "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3}}
+    extra = {"precision": "fp32"} if compiled else {}
+    one = write_config(tmp_path / "one.yaml", base_config(world, tmp_path / "one", [stage], threads=1, **extra))
+    two = write_config(tmp_path / "two.yaml", base_config(world, tmp_path / "two", [{**stage, "compile": bool(compiled)}],
+                                                          threads=1, distributed={"strategy": strategy}, **extra))
     assert _run_cli(["train", str(one), "--no-progress"]).wait(timeout=300) == 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # see test_a_compiled_stage_trains_like_an_eager_one
     torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                "-m", "fusion.cli", "train",
                                str(two), "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -380,11 +391,15 @@ def test_cached_samples_train_the_same(world, tmp_path, monkeypatch):
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
                     reason="compile: true on a CPU needs a C++ compiler (g++ or $CXX); none on PATH")
-def test_a_compiled_stage_trains_like_an_eager_one(world, tmp_path):
+def test_a_compiled_stage_trains_like_an_eager_one(world, tmp_path, monkeypatch):
     """`compile: true` runs the stage's steps through torch.compile'd decoder blocks: the losses are the eager
     run's (float32, within float tolerance), evaluation in the middle of it still works (it runs eagerly), and
     the stage after it runs eagerly again."""
     import torch._dynamo
+
+    # A private inductor cache: entries written under pytest can name this conftest, and a later process that
+    # loads one imports it (which sets torch's thread count mid-trace, an error for dynamo).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
 
     stage = {"data": [str(world / "train.jsonl")], "steps": 3, "batch_size": 8, "group_by_media": True,
              "length_buckets": 2, "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3}}
@@ -417,3 +432,14 @@ def test_compile_without_a_cpu_compiler_fails_before_training(world, tmp_path, m
     with pytest.raises(fusion.errors.ConfigError, match="stage 'fast': compile: true on a CPU needs a C.. compiler"):
         train(config, progress=False)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_compile_with_fsdp2_is_refused_before_training(world, tmp_path, monkeypatch):
+    monkeypatch.setattr(fusion.trainer.fdist, "init_distributed", lambda device=None: DistContext(0, 2))
+    stages = [{"name": "fast", "data": [str(world / "train.jsonl")], "steps": 1, "batch_size": 2,
+               "lr": {"decoder": 1e-3}, "compile": True}]
+    config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path, stages,
+                                                              distributed={"strategy": "fsdp2"}))
+    with pytest.raises(fusion.errors.ConfigError, match="stage 'fast': compile: true works with one process or "
+                                                        "distributed.strategy ddp, not fsdp2"):
+        fusion.trainer.Trainer(config)
