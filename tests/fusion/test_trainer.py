@@ -303,13 +303,11 @@ def test_sigkill_then_resume_continues_exactly(world, tmp_path):
     assert summary["wall_seconds_total"] > summary["wall_seconds"] > 0
 
 
-def _needs_cxx(param):
-    return pytest.param(param, marks=pytest.mark.skipif(
-        shutil.which(os.environ.get("CXX", "g++")) is None,
-        reason="compile: true on a CPU needs a C++ compiler (g++ or $CXX); none on PATH"))
+needs_cpu_compiler = pytest.mark.skipif(fusion.compilation.cpu_compiler() is None,
+                                        reason="compile: true on a CPU needs a C++ compiler (g++ or $CXX); none on PATH")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", _needs_cxx("ddp+compile")])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", pytest.param("ddp+compile", marks=needs_cpu_compiler)])
 def test_two_process_torchrun_matches_one_process(world, tmp_path, strategy):
     """2 processes (gloo, CPU) give the 1-process run's losses; with `ddp+compile` the 2 processes run compiled
     decoder blocks (`compile: true`) against an eager 1-process run, both in float32."""
@@ -389,8 +387,7 @@ def test_cached_samples_train_the_same(world, tmp_path, monkeypatch):
     assert reads == {False: 2 * samples, True: samples}
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
-                    reason="compile: true on a CPU needs a C++ compiler (g++ or $CXX); none on PATH")
+@needs_cpu_compiler
 def test_a_compiled_stage_trains_like_an_eager_one(world, tmp_path, monkeypatch):
     """`compile: true` runs the stage's steps through torch.compile'd decoder blocks: the losses are the eager
     run's (float32, within float tolerance), evaluation in the middle of it still works (it runs eagerly), and
