@@ -115,6 +115,7 @@ class StageConfig:
     pack: bool = False
     max_length: int = 1024  # packing row length
     length_buckets: int = 1  # pad each micro-batch as up to N groups of similar length (less padding, same loss)
+    max_row_tokens: int | None = None  # a grouped sample longer than this is computed as several rows (same loss)
     cache_samples: bool = False  # keep processed training samples, and the run's decoded media, in memory (see README)
     compile: bool = False  # torch.compile the decoder blocks for this stage's training steps (fusion/compilation.py)
     init_from: str | None = None  # start this stage from a model folder
@@ -140,6 +141,8 @@ class StageConfig:
             raise ConfigError(f"stage {self.name!r}: give exactly one of steps and epochs")
         if self.join_files and not self.group_by_media:
             raise ConfigError(f"stage {self.name!r}: join_files needs group_by_media: true")
+        if self.max_row_tokens is not None and self.max_row_tokens < 1:
+            raise ConfigError(f"stage {self.name!r}: max_row_tokens must be >= 1 (or absent), got {self.max_row_tokens}")
         if self.length_buckets < 1:
             raise ConfigError(f"stage {self.name!r}: length_buckets must be >= 1, got {self.length_buckets}")
         if self.batch_size % self.grad_accum:

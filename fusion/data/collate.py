@@ -81,6 +81,46 @@ def share_prefix(samples: Sequence, patch_id: int):
                                sample_id=[s.sample_id for s in samples])
 
 
+def split_branches(sample, max_tokens: int, patch_id: int) -> list:
+    """A shared-prefix sample longer than `max_tokens` -> several samples, each with the prefix and some of
+    its branches (in order, as many as fit; a branch too long for any row gets a row of its own).
+
+    Each branch keeps its tokens, labels, positions and branch id, and sees the prefix and itself as
+    before, so the summed token loss is the same; only the prefix (and its image or frames) is computed
+    once per row. What that buys: attention scores grow with the square of a row's length, and one long
+    row pads every row of its batch to its length. A sample that is short enough, has no branches, or
+    whose branches hold images of their own comes back as it is.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"split_branches: max_tokens must be >= 1, got {max_tokens}")
+    branch_ids = getattr(sample, "branch_ids", None)
+    if branch_ids is None or len(sample.input_ids) <= max_tokens:
+        return [sample]
+    prefix = int((branch_ids == 0).sum())
+    if bool((sample.input_ids[prefix:] == patch_id).any()):
+        return [sample]
+    starts = [prefix] + [i for i in range(prefix + 1, len(branch_ids)) if branch_ids[i] != branch_ids[i - 1]]
+    spans = list(zip(starts, starts[1:] + [len(branch_ids)]))
+    rows, length = [[]], prefix
+    for start, end in spans:
+        if rows[-1] and length + end - start > max_tokens:
+            rows.append([])
+            length = prefix
+        rows[-1].append((start, end))
+        length += end - start
+    if len(rows) == 1:
+        return [sample]
+    ids = list(sample.sample_id) if isinstance(sample.sample_id, (list, tuple)) else None
+    out = []
+    for row in rows:
+        keep = torch.cat([torch.arange(prefix)] + [torch.arange(s, e) for s, e in row])
+        out.append(dataclasses.replace(
+            sample, input_ids=sample.input_ids[keep], labels=sample.labels[keep] if sample.labels is not None else None,
+            positions=sample.positions[keep], branch_ids=branch_ids[keep],
+            sample_id=[ids[int(branch_ids[s]) - 1] for s, _ in row] if ids is not None else sample.sample_id))
+    return out
+
+
 def _pixels(samples) -> torch.Tensor | None:
     tiles = [s.pixel_values for s in samples if s.pixel_values is not None]
     return torch.cat(tiles) if tiles else None

@@ -246,6 +246,46 @@ def test_shared_prefix_sample_equals_its_separate_samples(tok):
     assert packed.loss.item() == pytest.approx(both.loss.item(), rel=1e-5)
 
 
+def test_a_long_shared_prefix_sample_split_into_rows_gives_the_same_loss_and_gradients(tok):
+    """split_branches: the prefix repeated in each row, every branch in exactly one row, the same summed
+    loss and the same gradients (the image encoded once per row)."""
+    from fusion.data.collate import share_prefix, split_branches
+    from fusion.trainer import supervised_loss_sum
+
+    torch.manual_seed(0)
+    model = tiny_model(tok)
+    qa = [("what color is the circle?", "red"), ("how many shapes are there?", "3"), ("is there a square?", "no"),
+          ("where is the circle?", "top left"), ("what shape is red?", "circle")]
+    samples = [model.processor(user(f"<image>\n{q}") + [{"role": "assistant", "content": a}], [image(3)],
+                               sample_id=f"q{k}") for k, (q, a) in enumerate(qa)]
+    shared = share_prefix(samples, tok.patch_id)
+    prefix = int((shared.branch_ids == 0).sum())
+    limit = prefix + (len(shared.input_ids) - prefix) // 2
+    rows = split_branches(shared, limit, tok.patch_id)
+    assert len(rows) >= 2 and all(len(r.input_ids) <= limit for r in rows)
+    assert [i for r in rows for i in r.sample_id] == ["q0", "q1", "q2", "q3", "q4"]
+    assert sorted(int(b) for r in rows for b in r.branch_ids.unique() if b > 0) == [1, 2, 3, 4, 5]
+    assert all(torch.equal(r.input_ids[:prefix], shared.input_ids[:prefix]) for r in rows)
+    assert split_branches(shared, len(shared.input_ids), tok.patch_id) == [shared]
+    assert split_branches(samples[0], 1, tok.patch_id) == [samples[0]]  # no branches: nothing to split
+
+    def loss_and_grads(batch_samples):
+        model.zero_grad()
+        batch = pad_batch(batch_samples, tok.pad_id)
+        inputs = batch.model_inputs()
+        _, loss, count = supervised_loss_sum(model, inputs, inputs.pop("labels"))
+        loss.backward()
+        return loss.item(), int(count), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole_loss, whole_count, whole_grads = loss_and_grads([shared])
+    split_loss, split_count, split_grads = loss_and_grads(rows)
+    assert split_count == whole_count
+    assert split_loss == pytest.approx(whole_loss, rel=1e-5)
+    assert whole_grads.keys() == split_grads.keys()
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(split_grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)
+
+
 def test_saved_folders_are_readable_by_others_as_the_umask_allows(tok, tmp_path):
     old = os.umask(0o022)
     try:

@@ -348,21 +348,31 @@ def test_unreadable_eval_data_fails_before_training(world, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or losses(tmp_path / "run") == []
 
 
-def test_length_buckets_pad_less_and_train_the_same(world, tmp_path):
+def test_length_buckets_and_row_splits_pad_less_and_train_the_same(world, tmp_path, monkeypatch):
     """Splitting each batch into groups of similar length (short image samples apart from long video ones)
-    changes only the padding: the logged losses equal those of one padded batch."""
+    changes only the padding, and so does computing a long grouped sample as several rows
+    (`max_row_tokens`): the logged losses equal those of one padded batch."""
     stages = [{"name": "all", "data": [str(world / "train.jsonl"), str(world / "text.jsonl")], "steps": 4,
                "batch_size": 8, "group_by_media": True, "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3}}]
+    real_split = fusion.trainer.split_branches
+    splits = []
+    monkeypatch.setattr(fusion.trainer, "split_branches",
+                        lambda *a: splits.append(len(rows := real_split(*a))) or rows)
+    ways = {"one": {}, "buckets": {"length_buckets": 2}, "rows": {"length_buckets": 2, "max_row_tokens": 48}}
     runs = {}
-    for buckets in (1, 2):
-        staged = [{**stages[0], "length_buckets": buckets}]
-        config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / str(buckets), staged, threads=1))
+    for name, settings in ways.items():
+        config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / name, [{**stages[0], **settings}],
+                                                                  threads=1))
         train(config, progress=False)
-        runs[buckets] = [e for e in read_metrics(tmp_path / str(buckets) / "metrics.jsonl") if e["kind"] == "train"]
-    for one, two in zip(runs[1], runs[2], strict=True):
-        assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-5), (one["step"], one["loss"], two["loss"])
+        runs[name] = [e for e in read_metrics(tmp_path / name / "metrics.jsonl") if e["kind"] == "train"]
+    assert max(splits) > 1  # some samples were computed as several rows
+    for name in ("buckets", "rows"):
+        for one, other in zip(runs["one"], runs[name], strict=True):
+            assert other["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-5), (name, one["step"])
     padded = lambda run: sum(e["padded_tokens"] for e in run)  # noqa: E731
-    assert padded(runs[2]) < padded(runs[1])
+    assert padded(runs["buckets"]) < padded(runs["one"])
+    with pytest.raises(fusion.errors.ConfigError, match="stage 'all': max_row_tokens must be >= 1"):
+        fusion.trainer.TrainConfig.from_dict({"stages": [{**stages[0], "max_row_tokens": 0}]})
 
 
 def test_cached_samples_train_the_same(world, tmp_path, monkeypatch):
