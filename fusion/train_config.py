@@ -142,7 +142,8 @@ class StageConfig:
         if self.join_files and not self.group_by_media:
             raise ConfigError(f"stage {self.name!r}: join_files needs group_by_media: true")
         if self.max_row_tokens is not None and self.max_row_tokens < 1:
-            raise ConfigError(f"stage {self.name!r}: max_row_tokens must be >= 1 (or absent), got {self.max_row_tokens}")
+            raise ConfigError(f"stage {self.name!r}: max_row_tokens must be >= 1 (or absent), "
+                              f"got {self.max_row_tokens}")
         if self.length_buckets < 1:
             raise ConfigError(f"stage {self.name!r}: length_buckets must be >= 1, got {self.length_buckets}")
         if self.batch_size % self.grad_accum:
