@@ -86,8 +86,9 @@ def split_branches(sample, max_tokens: int, patch_id: int) -> list:
     its branches (in order, as many as fit; a branch too long for any row gets a row of its own).
 
     Each branch keeps its tokens, labels, positions and branch id, and sees the prefix and itself as
-    before, so the summed token loss is the same; only the prefix (and its image or frames) is computed
-    once per row. What that buys: attention scores grow with the square of a row's length, and one long
+    before, so the summed token loss and its gradients are the same; only the prefix (and its image or
+    frames) is computed once per row, and so counted once per row in the router-load statistics (the MoE
+    balancing bias, an auxiliary loss if one is set). What that buys: attention scores grow with the square of a row's length, and one long
     row pads every row of its batch to its length. A sample that is short enough, has no branches, or
     whose branches hold images of their own comes back as it is.
     """
