@@ -39,7 +39,7 @@ from compiled_step import last_stage_batches  # noqa: E402
 from recipe_step import recipe_bench_setup, recipe_train_step, report  # noqa: E402
 
 from fusion.compilation import check_can_compile, compile_decoder_blocks  # noqa: E402
-from fusion.data.collate import split_branches, split_by_length  # noqa: E402
+from fusion.data.collate import split_by_length, split_long_samples  # noqa: E402
 from fusion.precision import computed_in, cpu_has_native_bf16  # noqa: E402
 
 WAYS = {"buckets2": (None, 2), "buckets3": (None, 3), "rows224": (224, 2), "rows224-b3": (224, 3)}
@@ -47,8 +47,7 @@ WAYS = {"buckets2": (None, 2), "buckets3": (None, 3), "rows224": (224, 2), "rows
 
 def plan(samples, patch_id: int, max_row_tokens: int | None, buckets: int) -> list[list]:
     """The micro-batches one optimizer step computes, as the trainer plans them."""
-    rows = samples if max_row_tokens is None else [r for s in samples for r in split_branches(s, max_row_tokens,
-                                                                                                 patch_id)]
+    rows = samples if max_row_tokens is None else split_long_samples(samples, max_row_tokens, patch_id)
     return split_by_length(rows, buckets)
 
 

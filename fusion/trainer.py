@@ -32,7 +32,7 @@ from tokenizer import FusionTokenizer
 
 from . import distributed as fdist
 from .checkpoint import atomic_folder, read_model_config, save_model_folder, write_json
-from .data.collate import pack_batch, pad_batch, split_branches, split_by_length
+from .data.collate import pack_batch, pad_batch, split_by_length, split_long_samples
 from .data.datasets import ROLE_ALIASES, ConversationDataset, MediaCache, join_media_groups
 from .decoder import IGNORE_INDEX, next_token_targets
 from .errors import ConfigError, DatasetError
@@ -467,8 +467,7 @@ class Trainer:
         micro = max(1, math.ceil(len(samples) / stage.grad_accum))
         chunks = [samples[i:i + micro] for i in range(0, len(samples), micro)]
         if stage.max_row_tokens:  # long shared-prefix samples as several rows: the same loss, fewer padded tokens
-            chunks = [[row for s in c if s is not None
-                       for row in split_branches(s, stage.max_row_tokens, self.model.patch_id)] for c in chunks]
+            chunks = [split_long_samples(c, stage.max_row_tokens, self.model.patch_id) for c in chunks]
         if stage.length_buckets > 1 and not stage.pack:
             chunks = [group for c in chunks for group in split_by_length([s for s in c if s is not None],
                                                                            stage.length_buckets)]

@@ -88,9 +88,9 @@ def split_branches(sample, max_tokens: int, patch_id: int) -> list:
     Each branch keeps its tokens, labels, positions and branch id, and sees the prefix and itself as
     before, so the summed token loss and its gradients are the same; only the prefix (and its image or
     frames) is computed once per row, and so counted once per row in the router-load statistics (the MoE
-    balancing bias, an auxiliary loss if one is set). What that buys: attention scores grow with the square of a row's length, and one long
-    row pads every row of its batch to its length. A sample that is short enough, has no branches, or
-    whose branches hold images of their own comes back as it is.
+    balancing bias, an auxiliary loss if one is set). What that buys: attention scores grow with the square
+    of a row's length, and one long row pads every row of its batch to its length. A sample that is short
+    enough, has no branches, or whose branches hold images of their own comes back as it is.
     """
     if max_tokens < 1:
         raise ValueError(f"split_branches: max_tokens must be >= 1, got {max_tokens}")
@@ -100,7 +100,8 @@ def split_branches(sample, max_tokens: int, patch_id: int) -> list:
     prefix = int((branch_ids == 0).sum())
     if bool((sample.input_ids[prefix:] == patch_id).any()):
         return [sample]
-    starts = [prefix] + [i for i in range(prefix + 1, len(branch_ids)) if branch_ids[i] != branch_ids[i - 1]]
+    changes = torch.nonzero(branch_ids[prefix + 1:] != branch_ids[prefix:-1]).flatten() + prefix + 1
+    starts = [prefix] + changes.tolist()
     spans = list(zip(starts, starts[1:] + [len(branch_ids)]))
     rows, length = [[]], prefix
     for start, end in spans:
@@ -120,6 +121,12 @@ def split_branches(sample, max_tokens: int, patch_id: int) -> list:
             positions=sample.positions[keep], branch_ids=branch_ids[keep],
             sample_id=[ids[int(branch_ids[s]) - 1] for s, _ in row] if ids is not None else sample.sample_id))
     return out
+
+
+def split_long_samples(samples: Sequence, max_tokens: int, patch_id: int) -> list:
+    """`split_branches` over a micro-batch: its samples (None, a bad sample, left out) as rows of at most
+    `max_tokens` where a shared prefix allows."""
+    return [row for s in samples if s is not None for row in split_branches(s, max_tokens, patch_id)]
 
 
 def _pixels(samples) -> torch.Tensor | None:

@@ -354,9 +354,9 @@ def test_length_buckets_and_row_splits_pad_less_and_train_the_same(world, tmp_pa
     (`max_row_tokens`): the logged losses equal those of one padded batch."""
     stages = [{"name": "all", "data": [str(world / "train.jsonl"), str(world / "text.jsonl")], "steps": 4,
                "batch_size": 8, "group_by_media": True, "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3}}]
-    real_split = fusion.trainer.split_branches
+    real_split = fusion.data.collate.split_branches
     splits = []
-    monkeypatch.setattr(fusion.trainer, "split_branches",
+    monkeypatch.setattr(fusion.data.collate, "split_branches",
                         lambda *a: splits.append(len(rows := real_split(*a))) or rows)
     ways = {"one": {}, "buckets": {"length_buckets": 2}, "rows": {"length_buckets": 2, "max_row_tokens": 48}}
     runs = {}
