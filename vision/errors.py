@@ -13,6 +13,7 @@ __all__ = [
     "ImageTooLargeError",
     "VideoLoadError",
     "WeightsError",
+    "url_hint",
 ]
 
 
@@ -35,3 +36,12 @@ class VideoLoadError(VisionInputError):
 class WeightsError(ValueError):
     """A vision weight file cannot be used (missing, wrong format, wrong activation,
     or not matching the architecture)."""
+
+
+def url_hint(path: str) -> str:
+    """For a path that does not exist: a hint when it is a URL (fusion reads local files only), else ''."""
+    scheme = path.split("://", 1)[0].lower() if "://" in path else ""
+    if scheme in ("http", "https", "ftp", "s3", "gs", "hf"):
+        return (f"; it is a {scheme}:// URL, and fusion never downloads anything: fetch the file yourself "
+                "and pass its local path")
+    return ""

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageLoadError, ImageTooLargeError
+from .errors import ImageLoadError, ImageTooLargeError, url_hint
 from .tiling import tile_image
 
 __all__ = [
@@ -94,7 +94,8 @@ def _load_encoded(source: str | io.IOBase, name: str, max_pixels: int | None) ->
     """Open an encoded image, check its size from the header, then decode it."""
     if isinstance(source, str):
         if not os.path.exists(source):
-            raise ImageLoadError(f"image file {name} does not exist: check the path")
+            hint = url_hint(source)
+            raise ImageLoadError(f"image file {name} does not exist" + (hint or ": check the path"))
         if os.path.isdir(source):
             raise ImageLoadError(f"image path {name} is a folder: pass the path of one image file")
     try:

@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 
-from vision.errors import VideoLoadError
+from vision.errors import VideoLoadError, url_hint
 
 __all__ = ["SampledFrames", "frame_indices", "sample_frames"]
 
@@ -240,7 +240,8 @@ def sample_frames(path: PathLike, num_frames: int = 8, fps: Optional[float] = No
     except VideoLoadError as err:
         raise VideoLoadError(f"{shown}: {err}") from None
     if not os.path.exists(shown):
-        raise VideoLoadError(f"{shown}: no such file (working directory {os.getcwd()}); check the path")
+        hint = url_hint(shown)
+        raise VideoLoadError(f"{shown}: no such file" + (hint or f" (working directory {os.getcwd()}); check the path"))
     if not os.path.isfile(shown):
         raise VideoLoadError(f"{shown}: not a file; pass the path of a video file")
 

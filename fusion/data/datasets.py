@@ -181,7 +181,8 @@ def _paths(record: dict, plural: str, singular: str, root: str, sample_id) -> li
         value = [value]
     if not isinstance(value, list) or not all(isinstance(p, str) and p.strip() for p in value):
         raise _BadRecord(MISSING_FIELD, f"'{plural}' must be a path or a list of paths, got {value!r}", sample_id)
-    return [os.path.join(root, os.path.expanduser(p)) for p in value]
+    # a URL stays as it is, so that reading it says it is one (media are never downloaded)
+    return [p if "://" in p else os.path.join(root, os.path.expanduser(p)) for p in value]
 
 
 def _parse_record(obj: Any, line: int, root: str) -> Record:

@@ -217,6 +217,15 @@ def test_bad_samples_are_skipped_counted_and_named(model, media):
     assert ds.summary()["bad_counts"] == dict(ds.bad_counts)
 
 
+def test_a_url_in_a_dataset_is_named_as_a_url_not_joined_to_the_root(model, media):
+    row = {"id": "web", "images": ["https://example.com/cat.png"],
+           "conversations": [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "a cat"}]}
+    ds = ConversationDataset(write_jsonl(media / "urls.jsonl", [row]), model.processor)
+    assert ds.records[0].images == ["https://example.com/cat.png"]
+    with pytest.warns(DatasetWarning, match="'web'.*https:// URL, and fusion never downloads"):
+        assert ds[0] is None
+
+
 def test_strict_mode_raises_dataset_error_naming_the_sample(model, media):
     with pytest.raises(DatasetError, match="line 5.*malformed json"):
         ConversationDataset(write_jsonl(media / "strict.jsonl", BAD_ROWS), model.processor, strict=True)

@@ -198,8 +198,10 @@ def test_raising_the_limit_lets_the_header_pass_then_the_broken_data_is_reported
 
 
 def test_missing_folder_broken_and_non_image_files_raise_image_load_error(tmp_path):
-    with pytest.raises(ImageLoadError, match="nope.png.*does not exist"):
+    with pytest.raises(ImageLoadError, match="nope.png.*does not exist: check the path"):
         load_image(tmp_path / "nope.png")
+    with pytest.raises(ImageLoadError, match="https:// URL, and fusion never downloads"):
+        load_image("https://example.com/cat.png")
     with pytest.raises(ImageLoadError, match="folder"):
         load_image(tmp_path)
     text = tmp_path / "notes.txt"

@@ -482,6 +482,8 @@ def test_missing_file_and_folder_raise_video_load_error(tmp_path, backend):
     missing = tmp_path / "nowhere.mp4"
     with pytest.raises(VideoLoadError, match=r"nowhere\.mp4: no such file .*check the path"):
         sample_frames(missing, backend=backend)
+    with pytest.raises(VideoLoadError, match="clip.mp4: no such file; it is a http:// URL"):
+        sample_frames("http://example.com/clip.mp4", backend=backend)
     with pytest.raises(VideoLoadError, match="not a file"):
         sample_frames(tmp_path, backend=backend)
 
