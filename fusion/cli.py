@@ -34,9 +34,14 @@ def main(argv=None) -> int:
         return shapes_main(argv[1:]) or 0
     args = parser.parse_args(argv)
     if args.command == "train":
+        from .errors import CheckpointError, ConfigError, DatasetError, WeightsError
         from .trainer import train as run_training
 
-        final = run_training(args.config, resume=args.resume, progress=not args.no_progress)
+        try:
+            final = run_training(args.config, resume=args.resume, progress=not args.no_progress)
+        except (ConfigError, DatasetError, CheckpointError, WeightsError) as err:  # the user's input: no traceback
+            print(f"fusion train: {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
         print(f"final model: {final}")
         return 0
     if args.command == "eval":

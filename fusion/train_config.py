@@ -29,6 +29,8 @@ Relative paths are resolved from the folder of the YAML file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,60 @@ from .data.datasets import MEDIA_KINDS
 from .errors import ConfigError
 
 PARTS = ("vision", "adapter", "decoder")
+
+
+def check_keys(given: dict, cls, where: str) -> None:
+    """ConfigError naming each key of `given` that is not a field of the dataclass `cls` (with the
+    closest field when there is one: `step` -> `steps`)."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+                          f"known keys are {sorted(known)}")
+
+
+def _as_number(value, kind: type, what: str):
+    """`value` as an int or a float, or ConfigError naming `what`. A number written as text is read
+    (YAML 1.1 reads `1e-3` without a dot as a string), a bool is not a number."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{what} must be a number, got the text {value!r}") from None
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ConfigError(f"{what} must be a number, got {value!r}")
+    if kind is int:
+        if number != int(number):
+            raise ConfigError(f"{what} must be a whole number, got {value!r}")
+        return int(number)
+    return float(number)
+
+
+def check_field_types(obj, where: str) -> None:
+    """Each int, float and bool field of the dataclass `obj` (optional ones may be None) checked, and
+    numbers written as text converted; ConfigError naming the field otherwise."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        kinds = [a for a in args if a is not type(None)] if args else [hint]
+        if len(kinds) != 1 or kinds[0] not in (int, float, bool):
+            continue
+        value = getattr(obj, f.name)
+        if value is None and optional:
+            continue
+        what = f"{where}: {f.name}"
+        if kinds[0] is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{what} must be true or false, got {value!r}")
+        else:
+            setattr(obj, f.name, _as_number(value, kinds[0], what))
 
 
 @dataclass
@@ -86,10 +142,7 @@ def data_source(entry, where: str) -> DataSource:
     if isinstance(entry, (str, Path)):
         entry = DataSource(str(entry))
     elif isinstance(entry, dict):
-        unknown = sorted(set(entry) - {f.name for f in dataclasses.fields(DataSource)})
-        if unknown:
-            raise ConfigError(f"{where}: unknown keys {unknown} in a data entry; known keys are "
-                              f"path, types, media, repeat")
+        check_keys(entry, DataSource, f"{where}: a data entry")
         entry = DataSource(**{"path": None, **entry})
     elif not isinstance(entry, DataSource):
         raise ConfigError(f"{where}: a data entry is a path or a mapping with a path, got {entry!r}")
@@ -123,8 +176,22 @@ class StageConfig:
     aux_loss_coef: float | None = None  # override the decoder's aux-loss coefficient for this stage
 
     def __post_init__(self):
+        where = f"stage {self.name!r}"
         if isinstance(self.eval, dict):
+            check_keys(self.eval, EvalConfig, f"{where}: eval")
             self.eval = EvalConfig(**self.eval)
+        check_field_types(self, where)
+        check_field_types(self.eval, f"{where}: eval")
+        if not isinstance(self.lr, dict):
+            raise ConfigError(f"{where}: lr must map parts to rates, e.g. {{vision: 1.0e-4, decoder: 3.0e-4}}, "
+                              f"got {self.lr!r}")
+        self.lr = {part: _as_number(rate, float, f"{where}: lr of {part!r}") for part, rate in self.lr.items()}
+        for name, low in (("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0), ("steps", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ConfigError(f"{where}: {name} must be >= {low}, got {value}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"{where}: epochs must be > 0, got {self.epochs}")
         if isinstance(self.data, (str, dict, DataSource)):
             self.data = [self.data]
         if not self.data:
@@ -174,7 +241,19 @@ class TrainConfig:
     base_dir: str = "."  # folder that relative paths are resolved from (the YAML's folder)
 
     def __post_init__(self):
+        if not isinstance(self.stages, list):
+            raise ConfigError(f"stages must be a list of stages (each a mapping with name, data, lr, steps or "
+                              f"epochs), got {self.stages!r}")
+        for i, stage in enumerate(self.stages):
+            if isinstance(stage, dict):
+                where = f"stage {stage.get('name', i)!r}"
+                check_keys(stage, StageConfig, where)
+                missing = [k for k in ("name", "data", "lr") if k not in stage]
+                if missing:
+                    raise ConfigError(f"{where}: missing {', '.join(missing)} (a stage needs a name, its data and "
+                                      f"a learning rate per part it trains)")
         self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]
+        check_field_types(self, "training config")
         if not self.stages:
             raise ConfigError("a training config needs at least one stage")
         names = [s.name for s in self.stages]
@@ -197,14 +276,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict, base_dir: str | Path = ".") -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown keys {unknown} in the training config; known keys are {sorted(known)}")
-        try:
-            return cls(**{**d, "base_dir": str(base_dir)})
-        except TypeError as err:  # a misspelt stage field
-            raise ConfigError(f"invalid training config: {err}") from err
+        check_keys(d, cls, "training config")
+        if "stages" not in d:
+            raise ConfigError("training config: no stages; list at least one under `stages:`")
+        return cls(**{**d, "base_dir": str(base_dir)})
 
 
 def load_train_config(path) -> TrainConfig:

@@ -213,7 +213,7 @@ def test_a_stage_trains_on_chosen_types_and_media_of_its_files_repeated(world, t
     assert [s for s, _ in losses(trained)] == [1, 2]
     for bad, message in (({"path": train_file, "repeat": 0}, "repeat of .* must be an integer >= 1"),
                          ({"path": train_file, "media": ["audio"]}, r"unknown media \['audio'\]"),
-                         ({"file": train_file}, r"unknown keys \['file'\] in a data entry")):
+                         ({"file": train_file}, r"a data entry: unknown key 'file'")):
         with pytest.raises(ConfigError, match=message):
             TrainConfig.from_dict({"stages": [{**stages[0], "data": [bad]}]})
 
