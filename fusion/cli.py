@@ -7,7 +7,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
+
+
+@contextlib.contextmanager
+def dataset_warnings_as_lines():
+    """Within it, a skipped sample's warning shows as one line ("fusion: DatasetWarning: ..."), not as
+    Python's file, line number and source line of the library code that warned."""
+    from .data.datasets import DatasetWarning
+
+    python_format = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if issubclass(category, DatasetWarning):
+            return f"fusion: {category.__name__}: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_format
 
 
 def main(argv=None) -> int:
@@ -31,8 +53,14 @@ def main(argv=None) -> int:
     if argv and argv[0] == "shapes-world":  # its own argument parser
         from .data.shapes_world import main as shapes_main
 
-        return shapes_main(argv[1:]) or 0
+        shapes_main(argv[1:], prog="fusion shapes-world")
+        return 0
     args = parser.parse_args(argv)
+    with dataset_warnings_as_lines():
+        return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .errors import CheckpointError, ConfigError, DatasetError, WeightsError
         from .trainer import train as run_training

@@ -1005,9 +1005,9 @@ def _extra_questions(text: str) -> dict[str, int]:
     return out
 
 
-def main(argv=None) -> dict:
+def main(argv=None, prog: str = "python -m fusion.data.shapes_world") -> dict:
     defaults = ShapesWorldConfig()
-    parser = argparse.ArgumentParser(prog="python -m fusion.data.shapes_world",
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Write a synthetic shapes-world dataset (images, videos, text).")
     parser.add_argument("out_dir", help="folder to write the dataset to")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -1038,7 +1038,10 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     fields = {f.name for f in dataclasses.fields(ShapesWorldConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
-    config = ShapesWorldConfig(**values, captions=not args.no_captions)
+    try:
+        config = ShapesWorldConfig(**values, captions=not args.no_captions)
+    except ValueError as err:  # a bad setting: a usage error (exit 2) naming it, no traceback
+        parser.error(str(err).removeprefix("ShapesWorldConfig: ").replace("_", "-"))
     start = time.perf_counter()
     counts = generate_shapes_world(args.out_dir, config)
     seconds = time.perf_counter() - start

@@ -223,6 +223,26 @@ def test_run_eval_writes_json_for_a_saved_model(model, media, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_fusion_eval_shows_a_skipped_sample_as_one_line(model, media, tmp_path):
+    """The command prints a skipped sample's warning as one line naming it, not Python's warning format
+    (the library's file, line and source line)."""
+    import subprocess
+    import sys
+
+    model.save_pretrained(tmp_path / "model")
+    rows = [row("gone", "<image>\nwhat color is it?", "red", ["gone.png"], type="color"),
+            row("q1", "<image>\nwhat color is the circle?", "red", ["a.png"], type="color")]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    done = subprocess.run([sys.executable, "-m", "fusion.cli", "eval", str(tmp_path / "model"), str(data), "--root",
+                           str(media), "--no-progress", "--device", "cpu", "--max-new-tokens", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "DatasetWarning" in line]
+    assert len(warned) == 1 and warned[0].startswith("fusion: DatasetWarning: ")
+    assert "'gone'" in warned[0] and "missing image" in warned[0]
+    assert "datasets.py" not in done.stderr
+
+
 def test_shapes_world_file_with_perfect_answers(model, tmp_path, monkeypatch):
     from fusion.data import shapes_world as sw
 

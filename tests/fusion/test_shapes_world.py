@@ -424,6 +424,17 @@ def test_command_line_writes_a_dataset(tmp_path, capsys):
     assert len(read_jsonl(tmp_path / "cli" / "text.jsonl")) == 5
 
 
+def test_command_line_names_a_bad_setting_as_a_usage_error(tmp_path, capsys):
+    from fusion.cli import main as fusion_cli
+
+    with pytest.raises(SystemExit) as exited:
+        fusion_cli(["shapes-world", str(tmp_path / "cli"), "--train-images", "-5"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "fusion shapes-world: error: train-images must be >= 0, got -5" in err and "Traceback" not in err
+    assert not (tmp_path / "cli").exists()
+
+
 def test_narration_says_then_only_for_a_later_event():
     def clip(*events):
         return {"events": [dict(zip(("frame", "object", "event"), e)) for e in events]}
