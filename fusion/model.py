@@ -10,6 +10,7 @@ projector) and "decoder".
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Sequence
 
 import torch
@@ -21,7 +22,7 @@ from vision.encoder import VisionEncoder
 
 from .data.collate import pad_batch
 from .decoder import Decoder, DecoderOutput
-from .errors import ConfigError, PlaceholderMismatchError
+from .errors import ConfigError, ConversationFormatError, MediaCountMismatchError, PlaceholderMismatchError
 from .fusion_config import FusionConfig
 from .generation import generate as generate_tokens
 from .processor import FusionProcessor
@@ -134,7 +135,20 @@ class FusionModel(nn.Module):
         Returns one `{"text": str, "tokens": list[int], "logprob": float}` per conversation, where
         `logprob` is the mean log-probability of the generated tokens (the stop token included).
         """
+        if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence):
+            raise ConversationFormatError(f"chat: conversations must be a list of conversations, got a "
+                                          f"{type(conversations).__name__}")
+        if conversations and isinstance(conversations[0], Mapping):
+            raise ConversationFormatError("chat: conversations must be a list of conversations, each a list of "
+                                          "turns; for one conversation pass [conversation] (and images=[[...]])")
         n = len(conversations)
+        for name, media in (("images", images), ("videos", videos)):
+            if media is not None and (isinstance(media, (str, bytes)) or not isinstance(media, Sequence)
+                                      or len(media) != n):
+                got = f"{len(media)} entries" if isinstance(media, Sequence) and not isinstance(media, (str, bytes)) \
+                    else f"a {type(media).__name__}"
+                raise MediaCountMismatchError(f"chat: {name} must hold one list per conversation ({n}), got {got}; "
+                                              f"e.g. {name}=[[first conversation's {name}], ...]")
         images = images or [()] * n
         videos = videos or [()] * n
         samples = [self.processor(c, im, vi, add_generation_prompt=True, num_frames=num_frames, fps=fps)

@@ -12,12 +12,14 @@ what a model sees at test time is rendered exactly as what it learned from:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
 
 from tokenizer import FusionTokenizer, ImagePlaceholder, VideoPlaceholder
+from vision.errors import ImageLoadError, VideoLoadError
 from vision.image import ImageProcessor
 from vision.video import SampledFrames, sample_frames
 
@@ -80,6 +82,10 @@ class FusionProcessor:
     def process_media(self, images: Sequence = (), videos: Sequence = (), *, num_frames: int | None = None,
                       fps: float | None = None) -> ProcessedMedia:
         """Load, tile and normalise `images`; sample and normalise the frames of `videos`."""
+        for name, items, error in (("images", images, ImageLoadError), ("videos", videos, VideoLoadError)):
+            if isinstance(items, (str, bytes, os.PathLike)) or not isinstance(items, Sequence):
+                raise error(f"{name} must be a list (one entry per <{name[:-1]}> of the conversation, in order), "
+                            f"got a {type(items).__name__}: pass [{name[:-1]}] for one")
         media = ProcessedMedia([], [], [], [], [])
         for image in images:
             pixels, grid = self.image_processor(image)

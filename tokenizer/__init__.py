@@ -13,7 +13,7 @@ A bottom layer: imports no other project package.
     sample.input_ids, sample.labels
 """
 
-from .chat import IGNORE_INDEX, IMAGE_MARKER, ROLES, VIDEO_MARKER, EncodedConversation
+from .chat import IGNORE_INDEX, IMAGE_MARKER, ROLES, VIDEO_MARKER, EncodedConversation, content_text
 from .errors import (
     ConversationFormatError,
     InvalidTokenIdError,
@@ -40,6 +40,7 @@ __all__ = [
     "IGNORE_INDEX",
     "IMAGE_MARKER",
     "VIDEO_MARKER",
+    "content_text",
     "ROLES",
     "SPECIAL_TOKENS",
     "STOP_TOKENS",

@@ -24,7 +24,9 @@ assistant turns hold no content token at all (no assistant turn, or only empty o
 raises :class:`NoSupervisedTokensError`: an eot-only target is almost always broken data.
 
 Media markers: ``<image>`` and ``<video>`` in message text mark where the images and
-videos go, in order. If the conversation has no marker of either kind, all images and
+videos go, in order. A turn's content may also be a list of typed parts, as in the chat format
+of Hugging Face processors and OpenAI-style APIs: ``[{"type": "image"}, {"type": "text", "text":
+"What is it?"}]`` reads as ``"<image>What is it?"`` (see :func:`content_text`). If the conversation has no marker of either kind, all images and
 then all videos go at the start of the first user turn. Otherwise the number of markers
 of each kind must equal the number of images / videos passed.
 """
@@ -69,6 +71,35 @@ def _name_sample(sample_id: object) -> str:
     return "sample (no sample_id given)" if sample_id is None else f"sample {sample_id!r}"
 
 
+PART_MARKERS = {"image": IMAGE_MARKER, "video": VIDEO_MARKER}
+
+
+def content_text(content: object, where: str) -> str:
+    """A turn's content as text: a str as it is; a list of parts ``{"type": "text", "text": ...}``,
+    ``{"type": "image"}``, ``{"type": "video"}`` joined, each image or video part as its marker (the
+    media themselves are passed separately, in order). ConversationFormatError naming `where` otherwise."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence) and not isinstance(content, bytes):
+        pieces = []
+        for index, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                pieces.append(part["text"])
+            elif kind in PART_MARKERS:
+                pieces.append(PART_MARKERS[kind])
+            else:
+                raise ConversationFormatError(
+                    f"{where} part {index} must be {{'type': 'text', 'text': str}}, {{'type': 'image'}} "
+                    f"or {{'type': 'video'}}, got {part!r}"
+                )
+        return "".join(pieces)
+    raise ConversationFormatError(
+        f"{where} must be a str or a list of parts ({{'type': 'text', 'text': ...}}, "
+        f"{{'type': 'image'}}, {{'type': 'video'}}), got {type(content).__name__}"
+    )
+
+
 def _check_messages(messages: object, sample_id: object, add_generation_prompt: bool) -> list[tuple[str, str]]:
     """Validate the message list; return it as ``(role, content)`` pairs."""
     sample = _name_sample(sample_id)
@@ -91,10 +122,7 @@ def _check_messages(messages: object, sample_id: object, add_generation_prompt: 
                 f"{sample}: messages[{index}] has unknown role {role!r}; use one of {', '.join(ROLES)} "
                 "(map LLaVA's 'human'/'gpt' to 'user'/'assistant' first)"
             )
-        if not isinstance(content, str):
-            raise ConversationFormatError(
-                f"{sample}: messages[{index}] ({role}) content must be a str, got {type(content).__name__}"
-            )
+        content = content_text(content, f"{sample}: messages[{index}] ({role}) content")
         if role == "system" and index != 0:
             raise ConversationFormatError(
                 f"{sample}: messages[{index}] is a system turn; a system turn may only come first"

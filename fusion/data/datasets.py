@@ -69,7 +69,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tokenizer import IMAGE_MARKER, VIDEO_MARKER
+from tokenizer import IMAGE_MARKER, VIDEO_MARKER, content_text
 from tokenizer.errors import (
     ConversationFormatError,
     MediaCountMismatchError,
@@ -207,9 +207,10 @@ def _parse_record(obj: Any, line: int, root: str) -> Record:
         if str(role).lower() not in ROLE_ALIASES:
             raise _BadRecord(BAD_CONVERSATION, f"turn {k} has unknown role {role!r}; use user/assistant/system "
                                                f"(or LLaVA's human/gpt)", sample_id)
-        if not isinstance(content, str):
-            raise _BadRecord(BAD_CONVERSATION, f"turn {k} content must be a string, got {type(content).__name__}",
-                             sample_id)
+        try:  # a str, or a list of typed parts ({"type": "image"}, {"type": "text", "text": ...})
+            content = content_text(content, f"turn {k} content")
+        except ConversationFormatError as err:
+            raise _BadRecord(BAD_CONVERSATION, str(err), sample_id) from None
         messages.append({"role": ROLE_ALIASES[str(role).lower()], "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise _BadRecord(NO_ASSISTANT_TURN, "the conversation has no assistant turn, so nothing to learn or "

@@ -217,6 +217,18 @@ def test_bad_samples_are_skipped_counted_and_named(model, media):
     assert ds.summary()["bad_counts"] == dict(ds.bad_counts)
 
 
+def test_a_dataset_may_give_turns_as_typed_parts(model, media):
+    parts = {"id": "p", "images": ["images/a.png"],
+             "conversations": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is it?"}]},
+                               {"role": "assistant", "content": [{"type": "text", "text": "a circle"}]}]}
+    text = {"id": "t", "images": ["images/a.png"],
+            "conversations": [{"role": "user", "content": "<image>\nWhat is it?"},
+                              {"role": "assistant", "content": "a circle"}]}
+    ds = ConversationDataset(write_jsonl(media / "parts.jsonl", [parts, text]), model.processor)
+    assert ds.records[0].messages == ds.records[1].messages and ds.records[0].answer == "a circle"
+    assert torch.equal(ds[0].input_ids, ds[1].input_ids)
+
+
 def test_a_url_in_a_dataset_is_named_as_a_url_not_joined_to_the_root(model, media):
     row = {"id": "web", "images": ["https://example.com/cat.png"],
            "conversations": [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "a cat"}]}

@@ -10,7 +10,8 @@ import torch
 
 import fusion
 from fusion.data.collate import pad_batch, pack_batch
-from fusion.errors import CheckpointError, ConfigError, PlaceholderMismatchError
+from fusion.errors import (CheckpointError, ConfigError, ConversationFormatError, ImageLoadError,
+                           MediaCountMismatchError, PlaceholderMismatchError)
 from tokenizer import FusionTokenizer
 from tests.tiny_models import tiny_fusion_model
 from vision import write_video
@@ -85,6 +86,20 @@ def test_batched_generation_equals_one_by_one(tok):
         single = model.chat([conv], [im], max_new_tokens=8)[0]
         assert single["tokens"] == out["tokens"]
         assert single["logprob"] == pytest.approx(out["logprob"], abs=1e-4)
+
+
+def test_chat_names_a_batch_given_in_the_wrong_shape(tok):
+    """chat takes a list of conversations and one list of media per conversation; the usual slips (one
+    conversation, media not nested, a count that does not match) are named instead of zipped away."""
+    model = tiny_model(tok)
+    conv = user("<image>\nwhat color is the circle?")
+    with pytest.raises(ConversationFormatError, match=r"for one conversation pass \[conversation\]"):
+        model.chat(conv, [[image(0)]], max_new_tokens=2)
+    with pytest.raises(MediaCountMismatchError, match=r"images must hold one list per conversation \(2\), got 1"):
+        model.chat([conv, conv], [[image(0)]], max_new_tokens=2)
+    with pytest.raises(ImageLoadError, match=r"images must be a list .* got a ndarray: pass \[image\] for one"):
+        model.chat([conv], [image(0)], max_new_tokens=2)
+    assert len(model.chat([conv, conv], [[image(0)], [image(1)]], max_new_tokens=2)) == 2
 
 
 def test_cached_generation_equals_full_forward(tok):

@@ -90,7 +90,9 @@ def test_system_turn_must_come_first(tok):
         ({"role": "user", "content": "hi"}, "must be a list"),
         ([{"role": "user"}], r"messages\[0\] must be a dict with 'role' and 'content'"),
         ([("user", "hi")], r"messages\[0\] must be a dict"),
-        ([{"role": "user", "content": ["hi"]}], r"messages\[0\] \(user\) content must be a str, got list"),
+        ([{"role": "user", "content": ["hi"]}], r"messages\[0\] \(user\) content part 0 must be .*got 'hi'"),
+        ([{"role": "user", "content": [{"type": "audio"}]}], r"messages\[0\] \(user\) content part 0 must be"),
+        ([{"role": "user", "content": 3}], r"messages\[0\] \(user\) content must be a str or a list of parts"),
     ],
 )
 def test_malformed_messages_are_rejected_clearly(tok, messages, message):

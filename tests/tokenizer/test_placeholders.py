@@ -123,6 +123,22 @@ def test_media_tokens_are_never_supervised(tok):
     assert tok.decode(supervised, skip_special_tokens=False) == "Here:  done.<|eot|>"
 
 
+def test_content_as_typed_parts_encodes_like_text_with_markers(tok):
+    """The chat format of Hugging Face processors and OpenAI-style APIs: a turn's content as a list of
+    {"type": "image" | "video" | "text"} parts gives the very ids and labels of the same text with markers."""
+    image, video = ImagePlaceholder(tokens_per_tile=2), VideoPlaceholder(timestamps=[0, 0.5], tokens_per_frame=2)
+    parts = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "\nthen "}, {"type": "image"},
+                                          {"type": "text", "text": " what moved?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "the red circle"}]}]
+    text = [{"role": "user", "content": "<video>\nthen <image> what moved?"},
+            {"role": "assistant", "content": "the red circle"}]
+    by_parts = tok.encode_conversation(parts, images=[image], videos=[video])
+    by_text = tok.encode_conversation(text, images=[image], videos=[video])
+    assert (by_parts.input_ids, by_parts.labels, by_parts.media_order) == (by_text.input_ids, by_text.labels,
+                                                                         by_text.media_order)
+    assert by_parts.media_order == ["video", "image"]
+
+
 def test_without_markers_media_go_to_the_start_of_the_first_user_turn(tok):
     image, video = ImagePlaceholder(tokens_per_tile=2), VideoPlaceholder(timestamps=[0], tokens_per_frame=2)
     messages = [{"role": "system", "content": "Be brief."}] + _conversation("What is shown?")
