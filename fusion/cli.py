@@ -1,6 +1,7 @@
 """The `fusion` command.
 
-    fusion train CONFIG.yaml [--resume]            staged training (torchrun --nproc_per_node N -m fusion.cli train ...)
+    fusion train CONFIG.yaml [--resume | --overwrite]   staged training (torchrun --nproc_per_node N -m fusion.cli
+                                                        train ...); a new run refuses a folder holding a run
     fusion eval MODEL_DIR DATA.jsonl [--out F]     accuracy / BLEU-4 / CIDEr on a dataset file
     fusion shapes-world OUT_DIR [--seed S ...]     write a synthetic shapes-world dataset
 """
@@ -39,6 +40,8 @@ def main(argv=None) -> int:
     train = commands.add_parser("train", help="run a training config (YAML)")
     train.add_argument("config", help="the training config, e.g. examples/recipes/shapes-tiny.yaml")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start again in an output_dir that holds a run, deleting that run's files")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     from .evaluation.evaluate import add_eval_arguments
@@ -66,7 +69,8 @@ def run_command(args: argparse.Namespace) -> int:
         from .trainer import train as run_training
 
         try:
-            final = run_training(args.config, resume=args.resume, progress=not args.no_progress)
+            final = run_training(args.config, resume=args.resume, progress=not args.no_progress,
+                                 overwrite=args.overwrite)
         except (ConfigError, DatasetError, CheckpointError, WeightsError) as err:  # the user's input: no traceback
             print(f"fusion train: {type(err).__name__}: {err}", file=sys.stderr)
             return 1

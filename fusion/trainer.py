@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 import warnings
 from contextlib import nullcontext
@@ -240,9 +241,17 @@ class StageProgress:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True):
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False):
         self.config = config
         self.out = config.path(config.output_dir)
+        if resume and overwrite:
+            raise ConfigError("resume and overwrite exclude each other: continue the run, or start it again")
+        found = None if resume else run_in(self.out)
+        if found and not overwrite:
+            raise ConfigError(f"output_dir {str(self.out)!r} already holds a run ({found}); continue it with "
+                              f"--resume (train(..., resume=True)), start again over it with --overwrite "
+                              f"(overwrite=True), or give another output_dir")
+        self.overwrite = bool(found)
         self.ctx = fdist.init_distributed(config.device)
         self.progress = progress and self.ctx.is_main
         if config.threads:
@@ -344,6 +353,14 @@ class Trainer:
         config = self.config
         started = time.perf_counter()
         resumed = self.resume_state is not None
+        if self.overwrite and self.ctx.is_main:  # the earlier run's files only: the folder may hold the user's own
+            for name in RUN_FILES:
+                path = self.out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        self.ctx.barrier()
         self.prepare_data()
         self.seed_everything(config.seed)
         if self.resume_state is not None:
@@ -695,8 +712,35 @@ def _set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train(config: TrainConfig | str | os.PathLike, resume: bool = False, progress: bool = True) -> Path:
-    """Run a training config (a `TrainConfig` or a YAML path); returns the final model folder."""
+def train(config: TrainConfig | str | os.PathLike, resume: bool = False, progress: bool = True,
+          overwrite: bool = False) -> Path:
+    """Run a training config (a `TrainConfig` or a YAML path); returns the final model folder.
+
+    `resume`: continue the run in the config's output_dir from its latest checkpoint. A new run (neither
+    `resume` nor `overwrite`) refuses an output_dir that already holds a run, so that a forgotten
+    `--resume` never replaces a run's checkpoints and log; `overwrite` deletes that run's files first.
+    """
     if not isinstance(config, TrainConfig):
         config = load_train_config(config)
-    return Trainer(config, resume=resume, progress=progress).run()
+    return Trainer(config, resume=resume, progress=progress, overwrite=overwrite).run()
+
+
+#: what a run writes into its output_dir (an overwritten run's files are these, and only these, deleted)
+RUN_FILES = ("checkpoints", "stages", "final", "metrics.jsonl", "metrics.png", "train_config.json",
+             "run_summary.json", "eval.json")
+
+
+def run_in(folder: Path) -> str | None:
+    """What shows that `folder` holds a training run (e.g. "a checkpoint at step 400"), or None."""
+    pointer = folder / "checkpoints" / "latest.json"
+    if pointer.is_file():
+        try:
+            return f"a checkpoint ({json.loads(pointer.read_text())['folder']})"
+        except (ValueError, KeyError):
+            return "checkpoints"
+    if (folder / "final").exists():
+        return "a final model"
+    metrics = folder / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        return "a metrics log"
+    return None

@@ -234,6 +234,31 @@ def test_frozen_parts_stay_bit_identical_and_trainable_parts_move(world, tmp_pat
             assert moved or "norm" in name or "bias" in name, f"{name} did not train"
 
 
+def test_a_new_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_only_its_files(world, tmp_path):
+    """A forgotten --resume must not replace a run's checkpoints and log: a new run into a folder that holds
+    one stops with a message naming both ways on; --overwrite deletes that run's files (and nothing else of
+    the folder's) and starts again."""
+    from fusion.errors import ConfigError
+
+    stages = [{"name": "s", "data": str(world / "text.jsonl"), "steps": 2, "batch_size": 4, "lr": {"decoder": 1e-3}}]
+    out = tmp_path / "run"
+    config = fusion.trainer.TrainConfig.from_dict(base_config(world, out, stages, checkpoint_every=1))
+    train(config, progress=False)
+    first = losses(out)
+    (out / "notes.txt").write_text("mine")
+    (out / "checkpoints" / "latest.json").unlink()  # a run killed after its first checkpoint still counts:
+    (out / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text().splitlines()[0] + "\n")  # its log
+    with pytest.raises(ConfigError, match=r"already holds a run \(a final model\).*--resume.*--overwrite"):
+        train(config, progress=False)
+    assert len(losses(out)) == 1  # untouched
+    (out / "checkpoints" / "stale-step-9").mkdir()
+    train(config, progress=False, overwrite=True)
+    assert losses(out) == first and (out / "notes.txt").read_text() == "mine"
+    assert not (out / "checkpoints" / "stale-step-9").exists()
+    with pytest.raises(ConfigError, match="exclude each other"):
+        train(config, progress=False, resume=True, overwrite=True)
+
+
 def test_jsonl_and_llava_json_both_train_and_bad_samples_are_counted(world, tmp_path):
     records = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()]
     records = [r for r in records if r["images"]][:8]
