@@ -22,6 +22,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageLoadError, ImageTooLargeError, url_hint
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 from .tiling import tile_image
 
 __all__ = [
@@ -109,7 +111,10 @@ def _load_encoded(source: str | io.IOBase, name: str, max_pixels: int | None) ->
             "PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels"
         ) from error
     except UnidentifiedImageError as error:
-        raise ImageLoadError(f"image {name} is not in an image format PIL can read (or is corrupt)") from error
+        looks_like_video = isinstance(source, str) and source.lower().endswith(VIDEO_SUFFIXES)
+        hint = "; it looks like a video: pass it as a video (the video-qa pipeline, videos=[...])" \
+            if looks_like_video else ""
+        raise ImageLoadError(f"image {name} is not in an image format PIL can read (or is corrupt){hint}") from error
     except OSError as error:
         raise ImageLoadError(f"cannot read image {name}: {error}") from error
 

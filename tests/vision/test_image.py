@@ -202,6 +202,10 @@ def test_missing_folder_broken_and_non_image_files_raise_image_load_error(tmp_pa
         load_image(tmp_path / "nope.png")
     with pytest.raises(ImageLoadError, match="https:// URL, and fusion never downloads"):
         load_image("https://example.com/cat.png")
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(64))
+    with pytest.raises(ImageLoadError, match="clip.mp4.*it looks like a video: pass it as a video"):
+        load_image(clip)
     with pytest.raises(ImageLoadError, match="folder"):
         load_image(tmp_path)
     text = tmp_path / "notes.txt"
