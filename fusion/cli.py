@@ -65,13 +65,13 @@ def main(argv=None) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     if args.command == "train":
-        from .errors import CheckpointError, ConfigError, DatasetError, WeightsError
+        from .errors import CheckpointError, ConfigError, DatasetError, TrainingError, WeightsError
         from .trainer import train as run_training
 
         try:
             final = run_training(args.config, resume=args.resume, progress=not args.no_progress,
                                  overwrite=args.overwrite)
-        except (ConfigError, DatasetError, CheckpointError, WeightsError) as err:  # the user's input: no traceback
+        except (ConfigError, DatasetError, CheckpointError, WeightsError, TrainingError) as err:  # no traceback
             print(f"fusion train: {type(err).__name__}: {err}", file=sys.stderr)
             return 1
         print(f"final model: {final}")

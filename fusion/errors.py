@@ -32,3 +32,7 @@ class DatasetError(ValueError):
 
 class ConfigError(ValueError):
     """A training or model configuration that is invalid."""
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. a loss that stays non-finite); the message says what to change."""

@@ -47,7 +47,8 @@ def plot_metrics(metrics_path, out_png) -> Path:
     FigureCanvasAgg(fig)
     ax_loss, ax_acc = fig.subplots(1, 2)
     if train:
-        ax_loss.plot([e["step"] for e in train], [e["loss"] for e in train], label="train loss", lw=1)
+        loss = [float("nan") if e["loss"] is None else e["loss"] for e in train]  # None: a window that did not train
+        ax_loss.plot([e["step"] for e in train], loss, label="train loss", lw=1)
     with_val = [e for e in evals if e.get("val_loss") is not None]
     if with_val:
         ax_loss.plot([e["step"] for e in with_val], [e["val_loss"] for e in with_val], "o-", label="validation loss")

@@ -237,6 +237,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     num_workers: int = 0
     threads: int | None = None  # torch CPU threads (default: torch's choice)
+    # optimizer steps in a row whose loss or gradients are not finite (each one skipped) before the run stops
+    max_skipped_steps: int = 10
     final_eval: dict[str, Any] | None = None  # {data: test.jsonl, limit: null}: `fusion eval` on the final model
     base_dir: str = "."  # folder that relative paths are resolved from (the YAML's folder)
 

@@ -36,7 +36,7 @@ from .checkpoint import atomic_folder, read_model_config, save_model_folder, wri
 from .data.collate import pack_batch, pad_batch, split_by_length, split_long_samples
 from .data.datasets import ROLE_ALIASES, ConversationDataset, MediaCache, join_media_groups
 from .decoder import IGNORE_INDEX, next_token_targets
-from .errors import ConfigError, DatasetError
+from .errors import ConfigError, DatasetError, TrainingError
 from .fusion_config import FusionConfig
 from .model import FusionModel
 from .compilation import check_can_compile, compile_decoder_blocks, eager
@@ -442,10 +442,17 @@ class Trainer:
 
             bar = tqdm(total=total, initial=progress.step, desc=f"stage {stage.name}", dynamic_ncols=True)
         window = new_window()
+        skipped_in_a_row = 0
         while progress.step < total:
             samples = next(batches)
             with eager(not stage.compile):  # blocks compiled by an earlier stage run eagerly in this one
                 loss_sum, tokens, stats = self.optimizer_step(wrapped, samples, stage, optimizer)
+            skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped"] else 0
+            if stats["skipped"]:
+                window["skipped_steps"] += 1
+                self.skipped_step(stage, progress, samples, skipped_in_a_row)
+                loss_sum = 0.0  # not averaged into the logged loss
+                tokens = 0
             scheduler.step()
             if decoder_trains:
                 model.decoder.update_expert_bias()
@@ -515,15 +522,35 @@ class Trainer:
             with self.autocast():
                 zero = sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad)
                 zero.backward()
-        if stage.clip_grad_norm:
-            trainable = [p for p in self.model.parameters() if p.requires_grad]
-            torch.nn.utils.clip_grad_norm_(trainable, stage.clip_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         loss_sum = float(ctx.all_reduce_sum(loss_sum))
-        return loss_sum, global_tokens, {"samples": int(counts[1]), "dropped": int(counts[2]),
+        # the global gradient norm (gradients are already reduced over processes), clipped where the stage says
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(trainable, stage.clip_grad_norm or float("inf"))
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
+        finite = math.isfinite(loss_sum) and math.isfinite(norm)  # the same on every process
+        if finite:  # else skip: one bad batch (a NaN or inf) must not poison the weights and every later step
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum, global_tokens, {"skipped": not finite, "samples": int(counts[1]), "dropped": int(counts[2]),
                                          "input_tokens": int(counts[3]), "padded_tokens": int(counts[4]),
                                          "load": ctx.all_reduce_sum(load) if load is not None else None}
+
+    def skipped_step(self, stage: StageConfig, progress: StageProgress, samples, in_a_row: int):
+        """Warn about an optimizer step skipped for a non-finite loss or gradients; stop the run when
+        `max_skipped_steps` came in a row (the weights, and so every checkpoint, stay finite)."""
+        step = progress.step + 1
+        ids = [getattr(s, "sample_id", None) for s in samples if s is not None][:4]
+        where = f"stage {stage.name!r}, step {step}"
+        limit = self.config.max_skipped_steps
+        if in_a_row >= limit:
+            raise TrainingError(f"{where}: the loss or the gradients were not finite for {in_a_row} optimizer steps "
+                                f"in a row (each one skipped, the weights untouched); lower the stage's learning "
+                                f"rates, keep clip_grad_norm, or check the data (the last batch held {ids}), then "
+                                f"--resume from the last checkpoint")
+        if self.ctx.is_main:
+            warnings.warn(f"{where}: the loss or the gradients are not finite; the optimizer step was skipped "
+                          f"(its batch held {ids}{' ...' if len(samples) > len(ids) else ''}); {in_a_row} in a row, "
+                          f"the run stops at {limit}", TrainingWarning, stacklevel=2)
 
     # -- logging, evaluation, checkpoints ----------------------------------------------------
     def log_train(self, stage, progress, window, optimizer):
@@ -531,10 +558,12 @@ class Trainer:
             return
         elapsed = time.perf_counter() - window["time"]
         entry = {"kind": "train", "stage": stage.name, "step": progress.global_step, "stage_step": progress.step,
-                 "loss": window["loss"] / max(window["tokens"], 1), "tokens_per_s": window["input_tokens"] / elapsed,
+                 # None where no step of the window trained (each skipped, or every sample bad)
+                 "loss": window["loss"] / window["tokens"] if window["tokens"] else None, "tokens_per_s": window["input_tokens"] / elapsed,
                  "padded_tokens": window["padded_tokens"],
                  "seconds": time.perf_counter() - self.started,
                  "samples": window["samples"], "skipped_samples": window["dropped"],
+                 "skipped_steps": window["skipped_steps"],
                  "lr": {g["part"]: g["lr"] for g in optimizer.param_groups}}
         load = window["load"]
         if load is not None and load.numel():
@@ -665,10 +694,14 @@ class Trainer:
             print("final evaluation:", {k: round(v, 4) for k, v in _accuracies(results).items()}, flush=True)
 
 
+class TrainingWarning(UserWarning):
+    """Something in a run that it survives but the user should know (e.g. a skipped optimizer step)."""
+
+
 def new_window() -> dict:
     """Running sums between two log lines."""
     return {"loss": 0.0, "tokens": 0, "input_tokens": 0, "padded_tokens": 0, "samples": 0, "dropped": 0,
-            "time": time.perf_counter(), "load": None}
+            "skipped_steps": 0, "time": time.perf_counter(), "load": None}
 
 
 def _as_list(samples):

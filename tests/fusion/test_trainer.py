@@ -1,6 +1,7 @@
 """Staged training: freezing, both dataset formats, bad samples, exact resume after SIGKILL, torchrun."""
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -257,6 +258,47 @@ def test_a_new_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_only_it
     assert not (out / "checkpoints" / "stale-step-9").exists()
     with pytest.raises(ConfigError, match="exclude each other"):
         train(config, progress=False, resume=True, overwrite=True)
+
+
+def test_a_step_with_a_non_finite_loss_is_skipped_and_the_run_goes_on(world, tmp_path, monkeypatch):
+    """One batch whose loss is NaN (an overflow, a broken sample) must not poison the weights: its optimizer
+    step is skipped with a warning naming the step and counted in the log, and the run goes on; a loss
+    that stays non-finite stops the run with a message instead of training NaNs into every checkpoint."""
+    from fusion.errors import TrainingError
+    from fusion.trainer import TrainingStep, TrainingWarning
+
+    stages = [{"name": "s", "data": str(world / "text.jsonl"), "steps": 4, "batch_size": 4, "lr": {"decoder": 1e-3}}]
+    clean = train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "clean", stages)),
+                  progress=False)
+    forward, calls = TrainingStep.forward, []
+
+    def nan_at(steps):
+        def poisoned(self, inputs, normalizer, aux_scale):
+            calls.append(1)
+            loss, token_loss, load = forward(self, inputs, normalizer, aux_scale)
+            return (loss * float("nan"), token_loss * float("nan"), load) if len(calls) in steps else (loss, token_loss,
+                                                                                                       load)
+        return poisoned
+
+    monkeypatch.setattr(TrainingStep, "forward", nan_at({2}))
+    with pytest.warns(TrainingWarning, match=r"stage 's', step 2: the loss or the gradients are not finite; the "
+                                             r"optimizer step was skipped"):
+        final = train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "nan", stages)),
+                      progress=False)
+    entries = [e for e in read_metrics(tmp_path / "nan" / "metrics.jsonl") if e["kind"] == "train"]
+    assert [e["skipped_steps"] for e in entries] == [0, 1, 0, 0]
+    assert entries[1]["loss"] is None and all(math.isfinite(e["loss"]) for e in entries if not e["skipped_steps"])
+    weights = load_file(final / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.dtype.is_floating_point)
+    assert losses(tmp_path / "nan")[0] == losses(tmp_path / "clean")[0]  # the same run up to the bad step
+    assert load_file(clean / "model.safetensors").keys() == weights.keys()
+
+    calls.clear()
+    monkeypatch.setattr(TrainingStep, "forward", nan_at({2, 3, 4}))
+    config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "stuck", stages, max_skipped_steps=3))
+    with pytest.warns(TrainingWarning), pytest.raises(TrainingError, match=r"step 4: .* not finite for 3 optimizer "
+                                                                             r"steps in a row"):
+        train(config, progress=False)
 
 
 def test_jsonl_and_llava_json_both_train_and_bad_samples_are_counted(world, tmp_path):
