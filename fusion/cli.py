@@ -65,7 +65,7 @@ def main(argv=None) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     if args.command == "train":
-        from .errors import CheckpointError, ConfigError, DatasetError, TrainingError, WeightsError
+        from .errors import CheckpointError, ConfigError, DatasetError, TrainingError, TrainingStopped, WeightsError
         from .trainer import train as run_training
 
         try:
@@ -74,6 +74,9 @@ def run_command(args: argparse.Namespace) -> int:
         except (ConfigError, DatasetError, CheckpointError, WeightsError, TrainingError) as err:  # no traceback
             print(f"fusion train: {type(err).__name__}: {err}", file=sys.stderr)
             return 1
+        except TrainingStopped as stop:  # SIGTERM / Ctrl-C, after a checkpoint: the signal's exit code
+            print(f"fusion train: {stop}", file=sys.stderr)
+            return 128 + (stop.signum or 0)
         print(f"final model: {final}")
         return 0
     if args.command == "eval":

@@ -33,9 +33,12 @@ class DistContext:
             dist.barrier()
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum over processes, on `value`'s own device (reduced on this process's device: NCCL reduces
+        CUDA tensors only)."""
         if self.distributed:
-            value = value.clone()
-            dist.all_reduce(value)
+            reduced = value.to(self.device, copy=True)
+            dist.all_reduce(reduced)
+            value = reduced.to(value.device)
         return value
 
 

@@ -36,3 +36,11 @@ class ConfigError(ValueError):
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. a loss that stays non-finite); the message says what to change."""
+
+
+class TrainingStopped(Exception):
+    """A run stopped on request (SIGTERM, Ctrl-C) after writing a checkpoint; `--resume` continues it."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum

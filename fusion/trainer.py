@@ -16,6 +16,9 @@ import math
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -36,7 +39,7 @@ from .checkpoint import atomic_folder, read_model_config, save_model_folder, wri
 from .data.collate import pack_batch, pad_batch, split_by_length, split_long_samples
 from .data.datasets import ROLE_ALIASES, ConversationDataset, MediaCache, join_media_groups
 from .decoder import IGNORE_INDEX, next_token_targets
-from .errors import ConfigError, DatasetError, TrainingError
+from .errors import ConfigError, DatasetError, TrainingError, TrainingStopped
 from .fusion_config import FusionConfig
 from .model import FusionModel
 from .compilation import check_can_compile, compile_decoder_blocks, eager
@@ -266,6 +269,7 @@ class Trainer:
         # None where that checkpoint does not say (written by an older fusion)
         self.seconds_before = self.resume_state.get("wall_seconds") if self.resume_state else 0.0
         self.media_cache = MediaCache()  # decoded media, shared by the stages with cache_samples
+        self.stop_signals = StopSignals()  # SIGTERM / SIGINT: stop after the current step, with a checkpoint
         for stage in config.stages:
             if stage.compile:
                 self._check_compile(stage)
@@ -350,6 +354,18 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> Path:
+        with self.stop_signals:
+            return self._run()
+
+    def stopped(self, stage: StageConfig, progress: StageProgress) -> TrainingStopped:
+        """The exception that ends a run stopped by a signal, after its checkpoint."""
+        name = signal.Signals(self.stop_signals.signum).name if self.stop_signals.signum else "a stop request"
+        return TrainingStopped(f"stopped on {name} after stage {stage.name!r} step {progress.step} (run step "
+                               f"{progress.global_step}); its checkpoint is in {self.out / 'checkpoints'}: continue "
+                               f"with `fusion train CONFIG --resume` (train(..., resume=True))",
+                               signum=self.stop_signals.signum)
+
+    def _run(self) -> Path:
         config = self.config
         started = time.perf_counter()
         resumed = self.resume_state is not None
@@ -385,6 +401,8 @@ class Trainer:
             progress = self.run_stage(index, stage, progress, resuming)
             progress = StageProgress(index + 1, 0, progress.global_step)
             self.resume_state = None
+            if index + 1 < len(config.stages) and self.stop_signals.agreed(self.ctx):  # its end was checkpointed
+                raise self.stopped(stage, progress)
         final = self.out / "final"
         self.save_model(final)
         if self.ctx.is_main:
@@ -474,8 +492,14 @@ class Trainer:
             if stage.eval.every and progress.step % stage.eval.every == 0 and progress.step < total:
                 self.evaluate(stage, progress)
             every = self.config.checkpoint_every
-            if every and progress.step % every == 0 and progress.step < total:
+            saved = bool(every) and progress.step % every == 0 and progress.step < total
+            if saved:
                 self.save_checkpoint(optimizer, scheduler, progress, divmod(progress.step, sampler.batches_per_epoch))
+            if progress.step < total and self.stop_signals.agreed(self.ctx):  # SIGTERM / Ctrl-C: keep this step
+                if not saved:
+                    self.save_checkpoint(optimizer, scheduler, progress,
+                                         divmod(progress.step, sampler.batches_per_epoch))
+                raise self.stopped(stage, progress)
         if bar is not None:
             bar.close()
         if stage.eval.data:
@@ -675,8 +699,6 @@ class Trainer:
         write_json(root / "latest.json", {"folder": name, "step": progress.global_step})
         old = sorted(p for p in root.glob("step-*") if p.name != name)
         for folder in old[:max(0, len(old) - self.config.keep_checkpoints + 1)]:
-            import shutil
-
             shutil.rmtree(folder, ignore_errors=True)
         self.ctx.barrier()
 
@@ -692,6 +714,44 @@ class Trainer:
         write_json(self.out / "eval.json", results)
         if self.progress:
             print("final evaluation:", {k: round(v, 4) for k, v in _accuracies(results).items()}, flush=True)
+
+
+class StopSignals:
+    """Within it, SIGTERM (a scheduler's preemption, `kill`) and SIGINT (Ctrl-C, a notebook's interrupt)
+    ask the run to stop after the current optimizer step, with a checkpoint, instead of losing the steps
+    since the last one. A second SIGINT stops at once (KeyboardInterrupt). Handlers are installed only in
+    the main thread and put back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        self.signum = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._request) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+        return False
+
+    def _request(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (Ctrl-C again: at once)",
+              file=sys.stderr, flush=True)
+
+    def agreed(self, ctx: fdist.DistContext) -> bool:
+        """Whether any process was asked to stop (all processes get the same answer, so they stop at the
+        same step and write the checkpoint together)."""
+        asked = torch.tensor([0.0 if self.signum is None else 1.0])
+        return bool(ctx.all_reduce_sum(asked) > 0) if ctx.distributed else self.signum is not None
 
 
 class TrainingWarning(UserWarning):

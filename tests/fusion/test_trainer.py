@@ -332,7 +332,10 @@ def _run_cli(args, env=None, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
 
 
-def test_sigkill_then_resume_continues_exactly(world, tmp_path):
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+def test_sigkill_then_resume_continues_exactly(world, tmp_path, stop):
+    """Killed (SIGKILL: from its last checkpoint) or stopped (SIGTERM, as a scheduler preempts: it writes a
+    checkpoint at the step it is on and exits 143), then --resume: the losses of an uninterrupted run."""
     stages = [{"name": "trunk", "data": str(world / "text.jsonl"), "steps": 4, "batch_size": 4,
                "lr": {"decoder": 1e-3}},
               {"name": "cotrain", "data": str(world / "train.jsonl"), "steps": 14, "batch_size": 4,
@@ -350,10 +353,15 @@ def test_sigkill_then_resume_continues_exactly(world, tmp_path):
         if latest.exists() and json.loads(latest.read_text())["step"] >= 10:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(getattr(signal, stop))
+    output = proc.communicate(timeout=300)[0].decode()
     done = len(losses(tmp_path / "kill"))
     assert 10 <= done < 18, f"the run should have been killed mid-way, it logged {done} steps"
+    if stop == "SIGTERM":  # nothing lost: the checkpoint is at the last step it logged
+        assert proc.returncode == 128 + signal.SIGTERM, output
+        assert json.loads(latest.read_text())["step"] == done
+        assert f"stopped on SIGTERM after stage 'cotrain' step {done - 4} (run step {done})" in output
+        assert "--resume" in output and "Traceback" not in output
     checkpoint = tmp_path / "kill" / "checkpoints" / json.loads(latest.read_text())["folder"]
     before_kill = torch.load(checkpoint / "trainer_state.pt", weights_only=False)["wall_seconds"]
     assert before_kill > 0
@@ -368,6 +376,32 @@ def test_sigkill_then_resume_continues_exactly(world, tmp_path):
     assert summary["resumed"] is True
     assert summary["wall_seconds_total"] == pytest.approx(before_kill + summary["wall_seconds"], abs=5.0)
     assert summary["wall_seconds_total"] > summary["wall_seconds"] > 0
+
+
+def test_ctrl_c_in_python_stops_after_the_step_with_a_checkpoint(world, tmp_path, monkeypatch):
+    """Ctrl-C (a notebook's interrupt) while train() runs: the step finishes, a checkpoint is written, and
+    TrainingStopped says how to continue; Python's own SIGINT handler is back afterwards."""
+    from fusion.errors import TrainingStopped
+    from fusion.trainer import TrainingStep
+
+    stages = [{"name": "s", "data": str(world / "text.jsonl"), "steps": 6, "batch_size": 4, "lr": {"decoder": 1e-3}}]
+    forward, calls = TrainingStep.forward, []
+
+    def interrupted_at_step_2(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args)
+
+    monkeypatch.setattr(TrainingStep, "forward", interrupted_at_step_2)
+    handler = signal.getsignal(signal.SIGINT)
+    config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages))
+    with pytest.raises(TrainingStopped, match=r"stopped on SIGINT after stage 's' step 2 .*resume=True"):
+        train(config, progress=False)
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["step"] == 2
+    final = train(config, resume=True, progress=False)
+    assert [s for s, _ in losses(tmp_path / "run")] == list(range(1, 7)) and (final / "model.safetensors").exists()
 
 
 needs_cpu_compiler = pytest.mark.skipif(fusion.compilation.cpu_compiler() is None,
