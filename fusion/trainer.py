@@ -354,18 +354,6 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> Path:
-        with self.stop_signals:
-            return self._run()
-
-    def stopped(self, stage: StageConfig, progress: StageProgress) -> TrainingStopped:
-        """The exception that ends a run stopped by a signal, after its checkpoint."""
-        name = signal.Signals(self.stop_signals.signum).name if self.stop_signals.signum else "a stop request"
-        return TrainingStopped(f"stopped on {name} after stage {stage.name!r} step {progress.step} (run step "
-                               f"{progress.global_step}); its checkpoint is in {self.out / 'checkpoints'}: continue "
-                               f"with `fusion train CONFIG --resume` (train(..., resume=True))",
-                               signum=self.stop_signals.signum)
-
-    def _run(self) -> Path:
         config = self.config
         started = time.perf_counter()
         resumed = self.resume_state is not None
@@ -392,17 +380,18 @@ class Trainer:
         if self.ctx.is_main:
             write_json(self.out / "train_config.json", config.to_dict())
             print(f"training on {self.ctx.device} in {self.computed_in} (precision: {config.precision})", flush=True)
-        for index, stage in enumerate(config.stages):
-            if index < progress.stage_index:
-                continue
-            resuming = self.resume_state is not None and index == progress.stage_index and progress.step > 0
-            if stage.init_from and not resuming:
-                self.model = FusionModel.from_pretrained(config.path(stage.init_from)).to(self.ctx.device)
-            progress = self.run_stage(index, stage, progress, resuming)
-            progress = StageProgress(index + 1, 0, progress.global_step)
-            self.resume_state = None
-            if index + 1 < len(config.stages) and self.stop_signals.agreed(self.ctx):  # its end was checkpointed
-                raise self.stopped(stage, progress)
+        with self.stop_signals:  # while the stages train (not while data is generated or the final eval runs)
+            for index, stage in enumerate(config.stages):
+                if index < progress.stage_index:
+                    continue
+                resuming = self.resume_state is not None and index == progress.stage_index and progress.step > 0
+                if stage.init_from and not resuming:
+                    self.model = FusionModel.from_pretrained(config.path(stage.init_from)).to(self.ctx.device)
+                progress = self.run_stage(index, stage, progress, resuming)
+                progress = StageProgress(index + 1, 0, progress.global_step)
+                self.resume_state = None
+                if index + 1 < len(config.stages) and self.stop_signals.agreed(self.ctx):  # its end is checkpointed
+                    raise self.stopped(stage, progress)
         final = self.out / "final"
         self.save_model(final)
         if self.ctx.is_main:
@@ -420,6 +409,14 @@ class Trainer:
                 "threads": torch.get_num_threads(), "torch": torch.__version__})
         self.ctx.barrier()
         return final
+
+    def stopped(self, stage: StageConfig, progress: StageProgress) -> TrainingStopped:
+        """The exception that ends a run stopped by a signal, after its checkpoint."""
+        name = signal.Signals(self.stop_signals.signum).name if self.stop_signals.signum else "a stop request"
+        return TrainingStopped(f"stopped on {name} after stage {stage.name!r} step {progress.step} (run step "
+                               f"{progress.global_step}); its checkpoint is in {self.out / 'checkpoints'}: continue "
+                               f"with `fusion train CONFIG --resume` (train(..., resume=True))",
+                               signum=self.stop_signals.signum)
 
     def run_stage(self, index: int, stage: StageConfig, progress: StageProgress, resuming: bool) -> StageProgress:
         model, ctx = self.model, self.ctx
