@@ -378,6 +378,8 @@ class Trainer:
                               resume_from_step=progress.global_step if self.resume_state else None) \
             if self.ctx.is_main else None
         if self.ctx.is_main:
+            if self.resume_state is not None:
+                self._warn_about_config_changes()
             write_json(self.out / "train_config.json", config.to_dict())
             print(f"training on {self.ctx.device} in {self.computed_in} (precision: {config.precision})", flush=True)
         with self.stop_signals:  # while the stages train (not while data is generated or the final eval runs)
@@ -409,6 +411,21 @@ class Trainer:
                 "threads": torch.get_num_threads(), "torch": torch.__version__})
         self.ctx.barrier()
         return final
+
+    def _warn_about_config_changes(self):
+        """--resume with a config that differs from the run's saved one: say what changed (a longer last
+        stage may be meant; another batch size or data changes what the remaining steps see)."""
+        saved_file = self.out / "train_config.json"
+        if not saved_file.is_file():
+            return
+        saved = json.loads(saved_file.read_text())
+        current = json.loads(json.dumps(self.config.to_dict()))  # the same JSON types as the saved one
+        saved.pop("base_dir", None), current.pop("base_dir", None)
+        changes = config_changes(saved, current)
+        if changes:
+            shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+            warnings.warn(f"--resume with a config that differs from the run's ({saved_file}): {shown}. The run "
+                          f"goes on with the new one from its checkpoint", TrainingWarning, stacklevel=2)
 
     def stopped(self, stage: StageConfig, progress: StageProgress) -> TrainingStopped:
         """The exception that ends a run stopped by a signal, after its checkpoint."""
@@ -711,6 +728,16 @@ class Trainer:
         write_json(self.out / "eval.json", results)
         if self.progress:
             print("final evaluation:", {k: round(v, 4) for k, v in _accuracies(results).items()}, flush=True)
+
+
+def config_changes(old, new, where: str = "") -> list[str]:
+    """Each difference between two JSON-like configs as "path: old -> new" (e.g. "stages[2].steps: 1000 -> 800")."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for key in dict.fromkeys([*old, *new])
+                for c in config_changes(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [c for i, (a, b) in enumerate(zip(old, new)) for c in config_changes(a, b, f"{where}[{i}]")]
+    return [] if old == new else [f"{where}: {json.dumps(old)} -> {json.dumps(new)}"]
 
 
 class StopSignals:

@@ -365,7 +365,10 @@ def test_sigkill_then_resume_continues_exactly(world, tmp_path, stop):
     checkpoint = tmp_path / "kill" / "checkpoints" / json.loads(latest.read_text())["folder"]
     before_kill = torch.load(checkpoint / "trainer_state.pt", weights_only=False)["wall_seconds"]
     assert before_kill > 0
-    assert _run_cli(["train", str(killed), "--resume", "--no-progress"]).wait(timeout=300) == 0
+    resume = _run_cli(["train", str(killed), "--resume", "--no-progress"])
+    output = resume.communicate(timeout=300)[0].decode()
+    assert resume.returncode == 0, output
+    assert "differs" not in output  # the same config: no warning about changes
 
     ref, resumed = losses(tmp_path / "ref"), losses(tmp_path / "kill")
     assert [s for s, _ in resumed] == [s for s, _ in ref] == list(range(1, 19))
@@ -382,7 +385,7 @@ def test_ctrl_c_in_python_stops_after_the_step_with_a_checkpoint(world, tmp_path
     """Ctrl-C (a notebook's interrupt) while train() runs: the step finishes, a checkpoint is written, and
     TrainingStopped says how to continue; Python's own SIGINT handler is back afterwards."""
     from fusion.errors import TrainingStopped
-    from fusion.trainer import TrainingStep
+    from fusion.trainer import TrainingStep, TrainingWarning
 
     stages = [{"name": "s", "data": str(world / "text.jsonl"), "steps": 6, "batch_size": 4, "lr": {"decoder": 1e-3}}]
     forward, calls = TrainingStep.forward, []
@@ -400,8 +403,10 @@ def test_ctrl_c_in_python_stops_after_the_step_with_a_checkpoint(world, tmp_path
         train(config, progress=False)
     assert signal.getsignal(signal.SIGINT) is handler
     assert json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["step"] == 2
-    final = train(config, resume=True, progress=False)
-    assert [s for s, _ in losses(tmp_path / "run")] == list(range(1, 7)) and (final / "model.safetensors").exists()
+    longer = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", [{**stages[0], "steps": 7}]))
+    with pytest.warns(TrainingWarning, match=r"--resume with a config that differs .*stages\[0\]\.steps: 6 -> 7"):
+        final = train(longer, resume=True, progress=False)
+    assert [s for s, _ in losses(tmp_path / "run")] == list(range(1, 8)) and (final / "model.safetensors").exists()
 
 
 needs_cpu_compiler = pytest.mark.skipif(fusion.compilation.cpu_compiler() is None,
