@@ -597,7 +597,8 @@ class Trainer:
         elapsed = time.perf_counter() - window["time"]
         entry = {"kind": "train", "stage": stage.name, "step": progress.global_step, "stage_step": progress.step,
                  # None where no step of the window trained (each skipped, or every sample bad)
-                 "loss": window["loss"] / window["tokens"] if window["tokens"] else None, "tokens_per_s": window["input_tokens"] / elapsed,
+                 "loss": window["loss"] / window["tokens"] if window["tokens"] else None,
+                 "tokens_per_s": window["input_tokens"] / elapsed,
                  "padded_tokens": window["padded_tokens"],
                  "seconds": time.perf_counter() - self.started,
                  "samples": window["samples"], "skipped_samples": window["dropped"],

@@ -26,9 +26,10 @@ raises :class:`NoSupervisedTokensError`: an eot-only target is almost always bro
 Media markers: ``<image>`` and ``<video>`` in message text mark where the images and
 videos go, in order. A turn's content may also be a list of typed parts, as in the chat format
 of Hugging Face processors and OpenAI-style APIs: ``[{"type": "image"}, {"type": "text", "text":
-"What is it?"}]`` reads as ``"<image>What is it?"`` (see :func:`content_text`). If the conversation has no marker of either kind, all images and
-then all videos go at the start of the first user turn. Otherwise the number of markers
-of each kind must equal the number of images / videos passed.
+"What is it?"}]`` reads as ``"<image>What is it?"`` (see :func:`content_text`). If the
+conversation has no marker of either kind, all images and then all videos go at the start of
+the first user turn. Otherwise the number of markers of each kind must equal the number of
+images / videos passed.
 """
 
 import re

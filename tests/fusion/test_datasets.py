@@ -219,7 +219,8 @@ def test_bad_samples_are_skipped_counted_and_named(model, media):
 
 def test_a_dataset_may_give_turns_as_typed_parts(model, media):
     parts = {"id": "p", "images": ["images/a.png"],
-             "conversations": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is it?"}]},
+             "conversations": [{"role": "user",
+                                "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is it?"}]},
                                {"role": "assistant", "content": [{"type": "text", "text": "a circle"}]}]}
     text = {"id": "t", "images": ["images/a.png"],
             "conversations": [{"role": "user", "content": "<image>\nWhat is it?"},
@@ -231,7 +232,8 @@ def test_a_dataset_may_give_turns_as_typed_parts(model, media):
 
 def test_a_url_in_a_dataset_is_named_as_a_url_not_joined_to_the_root(model, media):
     row = {"id": "web", "images": ["https://example.com/cat.png"],
-           "conversations": [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "a cat"}]}
+           "conversations": [{"role": "user", "content": "<image>\nWhat is it?"},
+                             {"role": "assistant", "content": "a cat"}]}
     ds = ConversationDataset(write_jsonl(media / "urls.jsonl", [row]), model.processor)
     assert ds.records[0].images == ["https://example.com/cat.png"]
     with pytest.warns(DatasetWarning, match="'web'.*https:// URL, and fusion never downloads"):
