@@ -59,7 +59,8 @@ def test_a_mistake_at_the_top_level_is_named(tmp_path):
     with pytest.raises(ConfigError, match="training config: no stages"):
         load_train_config(config_file(tmp_path, "name: run\n"))
     with pytest.raises(ConfigError, match="training config: seed must be a whole number"):
-        load_train_config(config_file(tmp_path, "seed: 0.5\n" + STAGE.format(line="lr: {decoder: 1.0e-3}\n    steps: 1")))
+        load_train_config(config_file(tmp_path, "seed: 0.5\n" + STAGE.format(line="lr: {decoder: 1.0e-3}\n"
+                                                                                 "    steps: 1")))
 
 
 def test_fusion_train_prints_a_config_mistake_as_one_line_and_exits_with_1(tmp_path, capsys):
