@@ -143,10 +143,11 @@ class FusionModel(nn.Module):
                                           "turns; for one conversation pass [conversation] (and images=[[...]])")
         n = len(conversations)
         for name, media in (("images", images), ("videos", videos)):
-            if media is not None and (isinstance(media, (str, bytes)) or not isinstance(media, Sequence)
-                                      or len(media) != n):
-                got = f"{len(media)} entries" if isinstance(media, Sequence) and not isinstance(media, (str, bytes)) \
-                    else f"a {type(media).__name__}"
+            if media is None:
+                continue
+            listed = isinstance(media, Sequence) and not isinstance(media, (str, bytes))
+            if not listed or len(media) != n:
+                got = f"{len(media)} entries" if listed else f"a {type(media).__name__}"
                 raise MediaCountMismatchError(f"chat: {name} must hold one list per conversation ({n}), got {got}; "
                                               f"e.g. {name}=[[first conversation's {name}], ...]")
         images = images or [()] * n

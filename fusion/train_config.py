@@ -186,7 +186,8 @@ class StageConfig:
             raise ConfigError(f"{where}: lr must map parts to rates, e.g. {{vision: 1.0e-4, decoder: 3.0e-4}}, "
                               f"got {self.lr!r}")
         self.lr = {part: _as_number(rate, float, f"{where}: lr of {part!r}") for part, rate in self.lr.items()}
-        for name, low in (("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0), ("steps", 1)):
+        for name, low in (("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0), ("steps", 1),
+                          ("length_buckets", 1), ("max_row_tokens", 1)):
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ConfigError(f"{where}: {name} must be >= {low}, got {value}")
@@ -208,11 +209,6 @@ class StageConfig:
             raise ConfigError(f"stage {self.name!r}: give exactly one of steps and epochs")
         if self.join_files and not self.group_by_media:
             raise ConfigError(f"stage {self.name!r}: join_files needs group_by_media: true")
-        if self.max_row_tokens is not None and self.max_row_tokens < 1:
-            raise ConfigError(f"stage {self.name!r}: max_row_tokens must be >= 1 (or absent), "
-                              f"got {self.max_row_tokens}")
-        if self.length_buckets < 1:
-            raise ConfigError(f"stage {self.name!r}: length_buckets must be >= 1, got {self.length_buckets}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"stage {self.name!r}: batch_size {self.batch_size} is not a multiple of "
                               f"grad_accum {self.grad_accum}")

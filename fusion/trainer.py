@@ -775,8 +775,9 @@ class StopSignals:
     def agreed(self, ctx: fdist.DistContext) -> bool:
         """Whether any process was asked to stop (all processes get the same answer, so they stop at the
         same step and write the checkpoint together)."""
-        asked = torch.tensor([0.0 if self.signum is None else 1.0])
-        return bool(ctx.all_reduce_sum(asked) > 0) if ctx.distributed else self.signum is not None
+        if not ctx.distributed:
+            return self.signum is not None
+        return bool(ctx.all_reduce_sum(torch.tensor([0.0 if self.signum is None else 1.0])) > 0)
 
 
 class TrainingWarning(UserWarning):

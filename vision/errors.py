@@ -13,6 +13,7 @@ __all__ = [
     "ImageTooLargeError",
     "VideoLoadError",
     "WeightsError",
+    "is_url",
     "url_hint",
 ]
 
@@ -38,10 +39,15 @@ class WeightsError(ValueError):
     or not matching the architecture)."""
 
 
+def is_url(path: str) -> bool:
+    """Whether `path` is written as a URL (scheme://...), not as a local path."""
+    return "://" in path
+
+
 def url_hint(path: str) -> str:
     """For a path that does not exist: a hint when it is a URL (fusion reads local files only), else ''."""
-    scheme = path.split("://", 1)[0].lower() if "://" in path else ""
-    if scheme in ("http", "https", "ftp", "s3", "gs", "hf"):
-        return (f"; it is a {scheme}:// URL, and fusion never downloads anything: fetch the file yourself "
-                "and pass its local path")
-    return ""
+    if not is_url(path):
+        return ""
+    scheme = path.split("://", 1)[0].lower()
+    return (f"; it is a {scheme}:// URL, and fusion never downloads anything: fetch the file yourself "
+            "and pass its local path")

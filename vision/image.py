@@ -22,9 +22,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageLoadError, ImageTooLargeError, url_hint
-
-VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 from .tiling import tile_image
+
+# suffixes of a file that is a video, not an image (named in the error when one is passed as an image)
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

@@ -76,7 +76,7 @@ from tokenizer.errors import (
     NoSupervisedTokensError,
     TokenizerError,
 )
-from vision.errors import ImageLoadError, ImageTooLargeError, VideoLoadError, VisionInputError
+from vision.errors import ImageLoadError, ImageTooLargeError, VideoLoadError, VisionInputError, is_url
 
 from ..errors import DatasetError
 from .collate import Batch, pack_batch, pad_batch, share_prefix
@@ -182,7 +182,7 @@ def _paths(record: dict, plural: str, singular: str, root: str, sample_id) -> li
     if not isinstance(value, list) or not all(isinstance(p, str) and p.strip() for p in value):
         raise _BadRecord(MISSING_FIELD, f"'{plural}' must be a path or a list of paths, got {value!r}", sample_id)
     # a URL stays as it is, so that reading it says it is one (media are never downloaded)
-    return [p if "://" in p else os.path.join(root, os.path.expanduser(p)) for p in value]
+    return [p if is_url(p) else os.path.join(root, os.path.expanduser(p)) for p in value]
 
 
 def _parse_record(obj: Any, line: int, root: str) -> Record:
