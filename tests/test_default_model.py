@@ -4,6 +4,7 @@ The card's accuracy table is re-measured here: the held-out test split of the mo
 regenerated from the recorded generator settings (splits are independent, so the test split alone is
 the same as in the full dataset) and evaluated with `fusion eval` on the shipped weights.
 """
+import dataclasses
 import json
 import re
 import subprocess
@@ -14,10 +15,14 @@ import pytest
 
 import fusion
 import pipelines
+from fusion.checkpoint import read_model_config
 from fusion.data.shapes_world import ShapesWorldConfig, generate_shapes_world
+from fusion.fusion_config import FusionConfig
+from fusion.train_config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(str(pipelines.default_model_location()))
+RECIPE = ROOT / "examples" / "recipes" / "shapes-tiny.yaml"
 ROW = re.compile(r"^\| (vqa|video-qa|caption) \| ([\w-]+) \| (\d+) \| ([\d.]+)(%?) \|$")
 
 
@@ -53,6 +58,25 @@ def test_default_model_ships_with_the_package():
     for task in ("vqa", "video-qa"):
         assert (task, "all") in figures, f"MODEL_CARD.md states no overall {task} accuracy"
     assert ("caption", "CIDEr") in figures
+
+
+def test_the_recipe_in_examples_is_the_shipped_models_recipe():
+    """examples/recipes/shapes-tiny.yaml loads as a training config whose model settings give the shipped
+    architecture, whose world is the one the shipped model was evaluated on, and whose stages are the card's."""
+    recipe = load_train_config(RECIPE)
+    shipped = read_model_config(MODEL_DIR)
+    settings = {k: v for k, v in recipe.model.items() if k in {f.name for f in dataclasses.fields(FusionConfig)}}
+    settings["decoder"] = {**settings["decoder"], "vocab_size": shipped["decoder"]["vocab_size"]}  # from its tokenizer
+    shipped_config = {k: v for k, v in shipped.items() if k not in ("model_type", "preprocessing", "special_tokens")}
+    assert FusionConfig(**settings).to_dict() == FusionConfig.from_dict(shipped_config).to_dict()
+
+    world = {k: v for k, v in recipe.data["shapes_world"].items() if k != "out_dir"}
+    recorded = json.loads((MODEL_DIR / "evaluation.json").read_text())["shapes_world"]
+    assert ShapesWorldConfig(**world) == ShapesWorldConfig(**recorded)
+
+    card = (MODEL_DIR / "MODEL_CARD.md").read_text()
+    card_stages = re.findall(r"^\| (\w+) \| (\d+) \| (\d+) \|", card, flags=re.M)
+    assert card_stages == [(s.name, str(s.steps), str(s.batch_size)) for s in recipe.stages]
 
 
 def test_model_card_accuracy_is_reproduced_by_fusion_eval(tmp_path):
