@@ -12,6 +12,12 @@ decoded:
 A frame's timestamp is ``index / avg_fps`` seconds (its presentation time in a constant-rate
 video). It is *not* ``index / step``: that common bug gives sample numbers, not seconds.
 
+Variable-frame-rate files (phones record them) have no such rate: their average rate puts a
+frame's ``index / avg_fps`` seconds away from when it is shown. When a frame's presentation time
+(from the file) is more than half a frame period off that grid, the file is read by its
+presentation times instead (`frame_indices_at_times`): the same two modes in seconds, and each
+frame's timestamp is its presentation time, counted from the first frame.
+
 `sample_frames` opens the file, asks the backend for the frame count and average frame rate,
 computes the indices and decodes only those frames. decord is the default backend; PyAV is
 used where decord is not installed (its wheels exist only for some platforms) or when
@@ -20,24 +26,26 @@ file holds), so they return the same indices for the same file.
 """
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from vision.errors import VideoLoadError, url_hint
 
-__all__ = ["SampledFrames", "frame_indices", "sample_frames"]
+__all__ = ["SampledFrames", "frame_indices", "frame_indices_at_times", "sample_frames"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 BACKENDS = ("decord", "pyav")
 
-# Given (total frame count, average fps), returns the frame indices to decode.
-IndexChooser = Callable[[int, float], "list[int]"]
+# Given (total frame count, average fps, each frame's presentation time in seconds from the first or None),
+# returns the frame indices to decode and their timestamps.
+FrameChooser = Callable[[int, float, Optional["list[float]"]], "tuple[list[int], list[float]]"]
 
 # A reported average frame rate outside (0, MAX_PLAUSIBLE_FPS] is treated as broken metadata
 # (variable-frame-rate files sometimes report their time base, e.g. 90000, as a rate).
@@ -58,9 +66,10 @@ class SampledFrames:
 
     Attributes:
         frames: uint8 RGB array ``[T, H, W, 3]``, in increasing time order.
-        timestamps: seconds of each frame, ``index / avg_fps``.
-        indices: the frame numbers (0-based, in decode order), strictly increasing.
-        avg_fps: the frame rate used for the timestamps.
+        timestamps: seconds of each frame from the first frame of the video: ``index / avg_fps``,
+            or its presentation time in a variable-frame-rate file.
+        indices: the frame numbers (0-based, in presentation order), strictly increasing.
+        avg_fps: the video's average frame rate (the one used for the timestamps of a constant-rate file).
         total_frames: number of frames in the whole video (before any start/end trim).
     """
 
@@ -162,6 +171,72 @@ def _frame_range(num_total_frames: int, avg_fps: float, start: Optional[float],
     return first, stop
 
 
+def is_constant_rate(times: Sequence[float], avg_fps: float) -> bool:
+    """Whether every frame is shown within half a frame period of ``index / avg_fps`` seconds."""
+    grid = np.arange(len(times)) / avg_fps
+    return bool(np.all(np.abs(np.asarray(times, dtype=float) - grid) <= 0.5 / avg_fps))
+
+
+def frame_indices_at_times(times: Sequence[float], num_frames: int = 8, fps: Optional[float] = None,
+                           max_frames: int = 32, start: Optional[float] = None,
+                           end: Optional[float] = None) -> list[int]:
+    """`frame_indices` for a variable-frame-rate video, on its frames' presentation times.
+
+    ``times`` are the seconds at which each frame is shown, from the first frame (non-decreasing).
+    The video ends one typical frame period (the median gap between frames) after its last frame.
+    The range is the frames whose time lies in ``[start, end)``; its span runs from its first
+    frame's time to its last frame's end (the next frame's time), and the frame *shown* at a time
+    ``t`` of the span is the last frame whose time is not after ``t``.
+
+    Uniform mode: the span is cut into ``num_frames`` equal segments and each contributes the frame
+    shown at its midpoint; a frame shown across several midpoints is returned once (so a video that
+    holds a frame still gives fewer frames); a range of no more than ``num_frames`` frames gives
+    each of them once. fps mode: the frames shown at the span's start and every ``1 / fps`` seconds
+    after it, each once; if that is more than ``max_frames``, the midpoint rule of `frame_indices`
+    picks ``max_frames`` of them. On a constant-rate video of two or more frames both modes choose
+    what `frame_indices` chooses (a single frame has no period to end it: it lasts a second here).
+
+    Raises:
+        VideoLoadError: bad arguments, or a range outside the video.
+    """
+    check_sampling_arguments(num_frames=num_frames, fps=fps, max_frames=max_frames, start=start, end=end)
+    times = [float(t) for t in times]
+    if not times:
+        raise VideoLoadError("the video has 0 frames; at least one is needed")
+    gaps = np.diff(times)
+    if np.any(gaps < 0) or not all(math.isfinite(t) for t in times):
+        raise VideoLoadError("the frames' presentation times are not in order; re-encode the video, e.g. "
+                             "`ffmpeg -i IN -r 30 -c:v libx264 OUT.mp4`")
+    period = float(np.median(gaps)) if len(times) > 1 and np.median(gaps) > 0 else 1.0
+    duration = times[-1] + period
+    if start is not None and start >= duration:
+        raise VideoLoadError(f"start={start!r} s is at or after the end of the video ({duration:.3f} s); "
+                             f"pass a start before {duration:.3f}")
+    if end is not None and end > duration + period + _TIME_TOLERANCE:
+        raise VideoLoadError(f"end={end!r} s is past the end of the video ({duration:.3f} s); pass end=None "
+                             f"to read to the end")
+    slack = _TIME_TOLERANCE * period  # as `frame_indices`'s slack of a millionth of a frame
+    first = 0 if start is None else bisect.bisect_left(times, start - slack)
+    stop = len(times) if end is None else bisect.bisect_left(times, end - slack)
+    if stop <= first:
+        raise VideoLoadError(f"no frame has a timestamp in [{start!r}, {end!r}) s; widen the range")
+    t0, t1 = times[first], (times[stop] if stop < len(times) else duration)
+
+    def shown(t: float) -> int:
+        return min(stop - 1, max(first, bisect.bisect_right(times, t + slack) - 1))
+
+    if fps is None:
+        if stop - first <= num_frames:
+            return list(range(first, stop))
+        span = t1 - t0
+        return sorted({shown(t0 + (2 * j + 1) * span / (2 * num_frames)) for j in range(num_frames)})
+    num_samples = math.ceil((t1 - t0) * fps - _TIME_TOLERANCE)
+    chosen = sorted({shown(t0 + m / fps) for m in range(num_samples)})
+    if len(chosen) > max_frames:
+        chosen = [chosen[position] for position in _midpoints_of_segments(len(chosen), max_frames)]
+    return chosen
+
+
 def _midpoints_of_segments(length: int, count: int) -> list[int]:
     """Positions in ``range(length)`` of the midpoints of ``count`` equal segments.
 
@@ -245,15 +320,20 @@ def sample_frames(path: PathLike, num_frames: int = 8, fps: Optional[float] = No
     if not os.path.isfile(shown):
         raise VideoLoadError(f"{shown}: not a file; pass the path of a video file")
 
-    def choose_indices(num_total_frames: int, avg_fps: float) -> list[int]:
+    def choose_frames(num_total_frames: int, avg_fps: float, times: Optional[list[float]]):
         try:
-            return frame_indices(num_total_frames, avg_fps, num_frames=num_frames, fps=fps,
-                                 max_frames=max_frames, start=start, end=end)
+            if times is None or is_constant_rate(times, avg_fps):
+                indices = frame_indices(num_total_frames, avg_fps, num_frames=num_frames, fps=fps,
+                                        max_frames=max_frames, start=start, end=end)
+                return indices, [index / avg_fps for index in indices]
+            indices = frame_indices_at_times(times, num_frames=num_frames, fps=fps, max_frames=max_frames,
+                                             start=start, end=end)
+            return indices, [times[index] for index in indices]
         except VideoLoadError as err:
             raise VideoLoadError(f"{shown}: {err}") from None
 
     if backend == "pyav":
-        return _sample_with_pyav(shown, choose_indices)
+        return _sample_with_pyav(shown, choose_frames)
     try:
         decord = _import_decord()
     except ImportError as err:
@@ -261,8 +341,8 @@ def sample_frames(path: PathLike, num_frames: int = 8, fps: Optional[float] = No
             raise ImportError(f"backend='decord' was asked for {shown}, but decord cannot be imported ({err}). "
                               f"Install it (`pip install decord`, Linux x86_64/Windows only) or pass "
                               f"backend='pyav'") from err
-        return _sample_with_pyav(shown, choose_indices)
-    return _sample_with_decord(decord, shown, choose_indices)
+        return _sample_with_pyav(shown, choose_frames)
+    return _sample_with_decord(decord, shown, choose_frames)
 
 
 _UNREADABLE_HINT = ("it may be empty, corrupt, truncated or not a video; check that it plays (e.g. `ffprobe FILE`) "
@@ -277,7 +357,7 @@ def _import_decord():
     return decord
 
 
-def _sample_with_decord(decord, path: str, choose_indices: IndexChooser) -> SampledFrames:
+def _sample_with_decord(decord, path: str, choose_frames: FrameChooser) -> SampledFrames:
     """Open a reader for this call only, read one sorted batch, then drop the reader."""
     try:
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
@@ -291,12 +371,14 @@ def _sample_with_decord(decord, path: str, choose_indices: IndexChooser) -> Samp
         if total_frames < 1:
             raise VideoLoadError(f"{path}: the video has no frames; pass a file with video frames")
 
-        try:  # end time of the last frame, from its pts: only used if the reported rate is broken
-            duration_s = float(reader.get_frame_timestamp(total_frames - 1)[1])
+        try:  # [start, end] seconds of each frame, from its pts
+            stamps = np.asarray(reader.get_frame_timestamp(list(range(total_frames))), dtype=float)
+            duration_s = float(stamps[-1, 1])  # the end of the last frame: used if the reported rate is broken
+            times = [round(t, 6) for t in (stamps[:, 0] - stamps[0, 0]).tolist()]  # decord keeps float32
         except Exception:  # broken timestamps: resolve_avg_fps reports it if the rate is broken too
-            duration_s = None
+            duration_s, times = None, None
         avg_fps = resolve_avg_fps(reader.get_avg_fps(), total_frames, duration_s, path)
-        indices = choose_indices(total_frames, avg_fps)
+        indices, timestamps = choose_frames(total_frames, avg_fps, times)
         try:
             batch = reader.get_batch(indices)
         except Exception as err:
@@ -306,16 +388,17 @@ def _sample_with_decord(decord, path: str, choose_indices: IndexChooser) -> Samp
         frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
     finally:
         del reader  # large videos grow decord's memory while a reader lives
-    return _result(frames, indices, avg_fps, total_frames, path)
+    return _result(frames, indices, timestamps, avg_fps, total_frames, path)
 
 
-def _sample_with_pyav(path: str, choose_indices: IndexChooser) -> SampledFrames:
+def _sample_with_pyav(path: str, choose_frames: FrameChooser) -> SampledFrames:
     """Decode sequentially from the start, keep only the wanted frames, stop after the last.
 
     The frame count is the number of video packets the file really holds, counted without
     decoding them, as decord does when it opens a file. The header's ``stream.frames`` is not
     used: some containers (Matroska, WebM) leave it 0, and in a file cut short it counts
-    frames that are no longer there, where decord counts only those that are.
+    frames that are no longer there, where decord counts only those that are. The packets' pts,
+    sorted, are the frames' presentation times (packets come in decode order).
     """
     import av
 
@@ -332,11 +415,14 @@ def _sample_with_pyav(path: str, choose_indices: IndexChooser) -> SampledFrames:
                 duration_s = container.duration / av.time_base
             else:
                 duration_s = None
-            total_frames = 0
+            total_frames, pts = 0, []
             for packet in container.demux(stream):
                 if packet.is_corrupt:  # e.g. the last packet of a file cut short; decord fails here too
                     raise VideoLoadError(f"{path}: video packet {total_frames} is damaged; {_UNREADABLE_HINT}")
-                total_frames += packet.size > 0  # the final flush packet is empty
+                if packet.size > 0:  # the final flush packet is empty
+                    total_frames += 1
+                    pts.append(packet.pts)
+            time_base = float(stream.time_base) if stream.time_base else None
     except VideoLoadError:
         raise
     except Exception as err:  # av.FFmpegError and friends (InvalidDataError, EOFError, ...)
@@ -345,7 +431,11 @@ def _sample_with_pyav(path: str, choose_indices: IndexChooser) -> SampledFrames:
         raise VideoLoadError(f"{path}: the video has no frames; pass a file with video frames")
 
     avg_fps = resolve_avg_fps(reported, total_frames, duration_s, path)
-    indices = choose_indices(total_frames, avg_fps)
+    times = None
+    if time_base and None not in pts:
+        pts.sort()
+        times = [round((p - pts[0]) * time_base, 6) for p in pts]
+    indices, timestamps = choose_frames(total_frames, avg_fps, times)
     wanted = set(indices)
     kept: dict[int, np.ndarray] = {}
     decoded = 0
@@ -363,15 +453,16 @@ def _sample_with_pyav(path: str, choose_indices: IndexChooser) -> SampledFrames:
     if len(kept) < len(indices):
         raise VideoLoadError(f"{path}: decoding ended after {decoded} frames, but the file holds {total_frames} "
                              f"video packets; {_UNREADABLE_HINT}")
-    return _result(np.stack([kept[index] for index in indices]), indices, avg_fps, total_frames, path)
+    return _result(np.stack([kept[index] for index in indices]), indices, timestamps, avg_fps, total_frames, path)
 
 
-def _result(frames: np.ndarray, indices: list[int], avg_fps: float, total_frames: int, path: str) -> SampledFrames:
+def _result(frames: np.ndarray, indices: list[int], timestamps: list[float], avg_fps: float, total_frames: int,
+            path: str) -> SampledFrames:
     frames = np.ascontiguousarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
         raise VideoLoadError(f"{path}: expected {len(indices)} RGB uint8 frames, the backend gave "
                              f"{frames.dtype} {frames.shape}; {_UNREADABLE_HINT}")
-    return SampledFrames(frames=frames, timestamps=[index / avg_fps for index in indices], indices=list(indices),
+    return SampledFrames(frames=frames, timestamps=list(timestamps), indices=list(indices),
                          avg_fps=float(avg_fps), total_frames=int(total_frames))
 
 

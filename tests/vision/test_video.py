@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import vision.video as video
 from vision.errors import VideoLoadError, VisionInputError
-from vision.video import SampledFrames, frame_indices, resolve_avg_fps, sample_frames
+from vision.video import SampledFrames, frame_indices, frame_indices_at_times, resolve_avg_fps, sample_frames
 from vision.video_io import write_video
 
 SIZE = 64
@@ -182,6 +182,58 @@ def test_frame_indices_rejects_bad_arguments(kwargs, message):
         frame_indices(**arguments)
 
 
+# --------------------------------------------------------------------------- variable frame rate (pure)
+
+# Frames shown at 0, 0.1, 0.2, 0.3 s, then (the camera paused) at 2.0, 2.1, 2.2, 2.3 s: frame 3 stays on
+# screen from 0.3 to 2.0 s, and the video ends at 2.4 s (one typical gap after its last frame).
+PAUSED = [0.0, 0.1, 0.2, 0.3, 2.0, 2.1, 2.2, 2.3]
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    # uniform: 4 segments of 0.6 s, midpoints 0.3, 0.9, 1.5, 2.1 s -> frames 3, 3, 3, 5: frame 3 once
+    (dict(num_frames=4), [3, 5]),
+    # no more frames than asked: each once
+    (dict(num_frames=8), list(range(8))),
+    # fps mode: what is on screen at 0, 0.2, 0.4, ..., 2.2 s
+    (dict(fps=5), [0, 2, 3, 4, 6]),
+    (dict(fps=5, max_frames=2), [2, 4]),
+    # a start inside the pause: the range is frames 4-7, its span 2.0-2.4 s, midpoints 2.1 and 2.3 s
+    (dict(num_frames=2, start=1.0), [5, 7]),
+    (dict(fps=2, start=0.15, end=2.25), [2, 3, 6]),
+])
+def test_variable_rate_frames_are_chosen_by_when_they_are_shown(kwargs, expected):
+    assert frame_indices_at_times(PAUSED, **kwargs) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(total=st.integers(2, 300), avg_fps=st.sampled_from([1, 7.5, 10, 24, 25, 30000 / 1001, 30, 60]),
+       num_frames=st.integers(1, 40), fps=st.one_of(st.none(), st.floats(0.05, 100)), max_frames=st.integers(1, 40),
+       start_fraction=st.one_of(st.none(), st.floats(0, 1)), length_fraction=st.one_of(st.none(), st.floats(0, 1)))
+def test_on_a_constant_rate_times_choose_what_frame_indices_chooses(total, avg_fps, num_frames, fps, max_frames,
+                                                                   start_fraction, length_fraction):
+    duration = total / avg_fps
+    start = None if start_fraction is None else start_fraction * duration
+    end = None if length_fraction is None else min(duration, (start or 0) + length_fraction * duration)
+    kwargs = dict(num_frames=num_frames, fps=fps, max_frames=max_frames, start=start, end=end)
+    outcomes = []
+    for choose in (lambda: frame_indices(total, avg_fps, **kwargs),
+                   lambda: frame_indices_at_times([i / avg_fps for i in range(total)], **kwargs)):
+        try:
+            outcomes.append(choose())
+        except VideoLoadError:  # a range outside the video or holding no frame (the messages may differ)
+            outcomes.append("error")
+    assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("times, message", [
+    ([], "the video has 0 frames"),
+    ([0.0, 0.2, 0.1], "not in order"),
+])
+def test_variable_rate_times_that_cannot_be_used_are_named(times, message):
+    with pytest.raises(VideoLoadError, match=message):
+        frame_indices_at_times(times)
+
+
 def test_resolve_avg_fps_trusts_a_plausible_rate_and_falls_back_to_frames_over_duration():
     assert resolve_avg_fps(29.97, 100, 50.0) == 29.97  # plausible: kept, even if the duration disagrees
     for broken in (0.0, float("nan"), float("inf"), -25.0, 90000.0, None):
@@ -256,6 +308,52 @@ def test_backends_agree_on_count_rate_indices_and_pixels(videos, name):
     assert by_decord.timestamps == pytest.approx(by_pyav.timestamps)
     difference = np.abs(by_decord.frames.astype(int) - by_pyav.frames.astype(int))
     assert difference.mean() < 3  # same frames; only colour conversion may differ
+
+
+def write_paused_video(path, times_s):
+    """An mp4 whose frame i (numbered as in `numbered_frames`) is shown at times_s[i] seconds (B-frames on,
+    so its packets come out of presentation order)."""
+    from fractions import Fraction
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width = stream.height = SIZE
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "10"}
+        stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
+        for frame_array, t in zip(numbered_frames(len(times_s)), times_s):
+            frame = av.VideoFrame.from_ndarray(frame_array, format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_variable_rate_file_is_sampled_by_when_its_frames_are_shown(tmp_path, backend):
+    # 24 frames: 0-11 at 10 fps, a 3-second pause on frame 11, then 12-23 at 10 fps again. Its average rate
+    # (24 frames over 5.3 s, 4.5 fps) would put frame 12 at 2.65 s; it is shown at 4.1 s.
+    times = [i / 10 for i in range(12)] + [4.1 + i / 10 for i in range(12)]
+    path = tmp_path / "paused.mp4"
+    write_paused_video(path, times)
+    uniform = sample_frames(path, num_frames=6, backend=backend)
+    expected = frame_indices_at_times(times, num_frames=6)
+    assert expected == [4, 11, 19]  # midpoints 0.44, 1.33, 2.21, 3.09, 3.98, 4.86 s: frame 11 through the pause
+    assert uniform.indices == read_numbers(uniform.frames) == expected
+    assert uniform.timestamps == pytest.approx([times[i] for i in expected], abs=1e-3)
+    by_rate = sample_frames(path, fps=1, backend=backend)
+    assert by_rate.indices == read_numbers(by_rate.frames) == [0, 10, 11, 21]  # on screen at 0, 1, 2, ..., 5 s
+    assert by_rate.timestamps == pytest.approx([0.0, 1.0, 1.1, 5.0], abs=1e-3)
+    assert by_rate.total_frames == 24
+
+
+def test_backends_agree_on_a_variable_rate_file(tmp_path):
+    times = [0.0, 0.04, 0.08, 1.0, 1.04, 1.5, 1.54, 1.58, 3.0]
+    path = tmp_path / "paused.mp4"
+    write_paused_video(path, times)
+    by_decord, by_pyav = (sample_frames(path, num_frames=5, backend=b) for b in BACKENDS)
+    assert by_decord.indices == by_pyav.indices == read_numbers(by_pyav.frames)
+    assert by_decord.timestamps == by_pyav.timestamps == pytest.approx([times[i] for i in by_pyav.indices], abs=1e-3)
 
 
 def test_result_unpacks_into_frames_and_timestamps(videos):
