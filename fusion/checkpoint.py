@@ -50,11 +50,26 @@ def atomic_folder(path):
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             os.replace(path, old)
         os.replace(tmp, path)
+        fsync_folder(path.parent)  # the rename itself survives a power cut
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fsync_folder(path) -> None:
+    """Flush a folder's entries (renames into it) to disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a folder
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _current_umask() -> int:
@@ -64,11 +79,20 @@ def _current_umask() -> int:
 
 
 def write_json(path, data) -> None:
-    """Write JSON through a temporary file and a rename (never a truncated file)."""
+    """Write JSON through a temporary file, flushed to disk, and a rename (never a truncated file, even
+    after a power cut). If writing fails (a full disk), the file at `path` is left as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(json.dumps(data, indent=2) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
 
 
 def model_state(model) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ from .checkpoint import atomic_folder, read_model_config, save_model_folder, wri
 from .data.collate import pack_batch, pad_batch, split_by_length, split_long_samples
 from .data.datasets import ROLE_ALIASES, ConversationDataset, MediaCache, join_media_groups
 from .decoder import IGNORE_INDEX, next_token_targets
-from .errors import ConfigError, DatasetError, TrainingError, TrainingStopped
+from .errors import CheckpointError, ConfigError, DatasetError, TrainingError, TrainingStopped
 from .fusion_config import FusionConfig
 from .model import FusionModel
 from .compilation import check_can_compile, compile_decoder_blocks, eager
@@ -692,7 +692,11 @@ class Trainer:
     def save_model(self, folder: Path):
         state = fdist.full_model_state(self.model)
         if self.ctx.is_main:
-            save_model_folder(self.model, folder, state=state)
+            try:
+                save_model_folder(self.model, folder, state=state)
+            except OSError as err:  # atomic: an earlier model in that folder stays as it was
+                raise CheckpointError(f"could not write the model to {folder} ({err}); "
+                                      f"{_intact_checkpoint(self.out / 'checkpoints')}") from err
         self.ctx.barrier()
 
     def save_checkpoint(self, optimizer, scheduler, progress: StageProgress, data_position: tuple[int, int]):
@@ -704,14 +708,18 @@ class Trainer:
             return
         root = self.out / "checkpoints"
         name = f"step-{progress.global_step:07d}"
-        with atomic_folder(root / name) as tmp:
-            save_model_folder(self.model, tmp / "model", state=model_state)
-            torch.save({"progress": vars(progress), "optimizer": optimizer_state,
-                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "data_position": data_position,  # (epoch, batch) of the stage's next batch
-                        "wall_seconds": self.total_wall_seconds(),
-                        "rng": _rng_state()}, tmp / TRAINER_STATE)
-        write_json(root / "latest.json", {"folder": name, "step": progress.global_step})
+        try:
+            with atomic_folder(root / name) as tmp:
+                save_model_folder(self.model, tmp / "model", state=model_state)
+                torch.save({"progress": vars(progress), "optimizer": optimizer_state,
+                            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                            "data_position": data_position,  # (epoch, batch) of the stage's next batch
+                            "wall_seconds": self.total_wall_seconds(),
+                            "rng": _rng_state()}, tmp / TRAINER_STATE)
+            write_json(root / "latest.json", {"folder": name, "step": progress.global_step})
+        except OSError as err:  # a full disk, a quota, a folder made read-only: nothing half-written stays
+            raise CheckpointError(f"could not write the checkpoint of step {progress.global_step} to {root / name} "
+                                  f"({err}); {_intact_checkpoint(root)}") from err
         old = sorted(p for p in root.glob("step-*") if p.name != name)
         for folder in old[:max(0, len(old) - self.config.keep_checkpoints + 1)]:
             shutil.rmtree(folder, ignore_errors=True)
@@ -729,6 +737,16 @@ class Trainer:
         write_json(self.out / "eval.json", results)
         if self.progress:
             print("final evaluation:", {k: round(v, 4) for k, v in _accuracies(results).items()}, flush=True)
+
+
+def _intact_checkpoint(root: Path) -> str:
+    """What a run whose checkpoint could not be written can resume from (the text of an error)."""
+    try:
+        latest = json.loads((root / "latest.json").read_text())
+    except (OSError, ValueError):
+        return "the run has no earlier checkpoint; free space (or fix the folder) and start it again"
+    return (f"the checkpoint of step {latest['step']} ({root / latest['folder']}) is intact: free space "
+            f"(or fix the folder) and continue with --resume")
 
 
 def config_changes(old, new, where: str = "") -> list[str]:

@@ -409,6 +409,48 @@ def test_ctrl_c_in_python_stops_after_the_step_with_a_checkpoint(world, tmp_path
     assert [s for s, _ in losses(tmp_path / "run")] == list(range(1, 8)) and (final / "model.safetensors").exists()
 
 
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_leaves_the_last_one_intact(world, tmp_path,
+                                                                                         monkeypatch):
+    """A full disk while a checkpoint is written: the run stops with a message naming the intact checkpoint,
+    nothing half-written is left, and --resume from it finishes the run."""
+    import errno
+
+    from fusion.errors import CheckpointError
+
+    stages = [{"name": "s", "data": str(world / "text.jsonl"), "steps": 6, "batch_size": 4, "lr": {"decoder": 1e-3}}]
+    config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages, checkpoint_every=2))
+    save, calls = torch.save, []
+
+    def disk_full_at_the_second_checkpoint(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:
+            Path(f).write_bytes(b"half")  # something was written before the disk filled up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_the_second_checkpoint)
+    with pytest.raises(CheckpointError, match=r"checkpoint of step 4 .*No space left on device.*the checkpoint of "
+                                              r"step 2 .*step-0000002\) is intact.*--resume"):
+        train(config, progress=False)
+    monkeypatch.undo()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest.json", "step-0000002"]  # no temporary folder
+    assert json.loads((checkpoints / "latest.json").read_text())["step"] == 2
+    final = train(config, resume=True, progress=False)
+    assert [s for s, _ in losses(tmp_path / "run")] == list(range(1, 7)) and (final / "model.safetensors").exists()
+
+
+def test_a_json_file_that_cannot_be_written_keeps_its_old_content(tmp_path):
+    from fusion.checkpoint import write_json
+
+    path = tmp_path / "latest.json"
+    write_json(path, {"step": 2})
+    with pytest.raises(TypeError):
+        write_json(path, {"step": object()})  # fails halfway through writing
+    assert json.loads(path.read_text()) == {"step": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.json"]
+
+
 needs_cpu_compiler = pytest.mark.skipif(fusion.compilation.cpu_compiler() is None,
                                         reason="compile: true on a CPU needs a C++ compiler (g++ or $CXX); none on PATH")
 
