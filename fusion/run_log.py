@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
 class MetricsLog:
     """Appends one JSON object per line to `path`. On resume, entries after the resumed step are dropped,
-    so a run that was killed and resumed has the same log as one that was not."""
+    so a run that was killed and resumed has the same log as one that was not (a line the kill tore in
+    half goes with them); the shortened log replaces the old one in a single rename."""
 
     def __init__(self, path, resume_from_step: int | None = None):
         self.path = Path(path)
@@ -15,9 +17,10 @@ class MetricsLog:
         if resume_from_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_from_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [e for e in read_metrics(self.path) if e.get("step", 0) <= resume_from_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
+            os.replace(tmp, self.path)
 
     def write(self, **entry):
         with open(self.path, "a") as f:
@@ -28,10 +31,17 @@ class MetricsLog:
 
 
 def read_metrics(path) -> list[dict]:
+    """The log's entries; a line that is not JSON (torn by a kill or a full disk mid-write) is left out."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
 
 
 def plot_metrics(metrics_path, out_png) -> Path:

@@ -451,6 +451,19 @@ def test_a_json_file_that_cannot_be_written_keeps_its_old_content(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["latest.json"]
 
 
+def test_resume_drops_a_metrics_line_that_the_kill_tore_in_half(tmp_path):
+    from fusion.run_log import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1, "loss": 1.0}\n{"kind": "train", "step": 2, "loss": 0.5}\n'
+                    '{"kind": "train", "step": 3, "lo')  # killed while writing step 3
+    assert [e["step"] for e in read_metrics(path)] == [1, 2]
+    log = MetricsLog(path, resume_from_step=1)  # the checkpoint was at step 1
+    log.write(kind="train", step=2, loss=0.4)
+    assert read_metrics(path) == [{"kind": "train", "step": 1, "loss": 1.0}, {"kind": "train", "step": 2, "loss": 0.4}]
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
 needs_cpu_compiler = pytest.mark.skipif(fusion.compilation.cpu_compiler() is None,
                                         reason="compile: true on a CPU needs a C++ compiler (g++ or $CXX); none on PATH")
 
