@@ -312,13 +312,33 @@ class Trainer:
         return torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype)
 
     def _latest_state(self):
-        pointer = self.out / "checkpoints" / "latest.json"
+        """The trainer state of the checkpoint `latest.json` names; if that one cannot be read (a damaged or
+        half-copied run folder), the newest readable one, with a warning; None where the run has none."""
+        root = self.out / "checkpoints"
+        pointer = root / "latest.json"
         if not pointer.exists():
             return None
-        folder = self.out / "checkpoints" / json.loads(pointer.read_text())["folder"]
-        state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=False)
-        state["folder"] = folder
-        return state
+        folders = sorted(root.glob("step-*"), reverse=True)
+        try:
+            named = root / json.loads(pointer.read_text())["folder"]
+            folders = [named] + [f for f in folders if f != named]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            problem = f"{pointer} cannot be read ({err})"
+        else:
+            problem = None
+        for folder in folders:
+            try:
+                state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=False)
+                read_model_config(folder / "model")  # the weights file is there too
+            except Exception as err:  # a missing, truncated or foreign file
+                problem = problem or f"the checkpoint {folder} cannot be read ({type(err).__name__}: {err})"
+                continue
+            if problem:
+                warnings.warn(f"{problem}; resuming from {folder} instead", TrainingWarning, stacklevel=2)
+            state["folder"] = folder
+            return state
+        raise CheckpointError(f"{problem}, and no other checkpoint in {root} can be read; start the run again with "
+                              f"--overwrite")
 
     def prepare_data(self):
         spec = self.config.data.get("shapes_world")

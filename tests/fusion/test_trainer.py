@@ -464,6 +464,41 @@ def test_resume_drops_a_metrics_line_that_the_kill_tore_in_half(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
 
 
+def test_resume_from_a_damaged_checkpoint_falls_back_to_the_one_before(world, tmp_path, monkeypatch):
+    """The checkpoint latest.json names cannot be read (a half-copied run folder): --resume warns and continues
+    from the newest one that can; with none readable it says to start again."""
+    from fusion.errors import CheckpointError, TrainingStopped
+    from fusion.trainer import TrainingStep, TrainingWarning
+
+    stages = [{"name": "s", "data": str(world / "text.jsonl"), "steps": 6, "batch_size": 4, "lr": {"decoder": 1e-3}}]
+    config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages, checkpoint_every=2))
+    forward, calls = TrainingStep.forward, []
+
+    def interrupted_at_step_5(self, *args):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args)
+
+    monkeypatch.setattr(TrainingStep, "forward", interrupted_at_step_5)
+    with pytest.raises(TrainingStopped):
+        train(config, progress=False)
+    monkeypatch.undo()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert json.loads((checkpoints / "latest.json").read_text())["step"] == 5
+    state = checkpoints / "step-0000005" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # cut short
+    with pytest.warns(TrainingWarning, match=r"step-0000005 cannot be read .*resuming from .*step-0000004 instead"):
+        final = train(config, resume=True, progress=False)
+    assert [s for s, _ in losses(tmp_path / "run")] == list(range(1, 7)) and (final / "model.safetensors").exists()
+
+    (checkpoints / "latest.json").write_text("{")
+    for folder in checkpoints.glob("step-*"):
+        (folder / "trainer_state.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"latest.json cannot be read .*no other checkpoint .*--overwrite"):
+        train(config, resume=True, progress=False)
+
+
 needs_cpu_compiler = pytest.mark.skipif(fusion.compilation.cpu_compiler() is None,
                                         reason="compile: true on a CPU needs a C++ compiler (g++ or $CXX); none on PATH")
 
