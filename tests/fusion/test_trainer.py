@@ -381,22 +381,29 @@ def test_sigkill_then_resume_continues_exactly(world, tmp_path, stop):
     assert summary["wall_seconds_total"] > summary["wall_seconds"] > 0
 
 
+def ctrl_c_at_step(monkeypatch, step: int) -> None:
+    """Send this process SIGINT (Ctrl-C) during the forward pass of training step `step`."""
+    from fusion.trainer import TrainingStep
+
+    forward, calls = TrainingStep.forward, []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args)
+
+    monkeypatch.setattr(TrainingStep, "forward", interrupted)
+
+
 def test_ctrl_c_in_python_stops_after_the_step_with_a_checkpoint(world, tmp_path, monkeypatch):
     """Ctrl-C (a notebook's interrupt) while train() runs: the step finishes, a checkpoint is written, and
     TrainingStopped says how to continue; Python's own SIGINT handler is back afterwards."""
     from fusion.errors import TrainingStopped
-    from fusion.trainer import TrainingStep, TrainingWarning
+    from fusion.trainer import TrainingWarning
 
     stages = [{"name": "s", "data": str(world / "text.jsonl"), "steps": 6, "batch_size": 4, "lr": {"decoder": 1e-3}}]
-    forward, calls = TrainingStep.forward, []
-
-    def interrupted_at_step_2(self, *args):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, *args)
-
-    monkeypatch.setattr(TrainingStep, "forward", interrupted_at_step_2)
+    ctrl_c_at_step(monkeypatch, 2)
     handler = signal.getsignal(signal.SIGINT)
     config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages))
     with pytest.raises(TrainingStopped, match=r"stopped on SIGINT after stage 's' step 2 .*resume=True"):
@@ -468,19 +475,11 @@ def test_resume_from_a_damaged_checkpoint_falls_back_to_the_one_before(world, tm
     """The checkpoint latest.json names cannot be read (a half-copied run folder): --resume warns and continues
     from the newest one that can; with none readable it says to start again."""
     from fusion.errors import CheckpointError, TrainingStopped
-    from fusion.trainer import TrainingStep, TrainingWarning
+    from fusion.trainer import TrainingWarning
 
     stages = [{"name": "s", "data": str(world / "text.jsonl"), "steps": 6, "batch_size": 4, "lr": {"decoder": 1e-3}}]
     config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages, checkpoint_every=2))
-    forward, calls = TrainingStep.forward, []
-
-    def interrupted_at_step_5(self, *args):
-        calls.append(1)
-        if len(calls) == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, *args)
-
-    monkeypatch.setattr(TrainingStep, "forward", interrupted_at_step_5)
+    ctrl_c_at_step(monkeypatch, 5)
     with pytest.raises(TrainingStopped):
         train(config, progress=False)
     monkeypatch.undo()
