@@ -78,14 +78,14 @@ def _current_umask() -> int:
     return umask
 
 
-def write_json(path, data) -> None:
-    """Write JSON through a temporary file, flushed to disk, and a rename (never a truncated file, even
+def write_text_atomically(path, text: str) -> None:
+    """Write `text` through a temporary file, flushed to disk, and a rename (never a truncated file, even
     after a power cut). If writing fails (a full disk), the file at `path` is left as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w") as handle:
-            handle.write(json.dumps(data, indent=2) + "\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -93,6 +93,11 @@ def write_json(path, data) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
+
+
+def write_json(path, data) -> None:
+    """`data` as indented JSON, written by `write_text_atomically`."""
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
 
 
 def model_state(model) -> dict[str, torch.Tensor]:

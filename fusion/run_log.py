@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from .checkpoint import write_text_atomically
 
 
 class MetricsLog:
@@ -18,9 +19,7 @@ class MetricsLog:
             self.path.write_text("")
         elif self.path.exists():
             kept = [e for e in read_metrics(self.path) if e.get("step", 0) <= resume_from_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
-            os.replace(tmp, self.path)
+            write_text_atomically(self.path, "".join(json.dumps(e) + "\n" for e in kept))
 
     def write(self, **entry):
         with open(self.path, "a") as f:

@@ -526,13 +526,10 @@ class Trainer:
             if stage.eval.every and progress.step % stage.eval.every == 0 and progress.step < total:
                 self.evaluate(stage, progress)
             every = self.config.checkpoint_every
-            saved = bool(every) and progress.step % every == 0 and progress.step < total
-            if saved:
+            stop = progress.step < total and self.stop_signals.agreed(self.ctx)  # SIGTERM / Ctrl-C: keep this step
+            if stop or (every and progress.step % every == 0 and progress.step < total):
                 self.save_checkpoint(optimizer, scheduler, progress, divmod(progress.step, sampler.batches_per_epoch))
-            if progress.step < total and self.stop_signals.agreed(self.ctx):  # SIGTERM / Ctrl-C: keep this step
-                if not saved:
-                    self.save_checkpoint(optimizer, scheduler, progress,
-                                         divmod(progress.step, sampler.batches_per_epoch))
+            if stop:
                 raise self.stopped(stage, progress)
         if bar is not None:
             bar.close()

@@ -207,7 +207,8 @@ def frame_indices_at_times(times: Sequence[float], num_frames: int = 8, fps: Opt
     if np.any(gaps < 0) or not all(math.isfinite(t) for t in times):
         raise VideoLoadError("the frames' presentation times are not in order; re-encode the video, e.g. "
                              "`ffmpeg -i IN -r 30 -c:v libx264 OUT.mp4`")
-    period = float(np.median(gaps)) if len(times) > 1 and np.median(gaps) > 0 else 1.0
+    median_gap = float(np.median(gaps)) if len(times) > 1 else 0.0
+    period = median_gap if median_gap > 0 else 1.0
     duration = times[-1] + period
     if start is not None and start >= duration:
         raise VideoLoadError(f"start={start!r} s is at or after the end of the video ({duration:.3f} s); "
