@@ -41,6 +41,14 @@ class DistContext:
             value = reduced.to(value.device)
         return value
 
+    def all_reduce_max(self, value: int) -> int:
+        """The largest of each process's `value`."""
+        if not self.distributed:
+            return value
+        reduced = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+        return int(reduced.item())
+
 
 def init_distributed(device: str | None = None) -> DistContext:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); gloo on CPU, nccl on CUDA."""

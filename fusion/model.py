@@ -50,6 +50,9 @@ class FusionModel(nn.Module):
                                      position_tokens=tokens_per_tile if config.image_position_embedding else None,
                                      position_embedding=config.image_position_embedding or "per_token")
         self.decoder = Decoder(config.decoder)
+        # Sharded training (FSDP2) gathers a module's weights from every process when it runs: there every
+        # process must run the tower and adapter in every forward, a batch without media on a blank tile
+        self.vision_in_every_forward = False
         self.processor = FusionProcessor(
             tokenizer, self.vision.image_processor(max_tiles=config.max_tiles, pad_with_mean=config.pad_with_mean),
             tokens_per_tile=tokens_per_tile, video=config.video)
@@ -94,6 +97,10 @@ class FusionModel(nn.Module):
         if num_tiles:
             features = self.encode_images(pixel_values).reshape(-1, embeds.shape[-1])  # [n_tiles * per_tile, D]
             embeds = embeds.masked_scatter(image_mask[..., None], features.to(embeds.dtype))
+        elif self.vision_in_every_forward:  # the blank tile's features count 0 (its gradients too)
+            size = self.vision.image_size
+            features = self.encode_images(torch.zeros(1, 3, size, size, device=self.device))
+            embeds = embeds + features.sum().to(embeds.dtype) * 0
         return embeds, image_mask
 
     def forward(self, input_ids: torch.Tensor, *, pixel_values: torch.Tensor | None = None,

@@ -36,7 +36,7 @@ from tokenizer import FusionTokenizer
 
 from . import distributed as fdist
 from .checkpoint import atomic_folder, read_model_config, save_model_folder, write_json
-from .data.collate import pack_batch, pad_batch, split_by_length, split_long_samples
+from .data.collate import Batch, pack_batch, pad_batch, split_by_length, split_long_samples
 from .data.datasets import ROLE_ALIASES, ConversationDataset, MediaCache, join_media_groups
 from .decoder import IGNORE_INDEX, next_token_targets
 from .errors import CheckpointError, ConfigError, DatasetError, TrainingError, TrainingStopped
@@ -189,6 +189,14 @@ def collate_samples(samples, pad_id: int, pack: bool, max_length: int):
     return pack_batch(good, pad_id, max_length) if pack else pad_batch(good, pad_id)
 
 
+def text_stand_in_batch(tokenizer) -> Batch:
+    """Two tokens, the second supervised: what a process with no data of its own runs (its result unused) so
+    that its collectives match the other processes' under FSDP2."""
+    ids = torch.tensor([[tokenizer.bos_id, tokenizer.eos_id]])
+    return Batch(input_ids=ids, attention_mask=torch.ones_like(ids),
+                 labels=torch.tensor([[IGNORE_INDEX, tokenizer.eos_id]]))
+
+
 # -- one step ------------------------------------------------------------------------------------
 def supervised_loss_sum(model: FusionModel, inputs: dict, labels: torch.Tensor):
     """model(**inputs) with logits at the supervised positions only -> (output, summed next-token
@@ -275,6 +283,12 @@ class Trainer:
                 self._check_compile(stage)
 
     @property
+    def sharded(self) -> bool:
+        """FSDP2 over several processes: each forward and backward of a sharded module is a collective, so
+        every process runs as many micro-batches as the others (stand-ins where it has fewer)."""
+        return self.ctx.distributed and self.strategy == "fsdp2"
+
+    @property
     def computed_in(self) -> str:
         return computed_in(self.autocast_dtype is not None)
 
@@ -300,11 +314,7 @@ class Trainer:
         return torch.bfloat16
 
     def _check_compile(self, stage: StageConfig):
-        where = f"stage {stage.name!r}"
-        if self.ctx.distributed and self.strategy != "ddp":
-            raise ConfigError(f"{where}: compile: true works with one process or distributed.strategy ddp, not "
-                              f"{self.strategy} (yet); set compile: false or use ddp")
-        check_can_compile(self.ctx.device, where)
+        check_can_compile(self.ctx.device, f"stage {stage.name!r}")
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -464,9 +474,10 @@ class Trainer:
             for moe in model.decoder.moe_layers():
                 moe.aux_loss_coef = stage.aux_loss_coef
         step_module = TrainingStep(model)
-        if ctx.distributed and self.strategy == "fsdp2" and not getattr(model, "_fsdp_applied", False):
+        if self.sharded and not getattr(model, "_fsdp_applied", False):
             fdist.apply_fsdp2(model, list(model.decoder.layers) + [model.vision, model.adapter], ctx)
             model._fsdp_applied = True
+            model.vision_in_every_forward = True
         wrapped = fdist.wrap_ddp(step_module, ctx) if ctx.distributed and self.strategy == "ddp" else step_module
         optimizer = build_optimizer(model, stage)
         dataset = load_stage_data(self.config, stage, model,
@@ -565,15 +576,21 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64)
         load = None
         aux_scale = 1.0 / max(1, len(batches))  # the aux loss is a per-batch mean: average it over micro-batches
-        for i, batch in enumerate(batches):
+        count = ctx.all_reduce_max(len(batches)) if self.sharded else len(batches)
+        for i in range(count):
+            stand_in = i >= len(batches)  # FSDP2: this process has fewer micro-batches than another
+            batch = (batches[-1] if batches else text_stand_in_batch(self.model.tokenizer)) if stand_in else batches[i]
             batch = batch.to(ctx.device)
-            sync = nullcontext() if (i == len(batches) - 1 or not hasattr(wrapped, "no_sync")) else wrapped.no_sync()
+            sync = nullcontext() if (i == count - 1 or not hasattr(wrapped, "no_sync")) else wrapped.no_sync()
             with sync, self.autocast():
                 loss, token_loss, batch_load = wrapped(batch.model_inputs(), normalizer, aux_scale)
-                loss.backward()
-            loss_sum += token_loss.double().cpu()
-            load = batch_load.cpu() if load is None else load + batch_load.cpu()
-        if not batches:  # every sample of this process was bad: still join the gradient all-reduce
+                (loss * 0 if stand_in else loss).backward()  # a stand-in's gradients are zeros
+            if stand_in:
+                self.model.decoder.uncount_last_forward()  # its tokens do not move the experts' balance
+            else:
+                loss_sum += token_loss.double().cpu()
+                load = batch_load.cpu() if load is None else load + batch_load.cpu()
+        if not batches and not self.sharded:  # every sample of this process was bad: still join the all-reduce
             with self.autocast():
                 zero = sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad)
                 zero.backward()
@@ -643,7 +660,7 @@ class Trainer:
         val_loss = self._validation_loss(stage)
         accuracy = {}
         if spec.limit != 0:
-            eval_model = self._unsharded_copy() if self.strategy == "fsdp2" and self.ctx.distributed else model
+            eval_model = self._unsharded_copy() if self.sharded else model
             if self.ctx.is_main:
                 from .evaluation.evaluate import evaluate
 
@@ -696,13 +713,16 @@ class Trainer:
             start = (b * self.ctx.world_size + self.ctx.rank) * per_process
             samples = [dataset[i] for i in range(start, min(start + per_process, len(dataset)))]
             batch = collate_samples(samples, self.model.tokenizer.pad_id, False, 0)
-            if batch is None:
+            if batch is None and not self.sharded:
                 continue
-            batch = batch.to(self.ctx.device)
+            # FSDP2: a process past the end of the data still runs a forward like the others, not counted
+            stand_in = batch is None
+            batch = (text_stand_in_batch(self.model.tokenizer) if stand_in else batch).to(self.ctx.device)
             with self.autocast():
                 _, loss_sum, count = supervised_loss_sum(self.model, {**batch.model_inputs(), "labels": None},
                                                          batch.labels)
-            total += torch.tensor([float(loss_sum), float(count)], dtype=torch.float64)
+            if not stand_in:
+                total += torch.tensor([float(loss_sum), float(count)], dtype=torch.float64)
         total = self.ctx.all_reduce_sum(total)
         return float(total[0] / total[1]) if total[1] > 0 else None
 
