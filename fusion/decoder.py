@@ -44,10 +44,8 @@ class DecoderLayer(nn.Module):
         self.feed_forward = MoE(config) if self.is_moe else FeedForward(config.hidden_size,
                                                                         config.intermediate_size_mlp)
 
-    def forward(self, x, rope, temperature, plan, kv=None, valid=None):
+    def forward(self, x, rope, temperature, plan, kv=None):
         h = x + self.attention(self.attention_norm(x), rope, temperature, plan, kv)
-        if self.is_moe:  # the experts' balance counts real tokens only
-            return h + self.feed_forward(self.ffn_norm(h), valid)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -174,8 +172,7 @@ class Decoder(nn.Module):
         temperature = (attention_temperature(positions, self.config.floor_scale, self.config.attn_scale)
                        if self.config.attn_temperature_tuning else None)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, temperature, plans[layer.kind], cache.layers[i] if cache is not None else None,
-                      None if attention_mask is None else valid)
+            x = layer(x, rope, temperature, plans[layer.kind], cache.layers[i] if cache is not None else None)
         if cache is not None:
             last = torch.where(valid, positions, -1).max(dim=1, keepdim=True).values
             cache.next_positions = torch.maximum(cache.next_positions, last + 1)
@@ -237,7 +234,7 @@ class Decoder(nn.Module):
         """Take the last forward's tokens back out of the load-balancing counts (a forward that must not count,
         such as a stand-in batch of sharded training)."""
         for moe in self.moe_layers():
-            moe.tokens_per_expert -= moe.last_counted.to(moe.tokens_per_expert.dtype)
+            moe.tokens_per_expert -= moe.last_counts.to(moe.tokens_per_expert.dtype)
 
     def tokens_per_expert(self) -> list[torch.Tensor]:
         """Tokens routed to each expert in the last forward, one [E] tensor per MoE layer."""

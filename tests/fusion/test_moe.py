@@ -131,25 +131,6 @@ def test_decoder_reports_tokens_per_expert_and_aux_loss():
     assert out.aux_loss is not None and out.loss > out.aux_loss
 
 
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_padding_does_not_count_for_the_balance(top_k):
-    """Padded tokens are routed like any other but not counted: the token counts the bias learns from and the
-    aux loss of a padded batch are those of its real tokens alone (so however a batch is split over processes
-    or length buckets, the balance is the same)."""
-    moe = make_moe(num_experts=4, top_k=top_k, aux_loss_coef=0.1).train()
-    x = torch.randn(3, 6, 32)
-    valid = torch.ones(3, 6, dtype=torch.bool)
-    valid[0, 4:] = valid[2, 1:] = False  # right padding
-    padded_out = moe(x, valid)
-    padded_counts, padded_aux = moe.tokens_per_expert.clone(), moe.aux_loss
-    moe.tokens_per_expert.zero_()
-    real_out = moe(x[valid])
-    assert torch.allclose(padded_out[valid], real_out, atol=1e-6)
-    assert torch.equal(padded_counts, moe.tokens_per_expert) and int(padded_counts.sum()) == int(valid.sum()) * top_k
-    assert torch.allclose(padded_aux, moe.aux_loss)
-    assert int(moe.last_counts.sum()) == int(valid.sum()) * top_k  # the real tokens' own routing
-
-
 def test_expert_backward_is_exact():
     """The hand-written expert backward (buffers, no autograd) passes gradcheck, empty experts included."""
     from fusion.moe import _LoopedExperts
