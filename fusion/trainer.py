@@ -575,11 +575,14 @@ class Trainer:
         normalizer = torch.tensor(global_tokens / ctx.world_size, device=ctx.device)
         loss_sum = torch.zeros((), dtype=torch.float64)
         load = None
-        aux_scale = 1.0 / max(1, len(batches))  # the aux loss is a per-batch mean: average it over micro-batches
-        count = ctx.all_reduce_max(len(batches)) if self.sharded else len(batches)
-        for i in range(count):
-            stand_in = i >= len(batches)  # FSDP2: this process has fewer micro-batches than another
-            batch = (batches[-1] if batches else text_stand_in_batch(self.model.tokenizer)) if stand_in else batches[i]
+        real = len(batches)
+        aux_scale = 1.0 / max(1, real)  # the aux loss is a per-batch mean: average it over micro-batches
+        count = ctx.all_reduce_max(real) if self.sharded else real
+        if count > real:  # FSDP2: this process has fewer micro-batches than another; stand-ins make up the rest
+            filler = batches[-1] if batches else text_stand_in_batch(self.model.tokenizer)
+            batches = batches + [filler] * (count - real)
+        for i, batch in enumerate(batches):
+            stand_in = i >= real
             batch = batch.to(ctx.device)
             sync = nullcontext() if (i == count - 1 or not hasattr(wrapped, "no_sync")) else wrapped.no_sync()
             with sync, self.autocast():
@@ -590,7 +593,7 @@ class Trainer:
             else:
                 loss_sum += token_loss.double().cpu()
                 load = batch_load.cpu() if load is None else load + batch_load.cpu()
-        if not batches and not self.sharded:  # every sample of this process was bad: still join the all-reduce
+        if not real and not self.sharded:  # every sample of this process was bad: still join the all-reduce
             with self.autocast():
                 zero = sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad)
                 zero.backward()
