@@ -1,11 +1,13 @@
 """Model folders on disk, written so that a crash never leaves a half-written folder behind.
 
 A model folder holds `config.json` (format version, model settings, the preprocessing), `model.safetensors`
-and `tokenizer.json`; loading needs nothing else.
+and `tokenizer.json`; loading needs nothing else. Where a model folder is asked for by name (a training
+config's `init_from`, `fusion eval`), `default` names the model that ships with fusion (`fusion/default_model/`).
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import json
 import os
 import shutil
@@ -23,6 +25,22 @@ from .fusion_config import FORMAT_VERSION, FusionConfig
 from .processor import FusionProcessor, VideoSettings
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+DEFAULT_MODEL = "default"  # the name of the model that ships with fusion, where a model folder is asked for
+DEFAULT_MODEL_FOLDER = "default_model"  # its folder inside the installed `fusion` package
+
+
+def default_model_location():
+    """Where the default model lives: the folder `default_model` inside the installed `fusion` package."""
+    return importlib.resources.files("fusion") / DEFAULT_MODEL_FOLDER
+
+
+def model_folder(name, base=None) -> Path:
+    """The model folder a config or a command line names: `default` is the model that ships with fusion (a
+    folder called so is `./default`), anything else a path, relative to `base` (default: the working folder)."""
+    if os.fspath(name) == DEFAULT_MODEL:
+        return Path(str(default_model_location()))
+    path = Path(name).expanduser()
+    return path if path.is_absolute() or base is None else Path(base) / path
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ rate per part. A rate of 0 (or a part left out) freezes that part for the stage.
     name: shapes-tiny
     output_dir: runs/shapes-tiny
     seed: 0
-    model:                      # built from scratch (or `init_from: path/to/model/folder`)
+    model:                      # built from scratch (or `init_from: path/to/model/folder`, or `default`)
       tokenizer: {train_on: [data/shapes/text.jsonl], vocab_size: 1024}
       decoder: {hidden_size: 256, num_layers: 4, ...}          # DecoderConfig fields
       vision: {image_size: 64, patch_size: 8, width: 128, ...} # VisionEncoderConfig fields
@@ -171,7 +171,7 @@ class StageConfig:
     max_row_tokens: int | None = None  # a grouped sample longer than this is computed as several rows (same loss)
     cache_samples: bool = False  # keep processed training samples, and the run's decoded media, in memory (see README)
     compile: bool = False  # torch.compile the decoder blocks for this stage's training steps (fusion/compilation.py)
-    init_from: str | None = None  # start this stage from a model folder
+    init_from: str | None = None  # start this stage from a model folder (`default`: the one fusion ships)
     eval: EvalConfig = field(default_factory=EvalConfig)
     aux_loss_coef: float | None = None  # override the decoder's aux-loss coefficient for this stage
 

@@ -35,7 +35,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Sampler
 from tokenizer import FusionTokenizer
 
 from . import distributed as fdist
-from .checkpoint import atomic_folder, read_model_config, save_model_folder, write_json
+from .checkpoint import atomic_folder, model_folder, read_model_config, save_model_folder, write_json
 from .data.collate import Batch, pack_batch, pad_batch, split_by_length, split_long_samples
 from .data.datasets import ROLE_ALIASES, ConversationDataset, MediaCache, join_media_groups
 from .decoder import IGNORE_INDEX, next_token_targets
@@ -59,7 +59,7 @@ def build_model(config: TrainConfig) -> FusionModel:
     folder `config.model["init_from"]`."""
     spec = dict(config.model)
     if spec.get("init_from"):
-        return FusionModel.from_pretrained(config.path(spec["init_from"]))
+        return FusionModel.from_pretrained(model_folder(spec["init_from"], config.base_dir))
     fusion_fields = {f.name for f in dataclasses.fields(FusionConfig)}
     unknown = sorted(set(spec) - fusion_fields - _MODEL_BUILD_KEYS)
     if unknown:
@@ -418,7 +418,7 @@ class Trainer:
                     continue
                 resuming = self.resume_state is not None and index == progress.stage_index and progress.step > 0
                 if stage.init_from and not resuming:
-                    self.model = FusionModel.from_pretrained(config.path(stage.init_from)).to(self.ctx.device)
+                    self.model = FusionModel.from_pretrained(model_folder(stage.init_from, config.base_dir)).to(self.ctx.device)
                 progress = self.run_stage(index, stage, progress, resuming)
                 progress = StageProgress(index + 1, 0, progress.global_step)
                 self.resume_state = None

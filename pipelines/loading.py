@@ -17,10 +17,9 @@ import os
 import torch
 
 from fusion import FusionModel
+from fusion.checkpoint import default_model_location
 
 from .errors import DefaultModelMissingError, PipelineInputError
-
-DEFAULT_MODEL_FOLDER = "default_model"
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -77,11 +76,6 @@ def resolve_dtype(dtype) -> torch.dtype | None:
                                      f"torch.bfloat16 or torch.float16")
         return dtype
     raise PipelineInputError(f"dtype must be a torch dtype or its name (e.g. 'bfloat16'), got a {type(dtype).__name__}")
-
-
-def default_model_location():
-    """Where the default model lives: the folder `default_model` inside the installed `fusion` package."""
-    return importlib.resources.files("fusion") / DEFAULT_MODEL_FOLDER
 
 
 def load_default_model(device: torch.device | None = None, dtype: torch.dtype | None = None) -> FusionModel:

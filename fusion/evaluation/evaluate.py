@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from tokenizer.errors import TokenizerError
 from vision.errors import VisionInputError
 
+from ..checkpoint import model_folder
 from ..data.datasets import ConversationDataset, DatasetWarning, Record, classify_error
 from ..errors import CheckpointError, DatasetError
 from .metrics import accuracy_by_type, answer_is_correct, bleu4, cider_d
@@ -253,7 +254,8 @@ def format_results(results: dict) -> str:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of `fusion eval MODEL_DIR DATA [options]`."""
-    parser.add_argument("model", help="a model folder (written by save_pretrained or by training)")
+    parser.add_argument("model", help="a model folder (written by save_pretrained or by training), or `default` for "
+                                      "the model that ships with fusion (a folder called so: ./default)")
     parser.add_argument("data", help="the dataset file: JSONL or LLaVA-style JSON")
     parser.add_argument("--root", default=None, help="folder that media paths are relative to (default: the data "
                                                      "file's folder)")
@@ -277,7 +279,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = FusionModel.from_pretrained(args.model, device=device)
+        model = FusionModel.from_pretrained(model_folder(args.model), device=device)
         results = evaluate(model, args.data, root=args.root, batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, limit=args.limit,
                            progress=not getattr(args, "no_progress", False),
