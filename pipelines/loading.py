@@ -1,6 +1,6 @@
 """Where a pipeline's model comes from, and where it runs: `model=`, `device=` and `dtype=`.
 
-    model   None (the default model shipped in `fusion/default_model/`), a checkpoint folder
+    model   None or "default" (the default model shipped in `fusion/default_model/`), a checkpoint folder
             (str or os.PathLike, as written by `FusionModel.save_pretrained` or `fusion train`),
             or a `FusionModel`
     device  None (a loaded model goes to the CPU, a given FusionModel stays where it is),
@@ -17,7 +17,7 @@ import os
 import torch
 
 from fusion import FusionModel
-from fusion.checkpoint import default_model_location
+from fusion.checkpoint import DEFAULT_MODEL, default_model_location
 
 from .errors import DefaultModelMissingError, PipelineInputError
 
@@ -96,7 +96,7 @@ def load_model(model, device: torch.device | None = None, dtype: torch.dtype | N
     A given `FusionModel` is moved (in place, as `nn.Module.to` does) only where device or dtype is given.
     A missing or broken folder raises `fusion.errors.CheckpointError` naming it.
     """
-    if model is None:
+    if model is None or model == DEFAULT_MODEL:  # a folder called "default" is "./default"
         loaded = load_default_model(device, dtype)
     elif isinstance(model, FusionModel):
         loaded = model

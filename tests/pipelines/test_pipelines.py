@@ -300,8 +300,8 @@ def test_missing_default_model_says_how_to_pass_one(monkeypatch, tmp_path):
 
 def test_default_model_is_used_as_soon_as_the_folder_exists(monkeypatch, model_dir, vqa):
     monkeypatch.setattr("pipelines.loading.default_model_location", lambda: model_dir)
-    pipe = pipelines.pipeline("vqa")
-    assert_same_results(pipe(image=image(1), question=QUESTIONS[0]), vqa(image=image(1), question=QUESTIONS[0]))
+    for pipe in (pipelines.pipeline("vqa"), pipelines.pipeline("vqa", model="default")):  # as a config names it
+        assert_same_results(pipe(image=image(1), question=QUESTIONS[0]), vqa(image=image(1), question=QUESTIONS[0]))
 
 
 def test_default_model_location_is_inside_the_fusion_package():
