@@ -396,14 +396,14 @@ class Trainer:
                     path.unlink()
         self.ctx.barrier()
         self.prepare_data()
+        progress = StageProgress(**self.resume_state["progress"]) if self.resume_state is not None else StageProgress()
+        self._check_files(progress.stage_index)
         self.seed_everything(config.seed)
-        if self.resume_state is not None:
-            model = FusionModel.from_pretrained(self.resume_state["folder"] / "model")
-            progress = StageProgress(**self.resume_state["progress"])
-        else:
-            model = build_model(config)
-            progress = StageProgress()
+        model = (FusionModel.from_pretrained(self.resume_state["folder"] / "model") if self.resume_state is not None
+                 else build_model(config))
         self.model = model.to(self.ctx.device)
+        for stage in config.stages[progress.stage_index:]:  # each stage's eval data readable, before any training
+            self._check_eval_data(stage)
         self.log = MetricsLog(self.out / "metrics.jsonl",
                               resume_from_step=progress.global_step if self.resume_state else None) \
             if self.ctx.is_main else None
@@ -482,7 +482,6 @@ class Trainer:
         optimizer = build_optimizer(model, stage)
         dataset = load_stage_data(self.config, stage, model,
                                   media_cache=self.media_cache if stage.cache_samples else None)
-        self._check_eval_data(stage)
         total = stage.steps or math.ceil(stage.epochs * len(dataset) / stage.batch_size)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_multiplier(s, total, stage.warmup_steps, stage.min_lr_ratio))
@@ -680,8 +679,29 @@ class Trainer:
                 print(f"\n[{stage.name} step {progress.step}] val loss {val_loss:.4f} {shown}", flush=True)
         self.ctx.barrier()
 
+    def _check_files(self, first_stage: int):
+        """Fail before training, not hours into it, when a data file or a model folder that a stage still to
+        run (or the final evaluation) names is missing."""
+        config = self.config
+        for stage in config.stages[first_stage:]:
+            where = f"stage {stage.name!r}"
+            for path in [config.path(s.path) for s in stage.data] + [config.path(stage.eval.data)]:
+                if path is not None and not path.is_file():
+                    raise ConfigError(f"{where}: data file {str(path)!r} does not exist (relative paths are read "
+                                      f"from the config file's folder, {str(config.base_dir)!r})")
+            # (a folder inside this run's output_dir, such as an earlier stage's model, is written by the run)
+            folder = model_folder(stage.init_from, config.base_dir) if stage.init_from else None
+            if folder is not None and not folder.resolve().is_relative_to(self.out.resolve()):
+                try:
+                    read_model_config(folder)
+                except CheckpointError as err:
+                    raise ConfigError(f"{where}: init_from: {err}") from err
+        final = (config.final_eval or {}).get("data")
+        if final and not config.path(final).is_file():
+            raise ConfigError(f"final_eval: data file {str(config.path(final))!r} does not exist")
+
     def _check_eval_data(self, stage: StageConfig, probe: int = 4):
-        """Fail at the start of a stage, not after it, when its evaluation data cannot be read."""
+        """Fail before training, not after it, when a stage's evaluation data cannot be read."""
         if not stage.eval.data:
             return
         path = self.config.path(stage.eval.data)

@@ -564,6 +564,49 @@ def test_unreadable_eval_data_fails_before_training(world, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or losses(tmp_path / "run") == []
 
 
+@pytest.mark.parametrize("mistake", ["data", "eval", "init_from", "final_eval", "unreadable eval"])
+def test_a_later_stage_naming_a_missing_file_fails_before_training(world, tmp_path, mistake):
+    """A mistake in the second stage (or the final evaluation) stops the run before the first stage trains,
+    with a message naming the stage and the path, not once the first stage is done."""
+    first = {"name": "first", "data": str(world / "train.jsonl"), "steps": 2, "batch_size": 2, "lr": {"adapter": 1e-3}}
+    second = {**first, "name": "second"}
+    extra = {}
+    bad = tmp_path / "elsewhere" / "val.jsonl"
+    if mistake == "data":
+        second["data"] = [str(world / "train.jsonl"), "train_extra.jsonl"]
+    elif mistake == "eval":
+        second["eval"] = {"data": str(bad)}
+    elif mistake == "init_from":
+        second["init_from"] = "runs/first/final"
+    elif mistake == "final_eval":
+        extra["final_eval"] = {"data": str(bad)}
+    else:  # the file is there, but the media paths in it are relative to the world folder
+        bad.parent.mkdir()
+        bad.write_text((world / "val.jsonl").read_text())
+        second["eval"] = {"data": str(bad)}
+    config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", [first, second], **extra))
+    config.base_dir = str(tmp_path)
+    expected = {"data": r"stage 'second': data file .*train_extra.jsonl' does not exist",
+                "eval": r"stage 'second': data file .*elsewhere/val.jsonl' does not exist",
+                "init_from": r"stage 'second': init_from: model folder .*runs/first/final' does not exist",
+                "final_eval": r"final_eval: data file .*elsewhere/val.jsonl' does not exist",
+                "unreadable eval": r"stage 'second': none of the first .* eval data .*elsewhere/val.jsonl' can be read"}
+    with pytest.raises(fusion.errors.ConfigError, match=expected[mistake]):
+        train(config, progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or losses(tmp_path / "run") == []
+
+
+def test_a_stage_may_start_from_an_earlier_stages_model_of_the_same_run(world, tmp_path):
+    """`init_from` naming a model the run itself writes (an earlier stage's, in output_dir/stages/) is not
+    refused before training for being missing then."""
+    first = {"name": "first", "data": str(world / "train.jsonl"), "steps": 2, "batch_size": 2, "lr": {"adapter": 1e-3}}
+    stages = [first, {**first, "name": "second"},
+              {**first, "name": "again", "init_from": str(tmp_path / "run" / "stages" / "first")}]
+    train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages)), progress=False)
+    logged = [e["stage"] for e in read_metrics(tmp_path / "run" / "metrics.jsonl") if e["kind"] == "train"]
+    assert logged == ["first"] * 2 + ["second"] * 2 + ["again"] * 2
+
+
 def test_length_buckets_and_row_splits_pad_less_and_train_the_same(world, tmp_path, monkeypatch):
     """Splitting each batch into groups of similar length (short image samples apart from long video ones)
     changes only the padding, and so does computing a long grouped sample as several rows
