@@ -2,6 +2,7 @@
 
     fusion train CONFIG.yaml [--resume | --overwrite]   staged training (torchrun --nproc_per_node N -m fusion.cli
                                                         train ...); a new run refuses a folder holding a run
+    fusion train CONFIG.yaml --check                    what it would train (each stage's plan), checked, untrained
     fusion eval MODEL_DIR DATA.jsonl [--out F]     accuracy / BLEU-4 / CIDEr on a dataset file
     fusion shapes-world OUT_DIR [--seed S ...]     write a synthetic shapes-world dataset
 """
@@ -43,6 +44,9 @@ def main(argv=None) -> int:
     train.add_argument("--overwrite", action="store_true",
                        help="start again in an output_dir that holds a run, deleting that run's files")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--check", action="store_true",
+                       help="check the config, its files and model folders and print each stage's plan (samples, "
+                            "steps, epochs, what it trains), without training or writing anything")
 
     from .evaluation.evaluate import add_eval_arguments
 
@@ -66,9 +70,14 @@ def main(argv=None) -> int:
 def run_command(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .errors import CheckpointError, ConfigError, DatasetError, TrainingError, TrainingStopped, WeightsError
+        from .trainer import check as check_training
         from .trainer import train as run_training
 
         try:
+            if args.check:
+                print(check_training(args.config, resume=args.resume, overwrite=args.overwrite))
+                print("checked: nothing was trained or written")
+                return 0
             final = run_training(args.config, resume=args.resume, progress=not args.no_progress,
                                  overwrite=args.overwrite)
         except (ConfigError, DatasetError, CheckpointError, WeightsError, TrainingError) as err:  # no traceback

@@ -66,6 +66,9 @@ def test_the_readme_finetuning_example_trains_the_shipped_model_on_its_data(read
     assert {"images", "videos"} <= {key for r in records for key in r}  # an image, a video and a text sample
     assert any(not r.get("images") and not r.get("videos") for r in records)
 
+    checked = cli("train", "finetune.yaml", "--check", cwd=project)
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert "stage 'cotrain': 2 steps of 2 samples" in checked.stdout and not (project / "runs").exists()
     trained = cli("train", "finetune.yaml", "--no-progress", cwd=project)
     assert trained.returncode == 0, trained.stderr[-3000:]
     run = project / "runs" / "my-finetune"
