@@ -733,12 +733,15 @@ class Trainer:
         """Fail before training, not hours into it, when a data file or a model folder that a stage still to
         run (or the final evaluation) names is missing (files under `not_yet_written` are not looked for)."""
         config = self.config
+
+        def missing(path: Path | None) -> bool:
+            return path is not None and not path.is_file() and not (
+                not_yet_written is not None and path.is_relative_to(not_yet_written))
+
         for stage in config.stages[first_stage:]:
             where = f"stage {stage.name!r}"
             for path in [config.path(s.path) for s in stage.data] + [config.path(stage.eval.data)]:
-                if not_yet_written is not None and path is not None and path.is_relative_to(not_yet_written):
-                    continue
-                if path is not None and not path.is_file():
+                if missing(path):
                     raise ConfigError(f"{where}: data file {str(path)!r} does not exist (relative paths are read "
                                       f"from the config file's folder, {str(config.base_dir)!r})")
             # (a folder inside this run's output_dir, such as an earlier stage's model, is written by the run)
@@ -748,10 +751,9 @@ class Trainer:
                     read_model_config(folder)
                 except CheckpointError as err:
                     raise ConfigError(f"{where}: init_from: {err}") from err
-        final = (config.final_eval or {}).get("data")
-        if final and not config.path(final).is_file() and not (
-                not_yet_written is not None and config.path(final).is_relative_to(not_yet_written)):
-            raise ConfigError(f"final_eval: data file {str(config.path(final))!r} does not exist")
+        final = config.path((config.final_eval or {}).get("data"))
+        if missing(final):
+            raise ConfigError(f"final_eval: data file {str(final)!r} does not exist")
 
     def _check_eval_data(self, stage: StageConfig, probe: int = 4):
         """Fail before training, not after it, when a stage's evaluation data cannot be read."""
