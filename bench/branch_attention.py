@@ -41,7 +41,7 @@ from row_split import plan  # noqa: E402
 
 from fusion.attention import build_attention_mask  # noqa: E402
 from fusion.data.datasets import ConversationDataset  # noqa: E402
-from fusion.trainer import collate_samples  # noqa: E402
+from fusion.data.stage_data import collate_samples  # noqa: E402
 
 WAYS = ("masked", "per-branch")
 

@@ -39,7 +39,8 @@ from fusion.data.datasets import ConversationDataset  # noqa: E402
 from fusion.data.shapes_world import ShapesWorldConfig, generate_shapes_world  # noqa: E402
 from fusion.model import FusionModel  # noqa: E402
 from fusion.precision import cpu_has_native_bf16  # noqa: E402
-from fusion.trainer import TrainingStep, collate_samples  # noqa: E402
+from fusion.data.stage_data import collate_samples  # noqa: E402
+from fusion.training_step import TrainingStep  # noqa: E402
 from vision.attention import Float32CpuAttention  # noqa: E402
 
 WAYS = ("old", "fp32-attn", "buckets")

@@ -43,7 +43,7 @@ from fusion.data.collate import split_by_length  # noqa: E402
 from fusion.data.datasets import ConversationDataset  # noqa: E402
 from fusion.decoder import IGNORE_INDEX, next_token_targets  # noqa: E402
 from fusion.precision import computed_in, has_native_bf16  # noqa: E402
-from fusion.trainer import collate_samples  # noqa: E402
+from fusion.data.stage_data import collate_samples  # noqa: E402
 
 WAYS = ("full", "supervised")
 LLAMA4_VOCAB = 202048

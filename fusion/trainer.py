@@ -17,231 +17,33 @@ import os
 import random
 import shutil
 import signal
-import sys
-import threading
 import time
 import warnings
 from contextlib import nullcontext
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.data import ConcatDataset, DataLoader, Sampler
-
-from tokenizer import FusionTokenizer
+from torch.utils.data import DataLoader
 
 from . import distributed as fdist
 from .checkpoint import atomic_folder, model_folder, read_model_config, save_model_folder, write_json
-from .data.collate import Batch, pack_batch, pad_batch, split_by_length, split_long_samples
-from .data.datasets import ROLE_ALIASES, ConversationDataset, MediaCache, join_media_groups
-from .decoder import IGNORE_INDEX, next_token_targets
-from .errors import CheckpointError, ConfigError, DatasetError, TrainingError, TrainingStopped
-from .fusion_config import FusionConfig
-from .model import FusionModel
 from .compilation import check_can_compile, compile_decoder_blocks, eager
+from .data.collate import split_by_length, split_long_samples
+from .data.datasets import MediaCache
+from .data.stage_data import StageBatches, collate_samples, load_stage_data, text_stand_in_batch
+from .decoder import IGNORE_INDEX
+from .errors import CheckpointError, ConfigError, TrainingError, TrainingStopped
+from .model import FusionModel
 from .precision import computed_in, has_native_bf16
 from .run_log import MetricsLog, plot_metrics
-from .train_config import PARTS, DataSource, StageConfig, TrainConfig, load_train_config
+from .stage_setup import build_model, build_optimizer, lr_multiplier, set_trainable
+from .stop_signals import StopSignals
+from .train_config import PARTS, StageConfig, TrainConfig, load_train_config
+from .training_step import TrainingStep, supervised_loss_sum
 
 TRAINER_STATE = "trainer_state.pt"
-
-
-# -- model ---------------------------------------------------------------------------------------
-_MODEL_BUILD_KEYS = {"init_from", "tokenizer", "vision_weights"}  # keys under `model:` that are not FusionConfig fields
-
-
-def build_model(config: TrainConfig) -> FusionModel:
-    """A new model from `config.model` (FusionConfig fields plus `tokenizer` and `vision_weights`), or the
-    folder `config.model["init_from"]`."""
-    spec = dict(config.model)
-    if spec.get("init_from"):
-        return FusionModel.from_pretrained(model_folder(spec["init_from"], config.base_dir))
-    fusion_fields = {f.name for f in dataclasses.fields(FusionConfig)}
-    unknown = sorted(set(spec) - fusion_fields - _MODEL_BUILD_KEYS)
-    if unknown:
-        raise ConfigError(f"unknown keys {unknown} under model:")
-    tokenizer = build_tokenizer(spec.get("tokenizer") or {}, config)
-    settings = {key: value for key, value in spec.items() if key in fusion_fields and value is not None}
-    decoder = dict(settings.get("decoder") or {})
-    settings["decoder"] = {**decoder, "vocab_size": max(decoder.get("vocab_size", 0), len(tokenizer))}
-    fusion_config = FusionConfig(**settings)  # it builds its decoder, vision and video settings from the dicts
-    torch.manual_seed(config.seed)
-    return FusionModel(fusion_config, tokenizer, vision_weights=config.path(spec.get("vision_weights")))
-
-
-def build_tokenizer(spec: dict, config: TrainConfig) -> FusionTokenizer:
-    if spec.get("path"):
-        return FusionTokenizer.load(config.path(spec["path"]))
-    files = spec.get("train_on")
-    if not files:
-        raise ConfigError("model.tokenizer needs `path` (a tokenizer.json) or `train_on` (dataset files)")
-    files = [files] if isinstance(files, str) else files
-    return FusionTokenizer.train(_texts_of([config.path(f) for f in files]), vocab_size=spec.get("vocab_size", 1024),
-                                 min_frequency=spec.get("min_frequency", 2))
-
-
-def _texts_of(paths):
-    """The texts a conversation of JSONL / LLaVA JSON dataset files puts through BPE: each turn's message
-    (media markers removed) and its header's text (the role name, then the blank line), so that the
-    tokenizer learns the chat format's own words too (one token for "assistant", not seven)."""
-    for path in paths:
-        text = Path(path).read_text()
-        records = json.loads(text) if text.lstrip().startswith("[") else \
-            [json.loads(line) for line in text.splitlines() if line.strip()]
-        for record in records:
-            for turn in record.get("conversations", []):
-                role = ROLE_ALIASES.get(turn.get("role", turn.get("from")), "")
-                content = turn.get("content", turn.get("value", ""))
-                yield from (role, "\n\n")  # what the chat template encodes between <|header_start|> and a message
-                yield content.replace("<image>", "").replace("<video>", "").strip()
-
-
-def set_trainable(model: FusionModel, stage: StageConfig):
-    """requires_grad and train/eval mode per part, from the stage's learning rates."""
-    for name, part in model.parts().items():
-        trainable = stage.rate(name) > 0
-        part.requires_grad_(trainable)
-        part.train(trainable)
-
-
-def build_optimizer(model: FusionModel, stage: StageConfig) -> torch.optim.Optimizer:
-    """AdamW with one group per (part, decay or not); only trainable parts are in it."""
-    groups = []
-    for name, part in model.parts().items():
-        rate = stage.rate(name)
-        if rate <= 0:
-            continue
-        decay = [p for p in part.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in part.parameters() if p.requires_grad and p.ndim < 2]
-        groups.append({"params": decay, "lr": rate, "weight_decay": stage.weight_decay, "part": name})
-        groups.append({"params": no_decay, "lr": rate, "weight_decay": 0.0, "part": name})
-    groups = [g for g in groups if g["params"]]
-    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=fused)
-
-
-def lr_multiplier(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup, then cosine from 1 down to `min_ratio` at the last step."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-# -- data ----------------------------------------------------------------------------------------
-class StageBatches(Sampler):
-    """This process's share of each global batch, in a seeded order; resumable at (epoch, batch).
-
-    Epoch e visits the samples in `randperm(n, seed + 1000 * stage + e)`; global batch b is
-    positions [b*B, (b+1)*B) of it (the last partial batch of an epoch is dropped); process r of W
-    takes the r-th of W equal slices. The same global batches in one process or many.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, ctx: fdist.DistContext, seed: int, stage_index: int,
-                 start_epoch: int = 0, start_batch: int = 0):
-        if batch_size % ctx.world_size:
-            raise ConfigError(f"batch_size {batch_size} is not divisible by the {ctx.world_size} processes")
-        if num_samples < batch_size:
-            raise DatasetError(f"the stage's data has {num_samples} samples, fewer than one batch of {batch_size}")
-        self.n, self.batch_size, self.ctx = num_samples, batch_size, ctx
-        self.seed, self.stage_index = seed, stage_index
-        self.epoch, self.batch = start_epoch, start_batch
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.n // self.batch_size
-
-    def __iter__(self):
-        share = self.batch_size // self.ctx.world_size
-        while True:
-            g = torch.Generator().manual_seed(self.seed + 1000 * self.stage_index + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-            while self.batch < self.batches_per_epoch:
-                start = self.batch * self.batch_size + self.ctx.rank * share
-                self.batch += 1
-                yield order[start:start + share]
-            self.epoch, self.batch = self.epoch + 1, 0
-
-
-def load_stage_data(config: TrainConfig, stage: StageConfig, model: FusionModel, files=None,
-                    media_cache: MediaCache | None = None):
-    """The stage's training data (or `files`): each entry's kept records (its `types`, `media`), `repeat`
-    times over; with `media_cache`, samples and media are kept in memory."""
-    sources = [DataSource(str(f)) for f in files] if files else stage.data
-    datasets = [ConversationDataset(config.path(s.path), model.processor, group_by_media=stage.group_by_media,
-                                    cache=media_cache is not None, media_cache=media_cache, types=s.types,
-                                    media=s.media)
-                for s in sources]
-    if stage.join_files and len(datasets) > 1:  # one sample per medium, whichever files ask about it
-        join_media_groups(datasets)  # moves records between the datasets; one left empty is left out below
-    parts = [d for d, s in zip(datasets, sources) for _ in range(s.repeat) if d.records]
-    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
-
-
-def collate_samples(samples, pad_id: int, pack: bool, max_length: int):
-    good = [s for s in samples if s is not None]
-    if not good:
-        return None
-    return pack_batch(good, pad_id, max_length) if pack else pad_batch(good, pad_id)
-
-
-def text_stand_in_batch(tokenizer) -> Batch:
-    """Two tokens, the second supervised: what a process with no data of its own runs (its result unused) so
-    that its collectives match the other processes' under FSDP2."""
-    ids = torch.tensor([[tokenizer.bos_id, tokenizer.eos_id]])
-    return Batch(input_ids=ids, attention_mask=torch.ones_like(ids),
-                 labels=torch.tensor([[IGNORE_INDEX, tokenizer.eos_id]]))
-
-
-# -- one step ------------------------------------------------------------------------------------
-def supervised_loss_sum(model: FusionModel, inputs: dict, labels: torch.Tensor):
-    """model(**inputs) with logits at the supervised positions only -> (output, summed next-token
-    cross-entropy, number of supervised tokens). The LM head skips image, prompt and padding tokens."""
-    targets = next_token_targets(labels)
-    supervised = targets != IGNORE_INDEX
-    out = model(**inputs, logits_at=supervised)
-    return out, F.cross_entropy(out.logits.float(), targets[supervised], reduction="sum"), supervised.sum()
-
-
-class TrainingStep(nn.Module):
-    """forward(batch) -> (summed token loss / normalizer (+ aux loss), router load per layer).
-
-    A module so DDP can wrap it; the loss is a sum over tokens divided by the number of supervised
-    tokens of the whole optimizer step (all processes, all micro-batches), passed in as `normalizer`.
-    """
-
-    def __init__(self, model: FusionModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: dict, normalizer: torch.Tensor, aux_scale: float):
-        labels = inputs.pop("labels")
-        out, token_loss, _ = supervised_loss_sum(self.model, inputs, labels)
-        loss = token_loss / normalizer
-        if out.aux_loss is not None:
-            loss = loss + aux_scale * out.aux_loss
-        return loss, token_loss.detach(), self._router_load(out.image_mask, inputs["attention_mask"])
-
-    @torch.no_grad()
-    def _router_load(self, image_mask, attention_mask):
-        """[moe_layers, 2 (image, text), experts] tokens routed, from the last forward."""
-        moes = self.model.decoder.moe_layers()
-        if not moes:
-            return torch.zeros(0)
-        valid = attention_mask.bool().flatten()
-        image = image_mask.flatten() & valid
-        text = ~image_mask.flatten() & valid
-        loads = []
-        for moe in moes:
-            chosen = moe.last_chosen  # [N, k]
-            E = moe.num_experts
-            loads.append(torch.stack([torch.bincount(chosen[image].flatten(), minlength=E),
-                                      torch.bincount(chosen[text].flatten(), minlength=E)]))
-        return torch.stack(loads).float()
 
 
 @dataclass
@@ -494,7 +296,7 @@ class Trainer:
         sampler = StageBatches(len(dataset), stage.batch_size, ctx, self.config.seed, index)
         sampler.epoch, sampler.batch = divmod(progress.step, sampler.batches_per_epoch)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=self.config.num_workers,
-                            collate_fn=_as_list)
+                            collate_fn=_uncollated)
         batches = iter(loader)
         decoder_trains = stage.rate("decoder") > 0
         bar = None
@@ -881,45 +683,6 @@ def config_changes(old, new, where: str = "") -> list[str]:
     return [] if old == new else [f"{where}: {json.dumps(old)} -> {json.dumps(new)}"]
 
 
-class StopSignals:
-    """Within it, SIGTERM (a scheduler's preemption, `kill`) and SIGINT (Ctrl-C, a notebook's interrupt)
-    ask the run to stop after the current optimizer step, with a checkpoint, instead of losing the steps
-    since the last one. A second SIGINT stops at once (KeyboardInterrupt). Handlers are installed only in
-    the main thread and put back on exit."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict = {}
-
-    def __enter__(self):
-        self.signum = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._request) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}
-        return False
-
-    def _request(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (Ctrl-C again: at once)",
-              file=sys.stderr, flush=True)
-
-    def agreed(self, ctx: fdist.DistContext) -> bool:
-        """Whether any process was asked to stop (all processes get the same answer, so they stop at the
-        same step and write the checkpoint together)."""
-        if not ctx.distributed:
-            return self.signum is not None
-        return bool(ctx.all_reduce_sum(torch.tensor([0.0 if self.signum is None else 1.0])) > 0)
-
-
 class TrainingWarning(UserWarning):
     """Something in a run that it survives but the user should know (e.g. a skipped optimizer step)."""
 
@@ -930,7 +693,8 @@ def new_window() -> dict:
             "skipped_steps": 0, "time": time.perf_counter(), "load": None}
 
 
-def _as_list(samples):
+def _uncollated(samples):
+    """The loader's collate_fn: a batch stays its list of samples (split into micro-batches and collated later)."""
     return samples
 
 

@@ -265,7 +265,7 @@ def test_a_long_shared_prefix_sample_split_into_rows_gives_the_same_loss_and_gra
     """split_branches: the prefix repeated in each row, every branch in exactly one row, the same summed
     loss and the same gradients (the image encoded once per row)."""
     from fusion.data.collate import share_prefix, split_branches
-    from fusion.trainer import supervised_loss_sum
+    from fusion.training_step import supervised_loss_sum
 
     torch.manual_seed(0)
     model = tiny_model(tok)

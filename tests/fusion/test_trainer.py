@@ -21,7 +21,10 @@ from fusion.data.datasets import DatasetWarning
 from fusion.data.shapes_world import ShapesWorldConfig, generate_shapes_world
 from fusion.distributed import DistContext
 from fusion.run_log import read_metrics
-from fusion.trainer import StageBatches, lr_multiplier, train
+from fusion.data.stage_data import StageBatches, load_stage_data
+from fusion.stage_setup import build_model, build_tokenizer, lr_multiplier
+from fusion.trainer import train
+from fusion.training_step import TrainingStep
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,7 +69,6 @@ def test_a_trained_tokenizer_spends_one_token_on_each_chat_header_word(world, tm
     when BPE had only seen message texts)."""
     from types import SimpleNamespace
 
-    from fusion.trainer import build_tokenizer
 
     llava = tmp_path / "llava.json"
     llava.write_text(json.dumps([{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nhi"},
@@ -167,7 +169,6 @@ def test_a_stage_asks_each_image_the_questions_of_all_its_files_at_once(world, t
     (encoded once) holding its questions from both files: the extra questions take no media slot."""
     from fusion.data.shapes_world import rewrite_train_extra
     from fusion.train_config import load_train_config
-    from fusion.trainer import build_model, load_stage_data
 
     copy = tmp_path / "world"
     shutil.copytree(world, copy)
@@ -192,7 +193,6 @@ def test_a_stage_trains_on_chosen_types_and_media_of_its_files_repeated(world, t
     the run folder's train_config.json (what --resume reads)."""
     from fusion.errors import ConfigError
     from fusion.train_config import TrainConfig, load_train_config
-    from fusion.trainer import build_model, load_stage_data
 
     train_file = str(world / "train.jsonl")
     stages = [{"name": "s", "steps": 2, "batch_size": 4, "group_by_media": True, "lr": {"decoder": 1e-3},
@@ -265,7 +265,7 @@ def test_a_step_with_a_non_finite_loss_is_skipped_and_the_run_goes_on(world, tmp
     step is skipped with a warning naming the step and counted in the log, and the run goes on; a loss
     that stays non-finite stops the run with a message instead of training NaNs into every checkpoint."""
     from fusion.errors import TrainingError
-    from fusion.trainer import TrainingStep, TrainingWarning
+    from fusion.trainer import TrainingWarning
 
     stages = [{"name": "s", "data": str(world / "text.jsonl"), "steps": 4, "batch_size": 4, "lr": {"decoder": 1e-3}}]
     clean = train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "clean", stages)),
@@ -383,7 +383,6 @@ def test_sigkill_then_resume_continues_exactly(world, tmp_path, stop):
 
 def ctrl_c_at_step(monkeypatch, step: int) -> None:
     """Send this process SIGINT (Ctrl-C) during the forward pass of training step `step`."""
-    from fusion.trainer import TrainingStep
 
     forward, calls = TrainingStep.forward, []
 
@@ -612,7 +611,7 @@ def test_check_describes_each_stage_and_writes_nothing(world, tmp_path):
     checked = _run_cli(["train", str(config), "--check"], text=True)
     output, _ = checked.communicate(timeout=300)
     assert checked.returncode == 0, output
-    model = fusion.trainer.build_model(fusion.trainer.TrainConfig.from_dict(base_config(world, out, stages)))
+    model = build_model(fusion.trainer.TrainConfig.from_dict(base_config(world, out, stages)))
     grouped = len(ConversationDataset(world / "train.jsonl", model.processor, group_by_media=True))
     every = len(ConversationDataset(world / "train.jsonl", model.processor)) + len(
         ConversationDataset(world / "text.jsonl", model.processor))

@@ -1,0 +1,100 @@
+"""What a training stage starts from: the model a config builds (or the folder it names), its tokenizer,
+which parts train, and the optimizer and learning-rate schedule over them."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from tokenizer import FusionTokenizer
+
+from .checkpoint import model_folder
+from .data.datasets import ROLE_ALIASES
+from .errors import ConfigError
+from .fusion_config import FusionConfig
+from .model import FusionModel
+from .train_config import StageConfig, TrainConfig
+
+# keys under `model:` that are not FusionConfig fields
+_MODEL_BUILD_KEYS = {"init_from", "tokenizer", "vision_weights"}
+
+
+def build_model(config: TrainConfig) -> FusionModel:
+    """A new model from `config.model` (FusionConfig fields plus `tokenizer` and `vision_weights`), or the
+    folder `config.model["init_from"]`."""
+    spec = dict(config.model)
+    if spec.get("init_from"):
+        return FusionModel.from_pretrained(model_folder(spec["init_from"], config.base_dir))
+    fusion_fields = {f.name for f in dataclasses.fields(FusionConfig)}
+    unknown = sorted(set(spec) - fusion_fields - _MODEL_BUILD_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown keys {unknown} under model:")
+    tokenizer = build_tokenizer(spec.get("tokenizer") or {}, config)
+    settings = {key: value for key, value in spec.items() if key in fusion_fields and value is not None}
+    decoder = dict(settings.get("decoder") or {})
+    settings["decoder"] = {**decoder, "vocab_size": max(decoder.get("vocab_size", 0), len(tokenizer))}
+    fusion_config = FusionConfig(**settings)  # it builds its decoder, vision and video settings from the dicts
+    torch.manual_seed(config.seed)
+    return FusionModel(fusion_config, tokenizer, vision_weights=config.path(spec.get("vision_weights")))
+
+
+def build_tokenizer(spec: dict, config: TrainConfig) -> FusionTokenizer:
+    if spec.get("path"):
+        return FusionTokenizer.load(config.path(spec["path"]))
+    files = spec.get("train_on")
+    if not files:
+        raise ConfigError("model.tokenizer needs `path` (a tokenizer.json) or `train_on` (dataset files)")
+    files = [files] if isinstance(files, str) else files
+    return FusionTokenizer.train(_texts_of([config.path(f) for f in files]), vocab_size=spec.get("vocab_size", 1024),
+                                 min_frequency=spec.get("min_frequency", 2))
+
+
+def _texts_of(paths):
+    """The texts a conversation of JSONL / LLaVA JSON dataset files puts through BPE: each turn's message
+    (media markers removed) and its header's text (the role name, then the blank line), so that the
+    tokenizer learns the chat format's own words too (one token for "assistant", not seven)."""
+    for path in paths:
+        text = Path(path).read_text()
+        records = json.loads(text) if text.lstrip().startswith("[") else \
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+        for record in records:
+            for turn in record.get("conversations", []):
+                role = ROLE_ALIASES.get(turn.get("role", turn.get("from")), "")
+                content = turn.get("content", turn.get("value", ""))
+                yield from (role, "\n\n")  # what the chat template encodes between <|header_start|> and a message
+                yield content.replace("<image>", "").replace("<video>", "").strip()
+
+
+def set_trainable(model: FusionModel, stage: StageConfig):
+    """requires_grad and train/eval mode per part, from the stage's learning rates."""
+    for name, part in model.parts().items():
+        trainable = stage.rate(name) > 0
+        part.requires_grad_(trainable)
+        part.train(trainable)
+
+
+def build_optimizer(model: FusionModel, stage: StageConfig) -> torch.optim.Optimizer:
+    """AdamW with one group per (part, decay or not); only trainable parts are in it."""
+    groups = []
+    for name, part in model.parts().items():
+        rate = stage.rate(name)
+        if rate <= 0:
+            continue
+        decay = [p for p in part.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in part.parameters() if p.requires_grad and p.ndim < 2]
+        groups.append({"params": decay, "lr": rate, "weight_decay": stage.weight_decay, "part": name})
+        groups.append({"params": no_decay, "lr": rate, "weight_decay": 0.0, "part": name})
+    groups = [g for g in groups if g["params"]]
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=fused)
+
+
+def lr_multiplier(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup, then cosine from 1 down to `min_ratio` at the last step."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
