@@ -8,6 +8,10 @@ a 1-process run with the same global batch.
 
 Resumable checkpoints (model, optimizer, schedule, RNG states, data position) are written atomically
 every `checkpoint_every` steps; `--resume` continues from the latest one exactly where it stopped.
+
+The pieces a run is made of live beside it: `stage_setup` (the model, its trainable parts, the optimizer and
+schedule), `data.stage_data` (a stage's dataset and sampler), `training_step` (the loss), `stop_signals`
+(SIGTERM / Ctrl-C), `checkpoint`, `run_log` (metrics and plot), `distributed` (DDP, FSDP2).
 """
 from __future__ import annotations
 
