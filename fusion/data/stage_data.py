@@ -67,7 +67,9 @@ def load_stage_data(config: TrainConfig, stage: StageConfig, model: FusionModel,
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
-def collate_samples(samples, pad_id: int, pack: bool, max_length: int):
+def collate_samples(samples, pad_id: int, pack: bool, max_length: int) -> Batch | None:
+    """One micro-batch of the samples that could be read (None for those that could not): padded, or packed
+    into rows of at most `max_length` tokens; None when none could be read."""
     good = [s for s in samples if s is not None]
     if not good:
         return None
