@@ -56,13 +56,8 @@ def atomic_folder(path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
-        umask = _current_umask()
-        for f in tmp.iterdir():  # flush file contents before the rename makes them visible
-            if f.is_file():
-                with open(f, "rb") as handle:
-                    os.fsync(handle.fileno())
-                f.chmod(0o666 & ~umask)
-        tmp.chmod(0o777 & ~umask)
+        _flush_files(tmp)
+        tmp.chmod(0o777 & ~_current_umask())
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -74,6 +69,34 @@ def atomic_folder(path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def files_replaced_in(folder):
+    """Yield a temporary folder inside the existing `folder`; on success each file written there replaces
+    the file of that name in `folder` by a rename (never a truncated file), and the folder's other files
+    and subfolders are left as they were. If the block raises, `folder` is untouched."""
+    folder = Path(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=".fusion-save-", dir=folder))
+    try:
+        yield tmp
+        _flush_files(tmp)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, folder / f.name)
+        fsync_folder(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _flush_files(folder: Path) -> None:
+    """Flush the contents of `folder`'s files to disk (before a rename makes them visible) and give them the
+    usual permissions for the process's umask (not the private ones of a temporary folder)."""
+    umask = _current_umask()
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+            f.chmod(0o666 & ~umask)
 
 
 def fsync_folder(path) -> None:
@@ -123,14 +146,20 @@ def model_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_model_folder(model, path, state: dict | None = None) -> None:
-    """Write a model folder; `state` replaces `model.state_dict()` (e.g. gathered from a sharded model)."""
+    """Write a model folder; `state` replaces `model.state_dict()` (e.g. gathered from a sharded model).
+
+    A new folder appears whole (written beside it, then one rename). In an existing folder the model's three
+    files are replaced, each by a rename, and everything else in it (a README, logs, other runs) is kept."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"cannot save a model folder at {str(path)!r}: it is a file; give a folder path")
     config = {"model_type": "fusion", **model.config.to_dict(), "preprocessing": model.processor.to_dict(),
               "special_tokens": {"bos": model.tokenizer.bos_id, "pad": model.tokenizer.pad_id,
                                  "patch": model.tokenizer.patch_id, "stop": list(model.tokenizer.stop_ids)}}
-    with atomic_folder(path) as tmp:
+    with (files_replaced_in(path) if path.is_dir() else atomic_folder(path)) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(state if state is not None else model_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "fusion_format_version":
-                                                                         str(FORMAT_VERSION)})
+        save_file(state if state is not None else model_state(model), str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt", "fusion_format_version": str(FORMAT_VERSION)})
         model.tokenizer.save(tmp / TOKENIZER_FILE)
 
 
@@ -159,12 +188,18 @@ def load_model_folder(path, device=None, dtype: torch.dtype | None = None):
     saved = read_model_config(folder)
     preprocessing = saved.get("preprocessing")
     settings = {k: v for k, v in saved.items() if k not in ("model_type", "preprocessing", "special_tokens")}
-    config = FusionConfig.from_dict(settings)
+    try:
+        config = FusionConfig.from_dict(settings)
+    except (ValueError, TypeError, KeyError) as err:  # a key this version does not know, a value out of range
+        raise CheckpointError(f"{folder / CONFIG_FILE} cannot be used: {err}") from err
     try:
         tokenizer = FusionTokenizer.load(folder / TOKENIZER_FILE)
     except TokenizerError as err:
         raise CheckpointError(f"{folder / TOKENIZER_FILE} cannot be used: {err}") from err
-    model = FusionModel(config, tokenizer)
+    try:
+        model = FusionModel(config, tokenizer)
+    except ValueError as err:  # a config that does not fit its tokenizer (e.g. a smaller vocabulary)
+        raise CheckpointError(f"{folder / CONFIG_FILE} does not fit {folder / TOKENIZER_FILE}: {err}") from err
     try:
         state = load_file(str(folder / WEIGHTS_FILE))
     except Exception as err:  # safetensors raises its own error types
@@ -178,8 +213,12 @@ def load_model_folder(path, device=None, dtype: torch.dtype | None = None):
         raise CheckpointError(f"{folder / WEIGHTS_FILE} does not match its config: missing {missing[:4]}, "
                               f"unexpected {result.unexpected_keys[:4]}")
     if preprocessing is not None:  # the saved preprocessing is the truth, whatever library defaults are now
-        model.processor = FusionProcessor(tokenizer, ImageProcessor.from_dict(preprocessing["image_processor"]),
-                                          preprocessing["tokens_per_tile"], VideoSettings(**preprocessing["video"]))
+        try:
+            model.processor = FusionProcessor(tokenizer, ImageProcessor.from_dict(preprocessing["image_processor"]),
+                                              preprocessing["tokens_per_tile"], VideoSettings(**preprocessing["video"]))
+        except (ValueError, TypeError, KeyError) as err:
+            raise CheckpointError(f"{folder / CONFIG_FILE}: its preprocessing settings cannot be used "
+                                  f"({type(err).__name__}: {err})") from err
     if dtype is not None:
         model.to(dtype)
     return model.to(device or "cpu").eval()

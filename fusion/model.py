@@ -24,7 +24,7 @@ from .data.collate import pad_batch
 from .decoder import Decoder, DecoderOutput
 from .errors import ConfigError, ConversationFormatError, MediaCountMismatchError, PlaceholderMismatchError
 from .fusion_config import FusionConfig
-from .generation import generate as generate_tokens
+from .generation import generate as generate_tokens, left_pad
 from .processor import FusionProcessor
 
 PARTS = ("vision", "adapter", "decoder")
@@ -121,14 +121,21 @@ class FusionModel(nn.Module):
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, *, pixel_values: torch.Tensor | None = None,
+    def generate(self, input_ids: torch.Tensor | Sequence[Sequence[int]], *, pixel_values: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, **kwargs):
-        """New tokens [B, n] for left-padded prompts (see `fusion.generation.generate` for the options).
+        """New tokens [B, n] for prompts: a left-padded [B, T] tensor (with its `attention_mask`), or lists of
+        token ids (left-padded here). See `fusion.generation.generate` for the options.
 
-        Stops at the tokenizer's stop tokens unless `stop_ids` is given; finished rows hold the pad id.
+        Stops at the tokenizer's stop tokens unless `stop_ids` is given (`stop_ids=()`: never stop early);
+        finished rows hold the pad id.
         """
+        if not torch.is_tensor(input_ids):
+            if attention_mask is not None:
+                raise ValueError("generate: attention_mask goes with a padded tensor of input_ids; lists of token "
+                                 "ids are padded here, so leave attention_mask out")
+            input_ids, attention_mask = left_pad(input_ids, self.tokenizer.pad_id)
         embeds, _ = self.embed(input_ids, pixel_values, attention_mask)
-        kwargs.setdefault("stop_ids", self.tokenizer.stop_ids)
+        kwargs["stop_ids"] = self._stop_ids(kwargs.get("stop_ids"))
         kwargs.setdefault("pad_id", self.tokenizer.pad_id)
         return generate_tokens(self.decoder, inputs_embeds=embeds, attention_mask=attention_mask,
                                max_new_tokens=max_new_tokens, **kwargs)
@@ -149,6 +156,8 @@ class FusionModel(nn.Module):
             raise ConversationFormatError("chat: conversations must be a list of conversations, each a list of "
                                           "turns; for one conversation pass [conversation] (and images=[[...]])")
         n = len(conversations)
+        if n == 0:
+            return []
         for name, media in (("images", images), ("videos", videos)):
             if media is None:
                 continue
@@ -166,7 +175,7 @@ class FusionModel(nn.Module):
                                          attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
                                          return_logprobs=True, **kwargs)
         results = []
-        stops = set(kwargs.get("stop_ids", self.tokenizer.stop_ids))
+        stops = set(self._stop_ids(kwargs.get("stop_ids")))
         for row in range(n):
             ids = tokens[row].tolist()
             length = next((i + 1 for i, t in enumerate(ids) if t in stops), len(ids))
@@ -176,16 +185,25 @@ class FusionModel(nn.Module):
             results.append({"text": self.tokenizer.decode(text_ids).strip(), "tokens": kept, "logprob": mean_logprob})
         return results
 
+    def _stop_ids(self, stop_ids) -> tuple[int, ...]:
+        """The stop tokens of a generation: the tokenizer's where none (None) are given."""
+        return tuple(self.tokenizer.stop_ids if stop_ids is None else stop_ids)
+
     # -- checkpoints -----------------------------------------------------------------------------
     def save_pretrained(self, path) -> None:
-        """Write `config.json`, `model.safetensors` and `tokenizer.json` into the folder `path` (atomically)."""
+        """Write `config.json`, `model.safetensors` and `tokenizer.json` into the folder `path`: a new folder
+        appears whole; in an existing one those three files are replaced (each atomically) and its other files
+        are kept."""
         from .checkpoint import save_model_folder
 
         save_model_folder(self, path)
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype: torch.dtype | None = None) -> "FusionModel":
-        """Load a folder written by `save_pretrained` (it needs nothing but the folder)."""
+        """Load a folder written by `save_pretrained` (it needs nothing but the folder).
+
+        `dtype`: the dtype of the loaded weights (e.g. `torch.bfloat16` halves the memory); None loads them in
+        float32, whatever the file stores (the default model is stored in bf16 to halve its size)."""
         from .checkpoint import load_model_folder
 
         return load_model_folder(path, device=device, dtype=dtype)

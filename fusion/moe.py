@@ -162,6 +162,16 @@ class MoE(nn.Module):
         self.last_chosen: torch.Tensor | None = None  # [N, k] experts chosen per token in the last forward
         self.aux_loss: torch.Tensor | None = None
 
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)`, `.half()` and the like leave the balancing state in float32: the token counts and the
+        bias's small steps would round away in bf16 (a count of 1603 reads 1600)."""
+        super()._apply(fn, recurse)
+        for name in ("expert_bias", "tokens_per_expert"):
+            buffer = self._buffers[name]
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float32:
+                self._buffers[name] = buffer.float()
+        return self
+
     def route(self, x: torch.Tensor):
         """x [N, D] -> chosen experts [N, k], their gate scores [N, k] (fp32), all scores [N, E] (fp32)."""
         scores = torch.sigmoid(self.router(x).float())  # [N, E]

@@ -58,7 +58,8 @@ def pipeline(task: str, model=None, device=None, dtype=None, batch_size: int = 1
             naming it; a missing default model `DefaultModelMissingError` (a CheckpointError).
         device: -1 (CPU), 0 (cuda:0), a string ("cpu", "cuda:1") or a torch.device. None: a loaded
             model stays on the CPU, a given FusionModel where it is. A given model is moved in place.
-        dtype: a torch dtype or its name ("float32", "bfloat16"); None keeps the model's.
+        dtype: a torch dtype or its name ("float32", "bfloat16"); None: a loaded model in float32, a given
+            FusionModel as it is.
         batch_size: inputs per forward pass for list inputs (results do not depend on it).
         **kwargs: max_new_tokens, generate_kwargs (options of `fusion.generation.generate`: do_sample,
             temperature, top_k, top_p, stop_ids, generator) and the task's options (video QA:

@@ -5,8 +5,8 @@
             or a `FusionModel`
     device  None (a loaded model goes to the CPU, a given FusionModel stays where it is),
             an int (-1 = CPU, 0 = cuda:0, 1 = cuda:1, ...), a string ("cpu", "cuda:1") or a torch.device
-    dtype   None (as saved / as given), a floating torch.dtype, or its name ("float32", "bfloat16",
-            "float16", also "fp32", "bf16", "fp16", "torch.bfloat16")
+    dtype   None (a loaded model in float32, a given FusionModel as it is), a floating torch.dtype, or its
+            name ("float32", "bfloat16", "float16", also "fp32", "bf16", "fp16", "torch.bfloat16")
 """
 from __future__ import annotations
 

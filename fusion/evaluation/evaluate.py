@@ -115,6 +115,8 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
         raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 0:
         raise ValueError(f"evaluate: limit must be >= 0 or None, got {limit}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"evaluate: max_new_tokens must be >= 1 (None: from the references), got {max_new_tokens}")
     start = time.perf_counter()
     dataset = ConversationDataset(dataset_path, model.processor, root=root, min_attempts=min_attempts,
                                   max_bad_fraction=max_bad_fraction)
@@ -177,7 +179,7 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
 
 def _answer(model, tokenizer, batch: list[_Item], max_new_tokens, num_frames, fps, skip) -> None:
     """Fill `prediction` for the items of `batch`; on a bad sample, retry one by one to find and skip it."""
-    limit = max_new_tokens or _default_max_new_tokens(tokenizer, batch)
+    limit = max_new_tokens if max_new_tokens is not None else _default_max_new_tokens(tokenizer, batch)
 
     def chat(items):
         return model.chat([it.first.prompt for it in items], [it.first.images for it in items],
@@ -252,6 +254,19 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _whole_number(minimum: int):
+    """An argparse type: an int >= `minimum` (argparse names the option in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of `fusion eval MODEL_DIR DATA [options]`."""
     parser.add_argument("model", help="a model folder (written by save_pretrained or by training), or `default` for "
@@ -260,11 +275,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--root", default=None, help="folder that media paths are relative to (default: the data "
                                                      "file's folder)")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
-    parser.add_argument("--batch-size", type=int, default=16, help="conversations per generation batch (default 16)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
+    parser.add_argument("--batch-size", type=_whole_number(1), default=16, help="conversations per generation batch (default 16)")
+    parser.add_argument("--limit", type=_whole_number(0), default=None, help="evaluate only the first N samples")
+    parser.add_argument("--max-new-tokens", type=_whole_number(1), default=None,
                         help="generation limit (default: the longest reference of a batch + 8 tokens, at least 16)")
-    parser.add_argument("--num-frames", type=int, default=None, help="frames per video (default: the model's)")
+    parser.add_argument("--num-frames", type=_whole_number(1), default=None, help="frames per video (default: the model's)")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--predictions", action="store_true", help="include every prediction in the JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

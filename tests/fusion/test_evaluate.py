@@ -182,6 +182,20 @@ def test_limit_and_max_new_tokens(model, media, controlled):
     assert "predictions" not in results
     with pytest.raises(ValueError, match="batch_size"):
         evaluate(model, path, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):  # not silently the default
+        evaluate(model, path, max_new_tokens=0, progress=False)
+
+
+@pytest.mark.parametrize("option,value,message", [("--batch-size", "0", "must be at least 1, got 0"),
+                                                  ("--max-new-tokens", "0", "must be at least 1, got 0"),
+                                                  ("--num-frames", "0", "must be at least 1, got 0"),
+                                                  ("--limit", "-1", "must be at least 0, got -1"),
+                                                  ("--limit", "ten", "expected a whole number, got 'ten'")])
+def test_fusion_eval_names_an_option_out_of_range(option, value, message, capsys):
+    parser = add_eval_arguments(argparse.ArgumentParser(prog="fusion eval"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["model", "data.jsonl", option, value])
+    assert f"argument {option}: {message}" in capsys.readouterr().err
 
 
 def test_mostly_bad_evaluation_stops(model, media, controlled):

@@ -102,6 +102,23 @@ def test_chat_names_a_batch_given_in_the_wrong_shape(tok):
     assert len(model.chat([conv, conv], [[image(0)], [image(1)]], max_new_tokens=2)) == 2
 
 
+def test_generate_takes_lists_of_ids_and_none_stop_ids_means_the_tokenizers(tok):
+    """model.generate accepts lists of token ids (left-padded for it), like fusion.generation.generate; a
+    `stop_ids=None` passed through (e.g. from a pipeline's generate_kwargs) means the tokenizer's stop tokens,
+    `stop_ids=()` never stops early; chat([]) answers nothing."""
+    model = tiny_model(tok)
+    prompts = [tok.encode("what color is the circle?"), tok.encode("describe")]
+    ids, mask = fusion.generation.left_pad(prompts, tok.pad_id)
+    from_tensor = model.generate(ids, attention_mask=mask, max_new_tokens=6, stop_ids=())
+    assert torch.equal(model.generate(prompts, max_new_tokens=6, stop_ids=()), from_tensor)
+    assert torch.equal(model.generate(prompts, max_new_tokens=6, stop_ids=None), model.generate(prompts, max_new_tokens=6))
+    with pytest.raises(ValueError, match="leave attention_mask out"):
+        model.generate(prompts, attention_mask=mask, max_new_tokens=2)
+    conv = [user("<image>\nwhat color is the circle?")]
+    assert model.chat(conv, [[image(0)]], max_new_tokens=4, stop_ids=None) == model.chat(conv, [[image(0)]], max_new_tokens=4)
+    assert model.chat([], max_new_tokens=4) == []
+
+
 def test_cached_generation_equals_full_forward(tok):
     model = tiny_model(tok)
     sample = model.processor(user("<image>\nwhat color is the circle?"), [image(3)], add_generation_prompt=True)
@@ -218,6 +235,48 @@ def test_a_crash_while_saving_leaves_the_old_folder_intact(tok, tmp_path, monkey
         model.save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folder left behind
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_saving_into_a_folder_keeps_its_other_files(tok, tmp_path, monkeypatch):
+    """save_pretrained into a folder that holds other things (notes, logs, a subfolder) replaces the model's
+    three files and nothing else; "." works too."""
+    folder = tmp_path / "m"
+    (folder / "logs").mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    (folder / "logs" / "train.jsonl").write_text("{}\n")
+    tiny_model(tok, seed=0).save_pretrained(folder)
+    second = tiny_model(tok, seed=1)
+    second.save_pretrained(folder)
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "logs" / "train.jsonl").read_text() == "{}\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "logs", "model.safetensors", "notes.txt",
+                                                         "tokenizer.json"]
+    loaded = fusion.FusionModel.from_pretrained(folder)
+    for (name, a), b in zip(loaded.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    monkeypatch.chdir(folder)
+    second.save_pretrained(".")
+    assert fusion.FusionModel.from_pretrained(".").config == second.config
+    assert (folder / "notes.txt").read_text() == "mine"
+    with pytest.raises(CheckpointError, match="it is a file"):
+        second.save_pretrained(folder / "notes.txt")
+
+
+@pytest.mark.parametrize("damage", ["unknown decoder key", "vocabulary smaller than the tokenizer's",
+                                    "unknown image setting"])
+def test_a_config_json_this_version_cannot_use_is_a_checkpoint_error_naming_it(tok, tmp_path, damage):
+    tiny_model(tok).save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    if damage == "unknown decoder key":
+        config["decoder"]["moe_capacity"] = 2
+    elif damage == "unknown image setting":
+        config["preprocessing"]["image_processor"]["sharpen"] = True
+    else:
+        config["decoder"]["vocab_size"] = 10
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json"):
+        fusion.FusionModel.from_pretrained(tmp_path / "m")
 
 
 def test_frozen_vision_builds_no_graph(tok):

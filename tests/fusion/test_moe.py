@@ -151,3 +151,19 @@ def test_experts_under_bfloat16_autocast():
     assert moe.experts.gate_up_proj.grad.dtype == torch.float32
     reference = dense_reference(moe, x)
     assert (y.float() - reference).abs().max().item() < 0.03 * reference.abs().max().item()  # bf16 rounding
+
+
+def test_balancing_state_stays_float32_in_a_bf16_model():
+    """A model cast to bf16 (from_pretrained(dtype=torch.bfloat16), then trained in a user's own loop) keeps
+    exact token counts and a float32 bias: in bf16 a count of 1603 would read 1600 and the bias's small
+    steps would round away."""
+    moe = make_moe(num_experts=4).to(torch.bfloat16).train()
+    assert moe.router.weight.dtype == torch.bfloat16
+    assert moe.expert_bias.dtype == moe.tokens_per_expert.dtype == torch.float32
+    counted = torch.zeros(4, dtype=torch.long)
+    for seed in range(20):
+        moe(torch.randn(300, 32, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16))
+        counted += moe.last_counts
+    assert torch.equal(moe.tokens_per_expert, counted.float())
+    moe.update_expert_bias()
+    assert moe.expert_bias.dtype == torch.float32 and moe.expert_bias.abs().sum() > 0
