@@ -13,7 +13,8 @@ A bottom layer: imports no other project package.
     sample.input_ids, sample.labels
 """
 
-from .chat import IGNORE_INDEX, IMAGE_MARKER, ROLES, VIDEO_MARKER, EncodedConversation, content_text
+from .chat import (IGNORE_INDEX, IMAGE_MARKER, ROLES, VIDEO_MARKER, EncodedConversation, content_text,
+                   count_media_markers)
 from .errors import (
     ConversationFormatError,
     InvalidTokenIdError,
@@ -41,6 +42,7 @@ __all__ = [
     "IMAGE_MARKER",
     "VIDEO_MARKER",
     "content_text",
+    "count_media_markers",
     "ROLES",
     "SPECIAL_TOKENS",
     "STOP_TOKENS",

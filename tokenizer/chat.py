@@ -1,13 +1,13 @@
-"""The Llama 4 chat format, with media placeholders, as token ids and training labels.
+r"""The Llama 4 chat format, with media placeholders, as token ids and training labels.
 
 Rendered layout (``{...}`` is the turn's content)::
 
     <|begin_of_text|>
-    <|header_start|>system<|header_end|>\\n\\n{system}<|eot|>        (optional, first only)
-    <|header_start|>user<|header_end|>\\n\\n{user}<|eot|>
-    <|header_start|>assistant<|header_end|>\\n\\n{assistant}<|eot|>
+    <|header_start|>system<|header_end|>\n\n{system}<|eot|>        (optional, first only)
+    <|header_start|>user<|header_end|>\n\n{user}<|eot|>
+    <|header_start|>assistant<|header_end|>\n\n{assistant}<|eot|>
     ...                                                             (any number of turns)
-    <|header_start|>assistant<|header_end|>\\n\\n                    (add_generation_prompt)
+    <|header_start|>assistant<|header_end|>\n\n                    (add_generation_prompt)
 
 The sequence is built piece by piece: text pieces are encoded with special-token matching
 off (a typed ``<|eot|>`` stays text), control tokens are inserted by id. Each piece carries
@@ -23,13 +23,23 @@ An empty assistant turn still supervises its ``<|eot|>``. But a training sample 
 assistant turns hold no content token at all (no assistant turn, or only empty ones)
 raises :class:`NoSupervisedTokensError`: an eot-only target is almost always broken data.
 
-Media markers: ``<image>`` and ``<video>`` in message text mark where the images and
-videos go, in order. A turn's content may also be a list of typed parts, as in the chat format
-of Hugging Face processors and OpenAI-style APIs: ``[{"type": "image"}, {"type": "text", "text":
-"What is it?"}]`` reads as ``"<image>What is it?"`` (see :func:`content_text`). If the
-conversation has no marker of either kind, all images and then all videos go at the start of
-the first user turn. Otherwise the number of markers of each kind must equal the number of
-images / videos passed.
+Where the media go: a turn's content is either
+
+* a str (the dataset format): every ``<image>`` and ``<video>`` in it is a media marker, never
+  text, and marks where the next image / video goes, in order. To put the literal text
+  ``<image>`` in a message, escape it with a backslash: ``\<image>`` renders as the text
+  ``<image>`` (and ``\<video>`` as ``<video>``). Backslashes right before a marker pair up:
+  ``\\<image>`` is one ``\`` of text then a media marker. Backslashes anywhere else are plain
+  text; or
+* a list of typed parts, as in the chat format of Hugging Face processors and OpenAI-style
+  APIs: ``[{"type": "image"}, {"type": "text", "text": "What is it?"}]``. The media go where
+  the ``{"type": "image"}`` / ``{"type": "video"}`` parts are, and text parts are always
+  literal text: a ``<image>`` inside one stays text (no escaping needed). :func:`content_text`
+  turns such a list into the equivalent str (markers for media parts, text escaped).
+
+If the conversation has no media marker (or media part) of either kind, all images and then
+all videos go at the start of the first user turn. Otherwise the number of markers of each
+kind must equal the number of images / videos passed.
 """
 
 import re
@@ -48,7 +58,10 @@ IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 IMAGE_MARKER = "<image>"
 VIDEO_MARKER = "<video>"
-_MARKER_SPLIT = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
+_MARKER_KINDS = {IMAGE_MARKER: "image", VIDEO_MARKER: "video"}
+# A media marker with the run of backslashes right before it (an odd run escapes it).
+_MARKER = re.compile(rf"(\\*)({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
+_TRAILING_BACKSLASHES = re.compile(r"\\+\Z")
 
 
 @dataclass
@@ -75,25 +88,49 @@ def _name_sample(sample_id: object) -> str:
 PART_MARKERS = {"image": IMAGE_MARKER, "video": VIDEO_MARKER}
 
 
+def _escape_text(text: str, before_marker: bool) -> str:
+    """``text`` written so that :func:`_split_content` reads it back as this very text, all literal.
+
+    Before each ``<image>`` / ``<video>``, the backslashes already there are doubled and one more
+    escapes the marker; trailing backslashes are doubled when a media marker follows
+    (``before_marker``), so they stay text.
+    """
+    text = _MARKER.sub(lambda match: match[1] * 2 + "\\" + match[2], text)
+    if before_marker:
+        text = _TRAILING_BACKSLASHES.sub(lambda match: match[0] * 2, text)
+    return text
+
+
 def content_text(content: object, where: str) -> str:
-    """A turn's content as text: a str as it is; a list of parts ``{"type": "text", "text": ...}``,
-    ``{"type": "image"}``, ``{"type": "video"}`` joined, each image or video part as its marker (the
-    media themselves are passed separately, in order). ConversationFormatError naming `where` otherwise."""
+    r"""A turn's content as a str in the marker format (see the module docstring).
+
+    A str is returned as it is: its ``<image>`` / ``<video>`` are media markers (``\<image>`` is
+    the literal text). A list of parts ``{"type": "text", "text": ...}``, ``{"type": "image"}``,
+    ``{"type": "video"}`` is joined, each image or video part as its marker (the media themselves
+    are passed separately, in order) and each text part as literal text: a ``<image>`` typed in a
+    text part is escaped (``\<image>``), so it stays text when the str is encoded. Encoding the
+    returned str gives the same ids as encoding the list of parts.
+
+    ConversationFormatError naming ``where`` for any other content.
+    """
     if isinstance(content, str):
         return content
     if isinstance(content, Sequence) and not isinstance(content, bytes):
-        pieces = []
+        pieces: list[str] = []
+        text = ""  # the text parts since the last media part, joined before escaping
         for index, part in enumerate(content):
             kind = part.get("type") if isinstance(part, Mapping) else None
             if kind == "text" and isinstance(part.get("text"), str):
-                pieces.append(part["text"])
+                text += part["text"]
             elif kind in PART_MARKERS:
-                pieces.append(PART_MARKERS[kind])
+                pieces += [_escape_text(text, before_marker=True), PART_MARKERS[kind]]
+                text = ""
             else:
                 raise ConversationFormatError(
                     f"{where} part {index} must be {{'type': 'text', 'text': str}}, {{'type': 'image'}} "
                     f"or {{'type': 'video'}}, got {part!r}"
                 )
+        pieces.append(_escape_text(text, before_marker=False))
         return "".join(pieces)
     raise ConversationFormatError(
         f"{where} must be a str or a list of parts ({{'type': 'text', 'text': ...}}, "
@@ -150,13 +187,44 @@ def _check_media(items: object, kind: type, argument: str, sample_id: object) ->
     return list(items)
 
 
-def _split_markers(turns: list[tuple[str, str]]) -> list[list[str]]:
-    """Each turn's content split into text parts and marker parts, in order."""
-    return [[part for part in _MARKER_SPLIT.split(content) if part] for _role, content in turns]
+def _split_content(content: str) -> list[tuple[str, str]]:
+    """``content`` as ``(kind, text)`` parts in order: ``("text", literal text)`` with escapes
+    resolved, and ``("image", "<image>")`` / ``("video", "<video>")`` for each media marker."""
+    parts: list[tuple[str, str]] = []
+    text: list[str] = []
+    position = 0
+    for match in _MARKER.finditer(content):
+        backslashes, marker = match[1], match[2]
+        text += [content[position : match.start()], "\\" * (len(backslashes) // 2)]
+        if len(backslashes) % 2:  # escaped: the marker is text
+            text.append(marker)
+        else:
+            parts += [("text", "".join(text)), (_MARKER_KINDS[marker], marker)]
+            text = []
+        position = match.end()
+    text.append(content[position:])
+    parts.append(("text", "".join(text)))
+    return [part for part in parts if part[1]]
+
+
+def count_media_markers(content: str) -> dict[str, int]:
+    """How many images and videos the str ``content`` places: ``{"image": n, "video": m}`` (escaped
+    markers, ``\\<image>``, are text and do not count)."""
+    kinds = [kind for kind, _text in _split_content(content)]
+    return {"image": kinds.count("image"), "video": kinds.count("video")}
+
+
+def _split_markers(turns: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """Each turn's content split into text parts and media parts, in order (see :func:`_split_content`)."""
+    return [_split_content(content) for _role, content in turns]
 
 
 def _place_unmarked_media(
-    turns: list[tuple[str, str]], parts: list[list[str]], num_images: int, num_videos: int, sample_id: object
+    turns: list[tuple[str, str]],
+    parts: list[list[tuple[str, str]]],
+    num_images: int,
+    num_videos: int,
+    sample_id: object,
 ) -> None:
     """With no marker anywhere, put all images then all videos at the start of the first user turn."""
     if num_images == 0 and num_videos == 0:
@@ -168,17 +236,20 @@ def _place_unmarked_media(
             f"{IMAGE_MARKER}/{VIDEO_MARKER} marker and there is no user turn to put them in; "
             "add a user turn or markers"
         )
-    parts[first_user][:0] = [IMAGE_MARKER] * num_images + [VIDEO_MARKER] * num_videos
+    parts[first_user][:0] = [("image", IMAGE_MARKER)] * num_images + [("video", VIDEO_MARKER)] * num_videos
 
 
-def _check_marker_counts(parts: list[list[str]], num_images: int, num_videos: int, sample_id: object) -> None:
+def _check_marker_counts(
+    parts: list[list[tuple[str, str]]], num_images: int, num_videos: int, sample_id: object
+) -> None:
     for marker, given, noun in ((IMAGE_MARKER, num_images, "image"), (VIDEO_MARKER, num_videos, "video")):
-        found = sum(part == marker for turn in parts for part in turn)
+        found = sum(kind == noun for turn in parts for kind, _text in turn)
         if found != given:
             raise MediaCountMismatchError(
                 f"{_name_sample(sample_id)}: the messages contain {found} {marker} marker(s) but {given} "
-                f"{noun}(s) were given; put one {marker} in the text per {noun}, in order "
-                f"(or no marker of any kind to place all media at the start of the first user turn)"
+                f"{noun}(s) were given; put one {marker} in the text (or one {{'type': '{noun}'}} part) per "
+                f"{noun}, in order (or no marker of any kind to place all media at the start of the first "
+                f"user turn); in str content, write \\{marker} for the literal text {marker}"
             )
 
 
@@ -213,13 +284,16 @@ def encode_conversation(
     sample_id: object = None,
     add_generation_prompt: bool = False,
 ) -> EncodedConversation:
-    """Render ``messages`` in the Llama 4 chat format with images and videos expanded.
+    r"""Render ``messages`` in the Llama 4 chat format with images and videos expanded.
 
     Args:
         tokenizer: the :class:`FusionTokenizer` giving text and control-token ids.
-        messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``; a
-            system turn may only come first.
-        images / videos: one placeholder per ``<image>`` / ``<video>`` marker, in order.
+        messages: ``[{"role": "system"|"user"|"assistant", "content": ...}, ...]``; a
+            system turn may only come first. ``content`` is a str, in which every ``<image>`` /
+            ``<video>`` is a media marker (write ``\<image>`` for the literal text), or a list
+            of typed parts, whose text parts are literal text and whose ``{"type": "image"}`` /
+            ``{"type": "video"}`` parts place the media (see the module docstring).
+        images / videos: one placeholder per ``<image>`` / ``<video>`` marker (or media part), in order.
         sample_id: names the sample in error messages (e.g. the dataset row id).
         add_generation_prompt: render an inference prompt: the last turn must be a user
             turn, the ids end with the assistant header, and ``labels`` is ``None``.
@@ -234,7 +308,7 @@ def encode_conversation(
     videos = _check_media(videos, VideoPlaceholder, "videos", sample_id)
 
     parts = _split_markers(turns)
-    has_markers = any(part in (IMAGE_MARKER, VIDEO_MARKER) for turn in parts for part in turn)
+    has_markers = any(kind != "text" for turn in parts for kind, _text in turn)
     if not has_markers:
         _place_unmarked_media(turns, parts, len(images), len(videos), sample_id)
     _check_marker_counts(parts, len(images), len(videos), sample_id)
@@ -255,11 +329,11 @@ def encode_conversation(
     for (role, _content), turn_parts in zip(turns, parts):
         is_assistant = role == "assistant"
         add_header(role)
-        for part in turn_parts:
-            if part == IMAGE_MARKER:
+        for kind, part in turn_parts:
+            if kind == "image":
                 builder.add(encode_layout(tokenizer, next(next_image).layout()), supervised=False)
                 media_order.append("image")
-            elif part == VIDEO_MARKER:
+            elif kind == "video":
                 builder.add(encode_layout(tokenizer, next(next_video).layout()), supervised=False)
                 media_order.append("video")
             else:

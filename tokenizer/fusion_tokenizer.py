@@ -9,6 +9,7 @@ Plain text is always encoded with special-token matching off: a user who types
 tokens enter a sequence only by id (see ``chat.py`` and ``placeholders.py``).
 """
 
+import operator
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +32,21 @@ def _tokenizer_file(path: str | os.PathLike) -> Path:
     if path.is_dir() or path.suffix != ".json":
         return path / TOKENIZER_FILE_NAME
     return path
+
+
+def _as_token_id(value: object) -> int | None:
+    """``value`` as an int if it is an integer scalar (int, numpy integer, 0-d integer tensor), else None.
+
+    Booleans (Python, numpy or tensor) are not ids.
+    """
+    if isinstance(value, bool) or "bool" in str(getattr(value, "dtype", "")):
+        return None
+    if getattr(value, "ndim", 0) != 0:  # torch lets a 1-element tensor act as an index; ids are flat
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 class FusionTokenizer:
@@ -215,19 +231,30 @@ class FusionTokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (a list of ints or a 1-D tensor); control tokens dropped unless asked.
 
-        Raises :class:`InvalidTokenIdError` for an id outside ``[0, len(self))``, e.g. a
-        ``-100`` label: decode ``input_ids``, or filter labels first.
+        An id may be any integer scalar: a Python ``int``, a numpy integer, or a 0-d integer
+        tensor (e.g. an element of ``list(tensor)``); ``bool`` is not an id.
+
+        Raises :class:`InvalidTokenIdError` for an id that is not an integer, or is outside
+        ``[0, len(self))``, e.g. a ``-100`` label: decode ``input_ids``, or filter labels first.
         """
         if hasattr(ids, "tolist"):  # torch / numpy
             ids = ids.tolist()
         ids = list(ids)
+        checked = []
         for position, token_id in enumerate(ids):
-            if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < self._vocab_size:
+            value = _as_token_id(token_id)
+            if value is None:
                 raise InvalidTokenIdError(
-                    f"decode: ids[{position}]={token_id!r} is not a token id in [0, {self._vocab_size}); "
+                    f"decode: ids[{position}]={token_id!r} is not an integer ({type(token_id).__name__}); "
+                    "pass a flat sequence of integer ids (ints, numpy integers or 0-d integer tensors)"
+                )
+            if not 0 <= value < self._vocab_size:
+                raise InvalidTokenIdError(
+                    f"decode: ids[{position}]={token_id!r} is out of range: token ids are in [0, {self._vocab_size}); "
                     "pass a flat sequence of ids (labels of -100 must be removed first)"
                 )
-        return self._bpe.decode(ids, skip_special_tokens=skip_special_tokens)
+            checked.append(value)
+        return self._bpe.decode(checked, skip_special_tokens=skip_special_tokens)
 
     # ----- media and conversations ----------------------------------------------------------
 

@@ -23,7 +23,8 @@ Video layout (ours): ``<|video_start|>``, then for each frame its timestamp as p
 """
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -123,7 +124,8 @@ class VideoPlaceholder:
     """A video of ``len(timestamps)`` frames, each a 1x1 image of ``tokens_per_frame`` patches.
 
     ``timestamps`` are the frames' times in seconds: finite, >= 0 and in non-decreasing
-    order. They are stored as a tuple.
+    order. Any iterable of real numbers will do (a list, a numpy array, a 1-D tensor, numpy
+    scalars); they are stored as a tuple of Python floats.
     """
 
     timestamps: Sequence[float]
@@ -131,23 +133,30 @@ class VideoPlaceholder:
 
     def __post_init__(self) -> None:
         _check_positive_int(self.tokens_per_frame, "tokens_per_frame", "VideoPlaceholder")
-        if isinstance(self.timestamps, (str, bytes)) or not isinstance(self.timestamps, Sequence):
+        given = self.timestamps
+        if hasattr(given, "tolist"):  # a numpy array or torch tensor: its values as Python numbers
+            given = given.tolist()
+        if isinstance(given, (str, bytes)) or not isinstance(given, Iterable):
             raise PlaceholderError(
-                f"VideoPlaceholder: timestamps={self.timestamps!r} must be a list of frame times in seconds"
+                f"VideoPlaceholder: timestamps={self.timestamps!r} must be a list (or other iterable, e.g. an "
+                "array) of frame times in seconds"
             )
-        times = tuple(self.timestamps)
-        if not times:
+        given = tuple(given)
+        if not given:
             raise PlaceholderError("VideoPlaceholder: timestamps is empty; a video needs at least one frame")
-        for index, time in enumerate(times):
-            if isinstance(time, bool) or not isinstance(time, (int, float)) or not math.isfinite(time) or time < 0:
+        times = []
+        for index, time in enumerate(given):
+            if isinstance(time, bool) or not isinstance(time, numbers.Real) or not math.isfinite(time) or time < 0:
                 raise PlaceholderError(
                     f"VideoPlaceholder: timestamps[{index}]={time!r} must be a finite number of seconds >= 0"
                 )
-            if index and time < times[index - 1]:
+            if index and time < given[index - 1]:
                 raise PlaceholderError(
                     f"VideoPlaceholder: timestamps[{index}]={time!r} comes before timestamps[{index - 1}]="
-                    f"{times[index - 1]!r}; give frames in time order"
+                    f"{given[index - 1]!r}; give frames in time order"
                 )
+            times.append(float(time))
+        times = tuple(times)
         object.__setattr__(self, "timestamps", times)
 
     @property

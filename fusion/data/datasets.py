@@ -69,7 +69,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tokenizer import IMAGE_MARKER, VIDEO_MARKER, content_text
+from tokenizer import content_text, count_media_markers
 from tokenizer.errors import (
     ConversationFormatError,
     MediaCountMismatchError,
@@ -269,8 +269,9 @@ def _most_common(counts: Counter, n: int = 3) -> str:
     return ", ".join(f"{reason} x{count}" for reason, count in counts.most_common(n))
 
 
-def _count_markers(record: Record, marker: str) -> int:
-    return sum(m["content"].count(marker) for m in record.messages)
+def _count_markers(record: Record, kind: str) -> int:
+    """How many media of `kind` ("image", "video") the record's messages place (escaped markers are text)."""
+    return sum(count_media_markers(m["content"])[kind] for m in record.messages)
 
 
 def _system_turn(record: Record) -> str | None:
@@ -280,7 +281,7 @@ def _system_turn(record: Record) -> str | None:
 
 def _group_key(record: Record) -> tuple[str, str] | None:
     """("image", path) or ("video", path) for a record that shows one medium only, else None."""
-    images, videos = _count_markers(record, IMAGE_MARKER), _count_markers(record, VIDEO_MARKER)
+    images, videos = _count_markers(record, "image"), _count_markers(record, "video")
     if len(record.images) == 1 and not record.videos and images <= 1 and videos == 0:
         return ("image", record.images[0])
     if len(record.videos) == 1 and not record.images and videos <= 1 and images == 0:

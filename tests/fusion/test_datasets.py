@@ -320,6 +320,12 @@ def test_group_by_media_shares_the_image_between_consecutive_questions(model, to
     s = ConversationDataset(path, model.processor, group_by_media=True)[0]
     assert s.pixel_values.shape[0] == 3 and supervised_text(tok, s) == "red2no"
 
+    # an escaped marker (the literal text "<image>") is text: the question still shares the image
+    rows[1] = sample("a1", "<image>\nis \\<image> an html tag?", "yes", ["images/a.png"], type="count")
+    path = write_jsonl(media / "group_escaped_marker.jsonl", rows)
+    s = ConversationDataset(path, model.processor, group_by_media=True)[0]
+    assert s.pixel_values.shape[0] == 1 and supervised_text(tok, s) == "redyesno"
+
 
 def test_join_media_groups_asks_one_image_every_question_of_every_file(model, tok, media):
     """A stage listing train.jsonl and train_extra.jsonl (more questions about the same images) gets one

@@ -89,3 +89,46 @@ def test_decode_accepts_a_tensor(tok):
 
     ids = tok.encode("a red square")
     assert tok.decode(torch.tensor(ids)) == "a red square"
+
+
+def test_decode_accepts_numpy_and_tensor_integer_scalars(tok):
+    """Ids taken out of an array or tensor one by one (e.g. list(tensor), a list of np.int64)."""
+    import numpy as np
+    import torch
+
+    ids = tok.encode("a red square")
+    assert tok.decode([np.int64(i) for i in ids]) == "a red square"
+    assert tok.decode([np.uint16(i) for i in ids]) == "a red square"
+    assert tok.decode(list(torch.tensor(ids))) == "a red square"
+    assert tok.decode(list(np.array(ids, dtype=np.int32))) == "a red square"
+
+
+@pytest.mark.parametrize("bad", [True, "5", 5.0, [5]], ids=["bool", "str", "float", "list"])
+def test_decode_says_an_id_that_is_no_integer_is_not_an_integer(tok, bad):
+    from tokenizer import InvalidTokenIdError
+
+    with pytest.raises(InvalidTokenIdError, match=r"ids\[1\]=.* is not an integer") as raised:
+        tok.decode([5, bad])
+    assert "range" not in str(raised.value)
+
+
+def test_decode_rejects_numpy_and_tensor_booleans_and_non_scalar_tensors(tok):
+    import numpy as np
+    import torch
+
+    from tokenizer import InvalidTokenIdError
+
+    for bad in (np.True_, torch.tensor(True), torch.tensor([5]), torch.tensor(5.0)):
+        with pytest.raises(InvalidTokenIdError, match=r"ids\[0\]=.* is not an integer"):
+            tok.decode([bad])
+
+
+def test_decode_reports_an_integer_outside_the_vocabulary_as_out_of_range(tok):
+    import numpy as np
+
+    from tokenizer import InvalidTokenIdError
+
+    with pytest.raises(InvalidTokenIdError, match=rf"ids\[0\]=np.int64\(-100\) is out of range.*\[0, {len(tok)}\)"):
+        tok.decode([np.int64(-100)])
+    with pytest.raises(InvalidTokenIdError, match=r"is out of range"):
+        tok.decode([len(tok)])

@@ -1,5 +1,11 @@
-"""Images and videos: Llama 4 token layout, patch counts, markers in text."""
+"""Images and videos: Llama 4 token layout, patch counts, markers in text and typed media parts."""
+from fractions import Fraction
+
+import numpy as np
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 from tokenizer import (
     IGNORE_INDEX,
@@ -8,6 +14,7 @@ from tokenizer import (
     ConversationFormatError,
     PlaceholderError,
     VideoPlaceholder,
+    content_text,
     format_timestamp,
 )
 
@@ -60,6 +67,27 @@ def test_video_with_three_frames(tok):
 
 
 @pytest.mark.parametrize(
+    "timestamps",
+    [
+        np.array([0.0, 0.5, 1.25]),
+        np.array([0, 0.5, 1.25], dtype=np.float32),
+        [np.float32(0.0), np.float64(0.5), np.int64(1) + np.float32(0.25)],
+        torch.tensor([0.0, 0.5, 1.25]),
+        (t / 4 for t in (0, 2, 5)),
+        [0, Fraction(1, 2), 1.25],
+    ],
+    ids=["float64-array", "float32-array", "numpy-scalars", "tensor", "generator", "fraction"],
+)
+def test_video_timestamps_may_be_any_iterable_of_real_numbers(tok, timestamps):
+    """Frame times straight from a video reader (arrays, tensors, numpy scalars) need no conversion."""
+    video = VideoPlaceholder(timestamps=timestamps, tokens_per_frame=2)
+    assert video.timestamps == (0.0, 0.5, 1.25)
+    assert all(type(time) is float for time in video.timestamps)
+    assert tok.decode(tok.encode_video(video)) == "0s0.5s1.25s"
+    assert video == VideoPlaceholder(timestamps=[0.0, 0.5, 1.25], tokens_per_frame=2)
+
+
+@pytest.mark.parametrize(
     "seconds, text",
     [(0, "0s"), (0.0, "0s"), (1.5, "1.5s"), (2.0, "2s"), (0.25, "0.25s"), (10, "10s"), (12.345, "12.35s"), (0.001, "0s")],
 )
@@ -78,6 +106,13 @@ def test_timestamp_format_is_compact_seconds(seconds, text):
         (lambda: VideoPlaceholder(timestamps=[2, 1], tokens_per_frame=4), "time order"),
         (lambda: VideoPlaceholder(timestamps=[float("nan")], tokens_per_frame=4), "finite"),
         (lambda: VideoPlaceholder(timestamps=[0], tokens_per_frame=0), "tokens_per_frame=0"),
+        (lambda: VideoPlaceholder(timestamps="0.5", tokens_per_frame=4), "must be a list"),
+        (lambda: VideoPlaceholder(timestamps=0.5, tokens_per_frame=4), "must be a list"),
+        (lambda: VideoPlaceholder(timestamps=np.float32(0.5), tokens_per_frame=4), "must be a list"),
+        (lambda: VideoPlaceholder(timestamps=[0, True], tokens_per_frame=4), r"timestamps\[1\]=True"),
+        (lambda: VideoPlaceholder(timestamps=["0.5"], tokens_per_frame=4), r"timestamps\[0\]='0.5'"),
+        (lambda: VideoPlaceholder(timestamps=np.array([0.0, np.inf]), tokens_per_frame=4), "finite"),
+        (lambda: VideoPlaceholder(timestamps=[np.float32(1), np.float32(0.5)], tokens_per_frame=4), "time order"),
     ],
 )
 def test_invalid_placeholders_are_rejected(make, message):
@@ -137,6 +172,88 @@ def test_content_as_typed_parts_encodes_like_text_with_markers(tok):
     assert (by_parts.input_ids, by_parts.labels, by_parts.media_order) == (by_text.input_ids, by_text.labels,
                                                                          by_text.media_order)
     assert by_parts.media_order == ["video", "image"]
+
+
+def _render(tok, ids):
+    return tok.decode(ids, skip_special_tokens=False)
+
+
+def test_a_marker_typed_in_a_text_part_stays_text(tok):
+    """With typed parts, the media come from the media parts only: a <image> in a text part is literal."""
+    image = ImagePlaceholder(tokens_per_tile=2)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is <image> an HTML tag?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Yes: <image> and <video> are tags."}]}]
+    encoded = tok.encode_conversation(messages, images=[image])
+    text = _render(tok, encoded.input_ids)
+    block = _render(tok, tok.encode_image(image))
+    assert f"<|header_start|>user<|header_end|>\n\n{block}Is <image> an HTML tag?<|eot|>" in text
+    assert encoded.media_order == ["image"]
+    assert encoded.input_ids.count(tok.patch_id) == 2
+    supervised = [label for label in encoded.labels if label != IGNORE_INDEX]
+    assert _render(tok, supervised) == "Yes: <image> and <video> are tags.<|eot|>"
+
+
+def test_text_parts_with_markers_but_no_media_parts_place_media_as_if_unmarked(tok):
+    image = ImagePlaceholder(tokens_per_tile=2)
+    messages = _conversation([{"type": "text", "text": "What does <video> do?"}])
+    text_only = tok.encode_conversation(messages)
+    assert "What does <video> do?<|eot|>" in _render(tok, text_only.input_ids)
+    with_image = tok.encode_conversation(messages, images=[image])
+    assert f"\n\n{_render(tok, tok.encode_image(image))}What does <video> do?<|eot|>" in _render(
+        tok, with_image.input_ids
+    )
+
+
+def test_a_backslash_escapes_a_marker_in_str_content(tok):
+    image = ImagePlaceholder(tokens_per_tile=2)
+    escaped = tok.encode_conversation(_conversation("<image>Is \\<image> a tag? \\<video>"), images=[image])
+    typed = tok.encode_conversation(
+        _conversation([{"type": "image"}, {"type": "text", "text": "Is <image> a tag? <video>"}]), images=[image]
+    )
+    assert (escaped.input_ids, escaped.labels) == (typed.input_ids, typed.labels)
+    block = _render(tok, tok.encode_image(image))
+    assert f"\n\n{block}Is <image> a tag? <video><|eot|>" in _render(tok, escaped.input_ids)
+    # Two backslashes are one backslash of text, then a marker; a backslash elsewhere is plain text.
+    doubled = tok.encode_conversation(_conversation("a\\\\<image> b\\c"), images=[image])
+    assert f"\n\na\\{block} b\\c<|eot|>" in _render(tok, doubled.input_ids)
+
+
+def test_content_text_of_typed_parts_encodes_like_the_parts(tok):
+    """The dataset loader turns typed parts into a str with content_text: a literal <image> must survive."""
+    image = ImagePlaceholder(tokens_per_tile=2)
+    parts = [{"type": "text", "text": "a\\"}, {"type": "image"}, {"type": "text", "text": "Is <image> a tag?\\"}]
+    as_text = content_text(parts, "turn 0 content")
+    assert as_text == "a\\\\<image>Is \\<image> a tag?\\"
+    by_parts = tok.encode_conversation(_conversation(parts), images=[image])
+    by_text = tok.encode_conversation(_conversation(as_text), images=[image])
+    assert (by_text.input_ids, by_text.labels) == (by_parts.input_ids, by_parts.labels)
+    assert f"\n\na\\{_render(tok, tok.encode_image(image))}Is <image> a tag?\\<|eot|>" in _render(
+        tok, by_parts.input_ids
+    )
+
+
+_tricky_text = hs.lists(hs.sampled_from(["<image>", "<video>", "\\", "<", ">", "image", "a", " "]), max_size=8).map(
+    "".join
+)
+_typed_part = hs.one_of(
+    _tricky_text.map(lambda text: {"type": "text", "text": text}),
+    hs.just({"type": "image"}),
+    hs.just({"type": "video"}),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(parts=hs.lists(_typed_part, max_size=6))
+def test_typed_parts_render_text_literally_and_media_where_the_media_parts_are(tok, parts):
+    image, video = ImagePlaceholder(tokens_per_tile=1), VideoPlaceholder(timestamps=[0], tokens_per_frame=1)
+    blocks = {"image": _render(tok, tok.encode_image(image)), "video": _render(tok, tok.encode_video(video))}
+    images = [image] * sum(part["type"] == "image" for part in parts)
+    videos = [video] * sum(part["type"] == "video" for part in parts)
+    expected = "".join(part["text"] if part["type"] == "text" else blocks[part["type"]] for part in parts)
+    for content in (parts, content_text(parts, "content")):
+        encoded = tok.encode_conversation(_conversation(content), images=images, videos=videos)
+        assert f"user<|header_end|>\n\n{expected}<|eot|>" in _render(tok, encoded.input_ids)
+        assert encoded.media_order == [part["type"] for part in parts if part["type"] != "text"]
 
 
 def test_without_markers_media_go_to_the_start_of_the_first_user_turn(tok):
