@@ -48,6 +48,10 @@ ImageInput = Union[str, os.PathLike, bytes, io.IOBase, Image.Image, np.ndarray, 
 
 _WHITE = (255, 255, 255)
 
+# Float images may overshoot [0, 1] by this much (rounding errors of resizing or un-normalising, e.g.
+# 1.0000001 or -1e-7); such values are clipped. 1e-3 is a quarter of one 0-255 step.
+_FLOAT_SLACK = 1e-3
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -62,7 +66,8 @@ def load_image(image: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS) -
             - a path (``str`` / ``os.PathLike``), raw encoded ``bytes`` or a binary file object;
             - a ``PIL.Image`` (any mode);
             - a numpy array ``[H, W]``, ``[H, W, 1]``, ``[H, W, 3]`` or ``[H, W, 4]`` (RGBA), ``uint8``
-              (0-255), ``uint16`` (0-65535), ``bool``, or float in [0, 1];
+              (0-255), ``uint16`` (0-65535), ``bool``, or float in [0, 1]
+              (overshoots of up to 1e-3, rounding errors, are clipped);
             - a torch tensor ``[C, H, W]`` or ``[H, W, C]`` (C in 1, 3, 4) or ``[H, W]``, same dtypes.
               A shape that reads both ways is resolved towards 3 channels, then channels-first:
               ``[3, H, 3]`` is ``[C, H, W]``, ``[4, W, 3]`` is ``[H, W, C]``.
@@ -82,7 +87,10 @@ def load_image(image: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS) -
     if isinstance(image, (bytes, bytearray, memoryview)):
         return _load_encoded(io.BytesIO(bytes(image)), f"the {len(image)}-byte image buffer", max_pixels)
     if isinstance(image, io.IOBase) or (hasattr(image, "read") and hasattr(image, "seek")):
-        return _load_encoded(image, f"the file object {getattr(image, 'name', type(image).__name__)!r}", max_pixels)
+        name = f"the file object {getattr(image, 'name', type(image).__name__)!r}"
+        if isinstance(image, io.TextIOBase):
+            raise ImageLoadError(_TEXT_MODE_MESSAGE.format(name=name))
+        return _load_encoded(image, name, max_pixels)
     if isinstance(image, torch.Tensor):
         return _from_tensor(image)
     if isinstance(image, np.ndarray):
@@ -91,6 +99,10 @@ def load_image(image: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS) -
         f"cannot load an image from a {type(image).__name__}: pass a file path, encoded bytes, "
         "a PIL.Image, a numpy array [H, W, C] or a torch tensor [C, H, W]"
     )
+
+
+_TEXT_MODE_MESSAGE = ("{name} is open in text mode, so it gives characters, not the image's bytes: "
+                      "open the file in binary mode, open(path, 'rb'), or pass its path")
 
 
 def _load_encoded(source: str | io.IOBase, name: str, max_pixels: int | None) -> Image.Image:
@@ -118,6 +130,8 @@ def _load_encoded(source: str | io.IOBase, name: str, max_pixels: int | None) ->
         raise ImageLoadError(f"image {name} is not in an image format PIL can read (or is corrupt){hint}") from error
     except OSError as error:
         raise ImageLoadError(f"cannot read image {name}: {error}") from error
+    except UnicodeDecodeError as error:  # a text-mode file object that is not an io.TextIOBase
+        raise ImageLoadError(_TEXT_MODE_MESSAGE.format(name=name)) from error
 
     with opened:
         width, height = opened.size
@@ -149,8 +163,8 @@ def _exif_transpose(image: Image.Image, name: str) -> Image.Image:
 def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
     """Convert a ``PIL.Image`` of any mode to RGB.
 
-    - Transparency (RGBA, LA, PA, RGBa, La, and P or L/RGB with a transparency key) is
-      composited on white.
+    - Transparency (RGBA, LA, PA, RGBa, La, P with an RGBA palette, and any mode with a
+      transparency key: P, L, RGB, 16-bit I;16, ...) is composited on white.
     - 16-bit modes (``I;16*``) are scaled by 255/65535, not clipped; ``I`` (32-bit int) the same
       when its values fit 0-65535, otherwise its min-max range is stretched to 0-255.
     - ``F`` (float): values in [0, 1] are scaled by 255, values in [0, 255] kept, anything else
@@ -158,18 +172,32 @@ def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
     - Everything else (L, 1, CMYK, YCbCr, LAB, HSV, RGBX, ...) uses PIL's own conversion.
     """
     mode = image.mode
-    if mode == "RGB":
-        return image
     if mode.startswith("I;16") or mode in ("I", "F"):
-        return _array_to_rgb(_high_depth_to_uint8(image, name), name)
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        gray = _high_depth_to_uint8(image, name)
+        if "transparency" not in image.info:
+            return _array_to_rgb(gray, name)
+        # PIL's own conversion to RGBA clips these values; apply the key to the raw values instead
+        opaque = np.asarray(image) != image.info["transparency"]
+        return _array_to_rgb(np.dstack([gray, gray, gray, np.where(opaque, 255, 0).astype(np.uint8)]), name)
+    if _has_transparency(image):
         if mode == "La":
             image = image.convert("LA")  # un-premultiply first
         return _composite_on_white(image.convert("RGBA"))
+    if mode == "RGB":
+        return image
     try:
         return image.convert("RGB")
     except (ValueError, OSError) as error:
         raise ImageLoadError(f"{name} has PIL mode {mode!r}, which cannot be converted to RGB: {error}") from error
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    """An alpha channel, an RGBA palette or a transparency key (``info["transparency"]``)."""
+    if hasattr(image, "has_transparency_data"):  # Pillow >= 10.1
+        return image.has_transparency_data
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        return True
+    return image.mode == "P" and image.palette is not None and image.palette.mode.endswith("A")
 
 
 def _composite_on_white(rgba: Image.Image) -> Image.Image:
@@ -244,12 +272,12 @@ def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
         if not np.isfinite(array).all():
             raise ImageLoadError(f"{name} contains NaN or infinite values")
         low, high = float(array.min()), float(array.max())
-        if low < 0 or high > 1:
+        if low < -_FLOAT_SLACK or high > 1 + _FLOAT_SLACK:
             raise ImageLoadError(
-                f"{name} is float with values in [{low:.3g}, {high:.3g}]: float images must lie in [0, 1] "
+                f"{name} is float with values in [{low:.4g}, {high:.4g}]: float images must lie in [0, 1] "
                 "(un-normalise it, divide 0-255 values by 255, or pass uint8)"
             )
-        return np.rint(array.astype(np.float64) * 255.0).astype(np.uint8)
+        return np.rint(np.clip(array.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
     if np.issubdtype(array.dtype, np.integer):
         low, high = int(array.min()), int(array.max())
         if low < 0 or high > 255:
@@ -280,8 +308,10 @@ class ImageProcessor:
 
     Padding: by default the padding is the normalisation mean, so padded pixels are exactly 0
     after normalisation — the "no signal" value the encoder sees least surprisingly, and the
-    same for every mean/std. ``pad_with_mean=False`` pads with black as Llama 4 does
-    (use it to reproduce Llama 4 pixels exactly).
+    same for every mean/std. ``pad_with_mean=False`` pads with black as Llama 4 does. With it and
+    Llama 4's mean and std (0.5, 0.5, 0.5), the tile grid matches transformers' Llama 4 image
+    processor and the pixels are close but not identical: PIL resizes in uint8, transformers in
+    float, so they differ by up to about 1.5/255. With other mean/std they do not match Llama 4.
 
     Resizing is bilinear (as Llama 4). Pixels are normalised as ``(x / 255 - mean) / std``.
     """

@@ -20,9 +20,11 @@ frame's timestamp is its presentation time, counted from the first frame.
 
 `sample_frames` opens the file, asks the backend for the frame count and average frame rate,
 computes the indices and decodes only those frames. decord is the default backend; PyAV is
-used where decord is not installed (its wheels exist only for some platforms) or when
-``backend="pyav"`` is asked. Both backends count frames the same way (the video packets the
-file holds), so they return the same indices for the same file.
+used where decord is not installed (its wheels exist only for some platforms), when
+``backend="pyav"`` is asked, or, with the default backend, when decord cannot open or decode a
+file (it fails on some valid ones, e.g. some frame widths). Both backends count frames the same
+way (the video packets the file holds), so they return the same indices for the same file, and
+both turn frames upright as the file's rotation metadata (display matrix) says, as players do.
 """
 from __future__ import annotations
 
@@ -298,14 +300,16 @@ def sample_frames(path: PathLike, num_frames: int = 8, fps: Optional[float] = No
         fps: frames per second for fps mode; None for uniform mode.
         max_frames: fps mode: the most frames returned.
         start, end: optional range in seconds, ``[start, end)`` on frame timestamps.
-        backend: None (decord if installed, else PyAV), ``"decord"`` or ``"pyav"``.
+        backend: None (decord if installed, else PyAV; PyAV also when decord cannot open or decode
+            the file), ``"decord"`` or ``"pyav"``.
 
     Returns:
         `SampledFrames`: unpacks as ``frames, timestamps``; also has ``.indices``,
         ``.avg_fps`` and ``.total_frames``.
 
     Raises:
-        VideoLoadError: missing, unreadable or empty file, or bad arguments.
+        VideoLoadError: missing, unreadable or empty file (with the default backend: one that neither
+            decord nor PyAV can read), or bad arguments.
         ImportError: ``backend="decord"`` where decord is not installed.
     """
     shown = os.fspath(path)
@@ -343,7 +347,25 @@ def sample_frames(path: PathLike, num_frames: int = 8, fps: Optional[float] = No
                               f"Install it (`pip install decord`, Linux x86_64/Windows only) or pass "
                               f"backend='pyav'") from err
         return _sample_with_pyav(shown, choose_frames)
-    return _sample_with_decord(decord, shown, choose_frames)
+    if backend == "decord":
+        return _sample_with_decord(decord, shown, choose_frames)
+    try:
+        return _sample_with_decord(decord, shown, choose_frames)
+    except _DecordFailure as decord_failure:  # decord fails on some valid files: PyAV may read it
+        try:
+            return _sample_with_pyav(shown, choose_frames)
+        except VideoLoadError as pyav_error:
+            raise VideoLoadError(f"{pyav_error} (decord, tried first, failed too: {decord_failure.reason})") \
+                from pyav_error
+
+
+class _DecordFailure(VideoLoadError):
+    """decord could not open or decode a file; ``reason`` says how, without the advice."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}; this may be a limitation of decord, which fails on some valid files "
+                         f"(e.g. some frame widths): try backend='pyav'. Otherwise {_UNREADABLE_HINT}")
+        self.reason = reason
 
 
 _UNREADABLE_HINT = ("it may be empty, corrupt, truncated or not a video; check that it plays (e.g. `ffprobe FILE`) "
@@ -366,7 +388,7 @@ def _sample_with_decord(decord, path: str, choose_frames: FrameChooser) -> Sampl
         if "video stream" in str(err):
             raise VideoLoadError(f"{path}: has no video stream (an audio-only or empty file?); "
                                  f"pass a file with video frames") from err
-        raise VideoLoadError(f"{path}: decord cannot open it ({_first_line(err)}); {_UNREADABLE_HINT}") from err
+        raise _DecordFailure(path, f"decord cannot open it ({_first_line(err)})") from err
     try:
         total_frames = len(reader)
         if total_frames < 1:
@@ -383,8 +405,8 @@ def _sample_with_decord(decord, path: str, choose_frames: FrameChooser) -> Sampl
         try:
             batch = reader.get_batch(indices)
         except Exception as err:
-            raise VideoLoadError(f"{path}: decord failed to decode {len(indices)} frames between {indices[0]} "
-                                 f"and {indices[-1]} ({_first_line(err)}); {_UNREADABLE_HINT}") from err
+            raise _DecordFailure(path, f"decord failed to decode {len(indices)} frames between {indices[0]} "
+                                       f"and {indices[-1]} ({_first_line(err)})") from err
         # decord.bridge may have been switched to torch by other code; np.asarray covers that.
         frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
     finally:
@@ -399,7 +421,8 @@ def _sample_with_pyav(path: str, choose_frames: FrameChooser) -> SampledFrames:
     decoding them, as decord does when it opens a file. The header's ``stream.frames`` is not
     used: some containers (Matroska, WebM) leave it 0, and in a file cut short it counts
     frames that are no longer there, where decord counts only those that are. The packets' pts,
-    sorted, are the frames' presentation times (packets come in decode order).
+    sorted, are the frames' presentation times (packets come in decode order). Each frame is
+    turned upright by its display matrix (`_quarter_turns`), as decord does.
     """
     import av
 
@@ -445,7 +468,7 @@ def _sample_with_pyav(path: str, choose_frames: FrameChooser) -> SampledFrames:
             for index, frame in enumerate(container.decode(container.streams.video[0])):
                 decoded = index + 1
                 if index in wanted:
-                    kept[index] = frame.to_ndarray(format="rgb24")  # [H, W, 3] uint8
+                    kept[index] = np.rot90(frame.to_ndarray(format="rgb24"), _quarter_turns(frame))  # [H, W, 3]
                 if index >= indices[-1]:
                     break
     except Exception as err:
@@ -455,6 +478,26 @@ def _sample_with_pyav(path: str, choose_frames: FrameChooser) -> SampledFrames:
         raise VideoLoadError(f"{path}: decoding ended after {decoded} frames, but the file holds {total_frames} "
                              f"video packets; {_UNREADABLE_HINT}")
     return _result(np.stack([kept[index] for index in indices]), indices, timestamps, avg_fps, total_frames, path)
+
+
+def _quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns (``np.rot90``'s ``k``) that show a PyAV frame upright.
+
+    From the frame's display matrix: ``frame.rotation`` where PyAV has it, else the matrix side data
+    read as FFmpeg's ``av_display_rotation_get`` does. Angles off a multiple of 90 degrees and
+    mirroring are not applied.
+    """
+    degrees = getattr(frame, "rotation", None)
+    if degrees is None:
+        degrees = 0.0
+        for side_data in frame.side_data:
+            if getattr(side_data.type, "name", str(side_data.type)).upper().endswith("DISPLAYMATRIX"):
+                matrix = np.frombuffer(bytes(side_data), dtype=np.int32)[:9] / 65536.0  # 16.16 fixed point
+                scale_x, scale_y = math.hypot(matrix[0], matrix[3]), math.hypot(matrix[1], matrix[4])
+                if scale_x > 0 and scale_y > 0:
+                    degrees = -math.degrees(math.atan2(matrix[1] / scale_y, matrix[0] / scale_x))
+    turns = round(float(degrees) / 90.0)
+    return turns % 4 if abs(float(degrees) - 90.0 * turns) < 1.0 else 0
 
 
 def _result(frames: np.ndarray, indices: list[int], timestamps: list[float], avg_fps: float, total_frames: int,

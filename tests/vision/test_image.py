@@ -68,6 +68,24 @@ def test_torch_tensors_channels_first_or_last_uint8_or_float():
     assert load_image(torch.zeros(1, 7, 4, dtype=torch.uint8)).size == (4, 7)
 
 
+def test_text_mode_file_object_is_rejected_with_how_to_open_it(tmp_path):
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(path)
+    with open(path) as text_file, pytest.raises(ImageLoadError, match=r"photo\.png.*text mode.*binary mode.*'rb'"):
+        load_image(text_file)
+
+
+def test_float_values_a_rounding_error_outside_0_1_are_clipped():
+    # e.g. after resizing or un-normalising: 1.0000001 and -1e-7 are 1 and 0, not an error
+    pixels = _pixels(load_image(np.array([[[1.0000001, -1e-7, 0.5]], [[1.0009, -0.0009, 0.0]]])))
+    assert pixels.tolist() == [[[255, 0, 128]], [[255, 0, 0]]]
+    assert _pixels(load_image(torch.tensor([[1.0000001, -1e-7]])))[0, :, 0].tolist() == [255, 0]
+    with pytest.raises(ImageLoadError, match=r"values in \[0, 1\.002\]: float images must lie in \[0, 1\]"):
+        load_image(np.array([[0.0, 1.002]]))
+    with pytest.raises(ImageLoadError, match=r"values in \[-0\.002, 0\]"):
+        load_image(np.array([[-0.002, 0.0]]))
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
@@ -112,6 +130,39 @@ def test_palette_png_with_transparency_round_trips_through_a_file(tmp_path):
     path = tmp_path / "palette.png"
     palette.save(path, transparency=1)
     assert _pixels(load_image(path))[0].tolist() == [[10, 20, 30], [255, 255, 255]]
+
+
+def _png_bytes(image, **save_options):
+    """The bytes of ``image`` saved as a PNG with ``save_options`` (a transparency key goes in its tRNS chunk)."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", **save_options)
+    return buffer.getvalue()
+
+
+def test_rgb_png_with_a_transparency_key_is_composited_on_white():
+    rgb = Image.new("RGB", (2, 1), (10, 20, 30))
+    rgb.putpixel((1, 0), (1, 2, 3))
+    encoded = _png_bytes(rgb, transparency=(10, 20, 30))
+    assert Image.open(io.BytesIO(encoded)).mode == "RGB"
+    assert _pixels(load_image(encoded))[0].tolist() == [[255, 255, 255], [1, 2, 3]]
+    # a key that matches no pixel changes nothing
+    assert _pixels(load_image(_png_bytes(rgb, transparency=(9, 9, 9))))[0].tolist() == [[10, 20, 30], [1, 2, 3]]
+
+
+def test_sixteen_bit_png_with_a_transparency_key_is_composited_on_white():
+    values = np.array([[1000, 25700]], dtype=np.uint16)  # 25700 = 100 * 257
+    encoded = _png_bytes(Image.fromarray(values), transparency=1000)
+    assert Image.open(io.BytesIO(encoded)).mode.startswith("I;16")
+    assert _pixels(load_image(encoded))[0].tolist() == [[255, 255, 255], [100, 100, 100]]
+
+
+def test_palette_with_alpha_in_its_palette_is_composited_on_white():
+    # quantizing RGBA keeps alpha in the palette (no info["transparency"]); fully transparent red is white
+    palette = Image.new("RGBA", (4, 4), (255, 0, 0, 0)).quantize(method=Image.Quantize.FASTOCTREE)
+    assert palette.mode == "P" and "transparency" not in palette.info
+    assert _pixels(load_image(palette)).reshape(-1, 3).tolist() == [[255, 255, 255]] * 16
+    half = Image.new("RGBA", (1, 1), (0, 0, 0, 128)).quantize(method=Image.Quantize.FASTOCTREE)
+    assert load_image(half).getpixel((0, 0)) == (127, 127, 127)
 
 
 def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):

@@ -4,8 +4,12 @@ The test videos are written here: frame i shows the number i in binary as eight 
 white blocks, which survive lossy compression, so every returned frame can be read back to the
 frame number it came from and compared with the indices the sampler says it chose.
 """
+import importlib.util
 import itertools
+import math
+import struct
 import sys
+import types
 
 import av
 import numpy as np
@@ -363,6 +367,56 @@ def test_result_unpacks_into_frames_and_timestamps(videos):
     assert parts[0] is result.frames and parts[1] is result.timestamps
 
 
+def with_display_rotation(source, target, degrees):
+    """Copy the mp4 `source` to `target` with its video track's display matrix (in the tkhd box) saying
+    "turn me `degrees` clockwise to show", as phones record portrait video (ffprobe: rotation of -degrees)."""
+    data = bytearray(open(source, "rb").read())
+    box = data.find(b"tkhd")
+    assert box > 0 and data[box + 4] == 0  # version 0: 32-bit times, so the matrix is 40 bytes in
+    turn = math.radians(degrees)
+    cos, sin = round(math.cos(turn)), round(math.sin(turn))
+    matrix = [cos << 16, sin << 16, 0, -sin << 16, cos << 16, 0, 0, 0, 1 << 30]  # 16.16 fixed point, w 2.30
+    data[box + 44:box + 80] = struct.pack(">9i", *matrix)
+    open(target, "wb").write(data)
+
+
+def corner_frames(count):
+    """[count, 32, 64, 3]: landscape, white top-left corner and red bottom-right corner, black elsewhere."""
+    frames = np.zeros((count, 32, 64, 3), np.uint8)
+    frames[:, :12, :12] = 255
+    frames[:, 20:, 52:, 0] = 255
+    return frames
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_a_rotated_video_comes_out_upright_and_the_same_from_both_backends(tmp_path, degrees):
+    stored = corner_frames(3)
+    write_video(tmp_path / "stored.mp4", stored, fps=5, crf=5)
+    path = str(tmp_path / f"phone{degrees}.mp4")
+    with_display_rotation(tmp_path / "stored.mp4", path, degrees)
+    upright = np.rot90(stored[0], k=-degrees // 90)  # turned clockwise, as a player shows it
+    by_pyav = sample_frames(path, num_frames=2, backend="pyav")
+    assert by_pyav.frames.shape == (2,) + upright.shape
+    assert np.abs(by_pyav.frames.astype(int) - upright).mean() < 3
+    if importlib.util.find_spec("decord") is None:
+        pytest.skip("decord is not installed: only PyAV was checked")
+    by_decord = sample_frames(path, num_frames=2, backend="decord")
+    assert by_decord.frames.shape == by_pyav.frames.shape
+    assert np.abs(by_decord.frames.astype(int) - by_pyav.frames.astype(int)).mean() < 3
+
+
+@pytest.mark.parametrize("degrees", [0, 90, 180, 270])
+def test_rotation_is_read_from_the_display_matrix_where_pyav_frames_have_no_rotation(tmp_path, degrees):
+    # Older PyAV has no `frame.rotation`; the display matrix side data says the same.
+    write_video(tmp_path / "stored.mp4", corner_frames(1), fps=5)
+    path = str(tmp_path / "phone.mp4")
+    with_display_rotation(tmp_path / "stored.mp4", path, degrees)
+    with av.open(path) as container:
+        frame = next(container.decode(video=0))
+        without_rotation = types.SimpleNamespace(side_data=frame.side_data)
+        assert video._quarter_turns(without_rotation) == video._quarter_turns(frame) == (-degrees // 90) % 4
+
+
 # --------------------------------------------------------------------------- backend choice
 
 
@@ -393,6 +447,56 @@ def test_falls_back_to_pyav_when_decord_is_missing(videos, backend_calls, monkey
     check_sample(sample_frames(videos["mp4"][0], num_frames=4), [7, 22, 37, 52], 10.0)
     check_sample(sample_frames(videos["mkv"][0], fps=5, max_frames=8), [2, 10, 18, 26, 32, 40, 48, 56], 10.0)
     assert backend_calls == ["_sample_with_pyav", "_sample_with_pyav"]
+
+
+def test_default_backend_reads_a_valid_file_that_decord_cannot_decode(tmp_path):
+    # decord's get_batch fails on some widths (48 here: "Check failed: from_size == to_size"); PyAV reads it.
+    frames = np.zeros((3, 64, 48, 3), np.uint8)
+    frames[:, :, :24] = 255  # left half white
+    path = tmp_path / "narrow.mp4"
+    write_video(path, frames, fps=5)
+    result = sample_frames(path, num_frames=2)
+    assert result.frames.shape == (2, 64, 48, 3) and result.indices == [0, 2]
+    assert np.abs(result.frames.astype(int) - frames[[0, 2]]).mean() < 3
+
+
+def decord_cannot_decode(monkeypatch):
+    import decord
+
+    def fail(self, indices):
+        raise RuntimeError("Check failed: from_size == to_size (12288 vs. 9216)")
+
+    monkeypatch.setattr(decord.VideoReader, "get_batch", fail)
+
+
+def test_when_decord_fails_the_default_backend_retries_with_pyav(videos, backend_calls, monkeypatch):
+    decord_cannot_decode(monkeypatch)
+    check_sample(sample_frames(videos["mp4"][0], num_frames=4), [7, 22, 37, 52], 10.0)
+    assert backend_calls == ["_sample_with_decord", "_sample_with_pyav"]
+
+
+def test_forced_decord_failing_says_it_may_be_decord_and_to_try_pyav(videos, backend_calls, monkeypatch):
+    decord_cannot_decode(monkeypatch)
+    with pytest.raises(VideoLoadError, match=r"clip\.mp4: decord failed to decode 4 frames.*from_size == to_size.*"
+                                             r"limitation of decord.*try backend='pyav'.*corrupt, truncated"):
+        sample_frames(videos["mp4"][0], num_frames=4, backend="decord")
+    assert backend_calls == ["_sample_with_decord"]
+
+
+def test_a_file_neither_backend_reads_names_both_failures(bad_files, backend_calls):
+    path = bad_files["text"]
+    with pytest.raises(VideoLoadError, match=r"PyAV cannot open it.*ffprobe.*decord, tried first, failed too: "
+                                             r"decord cannot open it") as caught:
+        sample_frames(path)
+    assert str(caught.value).startswith(path + ":")
+    assert backend_calls == ["_sample_with_decord", "_sample_with_pyav"]
+
+
+def test_a_range_outside_the_video_is_not_retried_with_pyav(videos, backend_calls):
+    with pytest.raises(VideoLoadError, match=r"clip\.mp4: start=6\.5 s is at or after the end") as caught:
+        sample_frames(videos["mp4"][0], start=6.5)
+    assert "tried first" not in str(caught.value)
+    assert backend_calls == ["_sample_with_decord"]
 
 
 def test_forcing_decord_when_it_is_missing_says_how_to_fix_it(videos, monkeypatch):
