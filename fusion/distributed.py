@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from .errors import ConfigError
 
 
 @dataclass
@@ -50,16 +53,54 @@ class DistContext:
         return int(reduced.item())
 
 
+DEVICES = "cpu, cuda or cuda:N (N: a CUDA device index)"
+_DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
+
+
+def parse_device(text: str | None, where: str = "device") -> torch.device:
+    """The torch device that `text` names, checked against this machine before anything is loaded.
+
+    `text`: "cpu", "cuda" or "cuda:N"; None: cuda if available, else cpu. `where` names the input in the
+    error (e.g. "device" for the training config, "--device" for `fusion eval`).
+
+    Raises `ConfigError` for any other text (e.g. "gpu", "mps"), and for cuda / cuda:N where no CUDA device
+    is available or there is no device N.
+    """
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    found = _DEVICE.fullmatch(text.strip().lower()) if isinstance(text, str) else None
+    if found is None or (found[1] == "cpu" and found[2] is not None):
+        raise ConfigError(f"{where}: unknown device {text!r}; use {DEVICES}, or leave it unset for cuda where "
+                          f"available, else cpu")
+    if found[1] == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{where} is {text!r} but no CUDA device is available (torch.cuda.is_available() is "
+                          f"False); use cpu")
+    if found[2] is None:
+        return torch.device("cuda")
+    index, count = int(found[2]), torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(f"{where} is {text!r} but this machine has {count} CUDA device{'s' if count != 1 else ''} "
+                          f"(cuda:0 to cuda:{count - 1}); choose one of them, or cuda")
+    return torch.device("cuda", index)
+
+
 def init_distributed(device: str | None = None) -> DistContext:
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); gloo on CPU, nccl on CUDA."""
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); gloo on CPU, nccl on CUDA.
+
+    `device`: as `parse_device` (None: cuda if available, else cpu; anything else raises `ConfigError`).
+    Without torchrun, "cuda:N" uses device N and "cuda" device 0. Under torchrun (LOCAL_RANK set) every CUDA
+    process uses cuda:LOCAL_RANK, whatever index `device` names: torchrun gives each process its own device.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    chosen = parse_device(device, "device")
+    use_cuda = chosen.type == "cuda"
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        chosen = torch.device("cuda", local_rank)
-    else:
-        chosen = torch.device("cpu")
+        if "LOCAL_RANK" in os.environ or chosen.index is None:
+            chosen = torch.device("cuda", local_rank)
+        torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     return DistContext(rank, world_size, local_rank, chosen)

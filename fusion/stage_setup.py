@@ -3,23 +3,23 @@ which parts train, and the optimizer and learning-rate schedule over them."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 
 import torch
 
-from tokenizer import FusionTokenizer
+from tokenizer import FusionTokenizer, text_without_markers
 
 from .checkpoint import model_folder
-from .data.datasets import ROLE_ALIASES
+from .data.datasets import ConversationDataset
 from .errors import ConfigError
 from .fusion_config import FusionConfig
 from .model import FusionModel
-from .train_config import StageConfig, TrainConfig
+from .train_config import StageConfig, TrainConfig, check_keys
 
 # keys under `model:` that are not FusionConfig fields
 _MODEL_BUILD_KEYS = {"init_from", "tokenizer", "vision_weights"}
+# keys under `model: tokenizer:`
+_TOKENIZER_KEYS = ("path", "train_on", "vocab_size", "min_frequency")
 
 
 def build_model(config: TrainConfig) -> FusionModel:
@@ -42,6 +42,11 @@ def build_model(config: TrainConfig) -> FusionModel:
 
 
 def build_tokenizer(spec: dict, config: TrainConfig) -> FusionTokenizer:
+    """The tokenizer `model.tokenizer` names: `path` (a tokenizer.json, or its folder), or one trained on the
+    conversations of the dataset files `train_on` (`vocab_size`, `min_frequency`)."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"model.tokenizer must be a mapping with `path` or `train_on`, got {spec!r}")
+    check_keys(spec, _TOKENIZER_KEYS, "model.tokenizer")
     if spec.get("path"):
         return FusionTokenizer.load(config.path(spec["path"]))
     files = spec.get("train_on")
@@ -55,17 +60,18 @@ def build_tokenizer(spec: dict, config: TrainConfig) -> FusionTokenizer:
 def _texts_of(paths):
     """The texts a conversation of JSONL / LLaVA JSON dataset files puts through BPE: each turn's message
     (media markers removed) and its header's text (the role name, then the blank line), so that the
-    tokenizer learns the chat format's own words too (one token for "assistant", not seven)."""
+    tokenizer learns the chat format's own words too (one token for "assistant", not seven).
+
+    The records are the ones training reads (`ConversationDataset`): the same turn styles and typed
+    content parts, malformed lines skipped with a `DatasetWarning`, and `DatasetError` for a file that
+    is missing or mostly bad. An escaped marker (`\\<image>`) is the text it stands for."""
     for path in paths:
-        text = Path(path).read_text()
-        records = json.loads(text) if text.lstrip().startswith("[") else \
-            [json.loads(line) for line in text.splitlines() if line.strip()]
-        for record in records:
-            for turn in record.get("conversations", []):
-                role = ROLE_ALIASES.get(turn.get("role", turn.get("from")), "")
-                content = turn.get("content", turn.get("value", ""))
-                yield from (role, "\n\n")  # what the chat template encodes between <|header_start|> and a message
-                yield content.replace("<image>", "").replace("<video>", "").strip()
+        # reading records needs no processor: only `dataset[i]` (not used here) processes a sample
+        for record in ConversationDataset(path, processor=None).records:
+            for message in record.messages:
+                # what the chat template encodes between <|header_start|> and a message, then the message's text
+                yield from (message["role"], "\n\n")
+                yield text_without_markers(message["content"]).strip()
 
 
 def set_trainable(model: FusionModel, stage: StageConfig):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +45,9 @@ PARTS = ("vision", "adapter", "decoder")
 
 
 def check_keys(given: dict, cls, where: str) -> None:
-    """ConfigError naming each key of `given` that is not a field of the dataclass `cls` (with the
-    closest field when there is one: `step` -> `steps`)."""
-    known = [f.name for f in dataclasses.fields(cls)]
+    """ConfigError naming each key of `given` that is not a field of the dataclass `cls` (or not one of the
+    names `cls`, when it is a list of names), with the closest known key when there is one: `step` -> `steps`."""
+    known = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else list(cls)
     unknown = [k for k in given if k not in known]
     if unknown:
         hints = []
@@ -100,6 +101,7 @@ def check_field_types(obj, where: str) -> None:
 @dataclass
 class EvalConfig:
     data: str | None = None  # a dataset file; task accuracy is measured on it
+    root: str | None = None  # the folder its media paths are relative to (default: the file's folder)
     every: int = 0  # steps between evaluations (0: only at the end of the stage)
     limit: int | None = 200  # samples used for the task accuracy (None: all)
     loss_batches: int = 4  # validation batches for the validation loss
@@ -114,9 +116,11 @@ class DataSource:
           - data/shapes/train.jsonl
           - {path: data/shapes/train.jsonl, media: [video], repeat: 2}       # its videos twice more per epoch
           - {path: data/shapes/more.jsonl, types: [position, relation]}      # only these question types
+          - {path: llava/train.json, root: /data/coco/images}               # media paths relative to root
     """
 
     path: str
+    root: str | None = None  # the folder the file's media paths are relative to (default: the file's folder)
     types: list[str] | None = None  # keep only records whose `type` is one of these
     media: list[str] | None = None  # keep only records showing an image, a video or nothing ("text")
     repeat: int = 1  # the file's (kept) samples come this many times per epoch
@@ -124,6 +128,8 @@ class DataSource:
     def check(self, where: str):
         if not isinstance(self.path, str) or not self.path:
             raise ConfigError(f"{where}: a data entry needs a path (a dataset file), got {self.path!r}")
+        if self.root is not None and (not isinstance(self.root, str) or not self.root):
+            raise ConfigError(f"{where}: root of {self.path} must be a folder path, got {self.root!r}")
         for name in ("types", "media"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, str) or not value
@@ -177,9 +183,14 @@ class StageConfig:
 
     def __post_init__(self):
         where = f"stage {self.name!r}"
-        if isinstance(self.eval, dict):
+        if isinstance(self.eval, str):  # `eval: val.jsonl`
+            self.eval = EvalConfig(data=self.eval)
+        elif isinstance(self.eval, dict):
             check_keys(self.eval, EvalConfig, f"{where}: eval")
             self.eval = EvalConfig(**self.eval)
+        elif not isinstance(self.eval, EvalConfig):
+            raise ConfigError(f"{where}: eval must be a dataset file or a mapping like {{data: val.jsonl, every: "
+                              f"200, limit: 200}}, got {self.eval!r}")
         check_field_types(self, where)
         check_field_types(self.eval, f"{where}: eval")
         if not isinstance(self.lr, dict):
@@ -193,6 +204,24 @@ class StageConfig:
                 raise ConfigError(f"{where}: {name} must be >= {low}, got {value}")
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"{where}: epochs must be > 0, got {self.epochs}")
+        if self.steps is not None and self.warmup_steps > self.steps:
+            raise ConfigError(f"{where}: warmup_steps ({self.warmup_steps}) must be at most the stage's steps "
+                              f"({self.steps}); the rate would never reach its peak")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise ConfigError(f"{where}: clip_grad_norm must be > 0 (or null: no clipping), got {self.clip_grad_norm}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"{where}: min_lr_ratio (the fraction of each rate the cosine ends at) must be in "
+                              f"[0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{where}: weight_decay must be >= 0, got {self.weight_decay}")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise ConfigError(f"{where}: init_from must name a model folder (or `default`), got {self.init_from!r}")
+        for name, low in (("every", 0), ("limit", 0), ("loss_batches", 1), ("max_new_tokens", 1)):
+            value = getattr(self.eval, name)
+            if value is not None and value < low:
+                raise ConfigError(f"{where}: eval {name} must be >= {low}, got {value}")
+        if self.eval.every and not self.eval.data:
+            raise ConfigError(f"{where}: eval every {self.eval.every} steps needs eval data (a dataset file)")
         if isinstance(self.data, (str, dict, DataSource)):
             self.data = [self.data]
         if not self.data:
@@ -215,6 +244,20 @@ class StageConfig:
 
     def rate(self, part: str) -> float:
         return float(self.lr.get(part, 0.0))
+
+    def eval_source(self) -> DataSource:
+        """The stage's eval data as a data entry (its file and media root)."""
+        return DataSource(self.eval.data, root=self.eval.root)
+
+    def total_steps(self, num_samples: int) -> int:
+        """The stage's optimizer steps: `steps`, or `epochs` over its `num_samples` samples (known once its data
+        is read); ConfigError when its warmup would not fit in them."""
+        total = self.steps or math.ceil(self.epochs * num_samples / self.batch_size)
+        if self.warmup_steps > total:
+            raise ConfigError(f"stage {self.name!r}: warmup_steps ({self.warmup_steps}) must be at most the stage's "
+                              f"{total} steps ({self.epochs} epochs of {num_samples} samples in batches of "
+                              f"{self.batch_size}); the rate would never reach its peak")
+        return total
 
 
 @dataclass
@@ -243,6 +286,9 @@ class TrainConfig:
             raise ConfigError(f"stages must be a list of stages (each a mapping with name, data, lr, steps or "
                               f"epochs), got {self.stages!r}")
         for i, stage in enumerate(self.stages):
+            if not isinstance(stage, (dict, StageConfig)):
+                raise ConfigError(f"stages[{i}] must be a mapping with name, data, lr and steps or epochs, got "
+                                  f"{stage!r}")
             if isinstance(stage, dict):
                 where = f"stage {stage.get('name', i)!r}"
                 check_keys(stage, StageConfig, where)
@@ -259,8 +305,46 @@ class TrainConfig:
             raise ConfigError(f"stage names must be unique, got {names}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        for name, low in (("log_every", 1), ("checkpoint_every", 0), ("keep_checkpoints", 1), ("num_workers", 0),
+                          ("threads", 1), ("max_skipped_steps", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ConfigError(f"training config: {name} must be >= {low}, got {value}")
+        for name, example in (("model", "{init_from: default} or {decoder: {...}, vision: {...}}"),
+                              ("data", "{shapes_world: {out_dir: data/shapes}}"),
+                              ("distributed", "{strategy: fsdp2}")):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"training config: {name} must be a mapping, e.g. {name}: {example}; got "
+                                  f"{getattr(self, name)!r}")
+        check_keys(self.distributed, ["strategy"], "distributed")
         if self.distributed.get("strategy", "ddp") not in ("ddp", "fsdp2"):
             raise ConfigError(f"distributed.strategy must be ddp or fsdp2, got {self.distributed.get('strategy')!r}")
+        self._check_data()
+        self.final_eval = _final_eval(self.final_eval)
+        if self.device is not None:
+            from .distributed import parse_device
+
+            parse_device(self.device, "training config: device")
+
+    def _check_data(self):
+        unknown = sorted(set(self.data) - {"shapes_world"})
+        if unknown:
+            raise ConfigError(f"data: unknown keys {unknown}; the only one is shapes_world (a synthetic world to "
+                              f"generate before training); a stage names its own dataset files")
+        spec = self.data.get("shapes_world")
+        if spec is None:
+            return
+        if not isinstance(spec, dict) or not spec.get("out_dir"):
+            raise ConfigError(f"data.shapes_world must be a mapping with out_dir (the folder to write the world "
+                              f"to) and ShapesWorldConfig settings, got {spec!r}")
+        from .data.shapes_world import ShapesWorldConfig
+
+        settings = {k: v for k, v in spec.items() if k != "out_dir"}
+        check_keys(settings, ShapesWorldConfig, "data.shapes_world")
+        try:
+            ShapesWorldConfig(**settings)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"data.shapes_world: {err}") from err
 
     def path(self, p: str | None) -> Path | None:
         """Resolve a path from the config file's folder."""
@@ -278,6 +362,27 @@ class TrainConfig:
         if "stages" not in d:
             raise ConfigError("training config: no stages; list at least one under `stages:`")
         return cls(**{**d, "base_dir": str(base_dir)})
+
+
+_FINAL_EVAL_KEYS = ("data", "root", "limit", "batch_size")
+
+
+def _final_eval(spec) -> dict | None:
+    """`final_eval` checked: None, a dataset file, or {data, root, limit, batch_size} (data required)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        spec = {"data": spec}
+    if not isinstance(spec, dict) or not spec.get("data"):
+        raise ConfigError(f"final_eval must be a dataset file or a mapping like {{data: test.jsonl, limit: 500}}, "
+                          f"got {spec!r}")
+    check_keys(spec, _FINAL_EVAL_KEYS, "final_eval")
+    for name, low in (("limit", 0), ("batch_size", 1)):
+        if spec.get(name) is not None:
+            spec[name] = _as_number(spec[name], int, f"final_eval: {name}")
+            if spec[name] < low:
+                raise ConfigError(f"final_eval: {name} must be >= {low}, got {spec[name]}")
+    return spec
 
 
 def load_train_config(path) -> TrainConfig:

@@ -38,7 +38,7 @@ from .data.collate import split_by_length, split_long_samples
 from .data.datasets import MediaCache
 from .data.stage_data import StageBatches, collate_samples, load_stage_data, text_stand_in_batch
 from .decoder import IGNORE_INDEX
-from .errors import CheckpointError, ConfigError, TrainingError, TrainingStopped
+from .errors import CheckpointError, ConfigError, TrainingError, TrainingStopped, WeightsError
 from .model import FusionModel
 from .precision import computed_in, has_native_bf16
 from .run_log import MetricsLog, plot_metrics
@@ -287,7 +287,7 @@ class Trainer:
         optimizer = build_optimizer(model, stage)
         dataset = load_stage_data(self.config, stage, model,
                                   media_cache=self.media_cache if stage.cache_samples else None)
-        total = stage.steps or math.ceil(stage.epochs * len(dataset) / stage.batch_size)
+        total = stage.total_steps(len(dataset))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_multiplier(s, total, stage.warmup_steps, stage.min_lr_ratio))
         if resuming:
@@ -471,8 +471,8 @@ class Trainer:
             if self.ctx.is_main:
                 from .evaluation.evaluate import evaluate
 
-                results = evaluate(eval_model, self.config.path(spec.data), limit=spec.limit,
-                                   max_new_tokens=spec.max_new_tokens, progress=False)
+                results = evaluate(eval_model, self.config.path(spec.data), root=self.config.path(spec.root),
+                                   limit=spec.limit, max_new_tokens=spec.max_new_tokens, progress=False)
                 accuracy = _accuracies(results)
         for name, part in model.parts().items():
             part.train(was_training[name])
@@ -524,7 +524,7 @@ class Trainer:
             else:
                 self._check_eval_data(stage)
                 samples = len(load_stage_data(config, stage, self.model))  # (the processor does not change counts)
-                steps = stage.steps or math.ceil(stage.epochs * samples / stage.batch_size)
+                steps = stage.total_steps(samples)
                 plan = (f"{steps} steps of {stage.batch_size} samples = "
                         f"{steps * stage.batch_size / max(samples, 1):.2f} epochs of its {samples}")
             lines.append(f"stage {stage.name!r}: {plan}; " + "; ".join(notes))
@@ -540,7 +540,12 @@ class Trainer:
         """The model the run starts with: the resumed checkpoint's, else the config's (built or loaded)."""
         if self.resume_state is not None:
             return FusionModel.from_pretrained(self.resume_state["folder"] / "model")
-        return build_model(self.config)
+        try:
+            return build_model(self.config)
+        except (ConfigError, CheckpointError, WeightsError):
+            raise
+        except (ValueError, TypeError) as err:  # a decoder / vision / video setting the model cannot take
+            raise ConfigError(f"model: {err}") from err
 
     def _check_files(self, first_stage: int, not_yet_written: Path | None = None):
         """Fail before training, not hours into it, when a data file or a model folder that a stage still to
@@ -556,6 +561,10 @@ class Trainer:
             for path in [config.path(s.path) for s in stage.data] + [config.path(stage.eval.data)]:
                 if missing(path):
                     raise ConfigError(f"{where}: data file {str(path)!r} does not exist (relative paths are read "
+                                      f"from the config file's folder, {str(config.base_dir)!r})")
+            for root in [config.path(s.root) for s in stage.data] + [config.path(stage.eval.root)]:
+                if root is not None and not root.is_dir():
+                    raise ConfigError(f"{where}: media root {str(root)!r} is not a folder (relative paths are read "
                                       f"from the config file's folder, {str(config.base_dir)!r})")
             # (a folder inside this run's output_dir, such as an earlier stage's model, is written by the run)
             folder = model_folder(stage.init_from, config.base_dir) if stage.init_from else None
@@ -575,7 +584,7 @@ class Trainer:
         path = self.config.path(stage.eval.data)
         if not path.is_file():
             raise ConfigError(f"stage {stage.name!r}: eval data {str(path)!r} does not exist")
-        dataset = load_stage_data(self.config, stage, self.model, files=[stage.eval.data])
+        dataset = load_stage_data(self.config, stage, self.model, files=[stage.eval_source()])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             readable = sum(dataset[i] is not None for i in range(min(probe, len(dataset))))
@@ -597,7 +606,7 @@ class Trainer:
     @torch.no_grad()
     def _validation_loss(self, stage: StageConfig) -> float | None:
         spec = stage.eval
-        dataset = load_stage_data(self.config, stage, self.model, files=[spec.data])
+        dataset = load_stage_data(self.config, stage, self.model, files=[stage.eval_source()])
         per_process = max(1, stage.batch_size // self.ctx.world_size)
         total = torch.zeros(2, dtype=torch.float64)
         for b in range(spec.loss_batches):
@@ -660,7 +669,8 @@ class Trainer:
         from .evaluation.evaluate import evaluate
 
         model = FusionModel.from_pretrained(folder, device=self.ctx.device)
-        results = evaluate(model, self.config.path(spec["data"]), limit=spec.get("limit"),
+        results = evaluate(model, self.config.path(spec["data"]), root=self.config.path(spec.get("root")),
+                           limit=spec.get("limit"),
                            batch_size=spec.get("batch_size", 32), progress=self.progress)
         write_json(self.out / "eval.json", results)
         if self.progress:

@@ -207,6 +207,12 @@ def _split_content(content: str) -> list[tuple[str, str]]:
     return [part for part in parts if part[1]]
 
 
+def text_without_markers(content: str) -> str:
+    """The text of the str ``content`` with its media markers left out (escaped ones, ``\\<image>``, are
+    the text they stand for)."""
+    return "".join(text for kind, text in _split_content(content) if kind == "text")
+
+
 def count_media_markers(content: str) -> dict[str, int]:
     """How many images and videos the str ``content`` places: ``{"image": n, "video": m}`` (escaped
     markers, ``\\<image>``, are text and do not count)."""

@@ -54,10 +54,12 @@ class StageBatches(Sampler):
 
 def load_stage_data(config: TrainConfig, stage: StageConfig, model: FusionModel, files=None,
                     media_cache: MediaCache | None = None):
-    """The stage's training data (or `files`): each entry's kept records (its `types`, `media`), `repeat`
-    times over; with `media_cache`, samples and media are kept in memory."""
-    sources = [DataSource(str(f)) for f in files] if files else stage.data
-    datasets = [ConversationDataset(config.path(s.path), model.processor, group_by_media=stage.group_by_media,
+    """The stage's training data (or `files`: paths or `DataSource`s): each entry's kept records (its `types`,
+    `media`; media paths relative to its `root`), `repeat` times over; with `media_cache`, samples and media are
+    kept in memory."""
+    sources = [f if isinstance(f, DataSource) else DataSource(str(f)) for f in files] if files else stage.data
+    datasets = [ConversationDataset(config.path(s.path), model.processor, root=config.path(s.root),
+                                    group_by_media=stage.group_by_media,
                                     cache=media_cache is not None, media_cache=media_cache, types=s.types,
                                     media=s.media)
                 for s in sources]

@@ -19,7 +19,8 @@ evaluation where most samples are bad stops with `DatasetError`.
     results["counts"]["skipped_by_reason"]
 
 Command line (wired as `fusion eval`): ``fusion eval MODEL_DIR DATA.jsonl [--root R] [--out results.json]
-[--batch-size N] [--limit N] [--max-new-tokens N]``.
+[--batch-size N] [--limit N] [--max-new-tokens N]
+[--device cpu|cuda|cuda:N]``.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from vision.errors import VisionInputError
 
 from ..checkpoint import model_folder
 from ..data.datasets import ConversationDataset, DatasetWarning, Record, classify_error
-from ..errors import CheckpointError, DatasetError
+from ..errors import CheckpointError, ConfigError, DatasetError
 from .metrics import accuracy_by_type, answer_is_correct, bleu4, cider_d
 
 __all__ = ["evaluate", "add_eval_arguments", "run_eval", "format_results"]
@@ -274,44 +275,64 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("data", help="the dataset file: JSONL or LLaVA-style JSON")
     parser.add_argument("--root", default=None, help="folder that media paths are relative to (default: the data "
                                                      "file's folder)")
-    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--out", default=None, help="write the results as JSON to this file (a file path, not a "
+                                                    "folder)")
     parser.add_argument("--batch-size", type=_whole_number(1), default=16, help="conversations per generation batch (default 16)")
     parser.add_argument("--limit", type=_whole_number(0), default=None, help="evaluate only the first N samples")
     parser.add_argument("--max-new-tokens", type=_whole_number(1), default=None,
                         help="generation limit (default: the longest reference of a batch + 8 tokens, at least 16)")
     parser.add_argument("--num-frames", type=_whole_number(1), default=None, help="frames per video (default: the model's)")
-    parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--predictions", action="store_true", help="include every prediction in the JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    """`fusion eval`: load the model folder, evaluate, print a table, write JSON (`--out`). Returns the exit code."""
-    import torch
+def _check_out(out: str) -> None:
+    """Raise `ConfigError` unless `out` can become a results file: not a folder, not below a file."""
+    if out.endswith(("/", os.sep)) or os.path.isdir(out):
+        raise ConfigError(f"--out {out!r} names a folder; give a file path for the results, e.g. "
+                          f"{os.path.join(out, 'results.json')!r}")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--out {out!r}: {parent!r} is a file, not a folder; give a file path in a folder")
 
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`fusion eval`: load the model folder, evaluate, print a table, write JSON (`--out`). Returns the exit code.
+
+    `--device` and `--out` are checked before the model is loaded."""
+    from ..distributed import parse_device
     from ..model import FusionModel
 
-    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = os.fspath(args.out) if args.out else None
     try:
+        device = parse_device(getattr(args, "device", None), "--device")
+        if out is not None:
+            _check_out(out)
         model = FusionModel.from_pretrained(model_folder(args.model), device=device)
         results = evaluate(model, args.data, root=args.root, batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, limit=args.limit,
                            progress=not getattr(args, "no_progress", False),
                            return_predictions=getattr(args, "predictions", False),
                            num_frames=getattr(args, "num_frames", None))
-    except (DatasetError, CheckpointError) as err:
+    except (ConfigError, DatasetError, CheckpointError) as err:
         print(f"fusion eval: {err}", file=sys.stderr)
         return 1
     results = {"model": os.fspath(args.model), **results}
     print(format_results(results))
-    if args.out:
-        out = os.fspath(args.out)
+    if out is not None:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         tmp = f"{out}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, out)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=2)
+                f.write("\n")
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         print(f"results written to {out}")
     return 0

@@ -281,3 +281,55 @@ def test_shapes_world_file_with_perfect_answers(model, tmp_path, monkeypatch):
     assert set(tasks["video-qa"]["by_type"]) == {r["type"] for r in rows if r["task"] == "video-qa"}
     assert tasks["caption"]["count"] == 3 and tasks["caption"]["bleu4"] == pytest.approx(1.0)
     assert results["counts"]["evaluated"] == len(rows) and results["counts"]["skipped"] == 0
+
+
+@pytest.fixture
+def saved(model, media, tmp_path):
+    """A saved model folder and a one-sample data file; returns their paths and the `fusion eval` parser."""
+    model.save_pretrained(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", [row("q1", "<image>\nwhat color is the circle?", "red", ["a.png"])])
+    return tmp_path / "model", data, add_eval_arguments(argparse.ArgumentParser(prog="fusion eval"))
+
+
+@pytest.mark.parametrize("device,message", [("gpu", "fusion eval: --device: unknown device 'gpu'; use cpu, cuda or "
+                                                    "cuda:N"),
+                                            ("cuda", "fusion eval: --device is 'cuda' but no CUDA device is "
+                                                     "available (torch.cuda.is_available() is False); use cpu")])
+def test_fusion_eval_rejects_an_unusable_device_before_loading(device, message, saved, media, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model_dir, data, parser = saved
+    args = parser.parse_args([str(model_dir), str(data), "--root", str(media), "--no-progress", "--device", device])
+    assert run_eval(args) == 1
+    printed = capsys.readouterr()
+    assert message in printed.err
+    assert printed.out == ""  # nothing evaluated
+
+
+def test_fusion_eval_rejects_an_out_that_is_not_a_file_path_before_evaluating(saved, media, tmp_path, capsys):
+    model_dir, data, parser = saved
+    folder = tmp_path / "results"
+    folder.mkdir()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me\n")
+
+    def run(out):
+        args = parser.parse_args([str(model_dir), str(data), "--root", str(media), "--out", out, "--no-progress",
+                                  "--device", "cpu"])
+        return run_eval(args), capsys.readouterr()
+
+    for out in (str(folder), str(folder) + "/", str(tmp_path / "new") + "/"):
+        code, printed = run(out)
+        assert code == 1 and printed.out == ""  # stopped before the evaluation
+        assert f"fusion eval: --out {out!r} names a folder; give a file path" in printed.err
+        assert "results.json" in printed.err
+    code, printed = run(str(a_file / "eval.json"))
+    assert code == 1 and printed.out == ""
+    assert f"{str(a_file)!r} is a file, not a folder" in printed.err
+    assert list(folder.iterdir()) == [] and a_file.read_text() == "keep me\n"  # no results, no .tmp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "model", "notes.txt", "results"]
+
+    code, printed = run(str(folder / "eval.json"))  # a file path in that folder works
+    assert code == 0 and [p.name for p in folder.iterdir()] == ["eval.json"]
+    assert json.loads((folder / "eval.json").read_text())["counts"]["evaluated"] == 1

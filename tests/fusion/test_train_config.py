@@ -47,6 +47,19 @@ def test_rates_written_without_a_dot_are_numbers(tmp_path):
     (["lr: {decoder: 1.0e-3}", "steps: 10", "eval: {data: val.jsonl, evry: 50}"],
      r"stage 'cotrain': eval: unknown key 'evry' \(did you mean 'every'\?\)"),
     (["steps: 10"], r"stage 'cotrain': missing lr"),
+    # numbers that would make training climb the loss, or never reach its rate
+    (["lr: {decoder: 1.0e-3}", "steps: 10", "clip_grad_norm: -1"], r"clip_grad_norm must be > 0 \(or null"),
+    (["lr: {decoder: 1.0e-3}", "steps: 10", "min_lr_ratio: -3"], r"min_lr_ratio .* must be in \[0, 1\], got -3"),
+    (["lr: {decoder: 1.0e-3}", "steps: 10", "weight_decay: -0.1"], r"weight_decay must be >= 0, got -0.1"),
+    (["lr: {decoder: 1.0e-3}", "steps: 10", "warmup_steps: 100"],
+     r"warmup_steps \(100\) must be at most the stage's steps \(10\)"),
+    (["lr: {decoder: 1.0e-3}", "steps: 10", "eval: {data: val.jsonl, loss_batches: 0}"],
+     r"eval loss_batches must be >= 1, got 0"),
+    (["lr: {decoder: 1.0e-3}", "steps: 10", "eval: {every: 5}"], r"eval every 5 steps needs eval data"),
+    (["lr: {decoder: 1.0e-3}", "steps: 10", "eval: [val.jsonl]"], r"eval must be a dataset file or a mapping"),
+    (["lr: {decoder: 1.0e-3}", "steps: 10", "init_from: ''"], r"init_from must name a model folder"),
+    (["lr: {decoder: 1.0e-3}", "steps: 10", "data: [{path: train.jsonl, root: ''}]"],
+     r"root of train.jsonl must be a folder path"),
 ])
 def test_a_mistake_in_a_stage_is_named(tmp_path, lines, message):
     with pytest.raises(ConfigError, match=message):
@@ -61,6 +74,38 @@ def test_a_mistake_at_the_top_level_is_named(tmp_path):
     with pytest.raises(ConfigError, match="training config: seed must be a whole number"):
         load_train_config(config_file(tmp_path, "seed: 0.5\n" + STAGE.format(line="lr: {decoder: 1.0e-3}\n"
                                                                                  "    steps: 1")))
+
+
+ONE_STAGE = STAGE.format(line="lr: {decoder: 1.0e-3}\n    steps: 1")
+
+
+@pytest.mark.parametrize("top, message", [
+    ("log_every: 0", r"training config: log_every must be >= 1, got 0"),
+    ("keep_checkpoints: 0", r"training config: keep_checkpoints must be >= 1, got 0"),
+    ("threads: -2", r"training config: threads must be >= 1, got -2"),
+    ("model: default", r"training config: model must be a mapping, e.g. model: \{init_from: default\}"),
+    ("distributed: fsdp2", r"training config: distributed must be a mapping, e.g. distributed: \{strategy: fsdp2\}"),
+    ("distributed: {stratgy: fsdp2}", r"distributed: unknown key 'stratgy' \(did you mean 'strategy'\?\)"),
+    ("data: {train: train.jsonl}", r"data: unknown keys \['train'\]; the only one is shapes_world"),
+    ("data: {shapes_world: {train_images: 24}}", r"data.shapes_world must be a mapping with out_dir"),
+    ("data: {shapes_world: {out_dir: w, train_image: 24}}",
+     r"data.shapes_world: unknown key 'train_image' \(did you mean 'train_images'\?\)"),
+    ("final_eval: {limit: 2}", r"final_eval must be a dataset file or a mapping like \{data: test.jsonl"),
+    ("final_eval: {data: test.jsonl, limt: 2}", r"final_eval: unknown key 'limt' \(did you mean 'limit'\?\)"),
+    ("final_eval: {data: test.jsonl, batch_size: 0}", r"final_eval: batch_size must be >= 1, got 0"),
+    ("device: gpu", r"training config: device: unknown device 'gpu'; use cpu, cuda or cuda:N"),
+])
+def test_a_mistake_in_a_top_level_setting_is_named_before_anything_runs(tmp_path, top, message):
+    """Settings that used to pass and then crash mid-run (log_every: 0, a final_eval without data), be ignored
+    (a typo'd key of distributed, final_eval or the shapes world), or fail with a traceback (model: default)."""
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(config_file(tmp_path, top + "\n" + ONE_STAGE))
+
+
+def test_a_dataset_file_alone_stands_for_eval_and_final_eval(tmp_path):
+    config = load_train_config(config_file(tmp_path, "final_eval: test.jsonl\n" + STAGE.format(
+        line="lr: {decoder: 1.0e-3}\n    steps: 1\n    eval: val.jsonl")))
+    assert config.final_eval == {"data": "test.jsonl"} and config.stages[0].eval.data == "val.jsonl"
 
 
 def test_fusion_train_prints_a_config_mistake_as_one_line_and_exits_with_1(tmp_path, capsys):

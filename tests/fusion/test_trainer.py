@@ -21,6 +21,7 @@ from fusion.data.datasets import DatasetWarning
 from fusion.data.shapes_world import ShapesWorldConfig, generate_shapes_world
 from fusion.distributed import DistContext
 from fusion.run_log import read_metrics
+from fusion.cli import main as fusion_cli_main
 from fusion.data.stage_data import StageBatches, load_stage_data
 from fusion.stage_setup import build_model, build_tokenizer, lr_multiplier
 from fusion.trainer import train
@@ -561,6 +562,41 @@ def test_unreadable_eval_data_fails_before_training(world, tmp_path):
     with pytest.raises(fusion.errors.ConfigError, match="eval data .* can be read"):
         train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages)), progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or losses(tmp_path / "run") == []
+
+
+def test_a_root_reads_a_files_media_from_another_folder(world, tmp_path):
+    """A data entry's, an eval's and the final evaluation's `root`: the folder the file's media paths are
+    relative to (as LLaVA files point into an image folder elsewhere); a root that is no folder stops the run
+    before training."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("train.jsonl", "val.jsonl"):
+        (elsewhere / name).write_text((world / name).read_text())
+    stages = [{"name": "s", "data": [{"path": str(elsewhere / "train.jsonl"), "root": str(world)}], "steps": 2,
+               "batch_size": 4, "lr": {"adapter": 1e-3},
+               "eval": {"data": str(elsewhere / "val.jsonl"), "root": str(world), "limit": 2}}]
+    config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages, final_eval={
+        "data": str(elsewhere / "val.jsonl"), "root": str(world), "limit": 2}))
+    train(config, progress=False)
+    logged = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert sum(e["skipped_samples"] for e in logged if e["kind"] == "train") == 0
+    assert [e["accuracy"] != {} for e in logged if e["kind"] == "eval"] == [True]
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["counts"]["evaluated"] == 2
+
+    stages[0]["data"][0]["root"] = str(tmp_path / "images")  # not there
+    config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run2", stages))
+    with pytest.raises(fusion.errors.ConfigError, match=r"stage 's': media root .*images' is not a folder"):
+        train(config, progress=False)
+
+
+def test_a_model_setting_the_model_cannot_take_is_a_config_error(world, tmp_path, capsys):
+    stages = [{"name": "s", "data": str(world / "text.jsonl"), "steps": 1, "batch_size": 2, "lr": {"decoder": 1e-3}}]
+    config = base_config(world, tmp_path / "run", stages)
+    config["model"]["decoder"]["hidden_sise"] = 32
+    path = write_config(tmp_path / "run.yaml", config)
+    assert fusion_cli_main(["train", str(path), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fusion train: ConfigError: model: ") and "hidden_sise" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("mistake", ["data", "eval", "init_from", "final_eval", "unreadable eval"])

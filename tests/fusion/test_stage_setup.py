@@ -1,0 +1,67 @@
+"""The tokenizer a training config builds: trained on the conversations training reads, with its keys checked."""
+import json
+
+import pytest
+
+from fusion.data.datasets import DatasetWarning
+from fusion.errors import ConfigError, DatasetError
+from fusion.stage_setup import build_model, build_tokenizer
+from fusion.trainer import TrainConfig
+
+
+def config_in(folder, tokenizer=None):
+    stages = [{"name": "s", "data": "train.jsonl", "lr": {"decoder": 1e-3}, "steps": 1}]
+    return TrainConfig.from_dict({"model": {"tokenizer": tokenizer or {}}, "stages": stages}, base_dir=folder)
+
+
+def conversation(question, answer):
+    return {"conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def test_the_tokenizer_learns_from_every_record_training_reads_and_skips_a_malformed_line(tmp_path):
+    """Typed content parts and the `messages` spelling of the turns are read as training reads them (their
+    words become tokens of their own), and a truncated line is skipped with a warning naming the file and
+    the line, not a JSONDecodeError."""
+    typed = {"images": ["a.png"], "conversations": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "zephyrine " * 5}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]}
+    messages = {"messages": [{"role": "user", "content": "quokkaroo " * 5}, {"role": "assistant", "content": "ok"}]}
+    good = [conversation(f"<image>\nWhat color is shape {i}?", "red") for i in range(8)]
+    data = write_jsonl(tmp_path / "train.jsonl", [*good[:4], '{"conversations": [{"role": "us', typed, messages,
+                                                  *good[4:]])
+    spec = {"train_on": ["train.jsonl"], "vocab_size": 1024}
+
+    with pytest.warns(DatasetWarning, match=r"train\.jsonl.*line 5.*malformed json"):
+        tok = build_tokenizer(spec, config_in(tmp_path))
+
+    assert [len(tok.encode(word)) for word in (" zephyrine", " quokkaroo")] == [1, 1]
+    assert [len(tok.encode(word)) for word in ("assistant", "user", "\n\n")] == [1, 1, 1]
+    # the same file without those two records: their words are spelled out piece by piece
+    write_jsonl(data, good)
+    without = build_tokenizer(spec, config_in(tmp_path))
+    assert min(len(without.encode(word)) for word in (" zephyrine", " quokkaroo")) > 1
+
+
+def test_a_file_that_is_mostly_malformed_fails_as_training_would_fail(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [conversation("hi", "red")] * 5 + ['{"conversations": ['] * 20)
+    with pytest.warns(DatasetWarning), pytest.raises(DatasetError, match=r"train\.jsonl.*20 of its 25 records"):
+        build_tokenizer({"train_on": "train.jsonl"}, config_in(tmp_path))
+
+
+def test_a_missing_dataset_file_is_named(tmp_path):
+    with pytest.raises(DatasetError, match=r"nowhere\.jsonl.*does not exist"):
+        build_tokenizer({"train_on": ["nowhere.jsonl"]}, config_in(tmp_path))
+
+
+def test_a_misspelt_tokenizer_key_is_refused_with_the_key_it_means(tmp_path):
+    """`vocab_sise: 300` is not silently the default vocabulary size of 1024."""
+    write_jsonl(tmp_path / "train.jsonl", [conversation("hi", "red")] * 5)
+    config = config_in(tmp_path, {"train_on": ["train.jsonl"], "vocab_sise": 300})
+    with pytest.raises(ConfigError, match=r"model\.tokenizer: unknown key 'vocab_sise' \(did you mean 'vocab_size'\?\)"
+                                          r".*known keys are \['min_frequency', 'path', 'train_on', 'vocab_size'\]"):
+        build_model(config)
