@@ -3,7 +3,8 @@
 Reads the text part of `Llama4ForCausalLM` and `Llama4ForConditionalGeneration` folders
 (`config.json` + `model.safetensors` or a sharded `model.safetensors.index.json`), with the config as
 written by transformers 4.5x (`rope_theta` + `rope_scaling`) or 5.x (`rope_parameters`). Writes
-`Llama4ForCausalLM` folders that both load.
+`Llama4ForCausalLM` folders that both load. Quantized checkpoints (FP8, GPTQ, ...) are refused, not
+dequantized: use the bf16 release.
 """
 from __future__ import annotations
 
@@ -35,6 +36,13 @@ _LAYOUTS = (
 # Buffers of Meta's checkpoints that carry no weights.
 _DROPPED_SUFFIXES = ("rope.freqs", "freq_cis", "_extra_state", "global_gate_stats_3E", "running_gate_stats_3E",
                      "expert_activation_DE")
+_MODEL_TYPES = ("llama4_text", "llama4")  # Llama4ForCausalLM, Llama4ForConditionalGeneration
+# Tensors that only quantized checkpoints carry (FP8 scales, GPTQ/AWQ packing, bitsandbytes state).
+_QUANTIZED_SUFFIXES = ("_scale", "_scale_inv", "_scale_2", ".qweight", ".qzeros", ".scales", ".g_idx", "_packed",
+                       "_zero_point", ".absmax", ".quant_map", ".SCB")
+_QUANTIZED_DTYPES = ("F8", "F6", "F4")  # safetensors dtype names: F8_E4M3, F8_E5M2, F4, ...
+_NOT_QUANTIZED_ADVICE = ("quantized checkpoints are not supported: use the bf16 release of the model, "
+                         "or dequantize the checkpoint first")
 
 
 def hf_key(name: str, body_prefix: str = "model.", head_key: str = "lm_head.weight") -> str:
@@ -75,9 +83,19 @@ def _interval_from_list(flags: list[int], is_set, what: str) -> int:
     raise CheckpointError(f"{what} {flags} does not follow a regular interval; fusion supports regular patterns only")
 
 
-def decoder_config_from_hf(cfg: dict) -> DecoderConfig:
-    """A transformers `Llama4TextConfig` dict (or a `Llama4Config` with `text_config`) -> DecoderConfig."""
-    cfg = cfg.get("text_config", cfg)
+def decoder_config_from_hf(cfg: dict, source: str = "config.json") -> DecoderConfig:
+    """A transformers `Llama4TextConfig` dict (or a `Llama4Config` with `text_config`) -> DecoderConfig.
+
+    `source` names the file in errors.
+    """
+    try:
+        return _decoder_config(cfg.get("text_config", cfg))
+    except KeyError as err:
+        raise CheckpointError(f"{source} lacks {err.args[0]!r}, which a Llama 4 text config needs; "
+                              f"give a complete config.json as transformers writes it") from None
+
+
+def _decoder_config(cfg: dict) -> DecoderConfig:
     if cfg.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"hidden_act {cfg['hidden_act']!r} is not Llama 4's 'silu'")
     if cfg.get("attention_bias", False):
@@ -103,7 +121,8 @@ def decoder_config_from_hf(cfg: dict) -> DecoderConfig:
         head_dim=head_dim, intermediate_size=cfg.get("intermediate_size", 8192),
         intermediate_size_mlp=cfg.get("intermediate_size_mlp", 16384), num_experts=num_experts,
         top_k=cfg.get("num_experts_per_tok", 1), interleave_moe_layer_step=step, rope_theta=theta,
-        rope_scaling=scaling, nope_interval=nope_interval, attention_chunk_size=cfg.get("attention_chunk_size"),
+        rope_scaling=scaling, nope_interval=nope_interval,
+        attention_chunk_size=cfg.get("attention_chunk_size", 8192),  # transformers' default; null: no chunking
         use_qk_norm=bool(cfg.get("use_qk_norm", True)),
         attn_temperature_tuning=bool(cfg.get("attn_temperature_tuning", True)),
         floor_scale=float(cfg.get("floor_scale", 8192)), attn_scale=float(cfg.get("attn_scale", 0.1)),
@@ -149,8 +168,51 @@ def hf_config_from_decoder(config: DecoderConfig) -> dict:
     }
 
 
+def _read_hf_config(folder: Path) -> dict:
+    """config.json of a Llama 4 folder; other model types and quantized checkpoints are refused."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} is not a Hugging Face checkpoint folder: it has no config.json")
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from err
+    model_type = cfg.get("model_type")
+    if model_type not in _MODEL_TYPES:
+        found = f"a {model_type!r} model" if model_type else "a config.json without model_type"
+        raise CheckpointError(f"{folder} holds {found}, not Llama 4 (config.json model_type must be one of "
+                              f"{list(_MODEL_TYPES)}); fusion reads Llama 4 checkpoints only")
+    for where, part in (("", cfg), ("text_config.", cfg.get("text_config") or {})):
+        for name in ("quantization_config", "compression_config"):
+            if part.get(name):
+                method = part[name].get("quant_method") if isinstance(part[name], dict) else None
+                raise CheckpointError(f"{path} has {where}{name} (quant_method {method!r}): "
+                                      f"{_NOT_QUANTIZED_ADVICE}")
+    return cfg
+
+
+def _ties_embeddings(cfg: dict) -> bool:
+    """Whether the LM head is the embedding (transformers' default for Llama 4: untied)."""
+    return bool(cfg.get("tie_word_embeddings")) or bool((cfg.get("text_config") or {}).get("tie_word_embeddings"))
+
+
+def _check_not_quantized(file: Path, reader) -> None:
+    for key in reader.keys():
+        if key.endswith(_DROPPED_SUFFIXES):
+            continue
+        dtype = reader.get_slice(key).get_dtype()
+        if dtype.startswith(_QUANTIZED_DTYPES):
+            raise CheckpointError(f"{file}: tensor {key} is {dtype} (float8/low-bit): {_NOT_QUANTIZED_ADVICE}")
+        if key.endswith(_QUANTIZED_SUFFIXES) or ".quant_state" in key:
+            raise CheckpointError(f"{file}: tensor {key} is quantization data: {_NOT_QUANTIZED_ADVICE}")
+
+
 # -- weights ------------------------------------------------------------------------------------
 def _safetensors_files(folder: Path) -> list[Path]:
+    """The weight files; `model.safetensors` wins over an index when both exist, as in transformers."""
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
     index = folder / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -158,9 +220,6 @@ def _safetensors_files(folder: Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"{index} lists shards that are not in the folder: {missing[:5]}")
         return [folder / s for s in shards]
-    single = folder / "model.safetensors"
-    if single.exists():
-        return [single]
     found = sorted(folder.glob("*.safetensors"))
     if found:
         return found
@@ -171,18 +230,20 @@ def _safetensors_files(folder: Path) -> list[Path]:
 def load_hf_decoder(path, dtype: torch.dtype | None = None, device=None) -> Decoder:
     """Build a Decoder from a Hugging Face Llama 4 folder. `dtype` defaults to the checkpoint's own dtype."""
     folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} is not a Hugging Face checkpoint folder: it has no config.json")
-    config = decoder_config_from_hf(json.loads((folder / "config.json").read_text()))
+    hf_cfg = _read_hf_config(folder)
+    config = decoder_config_from_hf(hf_cfg, source=str(folder / "config.json"))
     files = _safetensors_files(folder)
     keys = {}
     for f in files:
         with safe_open(f, framework="pt") as reader:
+            _check_not_quantized(f, reader)
             keys.update({k: f for k in reader.keys()})
     layout = next(((body, head) for body, head in _LAYOUTS if f"{body}embed_tokens.weight" in keys), None)
     if layout is None:
         raise CheckpointError(f"{folder}: no text embedding found (looked for "
                               f"{[b + 'embed_tokens.weight' for b, _ in _LAYOUTS]})")
+    if layout[1] not in keys and _ties_embeddings(hf_cfg):  # tied: no head tensor is written
+        layout = (layout[0], f"{layout[0]}embed_tokens.weight")
     with torch.device("meta"):
         decoder = Decoder(config)
     wanted = {name: hf_key(name, *layout) for name in decoder.state_dict()
@@ -241,8 +302,17 @@ def _stack_unfused_experts(spec, keys) -> torch.Tensor:
 
 
 def save_hf_decoder(decoder: Decoder, path) -> None:
-    """Write `config.json` and `model.safetensors` for `Llama4ForCausalLM`."""
+    """Write `config.json` and `model.safetensors` for `Llama4ForCausalLM`.
+
+    A sharded checkpoint already in the folder (`model.safetensors.index.json` and the shards it lists)
+    is removed, as transformers' `save_pretrained` does, so that no loader reads the old weights.
+    """
     folder = Path(path)
+    if not float(decoder.config.floor_scale).is_integer():
+        raise CheckpointError(f"cannot save {folder} as a Hugging Face Llama 4 folder: floor_scale "
+                              f"{decoder.config.floor_scale} is not a whole number, and transformers' "
+                              f"Llama4TextConfig takes an integer (5.x refuses the folder); set floor_scale to "
+                              f"an integer first (this changes the attention temperature of long sequences)")
     folder.mkdir(parents=True, exist_ok=True)
     if any(bool(m.expert_bias.abs().sum() > 0) for m in decoder.moe_layers()):
         warnings.warn("save_hf: this decoder's expert selection bias is not zero; Hugging Face Llama 4 has no "
@@ -259,3 +329,19 @@ def save_hf_decoder(decoder: Decoder, path) -> None:
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    _remove_stale_shards(folder)
+
+
+def _remove_stale_shards(folder: Path) -> None:
+    """Delete `model.safetensors.index.json` and the shard files it lists (only those, only in `folder`)."""
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        return
+    try:
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+    except (ValueError, AttributeError):
+        shards = set()
+    for shard in shards:
+        if isinstance(shard, str) and shard == Path(shard).name and shard != "model.safetensors":
+            (folder / shard).unlink(missing_ok=True)
+    index.unlink()

@@ -171,3 +171,119 @@ def test_save_hf_warns_about_expert_bias(tmp_path):
         warnings.simplefilter("always")
         ours.save_hf(tmp_path)
     assert any("bias" in str(w.message) for w in caught)
+
+
+def test_tied_embeddings_use_the_embedding_as_head(tmp_path):
+    """`tie_word_embeddings=True` folders have no `lm_head.weight`: the head is the embedding."""
+    torch.manual_seed(0)
+    config = hf_config()
+    config.tie_word_embeddings = True
+    hf = randomize_(Llama4ForCausalLM(config).eval())
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    ours = fusion.Decoder.from_hf(tmp_path).eval()
+    ids = tokens()
+    with torch.no_grad():
+        assert (ours(ids).logits - hf_logits(hf, ids)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("where", ["top", "text_config"])
+def test_quantization_config_is_refused(tmp_path, where):
+    make_hf(tmp_path)
+    quant = {"quant_method": "fbgemm_fp8"}
+    if where == "top":
+        _rewrite_config(tmp_path, lambda cfg: {**cfg, "quantization_config": quant})
+    else:
+        _rewrite_config(tmp_path, lambda cfg: {"model_type": "llama4",
+                                               "text_config": {**cfg, "quantization_config": quant}})
+    with pytest.raises(CheckpointError, match="quantized checkpoints are not supported.*bf16"):
+        fusion.Decoder.from_hf(tmp_path)
+
+
+def test_float8_weights_are_refused(tmp_path):
+    """A float8 tensor must not be silently cast to the model dtype (its scale would be lost)."""
+    make_hf(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.0.feed_forward.experts.gate_up_proj"
+    state[key] = state[key].to(torch.float8_e4m3fn)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"{key}.*float8.*quantized checkpoints are not supported"):
+        fusion.Decoder.from_hf(tmp_path)
+
+
+def test_save_hf_replaces_a_sharded_checkpoint(tmp_path):
+    """Saving over a transformers sharded folder: the stale index and its shards go, the new weights load."""
+    torch.manual_seed(0)
+    old = randomize_(Llama4ForCausalLM(hf_config()).eval())
+    old.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")
+    index = tmp_path / "model.safetensors.index.json"
+    shards = set(json.loads(index.read_text())["weight_map"].values())
+    assert len(shards) > 1
+    (tmp_path / "notes.safetensors").write_text("not listed in the index")
+    config = fusion.hf_llama4.decoder_config_from_hf(hf_config().to_dict())
+    new = randomize_(fusion.Decoder(config).eval(), seed=5)
+    new.save_hf(tmp_path)
+    assert not index.exists() and not any((tmp_path / s).exists() for s in shards)
+    assert (tmp_path / "notes.safetensors").exists()  # only the index's own shards are removed
+    back = fusion.Decoder.from_hf(tmp_path).eval()
+    ids = tokens()
+    with torch.no_grad():
+        assert (back(ids).logits - new(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_single_file_is_preferred_over_an_index(tmp_path):
+    """As in transformers: when both exist, `model.safetensors` is read, not the index's shards."""
+    hf = make_hf(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    save_file({k: torch.zeros_like(v) for k, v in state.items()}, tmp_path / "stale.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: "stale.safetensors" for k in state}}))
+    ours = fusion.Decoder.from_hf(tmp_path).eval()
+    ids = tokens()
+    with torch.no_grad():
+        assert (ours(ids).logits - hf_logits(hf, ids)).abs().max().item() <= 1e-4
+
+
+def test_other_model_type_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=f"{tmp_path}.*'llama'.*llama4"):
+        fusion.Decoder.from_hf(tmp_path)
+
+
+def test_missing_config_key_is_named(tmp_path):
+    make_hf(tmp_path)
+
+    def drop_hidden_size(cfg):
+        del cfg["hidden_size"]
+        return cfg
+
+    _rewrite_config(tmp_path, drop_hidden_size)
+    with pytest.raises(CheckpointError, match="config.json.*'hidden_size'"):
+        fusion.Decoder.from_hf(tmp_path)
+
+
+def test_save_hf_refuses_fractional_floor_scale(tmp_path):
+    """transformers' Llama4TextConfig takes an integer floor_scale; 5.x refuses a folder with 4.5."""
+    config = fusion.hf_llama4.decoder_config_from_hf(hf_config().to_dict())
+    config.floor_scale = 4.5
+    with pytest.raises(CheckpointError, match="floor_scale 4.5"):
+        fusion.Decoder(config).save_hf(tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_a_config_without_attention_chunk_size_chunks_as_transformers_does(tmp_path):
+    """transformers reads a missing attention_chunk_size as 8192 (chunked RoPE layers); so does from_hf,
+    while an explicit null means no chunking."""
+    make_hf(tmp_path)
+
+    def drop_chunk(cfg):
+        cfg.pop("attention_chunk_size", None)
+        (cfg.get("text_config") or {}).pop("attention_chunk_size", None)
+        return cfg
+
+    _rewrite_config(tmp_path, drop_chunk)
+    assert fusion.Decoder.from_hf(tmp_path).config.attention_chunk_size == Llama4TextConfig().attention_chunk_size
+    _rewrite_config(tmp_path, lambda cfg: {**cfg, "attention_chunk_size": None})
+    assert fusion.Decoder.from_hf(tmp_path).config.attention_chunk_size is None
