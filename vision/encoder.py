@@ -43,7 +43,7 @@ from .attention import attend_in_float32_on_cpu
 from .errors import WeightsError
 from .image import ImageProcessor
 
-__all__ = ["VisionEncoderConfig", "VisionEncoder", "ConvPatchStem", "load_weights_file", "is_metaclip_quickgelu_file"]
+__all__ = ["VisionEncoderConfig", "VisionEncoder", "ConvPatchStem", "load_weights_file", "is_quickgelu_weights_file"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -166,18 +166,19 @@ class VisionEncoder(nn.Module):
             Files that need full unpickling (original OpenAI TorchScript archives, checkpoints
             holding training arguments) are refused unless this is ``True``: unpickling can run
             code, so only set it for files you trust (or convert them once to safetensors).
-        metaclip_check: refuse a MetaCLIP v1 file on a GELU tower (see ``is_metaclip_quickgelu_file``).
-            The check reads the path, so set this to ``False`` only when it misfires (e.g. a folder
-            named "metaclip" holding other weights).
+        quickgelu_check: refuse a QuickGELU-trained file (OpenAI, laion400m quickgelu, DFN,
+            MetaCLIP, ... releases; see ``is_quickgelu_weights_file``) on a GELU tower. The check
+            reads the path, so set this to ``False`` only when it misfires (e.g. a folder named
+            "metaclip" holding other weights).
 
     Raises:
-        WeightsError: missing / unreadable / mismatched weight file, a MetaCLIP file on a GELU
-            tower, or a ``pretrained`` tag (nothing is downloaded).
+        WeightsError: missing / unreadable / mismatched weight file, a QuickGELU-trained file on a
+            GELU tower, or a ``pretrained`` tag (nothing is downloaded).
         ValueError: an unknown or unsupported model name, or bad settings.
     """
 
     def __init__(self, config: VisionEncoderConfig | None = None, weights: str | os.PathLike | None = None,
-                 *, allow_unsafe_pickle: bool = False, metaclip_check: bool = True):
+                 *, allow_unsafe_pickle: bool = False, quickgelu_check: bool = True):
         super().__init__()
         self.config = config = copy.deepcopy(config) if config is not None else VisionEncoderConfig()
         embed_dim, vision_cfg, quick_gelu = _tower_settings(config)
@@ -199,13 +200,13 @@ class VisionEncoder(nn.Module):
         full_shapes = {name: tuple(t.shape) for name, t in self.visual.state_dict().items()}
         self._prune_to_layer()
         if weights is not None:
-            self._load_weights(weights, full_shapes, allow_unsafe_pickle, metaclip_check)
+            self._load_weights(weights, full_shapes, allow_unsafe_pickle, quickgelu_check)
         self._mean, self._std = _normalisation(config)
 
     @classmethod
     def from_open_clip(cls, model_name: str, weights: str | os.PathLike | None = None, *, layer: int = -1,
                        pretrained: str | None = None, allow_unsafe_pickle: bool = False,
-                       metaclip_check: bool = True, **settings: Any) -> "VisionEncoder":
+                       quickgelu_check: bool = True, **settings: Any) -> "VisionEncoder":
         """Build the image tower of an open_clip model.
 
         Example: ``VisionEncoder.from_open_clip("ViT-B-32-quickgelu", "b32_metaclip_400m.safetensors")``.
@@ -220,7 +221,7 @@ class VisionEncoder(nn.Module):
                 "pass its local path as weights='/path/to/file.safetensors'"
             )
         config = VisionEncoderConfig(model_name=model_name, layer=layer, **settings)
-        return cls(config, weights, allow_unsafe_pickle=allow_unsafe_pickle, metaclip_check=metaclip_check)
+        return cls(config, weights, allow_unsafe_pickle=allow_unsafe_pickle, quickgelu_check=quickgelu_check)
 
     # --- shape properties ----------------------------------------------------------------------
 
@@ -308,16 +309,18 @@ class VisionEncoder(nn.Module):
         visual.attn_pool_contrastive = None
 
     def _load_weights(self, weights: str | os.PathLike, full_shapes: dict[str, tuple], allow_unsafe_pickle: bool,
-                      metaclip_check: bool) -> None:
+                      quickgelu_check: bool) -> None:
         path = _check_weights_path(weights)
-        if metaclip_check and not self.quick_gelu and not self._is_timm and is_metaclip_quickgelu_file(path):
+        source = _quickgelu_source(path) if quickgelu_check and not self.quick_gelu and not self._is_timm else None
+        if source:
             name = repr(self.config.model_name) if self.config.model_name else "this custom tower"
             raise WeightsError(
-                f"weight file {path!r} looks like a MetaCLIP (v1) checkpoint, which was trained with QuickGELU, "
+                f"weight file {path!r} looks like {source}, which was trained with QuickGELU, "
                 f"but {name} uses exact GELU: the features would be silently wrong. Use the '-quickgelu' model "
-                f"(e.g. '{_quickgelu_name(self.config.model_name)}') or act='quickgelu'. (MetaCLIP files are "
-                "recognised by 'metaclip' in the path or safetensors metadata, or an original release file name; "
-                "if this file is not MetaCLIP v1, pass metaclip_check=False.)"
+                f"(e.g. '{_quickgelu_name(self.config.model_name)}') or act='quickgelu'. (QuickGELU files are "
+                "recognised by the release file names and Hugging Face repositories that open_clip's pretrained "
+                "registry marks quick_gelu, or by 'metaclip' in the path or safetensors metadata; if this file "
+                "was trained with GELU, pass quickgelu_check=False.)"
             )
         state = _visual_state_dict(load_weights_file(path, allow_unsafe_pickle), path)
         expected = self.visual.state_dict()
@@ -455,36 +458,99 @@ def _check_weights_path(weights: str | os.PathLike) -> str:
 
 
 @lru_cache(maxsize=1)
-def _metaclip_release_names() -> frozenset[str]:
-    """File names of the original MetaCLIP v1 (QuickGELU) releases in open_clip's registry (b32_400m.pt, ...)."""
-    names = set()
+def _quickgelu_releases() -> tuple[dict[str, str], dict[str, str]]:
+    """QuickGELU-trained weights in open_clip's pretrained registry: ``(files, repositories)``, each
+    mapping a lower-case name to the tag it comes from.
+
+    Every tag whose entry says ``quick_gelu`` (OpenAI, laion400m quickgelu, yfcc15m / cc12m, DFN,
+    MetaCLIP v1, the MetaCLIP 2 ViT-H-14 worldwide release, ...) gives its release file name from
+    ``url`` (``ViT-B-32.pt``, ``b32_400m.pt``) and its Hugging Face repository from ``hf_hub``
+    (``timm/vit_base_patch32_clip_224.openai``, and the name alone). A name that a GELU-trained tag
+    also uses is left out.
+    """
+    files, repos, gelu_files, gelu_repos = {}, {}, set(), set()
     for model_name, tag in open_clip.list_pretrained():
-        if "metaclip" in tag:
-            tag_cfg = open_clip.get_pretrained_cfg(model_name, tag)
-            if tag_cfg.get("quick_gelu") and tag_cfg.get("url"):
-                names.add(os.path.basename(tag_cfg["url"]).lower())
-    return frozenset(names)
+        tag_cfg = open_clip.get_pretrained_cfg(model_name, tag)
+        file_names = {_weights_stem(os.path.basename(tag_cfg["url"]).lower())} if tag_cfg.get("url") else set()
+        repo_names = set()
+        if tag_cfg.get("hf_hub"):
+            repo = "/".join(tag_cfg["hf_hub"].strip("/").split("/")[:2]).lower()  # 'org/name[/file]' -> 'org/name'
+            repo_names = {repo, repo.rsplit("/", 1)[-1]}
+        if tag_cfg.get("quick_gelu"):
+            source = f"open_clip's {model_name!r} / {tag!r} release"
+            files.update(dict.fromkeys(file_names, source))
+            repos.update(dict.fromkeys(repo_names, source))
+        else:
+            gelu_files |= file_names
+            gelu_repos |= repo_names
+    return ({name: source for name, source in files.items() if name not in gelu_files},
+            {name: source for name, source in repos.items() if name not in gelu_repos})
 
 
-# Later MetaCLIP releases that are not the QuickGELU MetaCLIP v1 recipe.
+def _weights_stem(file_name: str) -> str:
+    """``file_name`` without its weight-file suffix (``b32_400m.pt`` -> ``b32_400m``)."""
+    for suffix in WEIGHT_SUFFIXES:
+        if file_name.endswith(suffix):
+            return file_name[:-len(suffix)]
+    return file_name
+
+
+def _release_of(path: str) -> str | None:
+    """The registry's QuickGELU release that ``path`` names, as ``"<tag> ('<name>')"``, or ``None``.
+
+    The file name (any weight suffix: a converted copy keeps its name) is compared with release file
+    names; the folders with repositories: a folder named like the repository, an 'org/name' pair of
+    folders, or a Hugging Face cache folder ``models--org--name``.
+    """
+    files, repos = _quickgelu_releases()
+    *folders, file_name = [part for part in path.lower().replace("\\", "/").split("/") if part] or [""]
+    stem = _weights_stem(file_name)
+    if stem in files:
+        return f"{files[stem]} ({file_name!r})"
+    candidates = [stem]
+    for i, folder in enumerate(folders):
+        candidates.append(folder[len("models--"):].replace("--", "/", 1) if folder.startswith("models--") else folder)
+        if i:
+            candidates.append(f"{folders[i - 1]}/{folder}")
+    for name in candidates:
+        if name in repos:
+            return f"{repos[name]} ({name!r})"
+    return None
+
+
+# Later MetaCLIP releases whose names say "metaclip" but which are not the QuickGELU MetaCLIP v1
+# recipe: open_clip's registry has them trained with GELU (altogether; MetaCLIP 2 worldwide at 378
+# pixels and bigG). The one QuickGELU MetaCLIP 2 release (ViT-H-14 worldwide, 224 pixels) is
+# recognised by its registry name before this exemption applies.
 _NOT_METACLIP_V1 = ("metaclip2", "metaclip-2", "metaclip 2", "worldwide", "altogether")
 
 
-def is_metaclip_quickgelu_file(path: str | os.PathLike) -> bool:
-    """Whether a weight file is a MetaCLIP v1 checkpoint (trained with QuickGELU).
-
-    True when the file name is an original MetaCLIP release name from open_clip's registry
-    (``b32_400m.pt``, ``l14_fullcc2.5b.pt``, ...), or when the path (case-insensitive) or the
-    safetensors metadata (keys or values) mentions ``metaclip`` without naming a later GELU
-    release (MetaCLIP 2 ``worldwide``, ``altogether``).
-    """
+def _quickgelu_source(path: str | os.PathLike) -> str | None:
+    """What marks ``path`` as QuickGELU-trained weights (see ``is_quickgelu_weights_file``), or ``None``."""
     path = os.fspath(path)
-    if os.path.basename(path).lower() in _metaclip_release_names():
-        return True
+    release = _release_of(path)
+    if release:
+        return release
     text = path.lower()
     if path.endswith(".safetensors") and os.path.isfile(path):
         text += " " + " ".join(f"{k} {v}" for k, v in _safetensors_metadata(path).items()).lower()
-    return "metaclip" in text and not any(marker in text for marker in _NOT_METACLIP_V1)
+    if "metaclip" in text and not any(marker in text for marker in _NOT_METACLIP_V1):
+        return "a MetaCLIP (v1) checkpoint ('metaclip' in the path or safetensors metadata)"
+    return None
+
+
+def is_quickgelu_weights_file(path: str | os.PathLike) -> bool:
+    """Whether a weight file holds weights trained with QuickGELU (to load into a QuickGELU tower).
+
+    True when the path names a QuickGELU release of open_clip's pretrained registry (any tag with
+    ``quick_gelu``): its release file name (``ViT-B-32.pt``, ``b32_400m.pt``,
+    ``vit_b_32-quickgelu-laion400m_e32-46683a32.pt``, with any weight suffix) or its Hugging Face
+    repository as a folder (``apple/DFN5B-CLIP-ViT-H-14``, the cache folder
+    ``models--timm--vit_base_patch32_clip_224.openai``, or the repository name alone). Also True when
+    the path (case-insensitive) or the safetensors metadata (keys or values) mentions ``metaclip``
+    (MetaCLIP v1) without naming a later GELU release (``metaclip2`` / ``worldwide``, ``altogether``).
+    """
+    return _quickgelu_source(path) is not None
 
 
 def _safetensors_metadata(path: str) -> dict[str, str]:

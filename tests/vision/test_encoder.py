@@ -1,4 +1,4 @@
-"""VisionEncoder: parity with open_clip's own patch tokens, weight files, MetaCLIP guard, custom towers."""
+"""VisionEncoder: parity with open_clip's own patch tokens, weight files, QuickGELU guard, custom towers."""
 
 import argparse
 import json
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from vision.encoder import (ConvPatchStem, VisionEncoder, VisionEncoderConfig, is_metaclip_quickgelu_file,
+from vision.encoder import (ConvPatchStem, VisionEncoder, VisionEncoderConfig, is_quickgelu_weights_file,
                             load_weights_file)
 from vision.errors import WeightsError
 
@@ -108,11 +108,13 @@ def test_quickgelu_checkpoint_detection_rules(tmp_path, tiny_state):
     save_file(state, marked, metadata={"source": "MetaCLIP 400M"})
     plain = tmp_path / "plain.safetensors"
     save_file(state, plain)
-    assert is_metaclip_quickgelu_file(marked)
-    assert not is_metaclip_quickgelu_file(plain)
-    assert is_metaclip_quickgelu_file("/models/b32_400m.pt")  # an original release name, no 'metaclip' in it
-    assert is_metaclip_quickgelu_file("/hf/vit_base_patch32_clip_224.metaclip_2pt5b/open_clip_model.safetensors")
-    assert not is_metaclip_quickgelu_file("/hf/vit_huge_patch14_clip_224.metaclip2_worldwide/model.safetensors")
+    assert is_quickgelu_weights_file(marked)
+    assert not is_quickgelu_weights_file(plain)
+    assert is_quickgelu_weights_file("/models/b32_400m.pt")  # an original release name, no 'metaclip' in it
+    assert is_quickgelu_weights_file("/hf/vit_base_patch32_clip_224.metaclip_2pt5b/open_clip_model.safetensors")
+    # MetaCLIP 2: open_clip's registry has the ViT-H-14 worldwide (224) release trained with QuickGELU, the others not
+    assert is_quickgelu_weights_file("/hf/vit_huge_patch14_clip_224.metaclip2_worldwide/model.safetensors")
+    assert not is_quickgelu_weights_file("/hf/vit_huge_patch14_clip_378.metaclip2_worldwide/model.safetensors")
 
     with pytest.raises(WeightsError, match="QuickGELU"):
         VisionEncoder(VisionEncoderConfig(**TINY, act="gelu"), marked)
@@ -122,9 +124,100 @@ def test_quickgelu_checkpoint_detection_rules(tmp_path, tiny_state):
     folder = tmp_path / "metaclip_runs"
     folder.mkdir()
     save_file(state, folder / "gelu_tower.safetensors")
-    with pytest.raises(WeightsError, match="metaclip_check=False"):
+    with pytest.raises(WeightsError, match="quickgelu_check=False"):
         VisionEncoder(VisionEncoderConfig(**TINY, act="gelu"), folder / "gelu_tower.safetensors")
-    VisionEncoder(VisionEncoderConfig(**TINY, act="gelu"), folder / "gelu_tower.safetensors", metaclip_check=False)
+    VisionEncoder(VisionEncoderConfig(**TINY, act="gelu"), folder / "gelu_tower.safetensors", quickgelu_check=False)
+
+
+# Release files and Hugging Face repositories of open_clip's registry, as they appear on disk:
+# (model, tag, path). The tests check the registry's own quick_gelu flag for each.
+QUICKGELU_RELEASES = {
+    "openai-file": ("ViT-B-32", "openai", "/models/ViT-B-32.pt"),
+    "openai-converted": ("ViT-L-14", "openai", "/models/ViT-L-14.safetensors"),
+    "openai-hf-cache": ("ViT-B-32-quickgelu", "openai",
+                        "/hub/models--timm--vit_base_patch32_clip_224.openai/snapshots/0/open_clip_model.safetensors"),
+    "laion400m-quickgelu": ("ViT-B-32", "laion400m_e32", "/models/vit_b_32-quickgelu-laion400m_e32-46683a32.pt"),
+    "dfn5b-repo-folder": ("ViT-H-14", "dfn5b", "/models/apple/DFN5B-CLIP-ViT-H-14/open_clip_pytorch_model.bin"),
+    "dfn2b-hf-cache": ("ViT-B-16", "dfn2b",
+                       "/hub/models--apple--DFN2B-CLIP-ViT-B-16/snapshots/0/open_clip_model.safetensors"),
+    "mc-v1-file": ("ViT-L-14", "metaclip_400m", "/models/l14_400m.pt"),
+    "mc2-worldwide-224": ("ViT-H-14-worldwide", "metaclip2_worldwide",
+                          "/hub/models--timm--vit_huge_patch14_clip_224.metaclip2_worldwide/snapshots/0/"
+                          "open_clip_model.safetensors"),
+}
+GELU_RELEASES = {
+    "laion2b-file": ("ViT-B-32", "laion2b_e16", "/models/vit_b_32-laion2b_e16-af8dbd0c.pth"),
+    "laion2b-hf-cache": ("ViT-B-32", "laion2b_s34b_b79k",
+                         "/hub/models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K/snapshots/0/open_clip_model.safetensors"),
+    "laion400m-gelu": ("ViT-B-16", "laion400m_e32", "/models/vit_b_16-laion400m_e32-55e67d44.pt"),
+    "dfn2b-39b": ("ViT-L-14", "dfn2b_s39b", "/models/apple/DFN2B-CLIP-ViT-L-14-39B/open_clip_model.safetensors"),
+    "mc2-worldwide-378": ("ViT-H-14-worldwide-378", "metaclip2_worldwide",
+                          "/hub/models--timm--vit_huge_patch14_clip_378.metaclip2_worldwide/snapshots/0/"
+                          "open_clip_model.safetensors"),
+    "mc-altogether": ("ViT-H-14", "metaclip_altogether", "/models/h14_v1.2_altogether.pt"),
+}
+
+
+@pytest.mark.parametrize("model, tag, path", QUICKGELU_RELEASES.values(), ids=QUICKGELU_RELEASES)
+def test_quickgelu_releases_of_the_open_clip_registry_are_recognised(model, tag, path):
+    assert open_clip.get_pretrained_cfg(model, tag)["quick_gelu"]
+    assert is_quickgelu_weights_file(path)
+    assert is_quickgelu_weights_file(path.replace("/", "\\"))  # a Windows path
+
+
+@pytest.mark.parametrize("model, tag, path", GELU_RELEASES.values(), ids=GELU_RELEASES)
+def test_gelu_releases_of_the_open_clip_registry_are_not_recognised(model, tag, path):
+    assert not open_clip.get_pretrained_cfg(model, tag).get("quick_gelu")
+    assert not is_quickgelu_weights_file(path)
+
+
+def test_a_folder_named_after_a_model_does_not_mark_a_file_as_quickgelu():
+    assert not is_quickgelu_weights_file("/models/ViT-B-32/finetuned.safetensors")  # only a release file name does
+    assert not is_quickgelu_weights_file("/models/openai/tower.safetensors")
+
+
+@pytest.mark.parametrize("release", ["openai-hf-cache", "laion400m-quickgelu", "dfn5b-repo-folder", "mc-v1-file",
+                                     "mc2-worldwide-224"])
+def test_quickgelu_release_file_on_a_gelu_tower_is_refused(tmp_path, tiny_state, release):
+    encoder, state = tiny_state
+    path = tmp_path / QUICKGELU_RELEASES[release][2].lstrip("/")
+    path.parent.mkdir(parents=True)
+    if path.suffix == ".safetensors":
+        save_file(state, path)
+    else:
+        torch.save(state, path)
+    with pytest.raises(WeightsError) as caught:
+        VisionEncoder(VisionEncoderConfig(**TINY, act="gelu"), path)
+    message = str(caught.value)
+    assert "QuickGELU" in message and "silently wrong" in message and "act='quickgelu'" in message
+    assert QUICKGELU_RELEASES[release][1] in message and "quickgelu_check=False" in message
+    # the same file on a QuickGELU tower loads exactly
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        loaded = VisionEncoder(VisionEncoderConfig(**TINY, act="quickgelu"), path)
+        assert torch.equal(loaded(pixels), encoder(pixels))
+
+
+@pytest.mark.parametrize("release", ["laion2b-file", "laion2b-hf-cache", "mc2-worldwide-378"])
+def test_gelu_release_file_on_a_gelu_tower_loads(tmp_path, tiny_state, release):
+    _, state = tiny_state
+    path = tmp_path / GELU_RELEASES[release][2].lstrip("/")
+    path.parent.mkdir(parents=True)
+    if path.suffix == ".safetensors":
+        save_file(state, path)
+    else:
+        torch.save(state, path)
+    assert not VisionEncoder(VisionEncoderConfig(**TINY, act="gelu"), path).quick_gelu
+
+
+@pytest.mark.parametrize("model_name, release", [("ViT-B-32", "openai-file"),
+                                                 ("ViT-H-14-worldwide", "mc2-worldwide-224")])
+def test_quickgelu_release_on_a_named_gelu_model_names_its_quickgelu_config(tmp_path, model_name, release):
+    path = tmp_path / QUICKGELU_RELEASES[release][2].lstrip("/")  # refused before it is read
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    with pytest.raises(WeightsError, match=f"uses exact GELU.*'{model_name}-quickgelu'"):
+        VisionEncoder.from_open_clip(model_name, path)
 
 
 def test_pretrained_tags_and_hub_names_are_refused_without_downloading():
