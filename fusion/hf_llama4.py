@@ -8,6 +8,7 @@ dequantized: use the bf16 release.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -248,21 +249,36 @@ def load_hf_decoder(path, dtype: torch.dtype | None = None, device=None) -> Deco
         decoder = Decoder(config)
     wanted = {name: hf_key(name, *layout) for name in decoder.state_dict()
               if not name.endswith(("expert_bias", "tokens_per_expert"))}
-    state, missing = {}, []
     unfused = _unfused_expert_keys(wanted, keys)
-    for name, key in wanted.items():
-        if key in keys:
-            with safe_open(keys[key], framework="pt") as reader:
-                state[name] = reader.get_tensor(key)
-        elif name in unfused:
-            state[name] = _stack_unfused_experts(unfused[name], keys)
-        else:
-            missing.append(key)
+    missing = [key for name, key in wanted.items() if key not in keys and name not in unfused]
     if missing:
         raise CheckpointError(f"{folder}: {len(missing)} decoder weights are missing, e.g. {missing[:4]}")
-    dtype = dtype or next(iter(state.values())).dtype
-    decoder = decoder.to_empty(device=device or "cpu").to(dtype)  # every weight is overwritten below
-    decoder.load_state_dict(state, strict=False)
+    # Each file is opened once, and each tensor copied into the allocated decoder as it is read.
+    with contextlib.ExitStack() as files_open:
+        readers = {}
+
+        def tensor(key: str) -> torch.Tensor:
+            if keys[key] not in readers:
+                readers[keys[key]] = files_open.enter_context(safe_open(keys[key], framework="pt"))
+            return readers[keys[key]].get_tensor(key)
+
+        def weight(name: str) -> torch.Tensor:
+            key = wanted[name]
+            return tensor(key) if key in keys else _stack_unfused_experts(unfused[name], keys, tensor)
+
+        if dtype is None:  # the checkpoint's own: that of its embedding
+            embedding = next(name for name, key in wanted.items() if key.endswith("embed_tokens.weight"))
+            dtype = weight(embedding).dtype
+        decoder = decoder.to_empty(device=device or "cpu").to(dtype)  # every weight is overwritten below
+        params = decoder.state_dict()
+        with torch.no_grad():
+            for name in wanted:
+                value = weight(name)
+                if value.shape != params[name].shape:
+                    raise CheckpointError(f"{folder}: {wanted[name]} has shape {tuple(value.shape)} but config.json "
+                                          f"gives {tuple(params[name].shape)}; the weights and config differ")
+                params[name].copy_(value)
+                del value
     decoder.reset_buffers()
     return decoder
 
@@ -278,14 +294,14 @@ def _unfused_expert_keys(wanted: dict, keys: dict) -> dict:
     return out
 
 
-def _stack_unfused_experts(spec, keys) -> torch.Tensor:
+def _stack_unfused_experts(spec, keys, tensor) -> torch.Tensor:
+    """One layer's experts stacked as fusion stores them; `tensor(key)` reads a checkpoint tensor."""
     kind, prefix = spec
 
     def read(key):
         if key not in keys:
             raise CheckpointError(f"missing expert weight {key}")
-        with safe_open(keys[key], framework="pt") as reader:
-            return reader.get_tensor(key)
+        return tensor(key)
 
     experts = []
     e = 0

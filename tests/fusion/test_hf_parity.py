@@ -158,6 +158,16 @@ def test_missing_weights_are_named(tmp_path):
         fusion.Decoder.from_hf(tmp_path)
 
 
+def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
+    make_hf(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.1.self_attn.q_proj.weight"
+    state[key] = state[key][:1]  # would broadcast into the parameter if copied without a check
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"q_proj.weight has shape \(1, .*config.json gives"):
+        fusion.Decoder.from_hf(tmp_path)
+
+
 def test_not_a_checkpoint_folder(tmp_path):
     with pytest.raises(CheckpointError, match="config.json"):
         fusion.Decoder.from_hf(tmp_path)
