@@ -149,21 +149,23 @@ def test_conditional_generation_sharded_layout(tmp_path):
         assert (ours(ids).logits - hf_logits(hf, ids)).abs().max().item() <= 1e-4
 
 
+def _edit_weights(folder, edit):
+    state = load_file(folder / "model.safetensors")
+    edit(state)
+    save_file(state, folder / "model.safetensors")
+
+
 def test_missing_weights_are_named(tmp_path):
     make_hf(tmp_path)
-    state = load_file(tmp_path / "model.safetensors")
-    del state["model.layers.1.self_attn.q_proj.weight"]
-    save_file(state, tmp_path / "model.safetensors")
+    _edit_weights(tmp_path, lambda state: state.pop("model.layers.1.self_attn.q_proj.weight"))
     with pytest.raises(CheckpointError, match="model.layers.1.self_attn.q_proj.weight"):
         fusion.Decoder.from_hf(tmp_path)
 
 
 def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
     make_hf(tmp_path)
-    state = load_file(tmp_path / "model.safetensors")
     key = "model.layers.1.self_attn.q_proj.weight"
-    state[key] = state[key][:1]  # would broadcast into the parameter if copied without a check
-    save_file(state, tmp_path / "model.safetensors")
+    _edit_weights(tmp_path, lambda state: state.update({key: state[key][:1]}))  # a plain copy would broadcast it
     with pytest.raises(CheckpointError, match=r"q_proj.weight has shape \(1, .*config.json gives"):
         fusion.Decoder.from_hf(tmp_path)
 
@@ -213,10 +215,8 @@ def test_quantization_config_is_refused(tmp_path, where):
 def test_float8_weights_are_refused(tmp_path):
     """A float8 tensor must not be silently cast to the model dtype (its scale would be lost)."""
     make_hf(tmp_path)
-    state = load_file(tmp_path / "model.safetensors")
     key = "model.layers.0.feed_forward.experts.gate_up_proj"
-    state[key] = state[key].to(torch.float8_e4m3fn)
-    save_file(state, tmp_path / "model.safetensors")
+    _edit_weights(tmp_path, lambda state: state.update({key: state[key].to(torch.float8_e4m3fn)}))
     with pytest.raises(CheckpointError, match=f"{key}.*float8.*quantized checkpoints are not supported"):
         fusion.Decoder.from_hf(tmp_path)
 

@@ -176,16 +176,21 @@ def test_a_folder_named_after_a_model_does_not_mark_a_file_as_quickgelu():
     assert not is_quickgelu_weights_file("/models/openai/tower.safetensors")
 
 
-@pytest.mark.parametrize("release", ["openai-hf-cache", "laion400m-quickgelu", "dfn5b-repo-folder", "mc-v1-file",
-                                     "mc2-worldwide-224"])
-def test_quickgelu_release_file_on_a_gelu_tower_is_refused(tmp_path, tiny_state, release):
-    encoder, state = tiny_state
-    path = tmp_path / QUICKGELU_RELEASES[release][2].lstrip("/")
+def write_weights(path, state):
+    """`state` saved at `path` (its folders made), as safetensors or a torch file by its suffix."""
     path.parent.mkdir(parents=True)
     if path.suffix == ".safetensors":
         save_file(state, path)
     else:
         torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("release", ["openai-hf-cache", "laion400m-quickgelu", "dfn5b-repo-folder", "mc-v1-file",
+                                     "mc2-worldwide-224"])
+def test_quickgelu_release_file_on_a_gelu_tower_is_refused(tmp_path, tiny_state, release):
+    encoder, state = tiny_state
+    path = write_weights(tmp_path / QUICKGELU_RELEASES[release][2].lstrip("/"), state)
     with pytest.raises(WeightsError) as caught:
         VisionEncoder(VisionEncoderConfig(**TINY, act="gelu"), path)
     message = str(caught.value)
@@ -201,12 +206,7 @@ def test_quickgelu_release_file_on_a_gelu_tower_is_refused(tmp_path, tiny_state,
 @pytest.mark.parametrize("release", ["laion2b-file", "laion2b-hf-cache", "mc2-worldwide-378"])
 def test_gelu_release_file_on_a_gelu_tower_loads(tmp_path, tiny_state, release):
     _, state = tiny_state
-    path = tmp_path / GELU_RELEASES[release][2].lstrip("/")
-    path.parent.mkdir(parents=True)
-    if path.suffix == ".safetensors":
-        save_file(state, path)
-    else:
-        torch.save(state, path)
+    path = write_weights(tmp_path / GELU_RELEASES[release][2].lstrip("/"), state)
     assert not VisionEncoder(VisionEncoderConfig(**TINY, act="gelu"), path).quick_gelu
 
 
