@@ -13,7 +13,7 @@ with the data a default model is trained on; `tests/pipelines` checks that they 
 """
 from __future__ import annotations
 
-from tokenizer import IMAGE_MARKER, VIDEO_MARKER
+from tokenizer import IMAGE_MARKER, VIDEO_MARKER, escape_markers
 
 CAPTION_PROMPT = f"{IMAGE_MARKER}\nDescribe the image."
 VQA_PROMPT = f"{IMAGE_MARKER}\n{{question}}"
@@ -21,5 +21,6 @@ VIDEO_QA_PROMPT = f"{VIDEO_MARKER}\n{{question}}"
 
 
 def user_turn(template: str, **fields: str) -> list[dict]:
-    """A one-turn conversation whose user content is `template` filled with `fields`."""
-    return [{"role": "user", "content": template.format(**fields)}]
+    """A one-turn conversation whose user content is `template` filled with `fields`; the fields are text (a
+    question that mentions "<image>" asks about the text, the template's marker places the media)."""
+    return [{"role": "user", "content": template.format(**{k: escape_markers(v) for k, v in fields.items()})}]

@@ -15,7 +15,6 @@ import math
 import numbers
 import os
 
-from tokenizer import IMAGE_MARKER, VIDEO_MARKER
 from vision import SampledFrames, VideoLoadError, load_image
 
 from .base import Pipeline, check_positive_int
@@ -24,16 +23,13 @@ from .prompts import CAPTION_PROMPT, VIDEO_QA_PROMPT, VQA_PROMPT, user_turn
 
 
 def check_question(question, where: str) -> str:
-    """A question as the prompt takes it: a non-empty str (stripped) without media markers."""
+    """A question as the prompt takes it: a non-empty str (stripped). Its text is literal: a "<image>" in it is
+    text (the pipeline places the media itself)."""
     if not isinstance(question, str):
         raise PipelineInputError(f"{where}: 'question' must be a str, got a {type(question).__name__}")
     text = question.strip()
     if not text:
         raise PipelineInputError(f"{where}: 'question' is empty; ask something about the media")
-    for marker in (IMAGE_MARKER, VIDEO_MARKER):
-        if marker in text:
-            raise PipelineInputError(f"{where}: the question {question!r} contains {marker!r}, the marker that "
-                                     f"places the media; the pipeline puts the media in itself, so leave it out")
     return text
 
 

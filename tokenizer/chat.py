@@ -207,6 +207,13 @@ def _split_content(content: str) -> list[tuple[str, str]]:
     return [part for part in parts if part[1]]
 
 
+def escape_markers(text: str) -> str:
+    """``text`` written so that, as str content, it is all literal text: each ``<image>`` / ``<video>``
+    becomes ``\\<image>`` / ``\\<video>`` (backslashes before them doubled), e.g. a user's question put
+    into a prompt template after the template's own marker."""
+    return _escape_text(text, before_marker=False)
+
+
 def text_without_markers(content: str) -> str:
     """The text of the str ``content`` with its media markers left out (escaped ones, ``\\<image>``, are
     the text they stand for)."""

@@ -436,10 +436,23 @@ def test_bad_questions(vqa):
     record = {"image": img, "question": "  what color?  "}
     vqa(record)
     assert record["question"] == "  what color?  "  # the caller's dict is left alone
-    for question, match in ((3, "must be a str"), ("   ", "is empty"), ("what is <image>?", "contains '<image>'"),
-                            ("and <video>", "contains '<video>'")):
+    for question, match in ((3, "must be a str"), ("   ", "is empty")):
         with pytest.raises(PipelineInputError, match=match):
             vqa(image=img, question=question)
+
+
+def test_a_question_that_mentions_a_marker_asks_about_the_text(vqa, monkeypatch):
+    """"what does the <image> tag do?" is a question about HTML: the pipeline places the image itself and
+    the question's "<image>" reaches the model as text (it used to be refused)."""
+    seen = []
+    chat = vqa.model.chat
+    monkeypatch.setattr(vqa.model, "chat", lambda conversations, *args, **kwargs: (
+        seen.extend(conversations), chat(conversations, *args, **kwargs))[1])
+    for question in ("what does the <image> tag do?", "and <video>, \\<image>?"):
+        assert len(vqa(image=image(1), question=question)) == 1
+        sample = vqa.model.processor(seen[-1], [image(1)], add_generation_prompt=True)
+        assert sample.input_ids.tolist().count(vqa.model.tokenizer.image_start_id) == 1  # the pipeline's image only
+        assert question in vqa.model.tokenizer.decode(sample.input_ids.tolist())
 
 
 def test_bad_images_raise_the_vision_errors(vqa, media, tmp_path):
