@@ -233,12 +233,21 @@ def load_hf_decoder(path, dtype: torch.dtype | None = None, device=None) -> Deco
     folder = Path(path)
     hf_cfg = _read_hf_config(folder)
     config = decoder_config_from_hf(hf_cfg, source=str(folder / "config.json"))
-    files = _safetensors_files(folder)
-    keys = {}
-    for f in files:
-        with safe_open(f, framework="pt") as reader:
+    with contextlib.ExitStack() as files_open:  # each weight file opened once, for its keys and its tensors
+        readers = {f: files_open.enter_context(safe_open(f, framework="pt")) for f in _safetensors_files(folder)}
+        keys = {}
+        for f, reader in readers.items():
             _check_not_quantized(f, reader)
             keys.update({k: f for k in reader.keys()})
+        decoder = _decoder_from_tensors(folder, config, hf_cfg, keys,
+                                        lambda key: readers[keys[key]].get_tensor(key), dtype, device)
+    decoder.reset_buffers()
+    return decoder
+
+
+def _decoder_from_tensors(folder: Path, config: DecoderConfig, hf_cfg: dict, keys: dict, tensor, dtype,
+                          device) -> Decoder:
+    """The decoder with the checkpoint's weights, each copied into the allocated decoder as `tensor(key)` reads it."""
     layout = next(((body, head) for body, head in _LAYOUTS if f"{body}embed_tokens.weight" in keys), None)
     if layout is None:
         raise CheckpointError(f"{folder}: no text embedding found (looked for "
@@ -253,33 +262,22 @@ def load_hf_decoder(path, dtype: torch.dtype | None = None, device=None) -> Deco
     missing = [key for name, key in wanted.items() if key not in keys and name not in unfused]
     if missing:
         raise CheckpointError(f"{folder}: {len(missing)} decoder weights are missing, e.g. {missing[:4]}")
-    # Each file is opened once, and each tensor copied into the allocated decoder as it is read.
-    with contextlib.ExitStack() as files_open:
-        readers = {}
 
-        def tensor(key: str) -> torch.Tensor:
-            if keys[key] not in readers:
-                readers[keys[key]] = files_open.enter_context(safe_open(keys[key], framework="pt"))
-            return readers[keys[key]].get_tensor(key)
+    def weight(name: str) -> torch.Tensor:
+        key = wanted[name]
+        return tensor(key) if key in keys else _stack_unfused_experts(unfused[name], keys, tensor)
 
-        def weight(name: str) -> torch.Tensor:
-            key = wanted[name]
-            return tensor(key) if key in keys else _stack_unfused_experts(unfused[name], keys, tensor)
-
-        if dtype is None:  # the checkpoint's own: that of its embedding
-            embedding = next(name for name, key in wanted.items() if key.endswith("embed_tokens.weight"))
-            dtype = weight(embedding).dtype
-        decoder = decoder.to_empty(device=device or "cpu").to(dtype)  # every weight is overwritten below
-        params = decoder.state_dict()
-        with torch.no_grad():
-            for name in wanted:
-                value = weight(name)
-                if value.shape != params[name].shape:
-                    raise CheckpointError(f"{folder}: {wanted[name]} has shape {tuple(value.shape)} but config.json "
-                                          f"gives {tuple(params[name].shape)}; the weights and config differ")
-                params[name].copy_(value)
-                del value
-    decoder.reset_buffers()
+    if dtype is None:  # the checkpoint's own: that of its embedding
+        dtype = weight("embed_tokens.weight").dtype
+    decoder = decoder.to_empty(device=device or "cpu").to(dtype)  # every weight is overwritten below
+    params = decoder.state_dict()
+    with torch.no_grad():
+        for name in wanted:
+            value = weight(name)
+            if value.shape != params[name].shape:
+                raise CheckpointError(f"{folder}: {wanted[name]} has shape {tuple(value.shape)} but config.json "
+                                      f"gives {tuple(params[name].shape)}; the weights and config differ")
+            params[name].copy_(value)
     return decoder
 
 

@@ -58,6 +58,14 @@ def check_keys(given: dict, cls, where: str) -> None:
                           f"known keys are {sorted(known)}")
 
 
+def check_minimums(values: dict, minimums: dict[str, int], prefix: str) -> None:
+    """ConfigError "{prefix}{name} must be >= {low}" for the first of `values` (None: not set) below its minimum."""
+    for name, low in minimums.items():
+        value = values.get(name)
+        if value is not None and value < low:
+            raise ConfigError(f"{prefix}{name} must be >= {low}, got {value}")
+
+
 def _as_number(value, kind: type, what: str):
     """`value` as an int or a float, or ConfigError naming `what`. A number written as text is read
     (YAML 1.1 reads `1e-3` without a dot as a string), a bool is not a number."""
@@ -197,11 +205,8 @@ class StageConfig:
             raise ConfigError(f"{where}: lr must map parts to rates, e.g. {{vision: 1.0e-4, decoder: 3.0e-4}}, "
                               f"got {self.lr!r}")
         self.lr = {part: _as_number(rate, float, f"{where}: lr of {part!r}") for part, rate in self.lr.items()}
-        for name, low in (("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0), ("steps", 1),
-                          ("length_buckets", 1), ("max_row_tokens", 1)):
-            value = getattr(self, name)
-            if value is not None and value < low:
-                raise ConfigError(f"{where}: {name} must be >= {low}, got {value}")
+        check_minimums(vars(self), {"batch_size": 1, "grad_accum": 1, "warmup_steps": 0, "steps": 1,
+                                    "length_buckets": 1, "max_row_tokens": 1}, f"{where}: ")
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"{where}: epochs must be > 0, got {self.epochs}")
         if self.steps is not None and self.warmup_steps > self.steps:
@@ -216,10 +221,8 @@ class StageConfig:
             raise ConfigError(f"{where}: weight_decay must be >= 0, got {self.weight_decay}")
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
             raise ConfigError(f"{where}: init_from must name a model folder (or `default`), got {self.init_from!r}")
-        for name, low in (("every", 0), ("limit", 0), ("loss_batches", 1), ("max_new_tokens", 1)):
-            value = getattr(self.eval, name)
-            if value is not None and value < low:
-                raise ConfigError(f"{where}: eval {name} must be >= {low}, got {value}")
+        check_minimums(vars(self.eval), {"every": 0, "limit": 0, "loss_batches": 1, "max_new_tokens": 1},
+                       f"{where}: eval ")
         if self.eval.every and not self.eval.data:
             raise ConfigError(f"{where}: eval every {self.eval.every} steps needs eval data (a dataset file)")
         if isinstance(self.data, (str, dict, DataSource)):
@@ -305,11 +308,8 @@ class TrainConfig:
             raise ConfigError(f"stage names must be unique, got {names}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        for name, low in (("log_every", 1), ("checkpoint_every", 0), ("keep_checkpoints", 1), ("num_workers", 0),
-                          ("threads", 1), ("max_skipped_steps", 1)):
-            value = getattr(self, name)
-            if value is not None and value < low:
-                raise ConfigError(f"training config: {name} must be >= {low}, got {value}")
+        check_minimums(vars(self), {"log_every": 1, "checkpoint_every": 0, "keep_checkpoints": 1, "num_workers": 0,
+                                    "threads": 1, "max_skipped_steps": 1}, "training config: ")
         for name, example in (("model", "{init_from: default} or {decoder: {...}, vision: {...}}"),
                               ("data", "{shapes_world: {out_dir: data/shapes}}"),
                               ("distributed", "{strategy: fsdp2}")):
@@ -377,11 +377,10 @@ def _final_eval(spec) -> dict | None:
         raise ConfigError(f"final_eval must be a dataset file or a mapping like {{data: test.jsonl, limit: 500}}, "
                           f"got {spec!r}")
     check_keys(spec, _FINAL_EVAL_KEYS, "final_eval")
-    for name, low in (("limit", 0), ("batch_size", 1)):
+    for name in ("limit", "batch_size"):
         if spec.get(name) is not None:
             spec[name] = _as_number(spec[name], int, f"final_eval: {name}")
-            if spec[name] < low:
-                raise ConfigError(f"final_eval: {name} must be >= {low}, got {spec[name]}")
+    check_minimums(spec, {"limit": 0, "batch_size": 1}, "final_eval: ")
     return spec
 
 

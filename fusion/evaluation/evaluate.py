@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from tokenizer.errors import TokenizerError
 from vision.errors import VisionInputError
 
-from ..checkpoint import model_folder
+from ..checkpoint import model_folder, write_json
 from ..data.datasets import ConversationDataset, DatasetWarning, Record, classify_error
 from ..errors import CheckpointError, ConfigError, DatasetError
 from .metrics import accuracy_by_type, answer_is_correct, bleu4, cider_d
@@ -325,14 +325,6 @@ def run_eval(args: argparse.Namespace) -> int:
     print(format_results(results))
     if out is not None:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        tmp = f"{out}.tmp{os.getpid()}"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(results, f, indent=2)
-                f.write("\n")
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_json(out, results)  # through a temporary file: a failed write leaves neither a partial nor a stray file
         print(f"results written to {out}")
     return 0
