@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from .checkpoint import write_text_atomically
@@ -22,8 +23,14 @@ class MetricsLog:
             write_text_atomically(self.path, "".join(json.dumps(e) + "\n" for e in kept))
 
     def write(self, **entry):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        """Append one entry. A log line that cannot be written (a full disk, a quota) is a warning, not the end
+        of a long run: the checkpoints, which say so loudly when they fail, are what a run is resumed from."""
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        except OSError as err:
+            warnings.warn(f"could not append to the metrics log {self.path} ({err}); training goes on without "
+                          f"this entry: {json.dumps(entry)[:200]}", RuntimeWarning, stacklevel=2)
 
     def read(self) -> list[dict]:
         return read_metrics(self.path)
@@ -67,7 +74,9 @@ def plot_metrics(metrics_path, out_png) -> Path:
                      va="top", fontsize=8, color="grey")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
-    ax_loss.set_yscale("log")
+    positive = [e for e in train if (e["loss"] or 0) > 0] + [e for e in with_val if e["val_loss"] > 0]
+    if positive:  # a log scale needs a positive value (every step of a run may have been skipped)
+        ax_loss.set_yscale("log")
     ax_loss.legend()
     metrics = sorted({k for e in evals for k in e.get("accuracy", {}) if k.endswith("/accuracy")})  # per task
     for name in metrics:

@@ -47,3 +47,11 @@ class StopSignals:
         if not ctx.distributed:
             return self.signum is not None
         return bool(ctx.all_reduce_sum(torch.tensor([0.0 if self.signum is None else 1.0])) > 0)
+
+
+def ignore_stop_signals(worker_id: int | None = None):
+    """A `DataLoader` worker's init: SIGTERM and SIGINT sent to the whole process group (a scheduler's
+    preemption, Ctrl-C in a terminal) are for the main process, which stops after its step and then ends
+    the workers; a worker killed by them would crash the run before its checkpoint."""
+    for s in StopSignals.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

@@ -38,12 +38,12 @@ from .data.collate import split_by_length, split_long_samples
 from .data.datasets import MediaCache
 from .data.stage_data import StageBatches, collate_samples, load_stage_data, text_stand_in_batch
 from .decoder import IGNORE_INDEX
-from .errors import CheckpointError, ConfigError, TrainingError, TrainingStopped, WeightsError
+from .errors import CheckpointError, ConfigError, DatasetError, TrainingError, TrainingStopped, WeightsError
 from .model import FusionModel
 from .precision import computed_in, has_native_bf16
 from .run_log import MetricsLog, plot_metrics
 from .stage_setup import build_model, build_optimizer, lr_multiplier, set_trainable
-from .stop_signals import StopSignals
+from .stop_signals import StopSignals, ignore_stop_signals
 from .train_config import PARTS, StageConfig, TrainConfig, load_train_config
 from .training_step import TrainingStep, supervised_loss_sum
 
@@ -74,8 +74,13 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.resume_state = self._latest_state() if resume else None
-        if resume and self.resume_state is None and self.ctx.is_main:
-            print(f"--resume: no checkpoint in {self.out / 'checkpoints'}; starting from the beginning")
+        if resume and self.resume_state is None:
+            if (self.out / "final").exists():  # a finished run whose checkpoints were deleted: not silently redone
+                raise ConfigError(f"--resume: output_dir {str(self.out)!r} holds a finished run (its final model) "
+                                  f"but no checkpoint to continue from in {self.out / 'checkpoints'}; train it again "
+                                  f"with --overwrite (overwrite=True), or give another output_dir")
+            if self.ctx.is_main:
+                print(f"--resume: no checkpoint in {self.out / 'checkpoints'}; starting from the beginning")
         self.strategy = config.distributed.get("strategy", "ddp")
         self.autocast_dtype = self._autocast_dtype()
         self.started = time.perf_counter()
@@ -157,28 +162,37 @@ class Trainer:
         raise CheckpointError(f"{problem}, and no other checkpoint in {root} can be read; start the run again with "
                               f"--overwrite")
 
+    def _shapes_world_settings(self):
+        """(out_dir, the wanted ShapesWorldConfig, {setting: (found, wanted)} of a world already there or None
+        where there is none); a world written with other settings than the extras' is refused: a run never
+        trains on it without saying so."""
+        from .data.shapes_world import TRAIN_EXTRA_SETTINGS, ShapesWorldConfig
+
+        spec = dict(self.config.data["shapes_world"])
+        out_dir = self.config.path(spec.pop("out_dir"))
+        wanted = ShapesWorldConfig(**spec)
+        world_file = out_dir / "world.json"
+        if not world_file.exists():
+            return out_dir, wanted, None
+        found = ShapesWorldConfig(**json.loads(world_file.read_text())["config"]).to_dict()
+        differ = {k: (found[k], v) for k, v in wanted.to_dict().items() if found[k] != v}
+        if differ and not set(differ) <= set(TRAIN_EXTRA_SETTINGS):
+            raise ConfigError(f"data.shapes_world: {out_dir} holds a shapes world generated with other settings "
+                              f"(found vs wanted: {differ}); delete that folder to regenerate it, or give "
+                              f"another out_dir")
+        return out_dir, wanted, differ
+
     def prepare_data(self):
         spec = self.config.data.get("shapes_world")
         if not spec:
             return
-        from .data.shapes_world import (TRAIN_EXTRA_SETTINGS, ShapesWorldConfig, generate_shapes_world,
-                                        rewrite_train_extra)
+        from .data.shapes_world import generate_shapes_world, rewrite_train_extra
 
-        spec = dict(spec)
-        out_dir = self.config.path(spec.pop("out_dir"))
-        wanted = ShapesWorldConfig(**spec)
-        world_file = out_dir / "world.json"
-        if world_file.exists():  # never train on a world written with other settings without saying so
-            found = ShapesWorldConfig(**json.loads(world_file.read_text())["config"]).to_dict()
-            differ = {k: (found[k], v) for k, v in wanted.to_dict().items() if found[k] != v}
-            if differ and set(differ) <= set(TRAIN_EXTRA_SETTINGS):  # only train_extra.jsonl (and its images) changes
-                if self.ctx.is_main:
-                    rewrite_train_extra(out_dir, wanted)
-            elif differ:
-                raise ConfigError(f"data.shapes_world: {out_dir} holds a shapes world generated with other settings "
-                                  f"(found vs wanted: {differ}); delete that folder to regenerate it, or give "
-                                  f"another out_dir")
-        elif self.ctx.is_main:
+        out_dir, wanted, differ = self._shapes_world_settings()
+        if differ:  # only the extras' settings differ: train_extra.jsonl (and its images) is written again
+            if self.ctx.is_main:
+                rewrite_train_extra(out_dir, wanted)
+        elif differ is None and self.ctx.is_main:
             if self.progress:
                 print(f"generating the shapes world in {out_dir} ...", flush=True)
             generate_shapes_world(out_dir, wanted)
@@ -194,14 +208,6 @@ class Trainer:
         config = self.config
         started = time.perf_counter()
         resumed = self.resume_state is not None
-        if self.overwrite and self.ctx.is_main:  # the earlier run's files only: the folder may hold the user's own
-            for name in RUN_FILES:
-                path = self.out / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
-        self.ctx.barrier()
         self.prepare_data()
         progress = self._starting_progress()
         self._check_files(progress.stage_index)
@@ -209,12 +215,16 @@ class Trainer:
         self.model = self._starting_model().to(self.ctx.device)
         for stage in config.stages[progress.stage_index:]:  # each stage's eval data readable, before any training
             self._check_eval_data(stage)
+        self._check_resumable(progress)
+        if self.overwrite and self.ctx.is_main:  # only once the config passed every check above: a mistake in it
+            self._remove_earlier_run()           # leaves the earlier run as it was
+        self.ctx.barrier()
         self.log = MetricsLog(self.out / "metrics.jsonl",
                               resume_from_step=progress.global_step if self.resume_state else None) \
             if self.ctx.is_main else None
         if self.ctx.is_main:
             if self.resume_state is not None:
-                self._warn_about_config_changes()
+                self._warn_about_config_changes(progress.stage_index)
             write_json(self.out / "train_config.json", config.to_dict())
             print(f"training on {self.ctx.device} in {self.computed_in} (precision: {config.precision})", flush=True)
         with self.stop_signals:  # while the stages train (not while data is generated or the final eval runs)
@@ -232,7 +242,11 @@ class Trainer:
         final = self.out / "final"
         self.save_model(final)
         if self.ctx.is_main:
-            plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png")
+            try:
+                plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png")
+            except Exception as err:  # a plot is not worth the final evaluation and the run's summary
+                warnings.warn(f"could not plot {self.out / 'metrics.jsonl'} to metrics.png ({type(err).__name__}: "
+                              f"{err}); the log itself is complete", TrainingWarning, stacklevel=2)
         self.final_eval(final)
         if self.ctx.is_main:
             total = self.total_wall_seconds()
@@ -247,9 +261,19 @@ class Trainer:
         self.ctx.barrier()
         return final
 
-    def _warn_about_config_changes(self):
-        """--resume with a config that differs from the run's saved one: say what changed (a longer last
-        stage may be meant; another batch size or data changes what the remaining steps see)."""
+    def _remove_earlier_run(self):
+        """--overwrite: the earlier run's files only (the folder may hold the user's own)."""
+        for name in RUN_FILES:
+            path = self.out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    def _warn_about_config_changes(self, first_stage: int):
+        """--resume with a config that differs from the run's saved one: say what changed (a longer stage may be
+        meant; another batch size or data changes what the remaining steps see), and which changes concern
+        stages the run has finished (those are not trained again)."""
         saved_file = self.out / "train_config.json"
         if not saved_file.is_file():
             return
@@ -257,10 +281,22 @@ class Trainer:
         current = json.loads(json.dumps(self.config.to_dict()))  # the same JSON types as the saved one
         saved.pop("base_dir", None), current.pop("base_dir", None)
         changes = config_changes(saved, current)
-        if changes:
-            shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
-            warnings.warn(f"--resume with a config that differs from the run's ({saved_file}): {shown}. The run "
-                          f"goes on with the new one from its checkpoint", TrainingWarning, stacklevel=2)
+        finished = tuple(f"stages[{i}]" for i in range(first_stage))
+        done = [c for c in changes if c.startswith(tuple(f"{prefix}." for prefix in finished))]
+        taken = [c for c in changes if c not in done]
+
+        def shown(items):
+            return "; ".join(items[:8]) + (f"; and {len(items) - 8} more" if len(items) > 8 else "")
+
+        if taken:
+            warnings.warn(f"--resume with a config that differs from the run's ({saved_file}): {shown(taken)}. The "
+                          f"run goes on with the new one from its checkpoint", TrainingWarning, stacklevel=2)
+        if done:
+            names = ", ".join(repr(s.name) for s in self.config.stages[:first_stage])
+            warnings.warn(f"--resume: these changes concern stages the run has finished ({names}) and change "
+                          f"nothing: {shown(done)}. A finished stage is not trained again (its optimizer state "
+                          f"is not kept); to train longer, add a stage (it starts from the model the run has)",
+                          TrainingWarning, stacklevel=2)
 
     def stopped(self, stage: StageConfig, progress: StageProgress) -> TrainingStopped:
         """The exception that ends a run stopped by a signal, after its checkpoint."""
@@ -291,16 +327,13 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_multiplier(s, total, stage.warmup_steps, stage.min_lr_ratio))
         if resuming:
-            state = self.resume_state
-            fdist.load_full_state(model, optimizer, _model_state_from_folder(state["folder"] / "model"),
-                                  state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"])
+            self._resume_stage(stage, optimizer, scheduler, len(dataset))
         # one global batch per optimizer step: the data position follows from the step count
+        _check_enough_samples(stage, len(dataset))
         sampler = StageBatches(len(dataset), stage.batch_size, ctx, self.config.seed, index)
         sampler.epoch, sampler.batch = divmod(progress.step, sampler.batches_per_epoch)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=self.config.num_workers,
-                            collate_fn=_uncollated)
+                            collate_fn=_uncollated, worker_init_fn=ignore_stop_signals)
         batches = iter(loader)
         decoder_trains = stage.rate("decoder") > 0
         bar = None
@@ -317,10 +350,12 @@ class Trainer:
             skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped"] else 0
             if stats["skipped"]:
                 window["skipped_steps"] += 1
-                self.skipped_step(stage, progress, samples, skipped_in_a_row)
+                self.skipped_step(stage, progress, samples, skipped_in_a_row, stats["skipped"])
                 loss_sum = 0.0  # not averaged into the logged loss
                 tokens = 0
-            scheduler.step()
+            with warnings.catch_warnings():  # torch's "scheduler before optimizer" when the first step was skipped
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                scheduler.step()
             if decoder_trains:
                 model.decoder.update_expert_bias()
             progress.step += 1
@@ -343,7 +378,8 @@ class Trainer:
             every = self.config.checkpoint_every
             stop = progress.step < total and self.stop_signals.agreed(self.ctx)  # SIGTERM / Ctrl-C: keep this step
             if stop or (every and progress.step % every == 0 and progress.step < total):
-                self.save_checkpoint(optimizer, scheduler, progress, divmod(progress.step, sampler.batches_per_epoch))
+                self.save_checkpoint(optimizer, scheduler, progress, divmod(progress.step, sampler.batches_per_epoch),
+                                     stage_samples=len(dataset))
             if stop:
                 raise self.stopped(stage, progress)
         if bar is not None:
@@ -353,6 +389,43 @@ class Trainer:
         self.save_model(self.out / "stages" / stage.name)
         self.save_checkpoint(None, None, StageProgress(index + 1, 0, progress.global_step), (0, 0))
         return progress
+
+    def _resume_stage(self, stage: StageConfig, optimizer, scheduler, samples: int):
+        """Load the checkpoint's model, optimizer, schedule and RNG states into the stage it stopped in. The
+        config's learning rates and weight decay are the ones that go on (the same as the checkpoint's unless
+        the config was edited since); a change of which parts train cannot continue the optimizer's state."""
+        state = self.resume_state
+        configured = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
+        fdist.load_full_state(self.model, optimizer, _model_state_from_folder(state["folder"] / "model"),
+                              state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scheduler.base_lrs = [rate for rate, _ in configured]
+        for group, (rate, decay), multiplier in zip(optimizer.param_groups, configured, scheduler.lr_lambdas):
+            group["initial_lr"], group["weight_decay"] = rate, decay
+            group["lr"] = rate * multiplier(scheduler.last_epoch)  # as the schedule sets it at each step
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        _set_rng_state(state["rng"])
+        saved_samples = state.get("stage_samples")
+        if saved_samples is not None and saved_samples != samples and self.ctx.is_main:
+            warnings.warn(f"stage {stage.name!r}: --resume with {samples} samples in the stage's data, where the "
+                          f"checkpoint's run had {saved_samples}: the rest of this epoch is drawn in a new order "
+                          f"(some samples of it seen twice, some not at all)", TrainingWarning, stacklevel=2)
+
+    def _check_resumable(self, progress: StageProgress):
+        """--resume in the middle of a stage whose lr now trains other parts: the optimizer's state (one entry
+        per trained parameter) cannot go on; said before anything of the run is touched."""
+        state = self.resume_state
+        if state is None or progress.step == 0 or state.get("optimizer") is None:
+            return
+        stage = self.config.stages[progress.stage_index]
+        saved = sorted({str(g.get("part")) for g in state["optimizer"]["param_groups"]})
+        parts = sorted(name for name, part in self.model.parts().items()
+                       if stage.rate(name) > 0 and any(True for _ in part.parameters()))
+        if saved != parts:
+            raise ConfigError(f"stage {stage.name!r}: --resume from {state['folder']}, where the stage trained "
+                              f"{', '.join(saved)}, but its lr now trains {', '.join(parts)}; the optimizer's "
+                              f"state cannot go on with other parts: put the stage's lr back, or end the stage "
+                              f"there (steps) and add one after it (it starts from the run's model)")
 
     def optimizer_step(self, wrapped, samples, stage: StageConfig, optimizer):
         """One optimizer step over this process's share of a global batch (split into micro-batches)."""
@@ -407,20 +480,35 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(trainable, stage.clip_grad_norm or float("inf"))
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
         finite = math.isfinite(loss_sum) and math.isfinite(norm)  # the same on every process
-        if finite:  # else skip: one bad batch (a NaN or inf) must not poison the weights and every later step
+        # skipped: one bad batch (a NaN or inf) must not poison the weights and every later step; and a batch
+        # with nothing to learn (every sample unreadable) must not move them (weight decay, Adam's momentum)
+        skipped = None if counts[0] > 0 and finite else "not finite" if not finite else "nothing to learn"
+        if skipped is None:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss_sum, global_tokens, {"skipped": not finite, "samples": int(counts[1]), "dropped": int(counts[2]),
+        return loss_sum, global_tokens, {"skipped": skipped, "samples": int(counts[1]), "dropped": int(counts[2]),
                                          "input_tokens": int(counts[3]), "padded_tokens": int(counts[4]),
                                          "load": ctx.all_reduce_sum(load) if load is not None else None}
 
-    def skipped_step(self, stage: StageConfig, progress: StageProgress, samples, in_a_row: int):
-        """Warn about an optimizer step skipped for a non-finite loss or gradients; stop the run when
-        `max_skipped_steps` came in a row (the weights, and so every checkpoint, stay finite)."""
+    def skipped_step(self, stage: StageConfig, progress: StageProgress, samples, in_a_row: int,
+                     reason: str = "not finite"):
+        """Warn about an optimizer step skipped for a non-finite loss or gradients, or for a batch with nothing
+        to learn (none of its samples readable); stop the run when `max_skipped_steps` came in a row (the
+        weights, and so every checkpoint, stay finite and untouched by empty batches)."""
         step = progress.step + 1
         ids = [getattr(s, "sample_id", None) for s in samples if s is not None][:4]
         where = f"stage {stage.name!r}, step {step}"
         limit = self.config.max_skipped_steps
+        if reason == "nothing to learn":
+            if in_a_row >= limit:
+                raise TrainingError(f"{where}: no sample of the last {in_a_row} batches could be read (each step "
+                                    f"skipped, the weights untouched); the warnings above name the samples and "
+                                    f"why: check the stage's data files and their media paths (root:)")
+            if self.ctx.is_main:
+                warnings.warn(f"{where}: none of the batch's {len(samples)} samples could be read (or none has an "
+                              f"answer to learn); the optimizer step was skipped; {in_a_row} in a row, the run "
+                              f"stops at {limit}", TrainingWarning, stacklevel=2)
+            return
         if in_a_row >= limit:
             raise TrainingError(f"{where}: the loss or the gradients were not finite for {in_a_row} optimizer steps "
                                 f"in a row (each one skipped, the weights untouched); lower the stage's learning "
@@ -497,13 +585,16 @@ class Trainer:
         world_dir = config.path(world["out_dir"]) if world else None
         pending = world_dir if world_dir is not None and not (world_dir / "world.json").exists() else None
         if world_dir is not None:
+            _, _, differ = self._shapes_world_settings()  # the run's own check of a world already there
+            extras = " (its train_extra.jsonl rewritten for the new settings by the run)" if differ else ""
             lines.append(f"data: the shapes world in {world_dir.resolve()} "
-                         f"({'generated by the first run' if pending else 'generated already'})")
+                         f"({'generated by the first run' if pending else 'generated already'}){extras}")
         progress = self._starting_progress()
         self._check_files(progress.stage_index, not_yet_written=pending)
         # a model built from scratch may train its tokenizer on files of the world still to be generated
         if state is not None or pending is None or config.model.get("init_from"):
             self.model = self._starting_model()
+            self._check_resumable(progress)
         if self.model is None:
             lines.append("model: built from scratch once the shapes world exists")
         else:
@@ -524,6 +615,7 @@ class Trainer:
             else:
                 self._check_eval_data(stage)
                 samples = len(load_stage_data(config, stage, self.model))  # (the processor does not change counts)
+                _check_enough_samples(stage, samples)
                 steps = stage.total_steps(samples)
                 plan = (f"{steps} steps of {stage.batch_size} samples = "
                         f"{steps * stage.batch_size / max(samples, 1):.2f} epochs of its {samples}")
@@ -562,6 +654,9 @@ class Trainer:
                 if missing(path):
                     raise ConfigError(f"{where}: data file {str(path)!r} does not exist (relative paths are read "
                                       f"from the config file's folder, {str(config.base_dir)!r})")
+            records = [_records_in(config.path(s.path)) for s in stage.data if not missing(config.path(s.path))]
+            if None not in records and len(records) == len(stage.data):  # a bound: grouping, filters only lower it
+                _check_enough_samples(stage, sum(n * s.repeat for n, s in zip(records, stage.data)))
             for root in [config.path(s.root) for s in stage.data] + [config.path(stage.eval.root)]:
                 if root is not None and not root.is_dir():
                     raise ConfigError(f"{where}: media root {str(root)!r} is not a folder (relative paths are read "
@@ -636,7 +731,8 @@ class Trainer:
                                       f"{_intact_checkpoint(self.out / 'checkpoints')}") from err
         self.ctx.barrier()
 
-    def save_checkpoint(self, optimizer, scheduler, progress: StageProgress, data_position: tuple[int, int]):
+    def save_checkpoint(self, optimizer, scheduler, progress: StageProgress, data_position: tuple[int, int],
+                        stage_samples: int | None = None):
         """A resumable checkpoint: folder `checkpoints/step-{global_step}` then `latest.json` (both atomic)."""
         model_state = fdist.full_model_state(self.model)
         optimizer_state = fdist.full_optimizer_state(self.model, optimizer) if optimizer is not None else None
@@ -651,6 +747,7 @@ class Trainer:
                 torch.save({"progress": vars(progress), "optimizer": optimizer_state,
                             "scheduler": scheduler.state_dict() if scheduler is not None else None,
                             "data_position": data_position,  # (epoch, batch) of the stage's next batch
+                            "stage_samples": stage_samples,  # how many samples that position counts in
                             "wall_seconds": self.total_wall_seconds(),
                             "rng": _rng_state()}, tmp / TRAINER_STATE)
             write_json(root / "latest.json", {"folder": name, "step": progress.global_step})
@@ -675,6 +772,31 @@ class Trainer:
         write_json(self.out / "eval.json", results)
         if self.progress:
             print("final evaluation:", {k: round(v, 4) for k, v in _accuracies(results).items()}, flush=True)
+
+
+def _check_enough_samples(stage: StageConfig, samples: int):
+    """A stage needs at least one full batch of samples (an epoch's last partial batch is dropped)."""
+    if samples < stage.batch_size:
+        raise DatasetError(f"stage {stage.name!r}: its data has {samples} samples, fewer than one batch of "
+                           f"{stage.batch_size}; give it more data or a smaller batch_size (a run stopped here "
+                           f"continues from its last checkpoint with --resume)")
+
+
+def _records_in(path: Path | None) -> int | None:
+    """How many records a dataset file holds, without reading them as samples (at least its sample count):
+    the non-blank lines of a JSONL file, the entries of a JSON list; None where that cannot be told."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        if path.suffix == ".jsonl":
+            with open(path, "rb") as f:
+                return sum(1 for line in f if line.strip())
+        if path.suffix == ".json" and path.stat().st_size < 64 << 20:  # (a larger one is counted by --check)
+            records = json.loads(path.read_bytes())
+            return len(records) if isinstance(records, list) else None
+    except (OSError, ValueError):  # the stage's own reading says what is wrong with it
+        return None
+    return None
 
 
 def _intact_checkpoint(root: Path) -> str:

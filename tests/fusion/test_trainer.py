@@ -114,6 +114,8 @@ def test_a_generated_world_with_other_settings_is_refused_not_reused(world, tmp_
     trainer(**settings).prepare_data()  # the same settings: reused as it is
     with pytest.raises(ConfigError, match=r"other settings.*'train_jitter': \(0.0, 0.5\).*delete that folder"):
         trainer(**{**settings, "train_jitter": 0.5}).prepare_data()
+    with pytest.raises(ConfigError, match=r"other settings.*'train_jitter'"):  # --check says what the run would
+        trainer(**{**settings, "train_jitter": 0.5}).check()
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -259,6 +261,56 @@ def test_a_new_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_only_it
     assert not (out / "checkpoints" / "stale-step-9").exists()
     with pytest.raises(ConfigError, match="exclude each other"):
         train(config, progress=False, resume=True, overwrite=True)
+
+
+def test_overwrite_with_a_config_mistake_leaves_the_earlier_run_as_it_was(world, tmp_path):
+    """--overwrite deletes the earlier run only once the new config passed its checks: a typo in it (a data
+    file, an init_from folder) is refused and the earlier run is still there."""
+    from fusion.errors import ConfigError
+
+    stages = [{"name": "s", "data": str(world / "text.jsonl"), "steps": 2, "batch_size": 4, "lr": {"decoder": 1e-3}}]
+    out = tmp_path / "run"
+    train(fusion.trainer.TrainConfig.from_dict(base_config(world, out, stages, checkpoint_every=1)), progress=False)
+    before = sorted(p.name for p in out.iterdir())
+    first = losses(out)
+    for mistake in [{"data": str(world / "txet.jsonl")}, {"init_from": str(tmp_path / "no-such-model")}]:
+        config = fusion.trainer.TrainConfig.from_dict(base_config(world, out, [{**stages[0], **mistake}]))
+        with pytest.raises(ConfigError, match="does not exist|init_from"):
+            train(config, progress=False, overwrite=True)
+        assert sorted(p.name for p in out.iterdir()) == before and losses(out) == first
+
+
+def test_a_batch_with_no_readable_sample_is_skipped_and_moves_no_weight(world, tmp_path):
+    """A stage whose samples cannot be read (a wrong media root, a missing folder) must not "train": such a
+    step is skipped (no weight decay, no Adam update), logged without a loss, and enough of them in a row
+    stop the run with a message pointing at the data."""
+    from fusion.errors import TrainingError
+    from fusion.trainer import TrainingWarning
+
+    no_media = tmp_path / "no_media"
+    no_media.mkdir()
+    shutil.copy(world / "train.jsonl", no_media / "train.jsonl")  # its images/ and videos/ are not there
+    stages = [{"name": "text", "data": str(world / "text.jsonl"), "steps": 1, "batch_size": 4,
+               "lr": {"decoder": 1e-3}},
+              {"name": "media", "data": str(no_media / "train.jsonl"), "steps": 3, "batch_size": 4,
+               "weight_decay": 0.1, "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3}}]
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DatasetWarning)
+        with pytest.warns(TrainingWarning, match=r"stage 'media', step 1: none of the batch's 4 samples could be "
+                                                 r"read .*the optimizer step was skipped"):
+            final = train(fusion.trainer.TrainConfig.from_dict(base_config(world, out, stages)), progress=False)
+    before, after = load_file(out / "stages" / "text" / "model.safetensors"), load_file(final / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weight decay would have moved them
+    media = [e for e in read_metrics(out / "metrics.jsonl") if e.get("stage") == "media" and e["kind"] == "train"]
+    assert [(e["loss"], e["skipped_steps"], e["skipped_samples"]) for e in media] == [(None, 1, 4)] * 3
+
+    config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "stops", stages, max_skipped_steps=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(TrainingError, match=r"stage 'media', step 2: no sample of the last 2 batches could be "
+                                                 r"read .*media paths"):
+            train(config, progress=False)
 
 
 def test_a_step_with_a_non_finite_loss_is_skipped_and_the_run_goes_on(world, tmp_path, monkeypatch):
@@ -416,6 +468,150 @@ def test_ctrl_c_in_python_stops_after_the_step_with_a_checkpoint(world, tmp_path
     assert [s for s, _ in losses(tmp_path / "run")] == list(range(1, 8)) and (final / "model.safetensors").exists()
 
 
+def test_resume_goes_on_with_an_edited_learning_rate_and_refuses_other_trained_parts(world, tmp_path, monkeypatch):
+    """--resume mid-stage after the stage's rates were edited: the warning says the run goes on with the new
+    ones, and it does (the schedule of an uninterrupted run with the new rates); a changed set of trained
+    parts cannot continue the optimizer's state and is named; a data file whose sample count changed is
+    warned about (the rest of the epoch comes in a new order)."""
+    from fusion.errors import ConfigError
+    from fusion.trainer import TrainingWarning
+
+    data = tmp_path / "text.jsonl"
+    shutil.copy(world / "text.jsonl", data)
+    stage = {"name": "s", "data": str(data), "steps": 4, "batch_size": 4, "warmup_steps": 1,
+             "lr": {"decoder": 1e-3}}
+    faster = {**stage, "lr": {"decoder": 5e-2}}
+    train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "ref", [faster])), progress=False)
+    ctrl_c_at_step(monkeypatch, 2)
+    with pytest.raises(fusion.errors.TrainingStopped):
+        train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", [stage])), progress=False)
+    monkeypatch.undo()
+
+    more_parts = {**stage, "lr": {"decoder": 1e-3, "adapter": 1e-3}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        with pytest.raises(ConfigError, match=r"stage 's': --resume from .* trained decoder, but its lr now trains "
+                                              r"adapter, decoder"):
+            train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", [more_parts])),
+                  resume=True, progress=False)
+
+    with data.open("a") as f:  # the file grew since the checkpoint
+        f.write((world / "text.jsonl").read_text().splitlines()[0] + "\n")
+    with pytest.warns(TrainingWarning) as caught:
+        train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", [faster])), resume=True,
+              progress=False)
+    messages = [str(w.message) for w in caught]
+    assert any("lr.decoder: 0.001 -> 0.05. The run goes on with the new one" in m for m in messages)
+    assert any("--resume with 201 samples in the stage's data, where the checkpoint's run had 200" in m
+               for m in messages)
+
+    def rates(out):
+        return [e["lr"]["decoder"] for e in read_metrics(out / "metrics.jsonl") if e["kind"] == "train"]
+
+    resumed, reference = rates(tmp_path / "run"), rates(tmp_path / "ref")
+    assert resumed[:2] == [1e-3 * r / 5e-2 for r in reference[:2]] and resumed[2:] == reference[2:]
+
+
+def test_resume_of_a_finished_run_says_a_longer_finished_stage_is_not_trained_again(world, tmp_path):
+    """A finished run resumed with a longer stage: nothing is silently left out of the warning (a finished
+    stage keeps no optimizer state and is not trained again, and the warning says how to train more), and
+    a run whose checkpoints were deleted is not silently trained again from scratch over its final model."""
+    from fusion.errors import ConfigError
+    from fusion.trainer import TrainingWarning
+
+    stage = {"name": "s", "data": str(world / "text.jsonl"), "steps": 2, "batch_size": 4, "lr": {"decoder": 1e-3}}
+    out = tmp_path / "run"
+    train(fusion.trainer.TrainConfig.from_dict(base_config(world, out, [stage])), progress=False)
+    longer = fusion.trainer.TrainConfig.from_dict(base_config(world, out, [{**stage, "steps": 5}]))
+    with pytest.warns(TrainingWarning, match=r"concern stages the run has finished \('s'\) and change nothing: "
+                                             r"stages\[0\]\.steps: 2 -> 5\. A finished stage is not trained again"):
+        train(longer, resume=True, progress=False)
+    assert [s for s, _ in losses(out)] == [1, 2]
+    more = fusion.trainer.TrainConfig.from_dict(base_config(world, out, [stage, {**stage, "name": "more"}]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        train(more, resume=True, progress=False)  # a stage added after the finished ones trains
+    assert [(e["stage"], e["step"]) for e in read_metrics(out / "metrics.jsonl") if e["kind"] == "train"] == [
+        ("s", 1), ("s", 2), ("more", 3), ("more", 4)]
+
+    shutil.rmtree(out / "checkpoints")
+    with pytest.raises(ConfigError, match=r"holds a finished run \(its final model\) but no checkpoint.*--overwrite"):
+        train(more, resume=True, progress=False)
+    assert (out / "final" / "model.safetensors").exists() and len(losses(out)) == 4
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_stops_with_a_checkpoint(world, tmp_path):
+    """A scheduler preempting a job signals its whole process group, DataLoader workers included: the
+    workers leave the signal to the main process, which stops after its step with a checkpoint (exit 143)
+    instead of crashing on a killed worker and losing the steps since the last checkpoint."""
+    stages = [{"name": "s", "data": str(world / "train.jsonl"), "steps": 200, "batch_size": 4,
+               "lr": {"vision": 1e-3, "adapter": 1e-3}}]
+    config = write_config(tmp_path / "run.yaml", base_config(world, tmp_path / "run", stages, num_workers=2,
+                                                             threads=1))
+    proc = _run_cli(["train", str(config), "--no-progress"], start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(losses(tmp_path / "run")) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output = proc.communicate(timeout=240)[0].decode()
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "Traceback" not in output and output.count("SIGTERM: stopping after this step") == 1, output
+    latest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == len(losses(tmp_path / "run")) >= 2
+
+
+def test_a_later_stage_with_fewer_samples_than_one_batch_fails_before_training(world, tmp_path):
+    """A stage whose data cannot fill one batch fails when the run starts (or in --check), naming the stage,
+    not after the stages before it have trained."""
+    from fusion.errors import DatasetError
+
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join((world / "text.jsonl").read_text().splitlines(keepends=True)[:3]))
+    first = {"name": "one", "data": str(world / "text.jsonl"), "steps": 2, "batch_size": 4, "lr": {"decoder": 1e-3}}
+    config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", [
+        first, {**first, "name": "two", "data": str(small)}]))
+    with pytest.raises(DatasetError, match=r"stage 'two': its data has 3 samples, fewer than one batch of 4"):
+        train(config, progress=False)
+    assert not (tmp_path / "run" / "stages").exists()
+    # grouped by image, a file of many lines may still hold fewer samples than a batch: --check counts them
+    grouped = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", [
+        first, {"name": "two", "data": str(world / "train.jsonl"), "group_by_media": True, "steps": 2,
+                "batch_size": 40, "lr": {"vision": 1e-3, "adapter": 1e-3}}]))
+    with pytest.raises(DatasetError, match=r"stage 'two': its data has \d+ samples, fewer than one batch of 40"):
+        fusion.trainer.check(grouped)
+    # the bound at the start counts a LLaVA JSON file's entries, and a file's repeats
+    llava = tmp_path / "llava.json"
+    llava.write_text(json.dumps([{"image": "images/x.png", "conversations": [
+        {"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "hello"}]}]))
+    config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", [
+        first, {**first, "name": "two", "data": str(llava)}]))
+    with pytest.raises(DatasetError, match=r"stage 'two': its data has 1 samples, fewer than one batch of 4"):
+        train(config, progress=False)
+    repeated = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", [
+        first, {**first, "name": "two", "data": [{"path": str(small), "repeat": 2}]}]))
+    assert "stage 'two': 2 steps of 4 samples = 1.33 epochs of its 6" in fusion.trainer.check(repeated)
+
+
+def test_the_plot_and_the_metrics_log_never_end_a_run(tmp_path, monkeypatch):
+    """A log whose every loss is missing (every step skipped) still plots; a log line that cannot be written
+    (a full disk) is a warning, the run goes on."""
+    import errno
+
+    from fusion.run_log import MetricsLog, plot_metrics
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write(kind="train", stage="s", step=1, loss=None)
+    log.write(kind="train", stage="s", step=2, loss=None)
+    assert plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "metrics.png").stat().st_size > 0
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", disk_full)
+    with pytest.warns(RuntimeWarning, match=r"could not append to the metrics log .*No space left.*goes on"):
+        log.write(kind="train", stage="s", step=3, loss=1.0)
+
+
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_leaves_the_last_one_intact(world, tmp_path,
                                                                                          monkeypatch):
     """A full disk while a checkpoint is written: the run stops with a message naming the intact checkpoint,
@@ -524,6 +720,7 @@ def train_one_and_two_processes(one, two, inductor_cache=None, timeout=300):
         output, _ = torchrun.communicate()
         pytest.fail(f"the 2-process run did not end in {timeout} s:\n{output[-3000:]}")
     assert torchrun.returncode == 0, output[-6000:]
+    assert output.count("final model: ") == 1, output[-3000:]  # said once, not by every process
 
 
 needs_cpu_compiler = pytest.mark.skipif(fusion.compilation.cpu_compiler() is None,
