@@ -14,6 +14,7 @@ import argparse
 import json
 import platform
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +48,61 @@ def load_run(run_dir: Path) -> dict:
     world = json.loads((data_dir / "world.json").read_text())
     return {"config": config, "summary": json.loads((run_dir / "run_summary.json").read_text()), "world": world,
             "data_dir": data_dir}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _scenes(samples: list[dict], media: str) -> dict[str, list[dict]]:
+    """{image or video path: its recorded objects} over the samples that show one."""
+    return {s[media][0]: s["meta"]["objects"] for s in samples if s.get(media) and "objects" in s.get("meta", {})}
+
+
+def training_overlap(data_dir: Path) -> dict:
+    """How close the test split's media come to the training media (`train.jsonl` and `train_extra.jsonl`).
+
+    `same_images` / `same_videos`: test images / clips whose recorded objects equal a training one's (the
+    objects decide every pixel, so these would be the same picture). `same_layout`: test images with exactly
+    the shapes, colours and cells of some training image (the set of (shape, colour, row, column)), drawn a
+    little differently (sizes and offsets in the cells).
+    """
+    train = _read_jsonl(data_dir / "train.jsonl")
+    if (data_dir / "train_extra.jsonl").exists():
+        train += _read_jsonl(data_dir / "train_extra.jsonl")
+    test = _read_jsonl(data_dir / "test.jsonl")
+
+    def exact(objects):
+        return json.dumps(objects, sort_keys=True)
+
+    def layout(objects):
+        return frozenset((o["shape"], o["color"], o["row"], o["col"]) for o in objects)
+
+    train_images, test_images = _scenes(train, "images"), _scenes(test, "images")
+    train_videos, test_videos = _scenes(train, "videos"), _scenes(test, "videos")
+    seen_images = {exact(o) for o in train_images.values()}
+    seen_layouts = {layout(o) for o in train_images.values()}
+    seen_videos = {exact(o) for o in train_videos.values()}
+    return {"train_images": len(train_images), "test_images": len(test_images), "test_videos": len(test_videos),
+            "same_images": sum(exact(o) in seen_images for o in test_images.values()),
+            "same_videos": sum(exact(o) in seen_videos for o in test_videos.values()),
+            "same_layout": sum(layout(o) in seen_layouts for o in test_images.values())}
+
+
+def overlap_note(overlap: dict) -> str:
+    """What the card says about the test media and the training media (`training_overlap`)."""
+    if overlap["same_images"] or overlap["same_videos"]:
+        exact = (f"{overlap['same_images']} of the {overlap['test_images']} test images and "
+                 f"{overlap['same_videos']} of the {overlap['test_videos']} test clips are drawn exactly as a "
+                 f"training one is")
+    else:
+        exact = "No test image or clip is drawn exactly as a training one is"
+    note = (f"{exact}, but the world is small: {overlap['same_layout']} of the {overlap['test_images']} test "
+            f"images show the same shapes and colours in the same cells as one of the {overlap['train_images']} "
+            f"training images (sizes and offsets in the cells differ a little), so the image figures are partly "
+            f"on layouts seen in training.")
+    return textwrap.fill(note, width=110)
 
 
 def percent(value: float) -> str:
@@ -125,6 +181,7 @@ def model_card(run: dict, results: dict, model: FusionModel, dtype: torch.dtype,
                   "captions")
     clip_captions = (", and one caption per training clip (its events in order)"
                      if wcfg.get("train_video_captions") else "")
+    overlap = overlap_note(training_overlap(run["data_dir"]))
     return f"""# fusion default model: `shapes-tiny`
 
 The model that `fusion.pipeline(task)` loads when no `model=` is given. It is a tiny early-fusion
@@ -161,11 +218,13 @@ use adds about 45 s):
 **{minutes:.1f} minutes** on {summary['device']} with {summary['threads']} threads{computed}{resumed}, torch {summary['torch']}.
 
 ## Evaluation
-Held-out test split of the same world ({counts['test']['images']} images, {counts['test']['videos']} videos, never
-seen in training), greedy decoding, normalised exact match; these are the shipped {str(dtype).removeprefix('torch.')}
-weights as evaluated by `fusion eval`:
+Held-out test split of the same world ({counts['test']['images']} images, {counts['test']['videos']} videos), greedy
+decoding, normalised exact match; these are the shipped {str(dtype).removeprefix('torch.')} weights as evaluated by
+`fusion eval`:
 
 {results_table(results)}
+
+{overlap}
 
 ## Limits
 - It has only ever seen the shapes world: {len(wcfg['shapes'])} shapes, {len(wcfg['colors'])} colours, a black

@@ -13,9 +13,14 @@ questions and caption, whose shapes sit anywhere in their cells (as `train_jitte
 shapes for the stages that see that file only, while the other stages keep the centred ones.
 `train_video_captions` gives each training video a caption sample too (its events in order, naming each
 shape), so that the encoder sees many more shapes named where they sit off the grid.
-Videos show 1 or 2 shapes that move, appear or disappear; their questions can only be answered by
-looking at the frames in order. A text-only corpus renders the same world as plain chat for training a
-language trunk from nothing.
+Videos show 1 or 2 shapes that move, appear or disappear. Only direction questions ("Which way does the
+red circle move?") strictly need the frames in order. "appeared", "disappeared" and "first" questions are
+asked about clips whose events happen mid-clip (at least 2 frames before and after each), but many of them
+can be answered from which frames show which object, without their order: in more than half of the appeared
+and disappeared questions only one object ever changes visibility, and a "first" question names each
+object's event, so a frame where one event has happened and the other not yet (e.g. of two appearing
+objects, the one shown alone; by counting, the one shown in more frames) answers it. A text-only corpus
+renders the same world as plain chat for training a language trunk from nothing.
 
 Layout written by `generate_shapes_world(out_dir, config)`::
 
@@ -103,6 +108,20 @@ VIDEO_CAPTION_PROMPT = "Describe the video."
 TEXT_CAPTION_PROMPT = "Describe a scene with shapes."
 
 
+# A model samples this many frames from a clip by default (`fusion.processor.VideoSettings.num_frames`);
+# clips of at most twice as many frames keep every event between two sampled frames (see `video_frames`).
+MODEL_SAMPLED_FRAMES = 8
+MAX_VIDEO_FRAMES = 2 * MODEL_SAMPLED_FRAMES
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 @dataclass
 class ShapesWorldConfig:
     """Everything that decides a shapes-world dataset. Same config (seed included) → same bytes.
@@ -138,19 +157,19 @@ class ShapesWorldConfig:
     test_videos: int = 200
     questions_per_video: int = 2
     video_size: int = 64
-    video_frames: int = 8
-    video_fps: float = 4.0
-    video_crf: int = 12                # low, so the colours survive compression
+    video_frames: int = 8              # 6..16 (events need frames around them; a model samples 8 by default)
+    video_fps: float = 4.0             # > 0
+    video_crf: int = 12                # 0..51, low, so the colours survive compression
     text_samples: int = 10000
     focus: tuple[str, ...] = ()
     background: tuple[int, int, int] = (0, 0, 0)
-    supersample: int = 4               # antialiasing: draw this many times larger, then box-downsample
+    supersample: int = 4               # antialiasing: draw this many times larger, then box-downsample (>= 1)
     train_jitter: float = 0.0          # train images only: 0..1, how far from its cell's centre a shape may sit
     train_extra_questions: dict[str, int] = dataclasses.field(default_factory=dict)  # train images only, see above
     train_extra_balanced: bool | list[str] = False  # extra questions keep answers even: all types or those named
     train_extra_offgrid_images: int = 0  # more training images, shapes anywhere in their cells, see above
     train_video_captions: bool = False  # train videos only: also a caption sample ("Describe the video.")
-    seed: int = 0
+    seed: int = 0                      # >= 0
 
     def __post_init__(self):
         self.shapes = tuple(self.shapes)
@@ -201,6 +220,26 @@ class ShapesWorldConfig:
         if self.video_frames < 6:
             raise ValueError(f"ShapesWorldConfig: video_frames must be at least 6 (events need frames before "
                              f"and after them), got {self.video_frames}")
+        if self.video_frames > MAX_VIDEO_FRAMES:
+            raise ValueError(f"ShapesWorldConfig: video_frames must be at most {MAX_VIDEO_FRAMES}, twice the "
+                             f"{MODEL_SAMPLED_FRAMES} frames a model samples from a clip by default: in a longer "
+                             f"clip two events can fall between the same two sampled frames, so their order "
+                             f"(the answer to a \"first\" question) is not visible to the model; got "
+                             f"{self.video_frames}")
+        if not _is_number(self.video_fps) or not math.isfinite(self.video_fps) or self.video_fps < 0.001:
+            raise ValueError(f"ShapesWorldConfig: video_fps must be a number > 0 (at least 0.001: an mp4 stores "
+                             f"its frame rate as a fraction whose denominator is at most 1000), "
+                             f"got {self.video_fps!r}")
+        if not _is_int(self.video_crf) or not 0 <= self.video_crf <= 51:
+            raise ValueError(f"ShapesWorldConfig: video_crf must be an integer in 0..51 (the x264 quality scale, "
+                             f"lower is closer to lossless), got {self.video_crf!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"ShapesWorldConfig: seed must be an integer >= 0, got {self.seed!r}")
+        if not _is_int(self.supersample) or self.supersample < 1:
+            raise ValueError(f"ShapesWorldConfig: supersample must be an integer >= 1, got {self.supersample!r}")
+        if len(self.background) != 3 or not all(0 <= v <= 255 for v in self.background):
+            raise ValueError(f"ShapesWorldConfig: background must be three values in 0..255 (red, green, blue), "
+                             f"got {self.background}")
         for name in ("train_images", "val_images", "test_images", "train_videos", "val_videos", "test_videos",
                      "text_samples", "questions_per_image", "questions_per_video", "train_extra_offgrid_images"):
             if getattr(self, name) < 0:
@@ -533,10 +572,13 @@ def image_question_types_for(index: int, config: ShapesWorldConfig) -> list[str]
 
 
 def choose_image_questions(objects, config, index, balancer, rng) -> list[Question]:
-    """The questions asked about image `index`: one of each of its `image_question_types_for` types."""
+    """The questions asked about image `index`: one of each of its `image_question_types_for` types, all
+    distinct (with `questions_per_image` > 6 a type comes back, and asks another of its questions; fewer
+    where the scene has no other)."""
     chosen: list[Question] = []
     for qtype in image_question_types_for(index, config):
-        candidates = image_questions(objects, config, qtype)
+        asked = {q.text for q in chosen}  # up to 6 questions have 6 types, so nothing is left out then
+        candidates = [q for q in image_questions(objects, config, qtype) if q.text not in asked]
         if candidates:  # e.g. no relation question with one shape
             chosen.append(balancer.pick(candidates, rng))
     return chosen
@@ -706,7 +748,13 @@ def sample_video(rng: np.random.Generator, config: ShapesWorldConfig, primary_ty
 
 
 def video_questions(video: dict) -> list[Question]:
-    """Every question the clip answers unambiguously, with its answer. Each needs the frames in order."""
+    """Every question the clip answers unambiguously, with its answer.
+
+    Direction questions need the frames in order. Appeared, disappeared and first questions are about
+    events mid-clip, but some can be answered from which frames show an object, without their order: an
+    appeared/disappeared clip where only one object changes visibility, and a "first" question (it names
+    each object's event; a frame where one has happened and the other not yet tells which came first).
+    """
     objects = video["objects"]
     out: list[Question] = []
     for o in objects:
@@ -739,7 +787,10 @@ def render_video(video: dict, config: ShapesWorldConfig) -> np.ndarray:
 
 
 def choose_video_questions(video: dict, primary: Question, config, balancer, rng) -> list[Question]:
-    """The primary question, then extra ones (other questions the same clip answers), balanced."""
+    """The primary question, then extra ones (other questions the same clip answers), balanced; none with
+    `questions_per_video` 0 (the clip is still drawn, so the other clips stay the same)."""
+    if config.questions_per_video < 1:
+        return []
     chosen = [primary]
     while len(chosen) < config.questions_per_video:
         asked = {q.text for q in chosen}
@@ -807,6 +858,8 @@ def text_corpus(config: ShapesWorldConfig) -> list[dict]:
     balancer = AnswerBalancer()
     samples = []
     image_index = video_index = 0
+    # the types a scene of this world can be asked about: a relation needs two shapes
+    qtypes = [t for t in IMAGE_QUESTION_TYPES if t != "relation" or config.max_shapes >= 2]
     for i in range(config.text_samples):
         kind = i % 5
         sample_id = f"text-{i:06d}"
@@ -816,10 +869,10 @@ def text_corpus(config: ShapesWorldConfig) -> list[dict]:
                 samples.append(chat_sample(sample_id, [], [], TEXT_CAPTION_PROMPT, caption_for(objects), "caption",
                                            "text"))
                 continue
-            qtype = IMAGE_QUESTION_TYPES[image_index % len(IMAGE_QUESTION_TYPES)]
+            qtype = qtypes[image_index % len(qtypes)]
             image_index += 1
             candidates = image_questions(objects, config, qtype)
-            while not candidates:  # a relation needs two shapes: draw another scene
+            while not candidates:  # a relation needs two shapes: draw another scene (max_shapes >= 2 here)
                 objects = sample_image_scene(rng, config)
                 candidates = image_questions(objects, config, qtype)
             caption = caption_for(objects)
@@ -1023,7 +1076,10 @@ def main(argv=None, prog: str = "python -m fusion.data.shapes_world") -> dict:
                              "e.g. relation=12")
     parser.add_argument("--train-extra-balanced", nargs="?", const=True, default=False, type=_names,
                         metavar="TYPE,...", help="extra questions keep each type's answers even (relation: half "
-                                                 "yes, half no); with types, only those types' answers")
+                                                 "yes, half no); with types, only those types' answers. Without "
+                                                 "types, put OUT_DIR before this option (it would take OUT_DIR "
+                                                 "as its types): %(prog)s OUT_DIR "
+                                                 "--train-extra-balanced")
     parser.add_argument("--train-extra-offgrid-images", type=int, default=0, metavar="N",
                         help="N more training images in train_extra.jsonl, shapes anywhere in their cells")
     parser.add_argument("--no-captions", action="store_true", help="no caption sample per image")

@@ -1,10 +1,15 @@
 """The shapes world generator: deterministic, disjoint splits, correct and balanced answers, pixels and
 frames that agree with the recorded scenes."""
+import dataclasses
 import hashlib
+import importlib.util
 import json
 import re
 import shutil
+import subprocess
+import sys
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -673,3 +678,219 @@ def test_train_extra_offgrid_images_add_jittered_training_images_to_the_extra_fi
                     "--train-videos", "0", "--val-videos", "0", "--test-videos", "0", "--text-samples", "0",
                     "--train-extra-offgrid-images", "3"])
     assert len(list((tmp_path / "cli" / "images" / "train_extra").iterdir())) == 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# Review fixes: settings that hung, repeated questions, unvalidated settings, honest documentation.
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_one_shape_worlds_finish_and_ask_no_relation_question(tmp_path):
+    """max_shapes=1 has no relation question: the text corpus used to draw scenes for one forever."""
+    out = tmp_path / "one_shape"
+    code = ("import sys; from fusion.data import shapes_world as sw; "
+            "sw.generate_shapes_world(sys.argv[1], sw.ShapesWorldConfig(max_shapes=1, seed=1, train_images=12, "
+            "val_images=2, test_images=2, train_videos=4, val_videos=0, test_videos=0, text_samples=60))")
+    try:
+        subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, check=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("generating a max_shapes=1 world did not finish in 120 s")
+    text = read_jsonl(out / "text.jsonl")
+    assert len(text) == 60
+    scene_types = Counter(s["type"] for s in text if "\n" in s["conversations"][0]["content"]
+                          and s["type"] in sw.IMAGE_QUESTION_TYPES)
+    assert set(scene_types) == set(sw.IMAGE_QUESTION_TYPES) - {"relation"}  # the other types in turn
+    for s in text:
+        if s["type"] in sw.IMAGE_QUESTION_TYPES:
+            caption, question = s["conversations"][0]["content"].split("\n", 1)
+            assert caption.startswith(("a ", "an ")) and " and " not in caption  # one shape
+    train = read_split(out, "train")
+    assert "relation" not in {s["type"] for s in train}
+    assert all(len(s["meta"]["objects"]) == 1 for s in train if s["task"] == "vqa")
+
+
+def test_more_than_six_questions_per_image_are_distinct_and_zero_video_questions_means_none(tmp_path):
+    config = sw.ShapesWorldConfig(seed=0, questions_per_image=12, train_images=30, val_images=0, test_images=0,
+                                  train_videos=4, val_videos=0, test_videos=0, text_samples=0,
+                                  questions_per_video=0)
+    samples, _, n_videos = sw.generate_split(str(tmp_path), "train", config)
+    by_image = defaultdict(list)
+    for s in samples:
+        if s["task"] == "vqa":
+            by_image[s["images"][0]].append(s)
+    assert len(by_image) == 30
+    for path, rows in by_image.items():
+        texts = [r["conversations"][0]["content"] for r in rows]
+        assert len(texts) == len(set(texts)), (path, Counter(texts).most_common(2))
+        for r in rows:
+            question = r["conversations"][0]["content"].split("\n", 1)[1]
+            assert answer_image_question(question, r["meta"]["objects"], config.image_size) == \
+                r["conversations"][1]["content"]
+    assert max(len(rows) for rows in by_image.values()) > 6  # scenes with more questions still get them
+    # questions_per_video=0: the clips are drawn (the same clips as with questions), nobody asks about them
+    assert n_videos == 4 and len(list((tmp_path / "videos" / "train").iterdir())) == 4
+    assert not [s for s in samples if s["task"] == "video-qa"]
+    rng, balancer = np.random.default_rng(0), sw.AnswerBalancer()
+    video, primary = sw.plan_video(0, config, balancer, rng)
+    assert sw.choose_video_questions(video, primary, config, balancer, rng) == []
+    one = dataclasses.replace(config, questions_per_video=1)
+    assert sw.choose_video_questions(video, primary, one, balancer, rng) == [primary]
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("video_fps", 0, "video_fps must be a number > 0"),
+    ("video_fps", -4, "video_fps must be a number > 0"),
+    ("video_fps", float("nan"), "video_fps must be a number > 0"),
+    ("video_crf", 99, r"video_crf must be an integer in 0\.\.51"),
+    ("video_crf", -1, r"video_crf must be an integer in 0\.\.51"),
+    ("seed", -1, "seed must be an integer >= 0"),
+    ("seed", 1.5, "seed must be an integer >= 0"),
+    ("supersample", 0, "supersample must be an integer >= 1"),
+    ("background", (0, 0, 300), r"background must be three values in 0\.\.255"),
+    ("background", (0, 0), r"background must be three values in 0\.\.255"),
+    ("video_frames", 24, "video_frames must be at most 16, twice the 8 frames a model samples"),
+    ("video_frames", 5, "video_frames must be at least 6"),
+])
+def test_bad_video_and_seed_settings_are_refused_naming_the_setting(setting, value, message):
+    with pytest.raises(ValueError, match=message):
+        sw.ShapesWorldConfig(**{setting: value})
+
+
+def test_bad_video_settings_are_usage_errors_before_anything_is_written(tmp_path, capsys):
+    from fusion.cli import main as fusion_cli
+
+    for option, value, message in (("--video-fps", "0", "video-fps must be a number > 0"),
+                                   ("--video-fps", "-4", "video-fps must be a number > 0"),
+                                   ("--video-crf", "99", "video-crf must be an integer in 0..51"),
+                                   ("--seed", "-1", "seed must be an integer >= 0"),
+                                   ("--video-frames", "32", "video-frames must be at most 16")):
+        with pytest.raises(SystemExit) as exited:
+            fusion_cli(["shapes-world", str(tmp_path / "cli"), option, value])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not (tmp_path / "cli").exists()
+
+
+def test_longest_allowed_clips_keep_every_event_between_two_sampled_frames():
+    """With the frames a model samples by default, an event (2..frames-2) has a sampled frame before and
+    one from it on, and two events >= 2 frames apart (a "first" question) a sampled frame between them."""
+    from fusion.processor import VideoSettings
+    from vision.video import frame_indices
+
+    assert sw.MODEL_SAMPLED_FRAMES == VideoSettings().num_frames
+    sw.ShapesWorldConfig(video_frames=sw.MAX_VIDEO_FRAMES)  # accepted
+
+    def every_event_seen(frames):
+        sampled = frame_indices(frames, 4.0, num_frames=sw.MODEL_SAMPLED_FRAMES)
+        low, high = sw._event_window(frames)
+        single = all(any(s < f for s in sampled) and any(s >= f for s in sampled) for f in range(low, high + 1))
+        pairs = all(any(a <= s < b for s in sampled) for a in range(low, high + 1) for b in range(a + 2, high + 1))
+        return single and pairs
+
+    assert all(every_event_seen(n) for n in range(6, sw.MAX_VIDEO_FRAMES + 1))
+    assert not every_event_seen(24) and not every_event_seen(32)  # what the bound keeps out
+
+
+def test_video_docs_say_only_direction_strictly_needs_the_frames_in_order(world):
+    """The documentation claims what the data shows: "first" questions and many appeared/disappeared ones
+    can be answered from which frames show which object, without the frames' order."""
+    docs = " ".join((sw.__doc__ + sw.video_questions.__doc__).split())
+    assert "can only be answered by looking at the frames in order" not in docs
+    assert "Each needs the frames in order" not in docs
+    assert "Only direction questions" in docs and "without their order" in docs
+    root, _, _ = world
+    videos = [s for split in sw.SPLITS for s in read_split(root, split) if s["task"] == "video-qa"]
+    one_changer = first = 0
+    for s in videos:
+        objects = {sw.object_name(o): o for o in s["meta"]["objects"]}
+        if s["type"] in ("appeared", "disappeared"):
+            one_changer += sum(o["event"] in ("appear", "disappear") for o in objects.values()) == 1
+        if s["type"] != "first":
+            continue
+        first += 1
+        # the unordered set of frames: which objects each shows
+        shown = {frozenset(n for n, o in objects.items() if o["track"][f] is not None)
+                 for f in range(s["meta"]["frames"])}
+        m = re.search(r"the (\w+ \w+) (appears|disappears) or the (\w+ \w+) (appears|disappears)\?",
+                      s["conversations"][0]["content"])
+        x, x_event, y, y_event = m.groups()
+
+        def happened(frame, name, event):
+            return (name in frame) == (event == "appears")
+
+        answer = x if any(happened(f, x, x_event) and not happened(f, y, y_event) for f in shown) else y
+        assert answer == s["conversations"][1]["content"]
+    assert first and one_changer
+
+
+def _publish_script():
+    spec = importlib.util.spec_from_file_location("publish_default_model",
+                                                  ROOT / "examples" / "recipes" / "publish_default_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_model_card_says_how_many_test_images_repeat_a_training_layout(tmp_path):
+    publish = _publish_script()
+
+    def image(path, *objects):
+        return {"images": [path], "videos": [], "task": "vqa", "meta": {"objects": list(objects)}}
+
+    def obj(shape, color, row, col, center=(10.0, 10.0)):
+        return {"shape": shape, "color": color, "row": row, "col": col, "center": list(center), "radius": 7.0}
+
+    red_circle, blue_square = obj("circle", "red", 0, 0), obj("square", "blue", 2, 1)
+    clip = {"images": [], "videos": ["videos/train/000000.mp4"], "task": "video-qa",
+            "meta": {"objects": [{"shape": "circle", "color": "red", "track": [[1.0, 2.0]]}]}}
+    train = [image("images/train/000000.png", red_circle, blue_square), clip]
+    extra = [image("images/train_extra/000000.png", obj("triangle", "green", 1, 1, (30.0, 31.0)))]
+    test = [image("images/test/000000.png", red_circle, blue_square),  # drawn exactly as a training image
+            image("images/test/000001.png", obj("triangle", "green", 1, 1, (32.0, 30.0))),  # layout of an extra
+            image("images/test/000002.png", obj("triangle", "green", 1, 2)),  # a new layout
+            {**clip, "videos": ["videos/test/000000.mp4"]}]
+    for name, rows in (("train", train), ("train_extra", extra), ("test", test)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overlap = publish.training_overlap(tmp_path)
+    assert overlap == {"train_images": 2, "test_images": 3, "test_videos": 1, "same_images": 1, "same_videos": 1,
+                       "same_layout": 2}
+    note = " ".join(publish.overlap_note(overlap).split())
+    assert "1 of the 3 test images and 1 of the 1 test clips are drawn exactly as a training one is" in note
+    assert "2 of the 3 test images show the same shapes and colours in the same cells" in note
+    assert " ".join(publish.overlap_note({**overlap, "same_images": 0, "same_videos": 0}).split()).startswith(
+        "No test image or clip is drawn exactly as a training one is")
+    card = " ".join((ROOT / "fusion" / "default_model" / "MODEL_CARD.md").read_text().split())
+    assert "never seen in training" not in card
+    assert re.search(r"\d+ of the \d+ test images show the same shapes and colours in the same cells as one of "
+                     r"the \d+ training images", card)
+
+
+def test_notebook_settings_quote_the_committed_finetune_notebook():
+    """The comment on the fine-tuning settings quotes the committed notebook's outputs, forgetting included."""
+    notebook = json.loads((ROOT / "examples" / "finetune_custom_data.ipynb").read_text())
+    outputs = "\n".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                        for cell in notebook["cells"] if cell["cell_type"] == "code" for o in cell.get("outputs", []))
+
+    def before_after(row):
+        m = re.search(rf"^{row}\s+([\d.]+)\s+([\d.]+)$", outputs, flags=re.M)
+        return float(m[1]), float(m[2])
+
+    settings = " ".join((ROOT / "examples" / "notebook_settings.py").read_text().replace("#", " ").split())
+    vqa, shape, cider = before_after("VQA accuracy"), before_after("shape"), before_after("caption CIDEr")
+    assert f"test VQA accuracy {vqa[0]:.3f} -> {vqa[1]:.3f}" in settings
+    assert f"(stars) {shape[0]:.3f} -> {shape[1]:.3f}" in settings
+    assert f"CIDEr {cider[0]:.2f} -> {cider[1]:.2f}" in settings
+    media = re.search(r"before: (\d+) of (\d+) sample-media.*\nafter: (\d+) of \d+", outputs)
+    assert f"from {media[1]} of {media[2]} right to {media[3]} of {media[2]}" in settings
+    if media[3] != media[1]:
+        assert "stay at" not in settings
+
+
+def test_help_says_to_put_out_dir_before_a_bare_train_extra_balanced(capsys):
+    with pytest.raises(SystemExit):
+        sw.main(["--help"], prog="fusion shapes-world")
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "put OUT_DIR before this option" in help_text
+    assert "fusion shapes-world OUT_DIR --train-extra-balanced" in help_text
