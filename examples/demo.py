@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 import fusion  # noqa: E402
 from fusion.errors import CheckpointError  # noqa: E402
+from pipelines.errors import PipelineInputError  # noqa: E402
 from fusion.evaluation.metrics import answer_is_correct  # noqa: E402
 
 WIDTH = 100
@@ -62,6 +63,9 @@ def main(argv=None) -> int:
         (captioner, load_ms) = timed(lambda: fusion.pipeline("captioning", model=args.model, device=args.device))
     except CheckpointError as err:  # DefaultModelMissingError is one
         print(f"demo: cannot load the model: {err}", file=sys.stderr)
+        return 1
+    except PipelineInputError as err:  # e.g. --device cuda where torch sees no GPU
+        print(f"demo: {err}", file=sys.stderr)
         return 1
     model = captioner.model  # one load, shared by the three pipelines
     vqa = fusion.pipeline("vqa", model=model)

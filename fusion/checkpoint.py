@@ -184,7 +184,7 @@ def read_model_config(path) -> dict:
 def load_model_folder(path, device=None, dtype: torch.dtype | None = None):
     from .model import FusionModel
 
-    folder = Path(path)
+    folder = model_folder(path)  # "default": the model that ships with fusion, as everywhere a folder is named
     saved = read_model_config(folder)
     preprocessing = saved.get("preprocessing")
     settings = {k: v for k, v in saved.items() if k not in ("model_type", "preprocessing", "special_tokens")}

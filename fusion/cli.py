@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import warnings
 
@@ -86,7 +87,8 @@ def run_command(args: argparse.Namespace) -> int:
         except TrainingStopped as stop:  # SIGTERM / Ctrl-C, after a checkpoint: the signal's exit code
             print(f"fusion train: {stop}", file=sys.stderr)
             return 128 + (stop.signum or 0)
-        print(f"final model: {final}")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
+            print(f"final model: {final}")
         return 0
     if args.command == "eval":
         from .evaluation.evaluate import run_eval

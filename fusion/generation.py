@@ -4,6 +4,7 @@ the last column, and each sample keeps its own positions.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -61,6 +62,11 @@ def generate(decoder, *, input_ids=None, inputs_embeds: torch.Tensor | None = No
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not do_sample and (temperature != 1.0 or top_k is not None or top_p is not None):
+        given = ", ".join(f"{k}={v}" for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
+                          if v is not None and (k != "temperature" or v != 1.0))
+        warnings.warn(f"generate: {given} only shape sampling, and do_sample is False: decoding greedily; pass "
+                      f"do_sample=True to sample", UserWarning, stacklevel=3)
     if input_ids is not None and not torch.is_tensor(input_ids):
         input_ids, attention_mask = left_pad(input_ids, pad_id)
     prompt = input_ids if input_ids is not None else inputs_embeds

@@ -200,7 +200,9 @@ class FusionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype: torch.dtype | None = None) -> "FusionModel":
-        """Load a folder written by `save_pretrained` (it needs nothing but the folder).
+        """Load a folder written by `save_pretrained` (it needs nothing but the folder); `"default"` is the
+        default model that ships with fusion (a folder called so is `"./default"`), as in `fusion.pipeline`,
+        `fusion eval` and a training config's `init_from`.
 
         `dtype`: the dtype of the loaded weights (e.g. `torch.bfloat16` halves the memory); None loads them in
         float32, whatever the file stores (the default model is stored in bf16 to halve its size)."""

@@ -50,3 +50,11 @@ def test_missing_models_end_the_demo_with_the_pipeline_message(monkeypatch, tmp_
     assert "default model is missing" in err and str(tmp_path / "default_model") in err
     assert demo.main(["--model", str(tmp_path / "nowhere")]) == 1
     assert str(tmp_path / "nowhere") in capsys.readouterr().err
+
+
+def test_a_device_torch_cannot_use_ends_the_demo_with_the_pipeline_message(monkeypatch, capsys, load_example):
+    demo = load_example("demo.py")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert demo.main(["--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("demo: ") and "cuda" in err and "Traceback" not in err

@@ -226,6 +226,10 @@ def read_records(path: str | os.PathLike, root: str | os.PathLike | None = None)
     """Read a dataset file: returns `(format, records, bad)` where format is "jsonl" or "json",
     records the valid `Record`s and bad a list of `(line, reason, message, sample_id)`."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        found = sorted(n for n in os.listdir(path) if n.endswith((".jsonl", ".json")))[:5]
+        raise DatasetError(f"dataset file {path!r} is a folder; pass the .jsonl or .json file inside it"
+                           + (f" (it holds {', '.join(found)})" if found else ""))
     if not os.path.isfile(path):
         raise DatasetError(f"dataset file {path!r} does not exist (working directory {os.getcwd()})")
     root = os.path.dirname(os.path.abspath(path)) if root is None else os.fspath(root)

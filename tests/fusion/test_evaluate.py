@@ -235,6 +235,9 @@ def test_run_eval_writes_json_for_a_saved_model(model, media, tmp_path, capsys):
     missing = parser.parse_args([str(model_dir), str(tmp_path / "nope.jsonl"), "--no-progress", "--device", "cpu"])
     assert run_eval(missing) == 1
     assert "does not exist" in capsys.readouterr().err
+    folder = parser.parse_args([str(model_dir), str(data.parent), "--no-progress", "--device", "cpu"])
+    assert run_eval(folder) == 1  # a folder, not a file: said so, with the files it holds
+    assert f"is a folder; pass the .jsonl or .json file inside it (it holds {data.name}" in capsys.readouterr().err
 
 
 def test_fusion_eval_shows_a_skipped_sample_as_one_line(model, media, tmp_path):

@@ -85,3 +85,19 @@ def test_bad_arguments():
         model.generate(ids, attention_mask=right)
     with pytest.raises(ValueError, match="temperature"):
         model.generate([[1]], do_sample=True, temperature=0)
+
+
+def test_sampling_options_without_do_sample_warn_that_decoding_is_greedy():
+    """temperature / top_k / top_p given without do_sample=True would otherwise be silently ignored."""
+    model = make_decoder()
+    greedy = model.generate(PROMPTS, max_new_tokens=4)
+    with pytest.warns(UserWarning, match=r"temperature=3.0, top_p=0.5 only shape sampling, and do_sample is False: "
+                                         r"decoding greedily; pass do_sample=True"):
+        same = model.generate(PROMPTS, max_new_tokens=4, temperature=3.0, top_p=0.5)
+    assert torch.equal(same, greedy)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the defaults, and sampling options with do_sample=True, do not warn
+        model.generate(PROMPTS, max_new_tokens=2)
+        model.generate(PROMPTS, max_new_tokens=2, do_sample=True, temperature=3.0,
+                       generator=torch.Generator().manual_seed(0))

@@ -368,3 +368,16 @@ def test_saved_folders_are_readable_by_others_as_the_umask_allows(tok, tmp_path)
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755  # not the 0o700 of a temporary folder
     assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()} == {0o644}
+
+
+def test_from_pretrained_default_is_the_shipped_model_as_in_pipelines(tmp_path, monkeypatch):
+    """"default" names the shipped model in from_pretrained too (as in pipeline, fusion eval, init_from);
+    a folder called so is reached as ./default."""
+    from fusion.checkpoint import default_model_location
+
+    model = fusion.FusionModel.from_pretrained("default")
+    shipped = fusion.FusionModel.from_pretrained(str(default_model_location()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), shipped.state_dict().values()))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(fusion.errors.CheckpointError, match="default"):
+        fusion.FusionModel.from_pretrained("./default")
