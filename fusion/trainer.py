@@ -166,15 +166,14 @@ class Trainer:
         """(out_dir, the wanted ShapesWorldConfig, {setting: (found, wanted)} of a world already there or None
         where there is none); a world written with other settings than the extras' is refused: a run never
         trains on it without saying so."""
-        from .data.shapes_world import TRAIN_EXTRA_SETTINGS, ShapesWorldConfig
+        from .data.shapes_world import TRAIN_EXTRA_SETTINGS, ShapesWorldConfig, world_settings_in
 
         spec = dict(self.config.data["shapes_world"])
         out_dir = self.config.path(spec.pop("out_dir"))
         wanted = ShapesWorldConfig(**spec)
-        world_file = out_dir / "world.json"
-        if not world_file.exists():
+        found = world_settings_in(out_dir)
+        if found is None:
             return out_dir, wanted, None
-        found = ShapesWorldConfig(**json.loads(world_file.read_text())["config"]).to_dict()
         differ = {k: (found[k], v) for k, v in wanted.to_dict().items() if found[k] != v}
         if differ and not set(differ) <= set(TRAIN_EXTRA_SETTINGS):
             raise ConfigError(f"data.shapes_world: {out_dir} holds a shapes world generated with other settings "

@@ -50,6 +50,7 @@ identical pixels. Command line: ``python -m fusion.data.shapes_world OUT_DIR --s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -898,6 +899,28 @@ def _write_jsonl(path: str, samples: list[dict]) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _remove_world(out_dir: str) -> None:
+    """Delete what `generate_shapes_world` writes, if `out_dir` holds a world (its `world.json`); other files
+    of the folder stay."""
+    if not os.path.isfile(os.path.join(out_dir, "world.json")):
+        return
+    os.remove(os.path.join(out_dir, "world.json"))  # first: a half-removed world is no world
+    for name in [f"{split}.jsonl" for split in SPLITS] + ["train_extra.jsonl", "text.jsonl"]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, name))
+    for folder in ("images", "videos"):
+        shutil.rmtree(os.path.join(out_dir, folder), ignore_errors=True)
+
+
+def world_settings_in(out_dir: str | os.PathLike) -> dict | None:
+    """The settings of the world in `out_dir` (its `world.json`), or None where there is none."""
+    path = os.path.join(os.fspath(out_dir), "world.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return ShapesWorldConfig(**json.load(f)["config"]).to_dict()
+
+
 def _write_world(out_dir: str, world: dict) -> None:
     """`world.json`, written under a temporary name and then renamed."""
     path = os.path.join(out_dir, "world.json")
@@ -968,6 +991,7 @@ def generate_shapes_world(out_dir: str | os.PathLike, config: ShapesWorldConfig 
     config = config or ShapesWorldConfig()
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    _remove_world(out_dir)  # an earlier world's files: none of them (e.g. its extras) outlives it
     counts: dict = {}
     for split in SPLITS:
         samples, n_images, n_videos = generate_split(out_dir, split, config)
@@ -1082,6 +1106,8 @@ def main(argv=None, prog: str = "python -m fusion.data.shapes_world") -> dict:
                                                  "--train-extra-balanced")
     parser.add_argument("--train-extra-offgrid-images", type=int, default=0, metavar="N",
                         help="N more training images in train_extra.jsonl, shapes anywhere in their cells")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a world written there with other settings (its files only)")
     parser.add_argument("--no-captions", action="store_true", help="no caption sample per image")
     parser.add_argument("--train-video-captions", action="store_true",
                         help="a caption sample per training video too (its events, naming each shape)")
@@ -1098,6 +1124,11 @@ def main(argv=None, prog: str = "python -m fusion.data.shapes_world") -> dict:
         config = ShapesWorldConfig(**values, captions=not args.no_captions)
     except ValueError as err:  # a bad setting: a usage error (exit 2) naming it, no traceback
         parser.error(str(err).removeprefix("ShapesWorldConfig: ").replace("_", "-"))
+    found = world_settings_in(args.out_dir)
+    differ = {k: (found[k], v) for k, v in config.to_dict().items() if found[k] != v} if found else {}
+    if differ and not args.overwrite:
+        parser.error(f"{args.out_dir} holds a shapes world written with other settings (there vs asked: {differ}); "
+                     f"pass --overwrite to replace it, or give another folder")
     start = time.perf_counter()
     counts = generate_shapes_world(args.out_dir, config)
     seconds = time.perf_counter() - start

@@ -894,3 +894,22 @@ def test_help_says_to_put_out_dir_before_a_bare_train_extra_balanced(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "put OUT_DIR before this option" in help_text
     assert "fusion shapes-world OUT_DIR --train-extra-balanced" in help_text
+
+
+def test_command_line_refuses_another_worlds_folder_and_overwrite_leaves_nothing_of_it(tmp_path, capsys):
+    """`fusion shapes-world` into a folder holding a world of other settings (e.g. the recipe's) is refused
+    unless --overwrite; regenerating removes the earlier world's files (its extras too), not the user's."""
+    small = ["--train-images", "4", "--val-images", "1", "--test-images", "1", "--train-videos", "1",
+             "--val-videos", "1", "--test-videos", "1", "--text-samples", "5"]
+    out = tmp_path / "cli"
+    sw.main([str(out), *small, "--train-extra-questions", "relation=2"])
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exited:
+        sw.main([str(out), *small])
+    assert exited.value.code == 2
+    assert "holds a shapes world written with other settings" in capsys.readouterr().err
+    assert (out / "train_extra.jsonl").exists()  # untouched
+    sw.main([str(out), *small, "--overwrite"])
+    assert not (out / "train_extra.jsonl").exists() and not (out / "images" / sw.OFFGRID_FOLDER).exists()
+    assert (out / "notes.txt").read_text() == "mine" and (out / "train.jsonl").exists()
+    sw.main([str(out), *small])  # the same settings again: no --overwrite needed
