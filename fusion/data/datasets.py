@@ -459,6 +459,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 raise DatasetError(f"{self.path}: {named}: {reason}: {message}")
             self._warn(f"{self.path}: skipped {named}: {reason}: {message}")
         self.num_bad_at_load = len(bad)
+        self.bad_at_load = list(bad)  # (line, reason, message, sample_id) of each record that could not be used
         total = len(records) + len(bad)
         if total == 0:
             raise DatasetError(f"{self.path}: has no samples")

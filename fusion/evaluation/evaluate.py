@@ -64,9 +64,9 @@ class _Item:
 
 
 def _caption_key(record: Record):
-    if record.images or record.videos:
-        return ("media", tuple(record.images), tuple(record.videos))
-    return ("text", json.dumps(record.prompt, sort_keys=True))
+    """Captions of the same media asked the same way are one generation scored against all of them as
+    references (COCO's five captions of an image); another request about the same image is its own."""
+    return (tuple(record.images), tuple(record.videos), json.dumps(record.prompt, sort_keys=True))
 
 
 def _items(records: list[Record]) -> list[_Item]:
@@ -88,7 +88,8 @@ def _items(records: list[Record]) -> list[_Item]:
 
 
 def _default_max_new_tokens(tokenizer, items: list[_Item]) -> int:
-    """Room for the longest reference of the batch, plus 8 tokens; at least 16."""
+    """Room for the longest reference of a task's items (all of them, so that the batch size changes
+    nothing), plus 8 tokens; at least 16."""
     longest = max(len(tokenizer.encode(r)) for it in items for r in it.references)
     return max(16, longest + 8)
 
@@ -103,14 +104,16 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
         model: a `fusion.FusionModel` (put in eval mode for the run, its modes restored afterwards).
         dataset_path: a JSONL or LLaVA JSON file; media paths relative to `root` (default: its folder).
         batch_size: conversations per `model.chat` call (samples of one task per batch).
-        max_new_tokens: the generation limit; None: per batch, the longest reference in tokens + 8 (>= 16).
+        max_new_tokens: the generation limit; None: per task, its longest reference in tokens + 8 (>= 16;
+            the limits used are in `settings["max_new_tokens_by_task"]`).
         limit: evaluate only the first `limit` usable samples of the file.
         return_predictions: add `"predictions"`: one entry per generation, in file order.
         num_frames, fps: video frame sampling (None: the model's settings).
 
     Returns a JSON-serialisable dict: `tasks` (per task: count, accuracy, correct, by_type, count_by_type;
     for "caption": count, samples, bleu4, cider), `counts` (records, evaluated, skipped, skipped_by_reason,
-    by_task), `settings`, `time_s` and, when asked, `predictions`.
+    by_task), `skipped_samples` (id, line, reason and message of each sample left out), `settings`, `time_s`
+    and, when asked, `predictions`.
     """
     if batch_size < 1:
         raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
@@ -123,13 +126,20 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
                                   max_bad_fraction=max_bad_fraction)
     records = dataset.records if limit is None else dataset.records[:limit]
     items = _items(records)
-    skipped = Counter(dataset.bad_counts)  # load-time problems (the whole file)
+    # the lines that could not be read, within the part of the file considered (all of it without a limit)
+    last_line = records[-1].line if limit is not None and records else None
+    skipped_samples = [{"id": sample_id, "line": line, "reason": reason, "message": message}
+                       for line, reason, message, sample_id in dataset.bad_at_load
+                       if last_line is None or line <= last_line]
+    skipped = Counter(entry["reason"] for entry in skipped_samples)
     attempted = bad = warned = 0
 
     def skip(item: _Item, error: BaseException):
         nonlocal bad, warned
         reason = classify_error(error, item.first)
         skipped[reason] += len(item.records)
+        skipped_samples.extend({"id": r.id, "line": r.line, "reason": reason, "message": str(error)}
+                               for r in item.records)
         bad += 1
         warned += 1
         if warned <= 20:
@@ -148,9 +158,11 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(items), desc="eval", unit="sample", file=sys.stderr, disable=not progress)
+    limits = {task: max_new_tokens if max_new_tokens is not None else _default_max_new_tokens(tokenizer, group)
+              for task, group in per_task.items()}
     try:
         for batch in batches:
-            _answer(model, tokenizer, batch, max_new_tokens, num_frames, fps, skip)
+            _answer(model, batch, limits[batch[0].task], num_frames, fps, skip)
             attempted += len(batch)
             bar.update(len(batch))
             if attempted >= min_attempts and bad > max_bad_fraction * attempted:
@@ -170,7 +182,9 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
                           "skipped": sum(skipped.values()),
                           "skipped_by_reason": dict(skipped.most_common()),
                           "by_task": dict(sorted(Counter(it.task for it in done for _ in it.records).items()))},
-               "settings": {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "limit": limit,
+               "skipped_samples": sorted(skipped_samples, key=lambda entry: entry["line"]),
+               "settings": {"batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                            "max_new_tokens_by_task": dict(sorted(limits.items())), "limit": limit,
                             "num_frames": num_frames, "fps": fps},
                "time_s": round(time.perf_counter() - start, 3)}
     if return_predictions:
@@ -178,9 +192,8 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
     return results
 
 
-def _answer(model, tokenizer, batch: list[_Item], max_new_tokens, num_frames, fps, skip) -> None:
+def _answer(model, batch: list[_Item], limit: int, num_frames, fps, skip) -> None:
     """Fill `prediction` for the items of `batch`; on a bad sample, retry one by one to find and skip it."""
-    limit = max_new_tokens if max_new_tokens is not None else _default_max_new_tokens(tokenizer, batch)
 
     def chat(items):
         return model.chat([it.first.prompt for it in items], [it.first.images for it in items],

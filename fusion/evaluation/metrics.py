@@ -1,7 +1,9 @@
 """Evaluation metrics, implemented here from their papers: answer accuracy, BLEU-4 and CIDEr-D.
 
 Tokenisation for BLEU and CIDEr-D (`caption_tokens`): lowercase, then the maximal runs of letters and
-digits; punctuation and whitespace only separate tokens ("top-left." → ["top", "left"]).
+digits of any script ("Un café" → ["un", "café"]); punctuation and whitespace only separate tokens
+("top-left." → ["top", "left"]). Text written without spaces between words (Chinese, Japanese, Thai) is one
+token per run: segment it into words first for meaningful BLEU and CIDEr.
 
 References may be given per candidate as one string or as a list of strings.
 """
@@ -17,15 +19,21 @@ NUMBER_WORDS = {
     "zero": "0", "none": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
     "seven": "7", "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12",
 }
-_PUNCTUATION = re.compile(r"[^\w\s]|_")
-_WORD = re.compile(r"[a-z0-9]+")
+# punctuation becomes a space, except a decimal point ("1.5" stays one number)
+_PUNCTUATION = re.compile(r"(?!(?<=\d)\.(?=\d))[^\w\s]|_")
+_APOSTROPHE = re.compile(r"['\u2019]")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3})")
+_WORD = re.compile(r"[^\W_]+")
 
 
 def normalize_answer(answer: str) -> str:
-    """VQA-style normalisation: lowercase, punctuation → space, drop the articles a/an/the, number words
-    → digits ("two" → "2"), collapse spaces. "The Red-circle." → "red circle"; "Two" → "2".
+    """VQA-style normalisation: lowercase, apostrophes dropped ("don't" = "dont"), thousands separators
+    dropped ("1,000" = "1000"), other punctuation → space (a decimal point stays), drop the articles
+    a/an/the, number words → digits ("two" → "2", up to "twelve"; the official VQA script stops at "ten"),
+    collapse spaces. "The Red-circle." → "red circle"; "Two" → "2".
     """
-    words = _PUNCTUATION.sub(" ", str(answer).lower()).split()
+    text = _THOUSANDS.sub("", _APOSTROPHE.sub("", str(answer).lower()))
+    words = _PUNCTUATION.sub(" ", text).split()
     return " ".join(NUMBER_WORDS.get(w, w) for w in words if w not in ARTICLES)
 
 
@@ -42,15 +50,37 @@ def _check_lengths(name: str, candidates, references) -> None:
 
 
 def answer_is_correct(prediction: str, reference) -> bool:
-    """Normalised exact match against the reference, or against any of a list of references."""
+    """Normalised exact match against the reference, or against any of a list of references. An answer that
+    normalises to nothing (empty, only articles or punctuation) is never correct."""
     normalized = normalize_answer(prediction)
-    return any(normalized == normalize_answer(r) for r in _as_reference_list(reference))
+    return bool(normalized) and any(normalized == normalize_answer(r) for r in _as_reference_list(reference))
 
 
 def vqa_accuracy(predictions: Sequence[str], references: Sequence) -> float:
-    """The fraction of predictions that match their reference after `normalize_answer` (0.0 to 1.0)."""
+    """The fraction of predictions that match their reference after `normalize_answer` (0.0 to 1.0); with a
+    list of references, matching any one counts (for VQAv2's ten human answers use `vqa_consensus_accuracy`)."""
     _check_lengths("vqa_accuracy", predictions, references)
     return sum(answer_is_correct(p, r) for p, r in zip(predictions, references)) / len(predictions)
+
+
+def vqa_consensus_score(prediction: str, answers: Sequence[str]) -> float:
+    """The VQA challenge's score of one prediction against several human answers (VQAv2 has ten):
+    min(1, matches / 3) among the other answers, averaged over leaving out each answer in turn. Ten
+    answers of which one matches: 0.3; three or more matching: 1.0."""
+    answers = _as_reference_list(answers)
+    if len(answers) < 2:
+        raise ValueError(f"vqa_consensus_score: needs several human answers (VQAv2 has ten), got {len(answers)}; "
+                         f"for one reference use answer_is_correct")
+    normalized = normalize_answer(prediction)
+    matches = [bool(normalized) and normalized == normalize_answer(a) for a in answers]
+    total = sum(matches)
+    return sum(min(1.0, (total - m) / 3) for m in matches) / len(answers)
+
+
+def vqa_consensus_accuracy(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]]) -> float:
+    """The mean `vqa_consensus_score` (0.0 to 1.0): VQA accuracy as the VQA challenge computes it."""
+    _check_lengths("vqa_consensus_accuracy", predictions, answer_lists)
+    return sum(vqa_consensus_score(p, a) for p, a in zip(predictions, answer_lists)) / len(predictions)
 
 
 def accuracy_by_type(predictions: Sequence[str], references: Sequence, types: Sequence[str]) -> dict[str, float]:
@@ -70,7 +100,7 @@ def accuracy_by_type(predictions: Sequence[str], references: Sequence, types: Se
 
 
 def caption_tokens(text: str) -> list[str]:
-    """Lowercase, then runs of letters/digits: the tokens BLEU and CIDEr-D compare."""
+    """Lowercase, then runs of letters/digits of any script: the tokens BLEU and CIDEr-D compare."""
     return _WORD.findall(str(text).lower())
 
 

@@ -73,8 +73,8 @@ def eval_rows():
             row("d2", QA["d2"][0], "right", videos=["v.mp4"], type="direction"),  # inferred: video-qa
             row("c3", "<image>\nDescribe the image.", CAPTIONS["b"], ["b.png"], type="caption"),  # inferred: caption
             '{"id": "broken", "conversations": [',
-            row("c2", "<image>\nDescribe it briefly.", "a red circle in the top left corner", ["a.png"],
-                type="caption", task="caption"),  # a second reference for a.png
+            row("c2", "<image>\nDescribe the image.", "a red circle in the top left corner", ["a.png"],
+                type="caption", task="caption"),  # a second reference for a.png (asked the same way)
             row("t1", QA["t1"][0], "no", type="existence"),  # inferred: text
             {"id": "m1", "images": ["a.png"], "type": "shape", "task": "vqa", "conversations": [
                 {"role": "user", "content": "<image>\nwhat color is it?"}, {"role": "assistant", "content": "red"},
@@ -144,6 +144,8 @@ def test_scores_per_task_and_type(model, media, controlled):
     counts = results["counts"]
     assert counts["records"] == 14 and counts["considered"] == 13 and counts["evaluated"] == 12
     assert counts["skipped"] == 2 and counts["skipped_by_reason"] == {"malformed json": 1, "missing image": 1}
+    assert [(e["id"], e["line"], e["reason"]) for e in results["skipped_samples"]] == [
+        ("gone", 7, "missing image"), (None, 10, "malformed json")]  # which ones, not only how many
     assert counts["by_task"] == {"caption": 4, "text": 1, "video-qa": 2, "vqa": 5}
 
     # what the model was asked: the conversation before its last answer, greedy, batches of one task, <= 2
@@ -156,7 +158,7 @@ def test_scores_per_task_and_type(model, media, controlled):
         kinds = {("caption" if "Describe" in p[-1]["content"] else "video" if v else "other")
                  for p, v in zip(call["prompts"], call["videos"])}
         assert len(kinds) == 1
-    assert sum("Describe the image." in p[-1]["content"] or "Describe it" in p[-1]["content"] for p in prompts) == 3
+    assert sum("Describe the image." in p[-1]["content"] for p in prompts) == 3
     longest_caption = max(len(model.tokenizer.encode(c)) for c in CAPTIONS.values())
     assert all(call["max_new_tokens"] >= 16 for call in controlled)
     assert max(call["max_new_tokens"] for call in controlled) >= longest_caption + 8
@@ -171,6 +173,43 @@ def test_scores_per_task_and_type(model, media, controlled):
     json.dumps(results)  # JSON-serialisable
     table = format_results(results)
     assert "accuracy 0.8000" in table and "skipped 2" in table and "bleu4" in table
+
+
+@pytest.mark.filterwarnings("ignore::fusion.data.datasets.DatasetWarning")
+def test_the_generation_limit_is_per_task_and_the_same_for_any_batch_size(model, media, controlled):
+    """Without max_new_tokens each task gets room for its longest reference (+ 8, >= 16), over the whole
+    file: a batch of short references does not cut answers that another batch size would have let finish."""
+    path = write_jsonl(media / "eval_limits.jsonl", [r for r in eval_rows() if isinstance(r, dict)])
+    limits = {}
+    for batch_size in (1, 2, 16):
+        controlled.clear()
+        results = evaluate(model, path, batch_size=batch_size, progress=False)
+        limits[batch_size] = results["settings"]["max_new_tokens_by_task"]
+        assert {c["max_new_tokens"] for c in controlled} == set(limits[batch_size].values())
+    assert limits[1] == limits[2] == limits[16]
+    longest_caption = max(len(model.tokenizer.encode(c)) for c in CAPTIONS.values())
+    assert limits[1]["caption"] == longest_caption + 8 and limits[1]["vqa"] == 16
+
+
+def test_another_caption_request_about_the_same_image_is_its_own_generation(model, media, controlled):
+    rows = [row("c1", "<image>\nDescribe the image.", CAPTIONS["a"], ["a.png"], task="caption"),
+            row("c2", "<image>\nDescribe the colours only.", "red", ["a.png"], task="caption")]
+    results = evaluate(model, write_jsonl(media / "eval_prompts.jsonl", rows), progress=False,
+                       return_predictions=True)
+    assert [p["ids"] for p in results["predictions"]] == [["c1"], ["c2"]]
+    assert [p["references"] for p in results["predictions"]] == [[CAPTIONS["a"]], ["red"]]
+
+
+def test_a_limit_counts_only_the_bad_lines_it_covers(model, media, controlled):
+    rows = [r for r in eval_rows() if isinstance(r, dict) and r["id"] != "gone"]
+    rows.insert(6, '{"id": "broken", "conversations": [')  # line 7
+    path = write_jsonl(media / "eval_limit_bad.jsonl", rows)
+    with pytest.warns(DatasetWarning):
+        early = evaluate(model, path, limit=3, progress=False)
+        late = evaluate(model, path, limit=8, progress=False)
+    assert early["counts"]["skipped"] == 0 and early["skipped_samples"] == []
+    assert early["counts"]["considered"] == early["counts"]["evaluated"] == 3
+    assert late["counts"]["skipped"] == 1 and [e["line"] for e in late["skipped_samples"]] == [7]
 
 
 def test_limit_and_max_new_tokens(model, media, controlled):

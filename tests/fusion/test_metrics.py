@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from fusion.evaluation.metrics import (accuracy_by_type, bleu4, caption_tokens, cider_d, normalize_answer,
-                                       vqa_accuracy)
+from fusion.evaluation.metrics import (accuracy_by_type, answer_is_correct, bleu4, caption_tokens, cider_d,
+                                       normalize_answer, vqa_accuracy, vqa_consensus_accuracy, vqa_consensus_score)
 
 LOG2 = math.log(2)
 
@@ -22,6 +22,11 @@ LOG2 = math.log(2)
     ("top   left", "top left"),
     ("Yes.", "yes"),
     ("an orange", "orange"),
+    ("don't", "dont"),                 # an apostrophe joins, as in the VQA script's contractions
+    ("isn\u2019t", "isnt"),
+    ("1,000", "1000"),                 # a thousands separator goes
+    ("1.5", "1.5"),                    # a decimal point stays
+    ("end.", "end"),
 ])
 def test_normalize_answer(raw, expected):
     assert normalize_answer(raw) == expected
@@ -33,6 +38,21 @@ def test_vqa_accuracy_is_normalised_exact_match():
     assert vqa_accuracy(predictions, references) == pytest.approx(4 / 5)
     assert vqa_accuracy(["the red circle"], ["red circle"]) == 1.0
     assert vqa_accuracy(["red circles"], ["red circle"]) == 0.0  # no stemming: exact after normalising
+
+
+def test_an_answer_that_normalises_to_nothing_is_never_correct():
+    assert not answer_is_correct("", "the") and not answer_is_correct(".", "") and not answer_is_correct("a", "an")
+
+
+def test_vqa_consensus_accuracy_is_the_vqa_challenge_formula():
+    # ten human answers: min(1, matches among the other nine / 3), averaged over the ten left out in turn
+    assert vqa_consensus_score("no", ["yes"] * 9 + ["no"]) == pytest.approx(0.3)  # 9 x 1/3 + 1 x 0, / 10
+    assert vqa_consensus_score("no", ["no"] * 3 + ["yes"] * 7) == pytest.approx(0.9)  # 3 x 2/3 + 7 x 1, / 10
+    assert vqa_consensus_score("Yes.", ["yes"] * 4 + ["no"] * 6) == 1.0
+    assert vqa_consensus_accuracy(["no", "yes"], [["yes"] * 9 + ["no"], ["yes"] * 10]) == pytest.approx(0.65)
+    assert vqa_accuracy(["no"], [["yes"] * 9 + ["no"]]) == 1.0  # vqa_accuracy: any reference matches
+    with pytest.raises(ValueError, match="several human answers"):
+        vqa_consensus_score("no", ["no"])
 
 
 def test_accuracy_by_type():
@@ -55,6 +75,13 @@ def test_length_mismatch_is_an_error():
 
 def test_tokens():
     assert caption_tokens("A red circle at the Top-Left.") == ["a", "red", "circle", "at", "the", "top", "left"]
+    assert caption_tokens("Un café très élevé, l'église") == ["un", "café", "très", "élevé", "l", "église"]
+    assert caption_tokens("snake_case") == ["snake", "case"]
+
+
+def test_accented_captions_score_as_written():
+    assert bleu4(["un café près de l'église"], ["un café près de l'église"]) == 1.0
+    assert bleu4(["un cafe pres de l eglise"], ["un café près de l'église"]) < 1.0  # accents are letters
 
 
 def test_bleu_identical_is_one():
