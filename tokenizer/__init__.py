@@ -14,7 +14,7 @@ A bottom layer: imports no other project package.
 """
 
 from .chat import (IGNORE_INDEX, IMAGE_MARKER, ROLES, VIDEO_MARKER, EncodedConversation, content_text,
-                   count_media_markers, escape_markers, text_without_markers)
+                   count_media_markers, escape_markers, media_part_paths, text_without_markers)
 from .errors import (
     ConversationFormatError,
     InvalidTokenIdError,
@@ -44,6 +44,7 @@ __all__ = [
     "content_text",
     "count_media_markers",
     "escape_markers",
+    "media_part_paths",
     "text_without_markers",
     "ROLES",
     "SPECIAL_TOKENS",

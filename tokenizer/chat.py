@@ -20,8 +20,9 @@ and :data:`IGNORE_INDEX` (-100) everywhere else (begin-of-text, headers, roles, 
 and user turns, and every image/video block, even one inside an assistant turn).
 
 An empty assistant turn still supervises its ``<|eot|>``. But a training sample whose
-assistant turns hold no content token at all (no assistant turn, or only empty ones)
-raises :class:`NoSupervisedTokensError`: an eot-only target is almost always broken data.
+assistant turns hold no content at all (no assistant turn, or only empty or whitespace-only
+ones, e.g. ``" "`` or ``"\n"``) raises :class:`NoSupervisedTokensError`: an eot-only (or
+whitespace-only) target is almost always broken data.
 
 Where the media go: a turn's content is either
 
@@ -136,6 +137,40 @@ def content_text(content: object, where: str) -> str:
         f"{where} must be a str or a list of parts ({{'type': 'text', 'text': ...}}, "
         f"{{'type': 'image'}}, {{'type': 'video'}}), got {type(content).__name__}"
     )
+
+
+MEDIA_PART_PATH_KEYS = ("path", "url")  # besides the part's own kind: {"type": "image", "image": "a.png"}
+
+
+def media_part_paths(content: object, where: str) -> list[tuple[str, "str | None"]]:
+    """``(kind, path)`` of each image / video part of a list of typed parts, in order; ``path`` is None
+    for a part that names no file.
+
+    Hugging Face-style parts may carry their file: ``{"type": "image", "image": "img/a.png"}`` (or
+    under ``"path"`` / ``"url"``; the same for ``"video"``). :func:`content_text` places such a part's
+    marker only; whoever reads the file list (e.g. a dataset record with no ``images`` list) takes the
+    paths from here. A str content has no parts: ``[]``.
+
+    ConversationFormatError naming ``where`` for a path that is not a non-empty str, or a part that
+    names two different files.
+    """
+    if isinstance(content, str) or not isinstance(content, Sequence) or isinstance(content, bytes):
+        return []
+    found: list[tuple[str, str | None]] = []
+    for index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind not in PART_MARKERS:
+            continue
+        given = {key: part[key] for key in (kind, *MEDIA_PART_PATH_KEYS) if part.get(key) is not None}
+        for key, value in given.items():
+            if not isinstance(value, str) or not value.strip():
+                raise ConversationFormatError(
+                    f"{where} part {index}: {key!r} must be the path of the {kind} file, got {value!r}"
+                )
+        if len(set(given.values())) > 1:
+            raise ConversationFormatError(f"{where} part {index} names more than one {kind} file: {given!r}")
+        found.append((kind, next(iter(given.values()), None)))
+    return found
 
 
 def _check_messages(messages: object, sample_id: object, add_generation_prompt: bool) -> list[tuple[str, str]]:
@@ -352,7 +387,7 @@ def encode_conversation(
             else:
                 text_ids = tokenizer.encode(part)
                 builder.add(text_ids, supervised=is_assistant)
-                num_content_tokens += len(text_ids) if is_assistant else 0
+                num_content_tokens += len(text_ids) if is_assistant and part.strip() else 0
         builder.add([tokenizer.eot_id], supervised=is_assistant)
 
     if add_generation_prompt:
@@ -361,7 +396,8 @@ def encode_conversation(
 
     if num_content_tokens == 0:
         num_assistant = sum(role == "assistant" for role, _ in turns)
-        reason = "no assistant turn" if num_assistant == 0 else f"{num_assistant} assistant turn(s), all empty"
+        reason = ("no assistant turn" if num_assistant == 0
+                  else f"{num_assistant} assistant turn(s), all empty or whitespace only")
         raise NoSupervisedTokensError(
             f"{_name_sample(sample_id)} has nothing to learn from ({reason}); every label would be "
             f"{IGNORE_INDEX} apart from end-of-turn tokens. Fix or drop the sample, or pass "

@@ -40,9 +40,16 @@ def share_prefix(samples: Sequence, patch_id: int):
     For one image with several questions: the prefix (begin of text, user header, the image's
     placeholders) is computed once, and each sample's remainder becomes a branch that attends to the
     prefix and to itself only, at the positions it would have on its own. Each branch therefore gets
-    exactly the attention, positions and loss it would get as a separate sample (the first token of
-    branches after the first is not a target: nothing precedes it but another branch; it is user
-    text, which is not supervised anyway). The image is encoded once.
+    exactly the attention, positions and loss it would get as a separate sample. The image is encoded
+    once.
+
+    Labels are not shifted (the model predicts token t + 1 from position t), so the first token of a
+    branch after the first is never a target (it would be predicted from the end of another branch),
+    and a prefix token's label would count once for all samples. The prefix therefore ends before the
+    first supervised token of the first sample and one token before that of every other sample: when
+    samples agree into their answers (the same question asked again with another answer, several
+    captions under one prompt), the common answer tokens stay in each branch, and the summed token
+    loss equals that of the samples apart.
 
     Image placeholders are never split: if a sample's own remainder holds images too, the prefix
     ends before the first image and every branch keeps its own pixels.
@@ -55,6 +62,12 @@ def share_prefix(samples: Sequence, patch_id: int):
         differ = (s.input_ids[:shared] != first.input_ids[:shared]).nonzero()
         if len(differ):
             shared = int(differ[0])
+    for k, s in enumerate(samples):  # no supervised token in the prefix, nor first in a later branch
+        if s.labels is not None:
+            supervised = (s.labels != IGNORE_INDEX).nonzero()
+            if len(supervised):
+                shared = min(shared, int(supervised[0]) - (1 if k else 0))
+    shared = max(shared, 0)
     in_prefix = bool((first.input_ids[:shared] == patch_id).any())
     in_branches = any(bool((s.input_ids[shared:] == patch_id).any()) for s in samples)
     if in_prefix and in_branches:

@@ -17,18 +17,24 @@ LLaVA JSON, one list of samples::
                         {"from": "gpt", "value": "red"}]}]
 
 Either record style is accepted in either layout: ``images``/``image`` and ``videos``/``video`` may be
-one path or a list; turns may be ``{"role", "content"}`` or ``{"from", "value"}`` (``human`` and
-``gpt`` map to ``user`` and ``assistant``). ``type`` and ``task`` are optional. Media paths are
-relative to ``root`` (default: the folder of the file); absolute paths are kept. A sample without
-images or videos is a text-only sample.
+one path or a list (a record giving both ``images`` and ``image``, or both ``videos`` and ``video``, is
+refused: "conflicting media"); turns may be ``{"role", "content"}`` or ``{"from", "value"}`` (``human`` and
+``gpt`` map to ``user`` and ``assistant``; a number as content is read as its text). A content may also be a
+list of typed parts (``{"type": "text", "text": ...}``, ``{"type": "image"}``); Hugging Face-style parts that
+name their file, ``{"type": "image", "image": "img/1.png"}`` (or under ``"path"``/``"url"``; the same for
+videos), give the record's images in order when it has no ``images`` list (both is refused). Assistant
+turns before the first user turn (a LLaVA conversation opening with ``gpt``) are dropped, as LLaVA's own
+preprocessing does. ``type`` and ``task`` are optional. Media paths are relative to ``root`` (default: the
+folder of the file); absolute paths are kept. A sample without images or videos is a text-only sample.
+JSON Lines end at ``\n`` only (a JSON string may hold U+2028 and the like unescaped).
 
 Bad data does not stop a run. A malformed line or a record with a missing field is counted at load
 time (with its line number) and left out; a sample whose image or video cannot be read, whose
-markers do not match its media, or that has nothing to supervise makes ``dataset[i]`` return
-``None``. Each bad sample is counted per reason (``dataset.bad_counts``) and a ``DatasetWarning``
+markers do not match its media, or that has nothing to supervise (no answer, or only whitespace)
+makes ``dataset[i]`` return ``None``. Each bad sample is counted per reason (``dataset.bad_counts``) and a ``DatasetWarning``
 names the sample, the file and the reason. ``strict=True`` raises ``DatasetError`` instead. A file
-that is mostly bad is a wrong file or a wrong ``root``: once ``min_attempts`` samples were tried and
-more than ``max_bad_fraction`` of them were bad, ``dataset[i]`` raises ``DatasetError`` with the
+that is mostly bad is a wrong file or a wrong ``root``: once ``min_attempts`` records were tried and
+more than ``max_bad_fraction`` of them were bad (records: a grouped sample counts each of its questions), ``dataset[i]`` raises ``DatasetError`` with the
 counts and the most common reasons (at load time too, when most records are malformed).
 
 Use with a plain ``DataLoader``::
@@ -51,7 +57,9 @@ merge would let later answers be read off earlier ones), and every answer is sup
 the group before it only if it has exactly that one image and no video (or that one video and no image),
 at most one marker for it, no marker for the other kind, and no system turn other than the group's own.
 The group's record keeps the first record's id, type and task; `Record.members` lists every grouped id,
-`Record.group` the records.
+`Record.group` the records. A bad record of a group (e.g. an empty answer) is left out of the sample and
+skipped, counted and named (its own id, line and file) as it would be alone; the others are still trained,
+and the sample is None only when none can be read.
 
 ``types=[...]`` keeps only the records whose ``type`` is one of those, ``media=[...]`` only those that show
 an ``image``, a ``video`` or nothing (``text``), both before grouping: e.g. a later training stage that
@@ -69,7 +77,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tokenizer import content_text, count_media_markers
+from tokenizer import content_text, count_media_markers, media_part_paths
 from tokenizer.errors import (
     ConversationFormatError,
     MediaCountMismatchError,
@@ -99,6 +107,7 @@ MISSING_VIDEO = "missing video"
 UNREADABLE_VIDEO = "unreadable video"
 MEDIA_COUNT_MISMATCH = "media count mismatch"
 NO_SUPERVISED_TOKENS = "no supervised tokens"
+CONFLICTING_MEDIA = "conflicting media"  # the media given twice: `images` and `image`, or a list and paths in parts
 
 
 
@@ -124,6 +133,8 @@ class Record:
     line: int = 0
     members: tuple[str, ...] = ()
     group: tuple["Record", ...] = ()  # the grouped records, when `group_by_media` grouped several
+    source_path: str = ""  # the file of a record that `join_media_groups` moved in from another dataset ("": this one)
+    source_format: str = ""  # that file's format ("jsonl" or "json")
 
     @property
     def _last_assistant(self) -> int:
@@ -149,7 +160,8 @@ class Record:
         return self.task or infer_task(self)
 
     def to_dict(self) -> dict:
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "group"}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("group", "source_path", "source_format")}
         return {**fields, "members": list(self.members), "answer": self.answer}
 
 
@@ -173,16 +185,37 @@ class _BadRecord(Exception):
         self.reason, self.message, self.sample_id = reason, message, sample_id
 
 
-def _paths(record: dict, plural: str, singular: str, root: str, sample_id) -> list[str]:
-    value = record.get(plural, record.get(singular))
+def _given(value: Any) -> bool:
+    return value is not None and value != [] and value != ""
+
+
+def _paths(record: dict, plural: str, singular: str, sample_id) -> list[str]:
+    """The record's `plural` (or `singular`) paths as given (not yet joined to the root)."""
+    if _given(record.get(plural)) and _given(record.get(singular)):
+        raise _BadRecord(CONFLICTING_MEDIA, f"the record gives both '{plural}' ({record[plural]!r}) and "
+                                            f"'{singular}' ({record[singular]!r}); give one of them", sample_id)
+    key = plural if plural in record and (_given(record[plural]) or not _given(record.get(singular))) else singular
+    value = record.get(key)
     if value is None:
         return []
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(p, str) and p.strip() for p in value):
-        raise _BadRecord(MISSING_FIELD, f"'{plural}' must be a path or a list of paths, got {value!r}", sample_id)
+        raise _BadRecord(MISSING_FIELD, f"'{key}' must be a path or a list of paths, got {value!r}", sample_id)
+    return value
+
+
+def _resolve(paths: list[str], root: str) -> list[str]:
     # a URL stays as it is, so that reading it says it is one (media are never downloaded)
-    return [p if is_url(p) else os.path.join(root, os.path.expanduser(p)) for p in value]
+    return [p if is_url(p) else os.path.join(root, os.path.expanduser(p)) for p in paths]
+
+
+def _drop_leading_assistant_turns(messages: list[dict]) -> list[dict]:
+    """The conversation without the assistant turns before its first user turn (a LLaVA conversation that
+    opens with a `gpt` turn: LLaVA's own preprocessing drops it too). They answer no question, so they are
+    neither trained nor shown."""
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
+    return [m for i, m in enumerate(messages) if i >= first_user or m["role"] != "assistant"]
 
 
 def _parse_record(obj: Any, line: int, root: str) -> Record:
@@ -207,19 +240,46 @@ def _parse_record(obj: Any, line: int, root: str) -> Record:
         if str(role).lower() not in ROLE_ALIASES:
             raise _BadRecord(BAD_CONVERSATION, f"turn {k} has unknown role {role!r}; use user/assistant/system "
                                                f"(or LLaVA's human/gpt)", sample_id)
+        if isinstance(content, (int, float)) and not isinstance(content, bool):
+            content = str(content)  # e.g. LLaVA's {"from": "gpt", "value": 4}
         try:  # a str, or a list of typed parts ({"type": "image"}, {"type": "text", "text": ...})
+            part_paths = media_part_paths(content, f"turn {k} content")  # {"type": "image", "image": "a.png"}
             content = content_text(content, f"turn {k} content")
         except ConversationFormatError as err:
             raise _BadRecord(BAD_CONVERSATION, str(err), sample_id) from None
-        messages.append({"role": ROLE_ALIASES[str(role).lower()], "content": content})
+        messages.append({"role": ROLE_ALIASES[str(role).lower()], "content": content, "_parts": part_paths})
+    messages = _drop_leading_assistant_turns(messages)
     if not any(m["role"] == "assistant" for m in messages):
-        raise _BadRecord(NO_ASSISTANT_TURN, "the conversation has no assistant turn, so nothing to learn or "
-                                            "to compare with", sample_id)
-    images = _paths(obj, "images", "image", root, sample_id)
-    videos = _paths(obj, "videos", "video", root, sample_id)
+        raise _BadRecord(NO_ASSISTANT_TURN, "the conversation has no assistant turn (after its first user turn), "
+                                            "so nothing to learn or to compare with", sample_id)
+    part_paths = [found for m in messages for found in m.pop("_parts")]
+    images = _media_paths(obj, "images", "image", part_paths, sample_id)
+    videos = _media_paths(obj, "videos", "video", part_paths, sample_id)
+    images, videos = _resolve(images, root), _resolve(videos, root)
     kind, task = obj.get("type"), obj.get("task")
     return Record(id=sample_id, messages=messages, images=images, videos=videos,
                   type=None if kind is None else str(kind), task=None if task is None else str(task), line=line)
+
+
+def _media_paths(obj: dict, plural: str, singular: str, part_paths: list, sample_id) -> list[str]:
+    """The record's images (or videos): its `plural` / `singular` list, else the paths its typed parts
+    carry ({"type": "image", "image": "img/a.png"}, in order); not both."""
+    listed = _paths(obj, plural, singular, sample_id)
+    in_parts = [(index, path) for index, (kind, path) in enumerate(k for k in part_paths if k[0] == singular)]
+    named = [path for _, path in in_parts if path is not None]
+    if not named:
+        return listed
+    if listed:
+        raise _BadRecord(CONFLICTING_MEDIA, f"the record gives its {plural} both as '{plural}'/'{singular}' "
+                                            f"({listed!r}) and as paths in its {{'type': '{singular}'}} parts "
+                                            f"({named!r}); give them one way", sample_id)
+    if len(named) < len(in_parts):
+        missing = [index + 1 for index, path in in_parts if path is None]
+        raise _BadRecord(MISSING_FIELD, f"{singular} part(s) {missing} (counting the {singular} parts of the "
+                                        f"conversation from 1) name no file while others do; give every "
+                                        f"{{'type': '{singular}'}} part its path, or list the files in "
+                                        f"'{plural}'", sample_id)
+    return named
 
 
 def read_records(path: str | os.PathLike, root: str | os.PathLike | None = None):
@@ -246,7 +306,10 @@ def read_records(path: str | os.PathLike, root: str | os.PathLike | None = None)
     else:
         fmt = "jsonl"
         numbered = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # lines end at "\n" only ("\r\n" too): a JSON string may hold U+2028, U+2029 or U+0085 unescaped,
+        # which str.splitlines() would take for line ends
+        for number, line in enumerate(text.split("\n"), start=1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             try:
@@ -362,7 +425,10 @@ def join_media_groups(datasets: Sequence["ConversationDataset"]) -> list["Conver
             if key[0] is not None and key in first_group:
                 owner, index = first_group[key]
                 joined = owner.records[index]
-                owner.records[index] = _make_group([*(joined.group or (joined,)), *(record.group or (record,))])
+                moved = [r if r.source_path else dataclasses.replace(r, source_path=dataset.path,
+                                                                      source_format=dataset.format)
+                         for r in (record.group or (record,))]  # bad ones are named with their own file
+                owner.records[index] = _make_group([*(joined.group or (joined,)), *moved])
                 continue
             if key[0] is not None:
                 shown.setdefault(key, (dataset, len(kept)))  # within one file only runs are grouped
@@ -402,6 +468,9 @@ class MediaCache:
         return len(self._media)
 
 
+_READ_ERRORS = (VisionInputError, TokenizerError, OSError)
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """Conversations with images and videos from a JSONL or LLaVA JSON file (see the module docstring).
 
@@ -414,8 +483,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             that encodes it once (see the module docstring).
         max_group_size: the most records merged into one (None: no limit).
         num_frames, fps: video frame sampling (None: the processor's settings).
-        min_attempts, max_bad_fraction: stop with `DatasetError` once at least `min_attempts` samples
-            were read and more than `max_bad_fraction` of them were bad.
+        min_attempts, max_bad_fraction: stop with `DatasetError` once at least `min_attempts` records
+            were read and more than `max_bad_fraction` of them were bad (a grouped sample: each of its records).
         max_warnings: warn about this many bad samples (per process), then count the rest silently.
         cache: keep each processed sample in memory after its first read, so later epochs skip decoding,
             resizing and tokenizing (the same sample either way: processing is deterministic). Costs
@@ -445,8 +514,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.min_attempts, self.max_bad_fraction = min_attempts, max_bad_fraction
         self.max_warnings = max_warnings
         self.bad_counts: Counter = Counter()  # reason -> number of bad lines and samples (load time + reads)
-        self.num_attempted = 0  # dataset[i] calls in this process
-        self.num_bad = 0  # of those, the ones that returned None
+        self.num_attempted = 0  # records read by dataset[i] calls in this process (a group: each of its records)
+        self.num_bad = 0  # of those, the bad ones (skipped: a bad sample is None, a group leaves its bad records out)
         self._warned = 0
         self.cache, self.media_cache = cache, media_cache
         self._cached: dict[int, Any] = {}  # index -> processed sample (cache=True)
@@ -478,50 +547,76 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         record = self.records[index]
-        self.num_attempted += 1
+        self.num_attempted += len(record.group) or 1  # records, not samples: a group counts each of its questions
         sample = self._cached.get(index)
         if sample is not None:
             return sample
-        try:
-            sample = self._process(record)
-        except (VisionInputError, TokenizerError, OSError) as err:
-            return self._bad_sample(record, err)
-        if self.cache:
+        if record.group:
+            sample, complete = self._process_group(record)
+        else:
+            try:
+                sample, complete = self._process(record), True
+            except _READ_ERRORS as err:
+                sample, complete = self._bad_sample(record, err), False
+                self._check_mostly_bad()
+        if self.cache and complete:  # a group with a bad member is read (and its bad member counted) again
             self._cached[index] = sample
         return sample
 
-    def _process(self, record: Record):
+    def _media(self, record: Record):
         if self.media_cache is not None:
-            media = self.media_cache.process(self.processor, record.images, record.videos, self.num_frames, self.fps)
-        elif not record.group:
+            return self.media_cache.process(self.processor, record.images, record.videos, self.num_frames, self.fps)
+        return self.processor.process_media(record.images, record.videos, num_frames=self.num_frames, fps=self.fps)
+
+    def _process(self, record: Record):
+        if self.media_cache is None:
             return self.processor(record.messages, record.images, record.videos, sample_id=record.id,
                                   num_frames=self.num_frames, fps=self.fps)
-        else:  # the group's records show the same one image or video: decode and normalise it once
-            media = self.processor.process_media(record.images, record.videos, num_frames=self.num_frames,
-                                                 fps=self.fps)
-        if not record.group:
-            return self.processor(record.messages, sample_id=record.id, media=media)
-        samples = [self.processor(r.messages, sample_id=r.id, media=media) for r in record.group]
-        return share_prefix(samples, self.processor.tokenizer.patch_id)
+        return self.processor(record.messages, sample_id=record.id, media=self._media(record))
+
+    def _process_group(self, record: Record):
+        """`(sample, complete)`: the group's records that can be read as one shared-prefix sample (None when
+        none can), and whether all could. Each bad record is skipped, counted and named on its own."""
+        try:  # the group's records show the same one image or video: decode and normalise it once
+            media = self._media(record)
+        except _READ_ERRORS as err:  # every record of the group shows it: each is bad
+            for member in record.group:
+                self._bad_sample(member, err)
+            self._check_mostly_bad()
+            return None, False
+        samples = []
+        for member in record.group:
+            try:
+                samples.append(self.processor(member.messages, sample_id=member.id, media=media))
+            except _READ_ERRORS as err:
+                self._bad_sample(member, err)
+        complete = len(samples) == len(record.group)
+        if not complete:
+            self._check_mostly_bad()
+        if not samples:
+            return None, False
+        return share_prefix(samples, self.processor.tokenizer.patch_id), complete
 
     def _bad_sample(self, record: Record, error: BaseException) -> None:
+        """Count and name one bad record (its own file and line, also when `join_media_groups` moved it here)."""
         reason = classify_error(error, record)
-        message = f"{self.path}: sample {record.id!r} ({self.where(record.line)}): {reason}: {error}"
+        path = record.source_path or self.path
+        where = self.where(record.line, record.source_format or self.format)
+        message = f"{path}: sample {record.id!r} ({where}): {reason}: {error}"
         if self.strict:
             raise DatasetError(message) from error
         self.num_bad += 1
         self.bad_counts[reason] += 1
         self._warn(message.replace(": sample", ": skipped sample", 1))
-        self._check_mostly_bad()
         return None
 
     def clear_cache(self) -> None:
         """Forget the processed samples kept by `cache=True` (e.g. after changing `records`)."""
         self._cached.clear()
 
-    def where(self, line: int) -> str:
-        """"line N" of a JSONL file, "item N" of a JSON list (1-based)."""
-        return f"line {line}" if self.format == "jsonl" else f"item {line}"
+    def where(self, line: int, format: str | None = None) -> str:
+        """"line N" of a JSONL file, "item N" of a JSON list (1-based); `format`: another file's ("jsonl", "json")."""
+        return f"line {line}" if (format or self.format) == "jsonl" else f"item {line}"
 
     def _warn(self, message: str) -> None:
         self._warned += 1
@@ -532,6 +627,8 @@ class ConversationDataset(torch.utils.data.Dataset):
                           f"each", DatasetWarning, stacklevel=3)
 
     def _check_mostly_bad(self) -> None:
+        """`DatasetError` once `min_attempts` records were read and more than `max_bad_fraction` were bad (records:
+        a group of questions about one image counts each question)."""
         if self.num_attempted >= self.min_attempts and self.num_bad > self.max_bad_fraction * self.num_attempted:
             hint = ""
             if self.bad_counts.most_common(1)[0][0] in (MISSING_IMAGE, MISSING_VIDEO):

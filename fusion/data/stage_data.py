@@ -2,6 +2,7 @@
 of every global batch (resumable at any step), and the collation of a micro-batch."""
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -12,7 +13,7 @@ from ..decoder import IGNORE_INDEX
 from ..errors import ConfigError, DatasetError
 from ..train_config import DataSource, StageConfig, TrainConfig
 from .collate import Batch, pack_batch, pad_batch
-from .datasets import ConversationDataset, MediaCache, join_media_groups
+from .datasets import ConversationDataset, MediaCache, _group_key, _system_turn, join_media_groups
 
 if TYPE_CHECKING:
     from ..model import FusionModel
@@ -64,9 +65,44 @@ def load_stage_data(config: TrainConfig, stage: StageConfig, model: FusionModel,
                                     media=s.media)
                 for s in sources]
     if stage.join_files and len(datasets) > 1:  # one sample per medium, whichever files ask about it
+        check_joinable(stage, datasets, sources)
         join_media_groups(datasets)  # moves records between the datasets; one left empty is left out below
     parts = [d for d, s in zip(datasets, sources) for _ in range(s.repeat) if d.records]
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+
+def check_joinable(stage: StageConfig, datasets, sources) -> None:
+    """`ConfigError` for data entries that `join_files` would join wrongly: a joined sample holds every file's
+    questions about its medium and comes `repeat` times as its first file's entry does, so two entries that
+    ask about the same medium must have the same `repeat`, and no record may be in two entries (e.g. a file
+    listed again with a `media` or `repeat` of its own: its questions would be asked twice in one sample)."""
+    where = f"stage {stage.name!r}: join_files"
+    held: dict[tuple[str, int], int] = {}
+    keys = []
+    for k, dataset in enumerate(datasets):
+        keys.append({})
+        for record in dataset.source_records:
+            key = _group_key(record)
+            if key is None:  # shows no single medium: never joined
+                continue
+            keys[-1].setdefault((key, _system_turn(record)), record)
+            found = held.setdefault((os.path.realpath(dataset.path), record.line), k)
+            if found != k:
+                raise ConfigError(
+                    f"{where}: data entries {found + 1} ({sources[found].path}) and {k + 1} ({sources[k].path}) both "
+                    f"hold record {record.id!r} of {dataset.path} ({dataset.where(record.line)}); joined, it would "
+                    f"be asked twice in one sample. Keep each record in one entry (select with types/media, give a "
+                    f"file more passes with repeat), or set join_files: false")
+    for i in range(len(datasets)):
+        for j in range(i + 1, len(datasets)):
+            shared = keys[i].keys() & keys[j].keys()
+            if shared and sources[i].repeat != sources[j].repeat:
+                record = keys[j][next(iter(shared))]
+                raise ConfigError(
+                    f"{where}: {sources[i].path} (repeat {sources[i].repeat}) and {sources[j].path} (repeat "
+                    f"{sources[j].repeat}) ask about the same media (e.g. record {record.id!r}, "
+                    f"{record.media[0]}), and a joined sample has one repeat; give them the same repeat, or set "
+                    f"join_files: false")
 
 
 def collate_samples(samples, pad_id: int, pack: bool, max_length: int) -> Batch | None:

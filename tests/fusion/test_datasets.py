@@ -449,7 +449,8 @@ def test_cache_keeps_processed_samples_and_reads_media_once(model, media, monkey
         with pytest.warns(DatasetWarning, match="missing image"):
             assert cached[2] is None  # a bad sample is read and counted each time, never kept
     assert len(reads) == 3 * 2 + 2 + 3  # plain: 3 x 2; cached: the video and the image once, the bad one 3 times
-    assert cached.bad_counts == {"missing image": 3} and (cached.num_attempted, cached.num_bad) == (9, 3)
+    # records read: the group (v0, v1) counts its two records each time
+    assert cached.bad_counts == {"missing image": 3} and (cached.num_attempted, cached.num_bad) == (12, 3)
     cached.clear_cache()
     same_sample(cached[0], plain[0])
     assert len(reads) == 3 * 2 + 2 + 3 + 2
@@ -589,3 +590,276 @@ def test_split_by_length_keeps_every_sample_and_pads_least():
     assert split_by_length([], 2) == []
     with pytest.raises(ValueError, match="groups must be >= 1"):
         split_by_length(samples, 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Review fixes: bad records inside groups, repeated questions, line ends, typed parts with paths,
+# LLaVA conversations opening with gpt, small record-format cases
+
+
+def test_a_bad_question_of_a_group_is_left_out_and_named_on_its_own(model, tok, media):
+    """One bad record (an empty answer) of a group: the other questions still train, and the warning names
+    the bad record (its own id and line), not the group's first."""
+    rows = [sample("q1", "<image>\nwhat color?", "red", ["images/a.png"]),
+            sample("q2", "<image>\nwhere?", "left", ["images/a.png"]),
+            sample("q3", "<image>\nhow many?", "", ["images/a.png"]),
+            sample("q4", "<image>\nshape?", "circle", ["images/a.png"])]
+    path = write_jsonl(media / "group_one_bad.jsonl", rows)
+    ds = ConversationDataset(path, model.processor, group_by_media=True)
+    assert len(ds) == 1
+    with pytest.warns(DatasetWarning) as caught:
+        s = ds[0]
+    assert s is not None and supervised_text(tok, s) == "redleftcircle"
+    assert s.sample_id == ["q1", "q2", "q4"]
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "skipped sample 'q3' (line 3)" in message and str(path) in message and "no supervised tokens" in message
+    assert ds.bad_counts == {"no supervised tokens": 1} and (ds.num_attempted, ds.num_bad) == (4, 1)
+    flat = ConversationDataset(path, model.processor)  # the same loss as the good records apart
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        good = [flat[i] for i in (0, 1, 3)]
+    with torch.no_grad():
+        together = model(**pad_batch([s], tok.pad_id).model_inputs()).loss.item()
+        apart = [model(**pad_batch([g], tok.pad_id).model_inputs()).loss.item() for g in good]
+    counts = [int((g.labels != -100).sum()) for g in good]
+    assert together == pytest.approx(sum(l * n for l, n in zip(apart, counts)) / sum(counts), rel=1e-4)
+    with pytest.raises(DatasetError, match=r"'q3' \(line 3\).*no supervised tokens"):
+        ConversationDataset(path, model.processor, group_by_media=True, strict=True)[0]
+    # every record bad: None, each counted
+    rows_bad = [sample(f"e{i}", "<image>\nq?", "", ["images/b.png"]) for i in range(3)]
+    ds = ConversationDataset(write_jsonl(media / "group_all_bad.jsonl", rows_bad), model.processor,
+                             group_by_media=True)
+    with pytest.warns(DatasetWarning):
+        assert ds[0] is None
+    assert (ds.num_attempted, ds.num_bad) == (3, 3)
+    # a missing image: each of its questions is bad, named on its own
+    rows_gone = [sample(f"g{i}", "<image>\nq?", "a", ["images/gone.png"]) for i in range(2)]
+    ds = ConversationDataset(write_jsonl(media / "group_gone.jsonl", rows_gone), model.processor,
+                             group_by_media=True)
+    with pytest.warns(DatasetWarning) as caught:
+        assert ds[0] is None
+    assert ["'g0' (line 1)" in str(caught[0].message), "'g1' (line 2)" in str(caught[1].message)] == [True, True]
+    assert ds.bad_counts == {"missing image": 2} and (ds.num_attempted, ds.num_bad) == (2, 2)
+
+
+def test_mostly_bad_judges_records_not_groups(model, media):
+    """20 empty answers among 120 questions (24 images x 5): grouped, it trains as it does ungrouped."""
+    rows = [sample(f"{k}-{q}", f"<image>\nq{q}?", "" if (q == 3 and k < 20) else "red",
+                   [f"images/{'abc'[k % 3]}.png"]) for k in range(24) for q in range(5)]
+    path = write_jsonl(media / "group_some_bad.jsonl", rows)
+    for grouped in (False, True):
+        ds = ConversationDataset(path, model.processor, group_by_media=grouped, max_warnings=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = [ds[i] for i in range(len(ds))]
+        assert (ds.num_attempted, ds.num_bad) == (120, 20)
+        assert sum(o is None for o in out) == (0 if grouped else 20)
+    # a mostly bad grouped file still stops
+    rows = [sample(f"{k}-{q}", f"<image>\nq{q}?", "" if q else "red", [f"images/{'ab'[k % 2]}.png"])
+            for k in range(10) for q in range(4)]
+    ds = ConversationDataset(write_jsonl(media / "group_mostly_bad.jsonl", rows), model.processor,
+                             group_by_media=True, max_warnings=0)
+    with pytest.raises(DatasetError, match="15 of the 20 samples read so far were bad"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i in range(len(ds)):
+                ds[i]
+
+
+def test_a_bad_record_joined_from_another_file_is_named_with_its_file(model, media):
+    first = write_jsonl(media / "join_named_a.jsonl", [sample("a0", "<image>\nwhat color?", "red", ["images/a.png"])])
+    second = write_jsonl(media / "join_named_b.jsonl", [sample("t0", "hi", "yo"),
+                                                        sample("a1", "<image>\nwhere?", " ", ["images/a.png"])])
+    a = ConversationDataset(first, model.processor, group_by_media=True)
+    b = ConversationDataset(second, model.processor, group_by_media=True)
+    join_media_groups([a, b])
+    assert a.records[0].members == ("a0", "a1")
+    with pytest.warns(DatasetWarning) as caught:
+        assert a[0] is not None
+    message = str(caught[0].message)
+    assert message.startswith(f"{second}: skipped sample 'a1' (line 2)") and str(first) not in message
+
+
+def test_repeated_questions_keep_every_answer_token_in_the_loss(model, tok, media):
+    """The same question asked again with other answers (or COCO-style captions under one prompt): the
+    shared prefix stops before the answers, so the grouped loss is the separate samples' loss."""
+    for name, question, answers in (
+            ("dup", "what color is the circle?", ["red", "dark red", "red circle", "red"]),
+            ("coco", "Describe the image.", ["a red circle at the top", "a blue square", "a red circle and a square",
+                                             "two shapes"])):
+        rows = [sample(f"{name}{k}", f"<image>\n{question}", a, ["images/a.png"]) for k, a in enumerate(answers)]
+        path = write_jsonl(media / f"repeat_{name}.jsonl", rows)
+        flat = ConversationDataset(path, model.processor)
+        s = ConversationDataset(path, model.processor, group_by_media=True)[0]
+        separate = [flat[i] for i in range(len(rows))]
+        counts = [int((x.labels != -100).sum()) for x in separate]
+        assert int((s.labels != -100).sum()) == sum(counts)
+        assert supervised_text(tok, s) == "".join(answers)
+        with torch.no_grad():
+            apart = [model(**pad_batch([x], tok.pad_id).model_inputs()).loss.item() for x in separate]
+            together = model(**pad_batch([s], tok.pad_id).model_inputs()).loss.item()
+        assert together == pytest.approx(sum(l * n for l, n in zip(apart, counts)) / sum(counts), rel=1e-4)
+        assert s.pixel_values.shape[0] == 1  # the image is still shared
+
+
+def test_share_prefix_never_holds_a_label_nor_starts_a_later_branch_with_one():
+    from fusion.data.collate import share_prefix
+    from fusion.processor import ProcessedSample
+
+    def make(ids, first_label):
+        ids = torch.tensor(ids)
+        labels = torch.where(torch.arange(len(ids)) >= first_label, ids, torch.tensor(-100))
+        return ProcessedSample(input_ids=ids, labels=labels, pixel_values=None)
+
+    samples = [make([1, 2, 3, 4, 5, 6], 4), make([1, 2, 3, 4, 5, 7, 8], 4), make([1, 2, 3, 4, 9], 4)]
+    s = share_prefix(samples, patch_id=99)
+    prefix = int((s.branch_ids == 0).sum())
+    assert prefix == 3  # before the first label (index 4) of the later branches, less one
+    assert bool((s.labels[:prefix] == -100).all())
+    # the model predicts label t from position t - 1: each branch's labels are those of its sample
+    for k, x in enumerate(samples, start=1):
+        branch = s.branch_ids == k
+        assert torch.equal(s.labels[branch][(s.labels[branch] != -100)], x.labels[x.labels != -100])
+        assert torch.equal(s.positions[branch], torch.arange(prefix, len(x.input_ids)))
+
+
+def test_jsonl_lines_end_at_newline_only(model, tok, media):
+    """U+2028, U+2029 and U+0085 inside JSON strings (valid JSON Lines written with ensure_ascii=False) are
+    text, not line ends; line numbers stay those of the file."""
+    rows = [sample("a", "hi", "one\u2028two"), sample("b", "hi\x85there", "ok"), sample("c", "hi", "x\u2029y"),
+            sample("d", "<image>\nq?", "fine", ["images/gone.png"])]
+    path = media / "u2028.jsonl"
+    path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows).encode("utf-8"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = ConversationDataset(path, model.processor)
+    assert [(r.id, r.line) for r in ds.records] == [("a", 1), ("b", 2), ("c", 3), ("d", 4)]
+    assert ds.records[0].answer == "one\u2028two" and ds.records[1].messages[0]["content"] == "hi\x85there"
+    with pytest.warns(DatasetWarning, match=r"'d' \(line 4\)"):
+        assert ds[3] is None
+
+
+def _stage(media, data):
+    from fusion.train_config import TrainConfig
+    return TrainConfig.from_dict({"name": "x", "output_dir": str(media / "run"), "model": {"init_from": "default"},
+                                  "stages": [{"name": "s", "data": data, "group_by_media": True, "join_files": True,
+                                              "steps": 1, "batch_size": 1, "lr": {"decoder": 1e-3}}]},
+                                 base_dir=str(media))
+
+
+def test_join_files_refuses_entries_it_would_join_wrongly(model, media):
+    """join_files with a file listed again (its records would be asked twice in one sample) or with files
+    about the same media but different repeat (a joined sample has one repeat) is refused, naming them."""
+    from fusion.data.stage_data import load_stage_data
+    from fusion.errors import ConfigError
+
+    rows = [sample(f"{m}{q}", f"<image>\nq{q}?", "red", [f"images/{m}.png"]) for m in "ab" for q in range(2)]
+    write_jsonl(media / "join_rep.jsonl", rows + [sample("t", "hi", "yo")])
+    write_jsonl(media / "join_rep_extra.jsonl", [sample("a9", "<image>\nmore?", "no", ["images/a.png"])])
+    config = _stage(media, ["join_rep.jsonl", {"path": "join_rep.jsonl", "media": ["image"], "repeat": 2}])
+    with pytest.raises(ConfigError, match=r"join_files: data entries 1 \(join_rep.jsonl\) and 2 \(join_rep.jsonl\) "
+                                          r"both hold record 'a0'"):
+        load_stage_data(config, config.stages[0], model)
+    config = _stage(media, ["join_rep.jsonl", {"path": "join_rep_extra.jsonl", "repeat": 2}])
+    with pytest.raises(ConfigError, match=r"join_rep.jsonl \(repeat 1\) and join_rep_extra.jsonl \(repeat 2\) ask "
+                                          r"about the same media"):
+        load_stage_data(config, config.stages[0], model)
+    # the same repeat, or a file listed again for its text records only, is fine
+    config = _stage(media, ["join_rep.jsonl", {"path": "join_rep_extra.jsonl"},
+                            {"path": "join_rep.jsonl", "media": ["text"], "repeat": 3}])
+    data = load_stage_data(config, config.stages[0], model)
+    members = [m for d in data.datasets for r in d.records for m in (r.members or (r.id,))]
+    assert sorted(members) == sorted(["a0", "a1", "a9", "b0", "b1", "t"] + ["t"] * 3)
+
+
+def test_typed_parts_may_carry_their_media_paths(model, tok, media):
+    """Hugging Face-style parts {"type": "image", "image": path} (or "path"/"url") give the record's images
+    when it has no images list; both ways at once is refused, naming both."""
+    listed = sample("listed", "<image>\nWhat is it?", "a circle", ["images/a.png"])
+    def hf(id, part, **extra):
+        return {"id": id, **extra, "messages": [
+            {"role": "user", "content": [part, {"type": "text", "text": "\nWhat is it?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "a circle"}]}]}
+    rows = [listed,
+            hf("in-part", {"type": "image", "image": "images/a.png"}),
+            hf("path-key", {"type": "image", "path": "images/a.png"}),
+            hf("both", {"type": "image", "image": "images/a.png"}, images=["images/b.png"]),
+            hf("web", {"type": "image", "url": "https://example.com/cat.png"}),
+            {"id": "two", "messages": [{"role": "user", "content": [
+                {"type": "image", "image": "images/a.png"}, {"type": "text", "text": " and "},
+                {"type": "image", "image": "images/c.png"}]}, {"role": "assistant", "content": "same"}]},
+            {"id": "vid", "messages": [{"role": "user", "content": [{"type": "video", "video": "videos/v.mp4"}]},
+                                       {"role": "assistant", "content": "left"}]},
+            {"id": "half", "messages": [{"role": "user", "content": [
+                {"type": "image", "image": "images/a.png"}, {"type": "image"}]},
+                {"role": "assistant", "content": "x"}]}]
+    with pytest.warns(DatasetWarning) as caught:
+        ds = ConversationDataset(write_jsonl(media / "hf_parts.jsonl", rows), model.processor)
+    messages = [str(w.message) for w in caught]
+    assert any("'both'" in m and "conflicting media" in m and "'images'" in m and "{'type': 'image'} parts" in m
+               for m in messages)
+    assert any("'half'" in m and "missing field" in m and "part(s) [2]" in m for m in messages)
+    by_id = {r.id: i for i, r in enumerate(ds.records)}
+    assert sorted(by_id) == ["in-part", "listed", "path-key", "two", "vid", "web"]
+    assert ds.records[by_id["in-part"]].images == [str(media / "images/a.png")]
+    assert ds.records[by_id["two"]].images == [str(media / "images/a.png"), str(media / "images/c.png")]
+    assert ds.records[by_id["vid"]].videos == [str(media / "videos/v.mp4")]
+    for name in ("in-part", "path-key"):
+        same_sample(ds[by_id[name]], dataclasses_replace_id(ds[by_id["listed"]], name))
+    assert ds[by_id["two"]].pixel_values.shape[0] == 2 and ds[by_id["vid"]] is not None
+    with pytest.warns(DatasetWarning, match="'web'.*https:// URL, and fusion never downloads"):
+        assert ds[by_id["web"]] is None
+
+
+def dataclasses_replace_id(s, sample_id):
+    import dataclasses
+    return dataclasses.replace(s, sample_id=sample_id)
+
+
+def test_llava_turns_before_the_first_question_are_dropped(model, tok, media):
+    """A LLaVA conversation that opens with a gpt turn: that turn answers nothing, so it is dropped (as LLaVA's
+    preprocessing does), not trained."""
+    rows = [{"id": "gpt-first", "image": "images/a.png",
+             "conversations": [{"from": "gpt", "value": "Hello"}, {"from": "human", "value": "<image>\nWhat?"},
+                               {"from": "gpt", "value": "red"}]},
+            {"id": "system-gpt", "image": "images/a.png",
+             "conversations": [{"from": "system", "value": "be brief"}, {"from": "gpt", "value": "Hello"},
+                               {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]},
+            {"id": "plain", "image": "images/a.png",
+             "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]},
+            {"id": "only-gpt", "conversations": [{"from": "gpt", "value": "Hello"}]}]
+    path = media / "gpt_first.json"
+    path.write_text(json.dumps(rows))
+    with pytest.warns(DatasetWarning, match=r"'only-gpt' \(item 4\): no assistant turn"):
+        ds = ConversationDataset(path, model.processor)
+    assert [m["role"] for m in ds.records[0].messages] == ["user", "assistant"]
+    assert [m["role"] for m in ds.records[1].messages] == ["system", "user", "assistant"]
+    assert supervised_text(tok, ds[0]) == supervised_text(tok, ds[1]) == "red"
+    assert torch.equal(ds[0].input_ids, ds[2].input_ids)
+
+
+def test_small_record_format_cases(model, tok, media):
+    """A whitespace-only answer is bad like an empty one; `images` and `image` together are refused (naming
+    both keys); a number as a turn's value is its text."""
+    rows = [sample("ws", "hi", " "), sample("nl", "hi", "\n"),
+            {"id": "both", "images": ["images/a.png"], "image": "images/b.png",
+             "conversations": turns(("<image>x", "red"))},
+            {"id": "both-videos", "videos": ["videos/v.mp4"], "video": "videos/v.mp4",
+             "conversations": turns(("<video>x", "red"))},
+            {"id": "num", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": 4}]},
+            {"id": "float", "conversations": [{"from": "human", "value": "half?"}, {"from": "gpt", "value": 0.5}]},
+            {"id": "null-images", "images": None, "image": "images/a.png", "conversations": turns(("<image>x", "red"))}]
+    with pytest.warns(DatasetWarning) as caught:
+        ds = ConversationDataset(write_jsonl(media / "small_cases.jsonl", rows), model.processor)
+    messages = [str(w.message) for w in caught]
+    assert any("'both' (line 3): conflicting media" in m and "'images'" in m and "'image'" in m for m in messages)
+    assert any("'both-videos' (line 4): conflicting media" in m and "'videos'" in m and "'video'" in m
+               for m in messages)
+    assert [r.id for r in ds.records] == ["ws", "nl", "num", "float", "null-images"]
+    for i in (0, 1):
+        with pytest.warns(DatasetWarning, match="no supervised tokens"):
+            assert ds[i] is None
+    assert ds.bad_counts["no supervised tokens"] == 2
+    assert supervised_text(tok, ds[2]) == "4" and supervised_text(tok, ds[3]) == "0.5"
+    assert ds.records[4].images == [str(media / "images/a.png")] and ds[4] is not None

@@ -82,3 +82,15 @@ def test_an_empty_assistant_turn_among_others_supervises_its_eot(tok):
 def test_generation_prompt_skips_the_supervision_check(tok):
     encoded = tok.encode_conversation([{"role": "user", "content": "hello"}], add_generation_prompt=True)
     assert encoded.labels is None and encoded.num_supervised_tokens == 0
+
+
+@pytest.mark.parametrize("answer", [" ", "\n", " \n\t "])
+def test_whitespace_only_assistant_turns_raise_like_empty_ones(tok, answer):
+    """A whitespace-only answer is broken data like an empty one, not a target to learn."""
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": answer}]
+    with pytest.raises(NoSupervisedTokensError, match=r"sample 'ws' .*1 assistant turn\(s\), all empty or whitespace"):
+        tok.encode_conversation(messages, sample_id="ws")
+    # among answers with content it still supervises its tokens and eot
+    messages += [{"role": "user", "content": "and?"}, {"role": "assistant", "content": "yes"}]
+    encoded = tok.encode_conversation(messages)
+    assert encoded.num_supervised_tokens == len(tok.encode(answer)) + 1 + len(tok.encode("yes")) + 1

@@ -298,3 +298,22 @@ def test_media_arguments_must_be_placeholders(tok):
         tok.encode_conversation(_conversation("<image>"), images=[144])
     with pytest.raises(PlaceholderError, match="images must be a list of ImagePlaceholder"):
         tok.encode_conversation(_conversation("<image>"), images=ImagePlaceholder(tokens_per_tile=1))
+
+
+def test_media_parts_may_name_their_files(tok):
+    """Hugging Face-style parts that carry their file ({"type": "image", "image": path}, or "path"/"url"):
+    `media_part_paths` gives (kind, path) in order; `content_text` places their markers as for bare parts."""
+    from tokenizer import ConversationFormatError, content_text, media_part_paths
+
+    content = [{"type": "image", "image": "img/a.png"}, {"type": "text", "text": "then"},
+               {"type": "video", "path": "v.mp4"}, {"type": "image"}, {"type": "image", "url": "https://x.org/b.png"}]
+    assert media_part_paths(content, "turn 0") == [("image", "img/a.png"), ("video", "v.mp4"), ("image", None),
+                                                   ("image", "https://x.org/b.png")]
+    bare = [{"type": "image"}, {"type": "text", "text": "then"}, {"type": "video"}, {"type": "image"},
+            {"type": "image"}]
+    assert content_text(content, "turn 0") == content_text(bare, "turn 0") == "<image>then<video><image><image>"
+    assert media_part_paths("<image>\nWhat?", "turn 0") == []
+    with pytest.raises(ConversationFormatError, match=r"turn 1 part 0: 'image' must be the path of the image file"):
+        media_part_paths([{"type": "image", "image": {"bytes": b"..."}}], "turn 1")
+    with pytest.raises(ConversationFormatError, match="names more than one image file"):
+        media_part_paths([{"type": "image", "image": "a.png", "path": "b.png"}], "turn 1")
