@@ -44,8 +44,15 @@ class DecoderLayer(nn.Module):
         self.feed_forward = MoE(config) if self.is_moe else FeedForward(config.hidden_size,
                                                                         config.intermediate_size_mlp)
 
-    def forward(self, x, rope, temperature, plan, kv=None):
+    @property
+    def counts_real_tokens(self) -> bool:
+        """An MoE layer whose balance counts real tokens only (it then needs to know which they are)."""
+        return self.is_moe and not self.feed_forward.count_padding
+
+    def forward(self, x, rope, temperature, plan, kv=None, valid=None):
         h = x + self.attention(self.attention_norm(x), rope, temperature, plan, kv)
+        if valid is not None:  # `valid`: the real tokens, for the experts' balance
+            return h + self.feed_forward(self.ffn_norm(h), valid)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -172,7 +179,9 @@ class Decoder(nn.Module):
         temperature = (attention_temperature(positions, self.config.floor_scale, self.config.attn_scale)
                        if self.config.attn_temperature_tuning else None)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, temperature, plans[layer.kind], cache.layers[i] if cache is not None else None)
+            counts_real = attention_mask is not None and self.training and layer.counts_real_tokens
+            x = layer(x, rope, temperature, plans[layer.kind], cache.layers[i] if cache is not None else None,
+                      valid if counts_real else None)
         if cache is not None:
             last = torch.where(valid, positions, -1).max(dim=1, keepdim=True).values
             cache.next_positions = torch.maximum(cache.next_positions, last + 1)
@@ -234,7 +243,7 @@ class Decoder(nn.Module):
         """Take the last forward's tokens back out of the load-balancing counts (a forward that must not count,
         such as a stand-in batch of sharded training)."""
         for moe in self.moe_layers():
-            moe.tokens_per_expert -= moe.last_counts.to(moe.tokens_per_expert.dtype)
+            moe.tokens_per_expert -= moe.last_counted.to(moe.tokens_per_expert.dtype)
 
     def tokens_per_expert(self) -> list[torch.Tensor]:
         """Tokens routed to each expert in the last forward, one [E] tensor per MoE layer."""
@@ -243,9 +252,14 @@ class Decoder(nn.Module):
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
-        """Greedy or sampled decoding with a KV cache; see `fusion.generation.generate` for the options."""
+        """Greedy or sampled decoding with a KV cache; see `fusion.generation.generate` for the options.
+        `stop_ids` defaults to the config's `eos_token_id` (as loaded from a Hugging Face config.json);
+        `stop_ids=()` never stops early."""
         from .generation import generate
 
+        if kwargs.get("stop_ids") is None and self.config.eos_token_id is not None:
+            eos = self.config.eos_token_id
+            kwargs["stop_ids"] = [eos] if isinstance(eos, int) else list(eos)
         return generate(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 

@@ -159,6 +159,11 @@ class MoE(nn.Module):
         # Tokens per expert since the last bias update (training only).
         self.register_buffer("tokens_per_expert", torch.zeros(E), persistent=False)
         self.last_counts: torch.Tensor | None = None  # [E] tokens per expert in the last forward
+        self.last_counted: torch.Tensor | None = None  # [E] of those, the ones the balance counted
+        # Whether padding counts for the balance (bias and aux loss). False: real tokens only, so the balance is
+        # the same however a batch is padded or split. True: every routed token, as fusion counted until
+        # 2026-12 (the shipped default model was trained so; its recipe sets `moe_count_padding: true`).
+        self.count_padding = False
         self.last_chosen: torch.Tensor | None = None  # [N, k] experts chosen per token in the last forward
         self.aux_loss: torch.Tensor | None = None
 
@@ -173,13 +178,21 @@ class MoE(nn.Module):
         return self
 
     def route(self, x: torch.Tensor):
-        """x [N, D] -> chosen experts [N, k], their gate scores [N, k] (fp32), all scores [N, E] (fp32)."""
-        scores = torch.sigmoid(self.router(x).float())  # [N, E]
+        """x [N, D] -> chosen experts [N, k], their gate scores [N, k] (fp32), all scores [N, E] (fp32).
+
+        The choice is made in float64: float32 sigmoids of logits above ~17 are all exactly 1 and would tie
+        (broken by expert index), where Meta's and Hugging Face's Llama 4 choose on the logits themselves;
+        float64 keeps their ranking up to logits of ~36 (with no bias the same choice as theirs)."""
+        logits = self.router(x).float()  # [N, E]
+        scores = torch.sigmoid(logits)
         with torch.no_grad():
-            chosen = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices
+            ranking = torch.sigmoid(logits.double()) + self.expert_bias.double()
+            chosen = torch.topk(ranking, self.top_k, dim=-1).indices
         return chosen, scores.gather(1, chosen), scores
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., D] -> [..., D]. `valid` (x's leading shape, bool): the real tokens, which alone count for the
+        load balancing (bias and aux loss) unless `count_padding`; padding is routed like any token."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         chosen, gates, scores = self.route(x)
@@ -198,17 +211,33 @@ class MoE(nn.Module):
             routed = routed_out.to(shared.dtype).index_select(0, unsort).view(-1, k, shared.shape[-1])
             out = shared + (routed[:, 0] if k == 1 else routed.sum(1))
 
-        self.last_counts, self.last_chosen = counts.detach(), chosen.detach()
+        if self.count_padding:
+            valid = None
+        counted = counts
+        if valid is not None:
+            with torch.no_grad():
+                weight = valid.reshape(-1, 1).expand(-1, k).reshape(-1).to(scores.dtype)
+                counted = torch.zeros(self.num_experts, dtype=scores.dtype, device=x.device).index_add_(
+                    0, chosen.reshape(-1), weight)
+        self.last_counts, self.last_chosen, self.last_counted = counts.detach(), chosen.detach(), counted.detach()
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
-        self.aux_loss = self._balance_loss(scores, counts) if self.training and self.aux_loss_coef > 0 else None
+                self.tokens_per_expert += counted.to(self.tokens_per_expert.dtype)
+        self.aux_loss = (self._balance_loss(scores, counted, valid) if self.training and self.aux_loss_coef > 0
+                         else None)
         return out.reshape(shape)
 
-    def _balance_loss(self, scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Switch-style loss E * sum_e f_e * p_e (f: share of routed tokens, p: mean normalised score)."""
+    def _balance_loss(self, scores: torch.Tensor, counts: torch.Tensor,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Switch-style loss E * sum_e f_e * p_e (f: share of routed tokens, p: mean normalised score), over the
+        counted tokens (`valid`: the real ones)."""
         fraction = counts.float() / counts.sum().clamp(min=1)
-        probability = (scores / scores.sum(-1, keepdim=True)).mean(0)
+        normalised = scores / scores.sum(-1, keepdim=True)
+        if valid is None:
+            probability = normalised.mean(0)
+        else:
+            weight = valid.reshape(-1, 1).to(normalised.dtype)
+            probability = (normalised * weight).sum(0) / weight.sum().clamp(min=1)
         return self.num_experts * (fraction * probability).sum()
 
     @torch.no_grad()

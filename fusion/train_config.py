@@ -281,6 +281,9 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads (default: torch's choice)
     # optimizer steps in a row whose loss or gradients are not finite (each one skipped) before the run stops
     max_skipped_steps: int = 10
+    # MoE load balancing (the expert bias and the aux loss) counts real tokens only; true: padding too, as fusion
+    # did until 2026-12 (the default model's recipe keeps it, to reproduce the shipped model's run)
+    moe_count_padding: bool = False
     final_eval: dict[str, Any] | None = None  # {data: test.jsonl, limit: null}: `fusion eval` on the final model
     base_dir: str = "."  # folder that relative paths are resolved from (the YAML's folder)
 

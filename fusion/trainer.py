@@ -310,8 +310,9 @@ class Trainer:
         set_trainable(model, stage)
         if stage.compile:
             compile_decoder_blocks(model.decoder)
-        if stage.aux_loss_coef is not None:
-            for moe in model.decoder.moe_layers():
+        for moe in model.decoder.moe_layers():
+            moe.count_padding = self.config.moe_count_padding
+            if stage.aux_loss_coef is not None:
                 moe.aux_loss_coef = stage.aux_loss_coef
         step_module = TrainingStep(model)
         if self.sharded and not getattr(model, "_fsdp_applied", False):

@@ -101,3 +101,16 @@ def test_sampling_options_without_do_sample_warn_that_decoding_is_greedy():
         model.generate(PROMPTS, max_new_tokens=2)
         model.generate(PROMPTS, max_new_tokens=2, do_sample=True, temperature=3.0,
                        generator=torch.Generator().manual_seed(0))
+
+
+def test_a_decoder_alone_stops_at_its_configs_eos_token():
+    """A decoder loaded from a Hugging Face folder knows its eos_token_id: generate stops there by default
+    (stop_ids=() never stops early, as before)."""
+    model = make_decoder()
+    free = model.generate([PROMPTS[0]], max_new_tokens=12, stop_ids=())[0].tolist()
+    model.config.eos_token_id = free[2]
+    stopped = model.generate([PROMPTS[0]], max_new_tokens=12)[0].tolist()
+    assert stopped[:3] == free[:3] and len(stopped) == 3
+    model.config.eos_token_id = [free[1], 60]
+    assert len(model.generate([PROMPTS[0]], max_new_tokens=12)[0]) == 2
+    assert model.generate([PROMPTS[0]], max_new_tokens=12, stop_ids=())[0].tolist() == free

@@ -167,3 +167,45 @@ def test_balancing_state_stays_float32_in_a_bf16_model():
     assert torch.equal(moe.tokens_per_expert, counted.float())
     moe.update_expert_bias()
     assert moe.expert_bias.dtype == torch.float32 and moe.expert_bias.abs().sum() > 0
+
+
+def test_padding_does_not_count_for_the_balance_unless_asked():
+    """Right-padded training batches: padding is routed (all of it tends to one expert) but the bias counts
+    and the aux loss see real tokens only, the same as the batch without padding; `count_padding` (the
+    recipe's `moe_count_padding: true`) counts every routed token, as before 2026-12."""
+    torch.manual_seed(0)
+    config = fusion.DecoderConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                  head_dim=8, intermediate_size=16, num_experts=4, top_k=1, aux_loss_coef=0.1,
+                                  interleave_moe_layer_step=2)
+    model = fusion.Decoder(config).train()
+    moe = model.moe_layers()[0]
+    ids = torch.randint(1, 50, (1, 6))
+    model(ids)
+    alone, alone_aux = moe.tokens_per_expert.clone(), moe.aux_loss.detach()
+    moe.tokens_per_expert.zero_()
+    padded = torch.cat([ids, torch.zeros(1, 10, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 6), torch.zeros(1, 10)], 1).long()
+    model(padded, attention_mask=mask)
+    assert torch.equal(moe.tokens_per_expert, alone) and int(moe.last_counts.sum()) == 16
+    assert torch.allclose(moe.aux_loss, alone_aux)
+    moe.tokens_per_expert.zero_()
+    moe.count_padding = True
+    model(padded, attention_mask=mask)
+    assert int(moe.tokens_per_expert.sum()) == 16
+    model.uncount_last_forward()
+    assert int(moe.tokens_per_expert.sum()) == 0
+
+
+def test_large_router_logits_choose_as_the_reference_does():
+    """Router logits above ~17 all have a float32 sigmoid of exactly 1; the choice must still follow the
+    logits (as Meta's and Hugging Face's Llama 4 choose), not tie-break by expert index."""
+    moe = make_moe(num_experts=8, top_k=1)
+    with torch.no_grad():
+        moe.router.weight.mul_(6.0)  # logits in the tens
+    x = torch.randn(400, 32)
+    x = x[moe.router(x).max(-1).values < 35]  # float64 keeps the ranking up to ~36
+    logits = moe.router(x)
+    assert ((torch.sigmoid(logits.float()) == 1).sum(-1) >= 2).sum() >= 10  # float32 ties in many rows
+    chosen, _, _ = moe.route(x)
+    assert torch.equal(chosen[:, 0], logits.argmax(-1))
+    assert torch.allclose(moe(x), dense_reference(moe, x), atol=1e-3)
