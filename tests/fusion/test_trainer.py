@@ -297,7 +297,7 @@ def test_a_batch_with_no_readable_sample_is_skipped_and_moves_no_weight(world, t
     out = tmp_path / "run"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DatasetWarning)
-        with pytest.warns(TrainingWarning, match=r"stage 'media', step 1: none of the batch's 4 samples could be "
+        with pytest.warns(TrainingWarning, match=r"stage 'media', step \d: none of the batch's 4 samples could be "
                                                  r"read .*the optimizer step was skipped"):
             final = train(fusion.trainer.TrainConfig.from_dict(base_config(world, out, stages)), progress=False)
     before, after = load_file(out / "stages" / "text" / "model.safetensors"), load_file(final / "model.safetensors")
