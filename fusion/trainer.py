@@ -500,24 +500,22 @@ class Trainer:
         where = f"stage {stage.name!r}, step {step}"
         limit = self.config.max_skipped_steps
         if reason == "nothing to learn":
-            if in_a_row >= limit:
-                raise TrainingError(f"{where}: no sample of the last {in_a_row} batches could be read (each step "
-                                    f"skipped, the weights untouched); the warnings above name the samples and "
-                                    f"why: check the stage's data files and their media paths (root:)")
-            if self.ctx.is_main:
-                warnings.warn(f"{where}: none of the batch's {len(samples)} samples could be read (or none has an "
-                              f"answer to learn); the optimizer step was skipped; {in_a_row} in a row, the run "
-                              f"stops at {limit}", TrainingWarning, stacklevel=2)
-            return
+            stop = (f"no sample of the last {in_a_row} batches could be read (each step skipped, the weights "
+                    f"untouched); the warnings above name the samples and why: check the stage's data files and "
+                    f"their media paths (root:)")
+            warn = (f"none of the batch's {len(samples)} samples could be read (or none has an answer to learn); "
+                    f"the optimizer step was skipped")
+        else:
+            stop = (f"the loss or the gradients were not finite for {in_a_row} optimizer steps in a row (each one "
+                    f"skipped, the weights untouched); lower the stage's learning rates, keep clip_grad_norm, or "
+                    f"check the data (the last batch held {ids}), then --resume from the last checkpoint")
+            warn = (f"the loss or the gradients are not finite; the optimizer step was skipped (its batch held "
+                    f"{ids}{' ...' if len(samples) > len(ids) else ''})")
         if in_a_row >= limit:
-            raise TrainingError(f"{where}: the loss or the gradients were not finite for {in_a_row} optimizer steps "
-                                f"in a row (each one skipped, the weights untouched); lower the stage's learning "
-                                f"rates, keep clip_grad_norm, or check the data (the last batch held {ids}), then "
-                                f"--resume from the last checkpoint")
+            raise TrainingError(f"{where}: {stop}")
         if self.ctx.is_main:
-            warnings.warn(f"{where}: the loss or the gradients are not finite; the optimizer step was skipped "
-                          f"(its batch held {ids}{' ...' if len(samples) > len(ids) else ''}); {in_a_row} in a row, "
-                          f"the run stops at {limit}", TrainingWarning, stacklevel=2)
+            warnings.warn(f"{where}: {warn}; {in_a_row} in a row, the run stops at {limit}", TrainingWarning,
+                          stacklevel=2)
 
     # -- logging, evaluation, checkpoints ----------------------------------------------------
     def log_train(self, stage, progress, window, optimizer):
