@@ -87,6 +87,10 @@ def run_command(args: argparse.Namespace) -> int:
         except TrainingStopped as stop:  # SIGTERM / Ctrl-C, after a checkpoint: the signal's exit code
             print(f"fusion train: {stop}", file=sys.stderr)
             return 128 + (stop.signum or 0)
+        finally:  # under torchrun: the process group this command made goes with it
+            from .distributed import shutdown_distributed
+
+            shutdown_distributed()
         if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
             print(f"final model: {final}")
         return 0

@@ -46,7 +46,11 @@ class StopSignals:
         same step and write the checkpoint together)."""
         if not ctx.distributed:
             return self.signum is not None
-        return bool(ctx.all_reduce_sum(torch.tensor([0.0 if self.signum is None else 1.0])) > 0)
+        # the largest signal number asked for anywhere: every process then exits with that signal's code
+        signum = int(ctx.all_reduce_max(0 if self.signum is None else int(self.signum)))
+        if signum and self.signum is None:
+            self.signum = signum
+        return signum > 0
 
 
 def ignore_stop_signals(worker_id: int | None = None):

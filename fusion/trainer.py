@@ -239,7 +239,9 @@ class Trainer:
                 if index + 1 < len(config.stages) and self.stop_signals.agreed(self.ctx):  # its end is checkpointed
                     raise self.stopped(stage, progress)
         final = self.out / "final"
-        self.save_model(final)
+        self.save_model(final)  # (its last collective: after it only the main process works, so a long final
+        if not self.ctx.is_main:  # evaluation never outlasts a collective's timeout in the others)
+            return final
         if self.ctx.is_main:
             try:
                 plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png")
@@ -257,7 +259,6 @@ class Trainer:
                 "steps": progress.global_step, "device": str(self.ctx.device), "world_size": self.ctx.world_size,
                 "computed_in": self.computed_in,
                 "threads": torch.get_num_threads(), "torch": torch.__version__})
-        self.ctx.barrier()
         return final
 
     def _remove_earlier_run(self):
@@ -315,6 +316,10 @@ class Trainer:
             if stage.aux_loss_coef is not None:
                 moe.aux_loss_coef = stage.aux_loss_coef
         step_module = TrainingStep(model)
+        # a micro-batch without media still runs the tower on a blank tile (its result times 0) where the stage
+        # trains the tower or adapter with the decoder frozen: else its loss has no gradient path at all
+        model.vision_in_every_forward = bool(getattr(model, "_fsdp_applied", False)) or (
+            stage.rate("decoder") <= 0 and (stage.rate("vision") > 0 or stage.rate("adapter") > 0))
         if self.sharded and not getattr(model, "_fsdp_applied", False):
             fdist.apply_fsdp2(model, list(model.decoder.layers) + [model.vision, model.adapter], ctx)
             model._fsdp_applied = True
@@ -454,10 +459,14 @@ class Trainer:
         load = None
         real = len(batches)
         aux_scale = 1.0 / max(1, real)  # the aux loss is a per-batch mean: average it over micro-batches
-        count = ctx.all_reduce_max(real) if self.sharded else real
-        if count > real:  # FSDP2: this process has fewer micro-batches than another; stand-ins make up the rest
+        # FSDP2: as many micro-batches as the process with the most (each forward gathers weights from all);
+        # DDP: at least one (each step's forward syncs buffers and its backward all-reduces the gradients).
+        # Stand-ins make up the rest: their loss counts 0, their tokens not for the experts' balance.
+        count = ctx.all_reduce_max(real) if self.sharded else max(real, 1) if ctx.distributed else real
+        if count > real:
             filler = batches[-1] if batches else text_stand_in_batch(self.model.tokenizer)
             batches = batches + [filler] * (count - real)
+        zero_load = None
         for i, batch in enumerate(batches):
             stand_in = i >= real
             batch = batch.to(ctx.device)
@@ -467,13 +476,12 @@ class Trainer:
                 (loss * 0 if stand_in else loss).backward()  # a stand-in's gradients are zeros
             if stand_in:
                 self.model.decoder.uncount_last_forward()  # its tokens do not move the experts' balance
+                zero_load = torch.zeros_like(batch_load.cpu())
             else:
                 loss_sum += token_loss.double().cpu()
                 load = batch_load.cpu() if load is None else load + batch_load.cpu()
-        if not real and not self.sharded:  # every sample of this process was bad: still join the all-reduce
-            with self.autocast():
-                zero = sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad)
-                zero.backward()
+        if load is None:  # every sample of this process was bad: it still joins the router-load all-reduce
+            load = zero_load
         loss_sum = float(ctx.all_reduce_sum(loss_sum))
         # the global gradient norm (gradients are already reduced over processes), clipped where the stage says
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -648,6 +656,9 @@ class Trainer:
 
         for stage in config.stages[first_stage:]:
             where = f"stage {stage.name!r}"
+            if stage.batch_size % self.ctx.world_size:
+                raise ConfigError(f"{where}: batch_size {stage.batch_size} is not divisible by the "
+                                  f"{self.ctx.world_size} processes (each takes an equal share of every batch)")
             for path in [config.path(s.path) for s in stage.data] + [config.path(stage.eval.data)]:
                 if missing(path):
                     raise ConfigError(f"{where}: data file {str(path)!r} does not exist (relative paths are read "

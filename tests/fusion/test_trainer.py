@@ -97,6 +97,35 @@ def test_global_batches_are_the_same_for_one_or_two_processes():
         assert next(it1) == next(it2[0]) + next(it2[1])
 
 
+def test_a_batch_size_the_processes_cannot_share_fails_before_any_stage_trains(world, tmp_path):
+    """Under torchrun each process takes an equal share of every batch: a later stage's batch_size that the
+    processes cannot share is named before the first stage trains, not once it is reached."""
+    from fusion.errors import ConfigError
+    from fusion.trainer import Trainer
+
+    first = {"name": "first", "data": str(world / "text.jsonl"), "steps": 1, "batch_size": 4, "lr": {"decoder": 1e-3}}
+    config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", [
+        first, {**first, "name": "second", "batch_size": 3}]))
+    trainer = Trainer(config, progress=False)
+    trainer.ctx = DistContext(rank=0, world_size=2)  # as two processes see it (no process group needed here)
+    with pytest.raises(ConfigError, match=r"stage 'second': batch_size 3 is not divisible by the 2 processes"):
+        trainer.check()
+
+
+def test_every_process_stops_with_the_signal_one_of_them_got():
+    """SIGTERM reaching one process of a run: all stop at the same step, and each exits with that signal's
+    code (143), not a bare 128 on the ones the signal did not reach."""
+    from fusion.stop_signals import StopSignals
+
+    class OtherProcessGotSigterm(DistContext):
+        def all_reduce_max(self, value):
+            return max(value, int(signal.SIGTERM))
+
+    stop = StopSignals()
+    assert stop.agreed(OtherProcessGotSigterm(rank=1, world_size=2)) and stop.signum == signal.SIGTERM
+    assert not StopSignals().agreed(DistContext())
+
+
 def test_a_generated_world_with_other_settings_is_refused_not_reused(world, tmp_path):
     """`data.shapes_world` generates the world once; a folder written with other settings is not silently
     trained on (a changed recipe would otherwise keep its old data)."""
@@ -989,17 +1018,24 @@ def test_uneven_batches_on_two_processes_match_one_process(world, tmp_path, stra
             records[i]["images"] = [str(tmp_path / "missing.png")]
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # a second stage: one sample per process and step, so a bad sample leaves a process nothing to train on;
+    # the decoder frozen while the tower trains, and text-only samples (no media for the tower in a batch)
+    few_text = tmp_path / "few_text.jsonl"
+    few_text.write_text("".join((world / "text.jsonl").read_text().splitlines(keepends=True)[:8]))
     stage = {"name": "mixed", "data": [str(mixed), str(world / "text.jsonl")], "steps": 6, "batch_size": 4,
              "length_buckets": 2, "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3},
              "eval": {"data": str(world / "val.jsonl"), "limit": 2, "loss_batches": 20}}  # past the file's end
+    shares = {"name": "shares", "data": [str(mixed), str(few_text)], "steps": 8, "batch_size": 2,
+              "lr": {"vision": 1e-3, "adapter": 1e-3}}
     settings = {"threads": 1, "precision": "fp32"}
-    one = write_config(tmp_path / "one.yaml", base_config(world, tmp_path / "one", [stage], **settings))
-    two = write_config(tmp_path / "two.yaml", base_config(world, tmp_path / "two", [stage],
+    one = write_config(tmp_path / "one.yaml", base_config(world, tmp_path / "one", [stage, shares], **settings))
+    two = write_config(tmp_path / "two.yaml", base_config(world, tmp_path / "two", [stage, shares],
                                                           distributed={"strategy": strategy}, **settings))
     train_one_and_two_processes(one, two)
     runs = [read_metrics(tmp_path / out / "metrics.jsonl") for out in ("one", "two")]
     train_logs = [[e for e in run if e["kind"] == "train"] for run in runs]
     assert sum(e["skipped_samples"] for e in train_logs[1]) > 0  # some bad samples were drawn
+    assert any(e["skipped_samples"] for e in train_logs[1] if e["stage"] == "shares")  # a process had none
     for a, b in zip(*train_logs, strict=True):  # other groupings round differently, and Adam amplifies that a
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3), f"step {a['step']}"  # little (1e-4 at step 5)
         assert b["skipped_samples"] == a["skipped_samples"]
