@@ -182,9 +182,9 @@ plt.show()
     md("""
 ## Where does the model look?
 
-`fusion.relevance.patch_relevance` explains one answer: how much each image token (one per 16x16
-block of pixels here) contributes to the answer's log-probability (gradient x input). Red is most
-relevant.
+`fusion.relevance.patch_relevance` explains one answer: how much each image token (one per 32x32
+block of the model's 96-px input here: 16-px patches merged 2x2, so a 3x3 grid, one token per cell of
+the scene) contributes to the answer's log-probability (gradient x input). Red is most relevant.
 """),
     code("""
 from fusion.relevance import overlay_relevance, patch_relevance
@@ -451,13 +451,6 @@ train_seconds = time.perf_counter() - start
 print(f"trained in {train_seconds / 60:.1f} min; the model is in {final}")
 """),
     md("""
-(The trainer draws `metrics.png` with matplotlib's non-interactive backend; the next line turns the
-notebook's inline plots back on.)
-"""),
-    code("""
-%matplotlib inline
-"""),
-    md("""
 ## 4. Measure again
 """),
     code("""
@@ -551,8 +544,9 @@ plt.show()
 ## 6. Where does the model look for the star?
 
 `patch_relevance` shows which image tokens the answer depends on (gradient x input on the image
-tokens; red is most relevant). For the question about the star's cell, a model that learned the
-star should look at the star.
+tokens; red is most relevant) for the question about the star's cell, before and after: compare
+where each map is red and what each model answers (fine-tuning may change where the model looks, or
+only what it calls what it sees there).
 """),
     code("""
 fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))

@@ -1,9 +1,10 @@
 """Whether a device computes bfloat16 natively, so that bf16 autocast pays off there.
 
 On a GPU with bf16 support, and on a CPU with AVX512-BF16 or AMX, bf16 matmuls are faster than float32
-ones (~1.4x for the default recipe's step on the project's earlier 2-core CPU box with native bf16). On a
-CPU without them (e.g. AVX2 only) torch emulates bf16 and a matmul is tens of times slower than in float32
-(0.8 vs 46 GFLOP/s for 1024x1024 on a 2-core AVX2 EPYC). `precision: auto` uses bf16 only where it is native.
+ones (a step of the default recipe's last stage: 1.20x eager, 1.41x compiled on a 2-core CPU with AVX512-BF16,
+`bench/compiled_step.py` with and without `--fp32`, BENCHMARKS.md). On a CPU without them (e.g. AVX2 only)
+torch emulates bf16 and matmuls are many times slower than in float32. `precision: auto` uses bf16 only where
+it is native.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ value and divided by its largest value: 1 is the most relevant token, 0 a token 
 depend on (to first order).
 
 Each image token is one cell of the tower's patch grid after pixel shuffle (`model.vision.grid_size`
-patches per side, merged ``1/ratio`` x ``1/ratio`` by the adapter: 8x8 patches -> 4x4 tokens for the
+patches per side, merged ``1/ratio`` x ``1/ratio`` by the adapter: 6x6 patches -> 3x3 tokens for the
 default model), in row-major order, so the map is that grid. Only single-tile images are supported
 (a model with ``max_tiles=1``, or an image that fits one tile).
 """

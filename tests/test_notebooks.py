@@ -116,7 +116,8 @@ def test_committed_notebooks_are_the_generators_cells(generator):
         committed = nbformat.read(EXAMPLES / name, as_version=4)
         built = generator.build(name)
         assert [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in built.cells], \
-            f"{name} differs from examples/make_notebooks.py; run `python examples/make_notebooks.py`"
+            (f"{name} differs from examples/make_notebooks.py; run `python examples/make_notebooks.py --execute` "
+             f"(it writes the notebooks and runs them: they are committed with their outputs)")
         nbformat.validate(committed)
 
 
