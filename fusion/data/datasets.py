@@ -527,7 +527,6 @@ class ConversationDataset(torch.utils.data.Dataset):
             if strict:
                 raise DatasetError(f"{self.path}: {named}: {reason}: {message}")
             self._warn(f"{self.path}: skipped {named}: {reason}: {message}")
-        self.num_bad_at_load = len(bad)
         self.bad_at_load = list(bad)  # (line, reason, message, sample_id) of each record that could not be used
         total = len(records) + len(bad)
         if total == 0:
@@ -558,7 +557,8 @@ class ConversationDataset(torch.utils.data.Dataset):
                 sample, complete = self._process(record), True
             except _READ_ERRORS as err:
                 sample, complete = self._bad_sample(record, err), False
-                self._check_mostly_bad()
+        if not complete:
+            self._check_mostly_bad()
         if self.cache and complete:  # a group with a bad member is read (and its bad member counted) again
             self._cached[index] = sample
         return sample
@@ -582,7 +582,6 @@ class ConversationDataset(torch.utils.data.Dataset):
         except _READ_ERRORS as err:  # every record of the group shows it: each is bad
             for member in record.group:
                 self._bad_sample(member, err)
-            self._check_mostly_bad()
             return None, False
         samples = []
         for member in record.group:
@@ -590,12 +589,9 @@ class ConversationDataset(torch.utils.data.Dataset):
                 samples.append(self.processor(member.messages, sample_id=member.id, media=media))
             except _READ_ERRORS as err:
                 self._bad_sample(member, err)
-        complete = len(samples) == len(record.group)
-        if not complete:
-            self._check_mostly_bad()
         if not samples:
             return None, False
-        return share_prefix(samples, self.processor.tokenizer.patch_id), complete
+        return share_prefix(samples, self.processor.tokenizer.patch_id), len(samples) == len(record.group)
 
     def _bad_sample(self, record: Record, error: BaseException) -> None:
         """Count and name one bad record (its own file and line, also when `join_media_groups` moved it here)."""
@@ -609,6 +605,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.bad_counts[reason] += 1
         self._warn(message.replace(": sample", ": skipped sample", 1))
         return None
+
+    @property
+    def num_bad_at_load(self) -> int:
+        return len(self.bad_at_load)
 
     def clear_cache(self) -> None:
         """Forget the processed samples kept by `cache=True` (e.g. after changing `records`)."""

@@ -131,13 +131,11 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
     skipped_samples = [{"id": sample_id, "line": line, "reason": reason, "message": message}
                        for line, reason, message, sample_id in dataset.bad_at_load
                        if last_line is None or line <= last_line]
-    skipped = Counter(entry["reason"] for entry in skipped_samples)
     attempted = bad = warned = 0
 
     def skip(item: _Item, error: BaseException):
         nonlocal bad, warned
         reason = classify_error(error, item.first)
-        skipped[reason] += len(item.records)
         skipped_samples.extend({"id": r.id, "line": r.line, "reason": reason, "message": str(error)}
                                for r in item.records)
         bad += 1
@@ -166,6 +164,7 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
             attempted += len(batch)
             bar.update(len(batch))
             if attempted >= min_attempts and bad > max_bad_fraction * attempted:
+                skipped = Counter(entry["reason"] for entry in skipped_samples)
                 raise DatasetError(f"{dataset.path}: {bad} of the {attempted} samples evaluated so far were bad "
                                    f"(most common: {', '.join(f'{r} x{n}' for r, n in skipped.most_common(3))}); "
                                    f"media paths are read relative to root={dataset.root!r}")
@@ -175,6 +174,7 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
             module.train(training)
 
     done = [it for it in items if it.prediction is not None]
+    skipped = Counter(entry["reason"] for entry in skipped_samples)
     results = {"dataset": dataset.path, "format": dataset.format, "tasks": _scores(done),
                "counts": {"records": len(dataset.source_records) + dataset.num_bad_at_load,
                           "considered": len(records),
