@@ -3,7 +3,8 @@
 `fusion.attention.attend` leaves the choice to torch, which on a CPU picks its flash kernel. This measures
 forward and backward of one attention layer with the default model's heads (8 query, 2 key-value heads of
 32, `enable_gqa`) and a boolean causal mask (as the decoder passes one), at micro-batch shapes the recipe's
-stages compute (rows x tokens), under three ways, alternating in every round on the same tensors:
+stages compute (rows x tokens), under three ways, alternating in every round (the order flipped every round)
+on the same tensors:
 
     flash-fp32  torch's CPU flash kernel, float32 (what `attend` runs, also under bf16 autocast)
     math-fp32   the reference path (scores materialised, softmax, matmul), float32
@@ -26,6 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from rounds import round_order
 
 WAYS = {"flash-fp32": (SDPBackend.FLASH_ATTENTION, torch.float32),
         "math-fp32": (SDPBackend.MATH, torch.float32),
@@ -57,7 +60,7 @@ def measure(rows: int, tokens: int, rounds: int, warmup: int = 2) -> dict:
     times = {way: [] for way in WAYS}
     outputs = {}
     for r in range(warmup + rounds):
-        for way in WAYS:
+        for way in round_order(list(WAYS), r):
             seconds, outputs[way] = attention_pass(q, k, v, mask, grad_out, way)
             if r >= warmup:
                 times[way].append(seconds)

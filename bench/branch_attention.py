@@ -36,7 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compiled_step import last_stage_batches  # noqa: E402
-from recipe_step import recipe_bench_setup, recipe_world, report  # noqa: E402
+from recipe_step import recipe_bench_setup, report  # noqa: E402
+from rounds import round_order  # noqa: E402
 from row_split import plan  # noqa: E402
 
 from fusion.attention import build_attention_mask  # noqa: E402
@@ -157,8 +158,7 @@ def main(argv=None):
     for stage, steps in draws.items():
         times = {way: [] for way in WAYS}
         for r, micro in enumerate(steps):
-            order = WAYS if r % 2 == 0 else WAYS[::-1]
-            for way in order:
+            for way in round_order(WAYS, r):
                 start = time.perf_counter()
                 for m in micro:
                     m.step(way)

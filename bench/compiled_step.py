@@ -23,7 +23,6 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -31,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from recipe_step import recipe_bench_setup, recipe_train_step, recipe_world, report  # noqa: E402
+from rounds import round_order  # noqa: E402
 
 from fusion.compilation import check_can_compile, compile_decoder_blocks, eager  # noqa: E402
 from fusion.data.collate import split_by_length  # noqa: E402
@@ -75,7 +75,7 @@ def main(argv=None):
     compile_s = run(batches[0], "compiled") + run(batches[1], "compiled")  # compiles (a second shape, dynamic)
     times = {way: [] for way in WAYS}
     for r in range(args.rounds):
-        for way in (WAYS if r % 2 == 0 else WAYS[::-1]):
+        for way in round_order(WAYS, r):
             times[way].append(run(batches[r + 2], way))
     median = {way: statistics.median(t) for way, t in times.items()}
     shares = {way: profile_shares(lambda: [run(b, way) for b in batches[2:5]]) for way in WAYS} if args.profile else {}

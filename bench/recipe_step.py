@@ -3,7 +3,7 @@
 A step = forward, backward and AdamW on 32 shared-prefix samples of a shapes world (images with their
 questions and caption, videos with theirs), everything trainable, under bf16 autocast, the model built as
 `examples/recipes/shapes-tiny.yaml` builds it (from `fusion/default_model/config.json`). Three ways,
-alternating A, B, C in every round on the very same batches, so machine noise hits all alike:
+alternating in every round (A, B, C, then C, B, A) on the very same batches, so machine noise hits all alike:
 
     old        attention in bf16 (torch's own kernels under autocast), one padded batch
     fp32-attn  attention in float32 (`fusion.attention.attend`, `vision.attention`), one padded batch
@@ -41,6 +41,7 @@ from fusion.model import FusionModel  # noqa: E402
 from fusion.precision import cpu_has_native_bf16  # noqa: E402
 from fusion.data.stage_data import collate_samples  # noqa: E402
 from fusion.training_step import TrainingStep  # noqa: E402
+from rounds import round_order  # noqa: E402
 from vision.attention import Float32CpuAttention  # noqa: E402
 
 WAYS = ("old", "fp32-attn", "buckets")
@@ -143,7 +144,7 @@ def main(argv=None):
         run(batches[0], way)
     times = {way: [] for way in WAYS}
     for r in range(args.rounds):
-        for way in WAYS:
+        for way in round_order(WAYS, r):
             times[way].append(run(batches[r + 1], way))
     median = {way: statistics.median(t) for way, t in times.items()}
     return report(args, {

@@ -37,6 +37,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compiled_step import last_stage_batches  # noqa: E402
 from recipe_step import recipe_bench_setup, recipe_train_step, report  # noqa: E402
+from rounds import round_order  # noqa: E402
 
 from fusion.compilation import check_can_compile, compile_decoder_blocks  # noqa: E402
 from fusion.data.collate import split_by_length, split_long_samples  # noqa: E402
@@ -72,7 +73,7 @@ def main(argv=None):
     times = {way: [] for way in WAYS}
     names = list(WAYS)
     for r in range(args.rounds):
-        for way in (names if r % 2 == 0 else names[::-1]):
+        for way in round_order(names, r):
             times[way].append(train_step(plans[way][r + 2]))
     median = {way: statistics.median(t) for way, t in times.items()}
     work = {way: [computed(p) for p in plans[way][2:]] for way in WAYS}

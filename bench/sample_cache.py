@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from recipe_step import recipe_bench_setup, recipe_train_step, recipe_world, report  # noqa: E402
+from rounds import round_order  # noqa: E402
 
 from fusion.data.collate import split_by_length  # noqa: E402
 from fusion.data.datasets import ConversationDataset, MediaCache  # noqa: E402
@@ -54,7 +55,7 @@ def main(argv=None):
         for r in range(args.rounds + 1):  # round 0 warms up
             indices = random.sample(range(len(plain)), args.batch_size)
             ways = [("read", plain), ("cached", cached)]
-            for name, dataset in (ways if r % 2 else ways[::-1]):
+            for name, dataset in round_order(ways, r + 1):
                 samples, seconds = timed(lambda: [dataset[i] for i in indices])  # noqa: B023
                 if r:
                     times[name].append(seconds)

@@ -3,7 +3,8 @@
 A training sample supervises only its answers: the image tokens, the prompts, the chat headers and the
 padding predict nothing the loss counts. `TrainingStep` therefore asks the model for the logits of the
 supervised positions only (`logits_at`), so the LM head and its float32 softmax skip the rest. Two ways,
-alternating in every round on the very same batches, so machine noise hits both alike:
+alternating in every round (the order flipped every round) on the very same batches, so machine noise
+hits both alike:
 
     full        the LM head on every position, cross-entropy with ignore_index (the step before)
     supervised  the LM head on the supervised positions only (what fusion's trainer does)
@@ -37,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from recipe_step import recipe_bench_setup, recipe_world, report  # noqa: E402
+from rounds import round_order  # noqa: E402
 
 import fusion  # noqa: E402
 from fusion.data.collate import split_by_length  # noqa: E402
@@ -87,7 +89,7 @@ def compare(model, make_batches, rounds: int, bf16: bool) -> dict:
     logits = {}
     for r in range(rounds):
         batches = make_batches(r + 1)
-        for way in WAYS:
+        for way in round_order(WAYS, r):
             seconds, logits[way] = timed_step(model, optimizer, batches, way, bf16)
             times[way].append(seconds)
     median = {way: statistics.median(t) for way, t in times.items()}

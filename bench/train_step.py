@@ -1,9 +1,9 @@
 """Training-step throughput: fusion.Decoder vs transformers' Llama4ForCausalLM, same config, same weights.
 
-One step = forward with labels, backward, AdamW (fused, the same for both). The two models alternate
-A, B, A, B, ... in one process so machine noise hits both alike; we report medians, the ratio, and the
-model FLOP utilisation (MFU): 6 x active parameters x tokens per second, divided by the float32
-matmul rate measured in the same run.
+One step = forward with labels, backward, AdamW (fused, the same for both). The two models alternate in one
+process, the order flipped every round (A, B, B, A, ...), so machine noise hits both alike; we report medians,
+the ratio, and the model FLOP utilisation (MFU): 6 x active parameters x tokens per second, divided by the
+float32 matmul rate measured in the same run.
 
     python bench/train_step.py                 # experts 1, 4, 16 (the BENCHMARKS.md table)
     python bench/train_step.py --experts 16 --rounds 3 --json out.json
@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fusion  # noqa: E402
 from fusion.hf_llama4 import hf_config_from_decoder, hf_key  # noqa: E402
+from rounds import round_order  # noqa: E402
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, EXPERT_WIDTH = 512, 4, 8, 2, 64, 1024
 BATCH, SEQ = 8, 256
@@ -110,9 +111,10 @@ def bench(num_experts: int, vocab: int, rounds: int, warmup: int) -> dict:
             fn()
     times = {name: [] for name in steps}
     rates = []
-    for _ in range(rounds):
+    for r in range(rounds):
         rates.append(matmul_rate())
-        for name, fn in steps.items():  # alternate A, B in every round
+        for name in round_order(list(steps), r):
+            fn = steps[name]
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

@@ -130,8 +130,10 @@ def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
-    # find_unused_parameters: a batch without images leaves a trainable vision tower unused
-    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
+    # Every trained parameter takes part in every forward (the tower runs on a blank tile in a micro-batch
+    # without media, an expert with no tokens gets a zero gradient), so DDP need not search the graph for
+    # unused ones in every step (and warn that it found none)
+    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=False)
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

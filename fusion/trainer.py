@@ -317,9 +317,12 @@ class Trainer:
                 moe.aux_loss_coef = stage.aux_loss_coef
         step_module = TrainingStep(model)
         # a micro-batch without media still runs the tower on a blank tile (its result times 0) where the stage
-        # trains the tower or adapter with the decoder frozen: else its loss has no gradient path at all
-        model.vision_in_every_forward = bool(getattr(model, "_fsdp_applied", False)) or (
-            stage.rate("decoder") <= 0 and (stage.rate("vision") > 0 or stage.rate("adapter") > 0))
+        # trains the tower or adapter and either the decoder is frozen (else the loss has no gradient path at all)
+        # or DDP shares gradients (every trained parameter is then used in every forward, so DDP need not look
+        # for unused ones); under FSDP2 always, as every process must gather the tower's shards as often
+        trains_vision = stage.rate("vision") > 0 or stage.rate("adapter") > 0
+        model.vision_in_every_forward = bool(getattr(model, "_fsdp_applied", False)) or trains_vision and (
+            stage.rate("decoder") <= 0 or ctx.distributed)
         if self.sharded and not getattr(model, "_fsdp_applied", False):
             fdist.apply_fsdp2(model, list(model.decoder.layers) + [model.vision, model.adapter], ctx)
             model._fsdp_applied = True

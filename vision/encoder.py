@@ -280,7 +280,9 @@ class VisionEncoder(nn.Module):
             intermediates_only=True,
             output_fmt="NLC",
         )
-        return output["image_intermediates"][0]  # [N, P, C], class / prefix tokens removed
+        # [N, P, C], class / prefix tokens removed; a copy, not a view of the tower's tokens (FSDP2 warns of a
+        # sharded module returning a view, as an in-place op on one would skip its gradient hooks)
+        return output["image_intermediates"][0].clone()
 
     # --- internals -------------------------------------------------------------------------------
 
