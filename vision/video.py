@@ -185,18 +185,22 @@ def frame_indices_at_times(times: Sequence[float], num_frames: int = 8, fps: Opt
     """`frame_indices` for a variable-frame-rate video, on its frames' presentation times.
 
     ``times`` are the seconds at which each frame is shown, from the first frame (non-decreasing).
-    The video ends one typical frame period (the median gap between frames) after its last frame.
+    The video ends one typical frame period (the median gap between frames) after its last frame (a
+    last frame held on screen for longer counts as one period: decord and PyAV read its end differently).
     The range is the frames whose time lies in ``[start, end)``; its span runs from its first
-    frame's time to its last frame's end (the next frame's time), and the frame *shown* at a time
-    ``t`` of the span is the last frame whose time is not after ``t``.
+    frame's time to its last frame's end (the next frame's time, but no later than ``end`` or one
+    period after the frame), and the frame *shown* at a time ``t`` of the span is the last frame
+    whose time is not after ``t``.
 
-    Uniform mode: the span is cut into ``num_frames`` equal segments and each contributes the frame
-    shown at its midpoint; a frame shown across several midpoints is returned once (so a video that
-    holds a frame still gives fewer frames); a range of no more than ``num_frames`` frames gives
-    each of them once. fps mode: the frames shown at the span's start and every ``1 / fps`` seconds
-    after it, each once; if that is more than ``max_frames``, the midpoint rule of `frame_indices`
-    picks ``max_frames`` of them. On a constant-rate video of two or more frames both modes choose
-    what `frame_indices` chooses (a single frame has no period to end it: it lasts a second here).
+    Uniform mode: the span is cut into ``num_frames`` equal segments, and segment ``j`` contributes
+    the frame shown at its midpoint. Where a frame is held across several midpoints it is taken
+    once and the frames nearest in time to the other midpoints fill their places (the increasing
+    choice of distinct frames whose total distance in time to the midpoints is least), so the range
+    always gives ``num_frames`` frames, or each of its frames once if it has no more. fps mode: the
+    frames shown at the span's start and every ``1 / fps`` seconds after it, each once (a held frame
+    gives fewer); if that is more than ``max_frames``, the midpoint rule of `frame_indices` picks
+    ``max_frames`` of them. On a constant-rate video of two or more frames both modes choose what
+    `frame_indices` chooses (a single frame has no period to end it: it lasts a second here).
 
     Raises:
         VideoLoadError: bad arguments, or a range outside the video.
@@ -224,6 +228,8 @@ def frame_indices_at_times(times: Sequence[float], num_frames: int = 8, fps: Opt
     if stop <= first:
         raise VideoLoadError(f"no frame has a timestamp in [{start!r}, {end!r}) s; widen the range")
     t0, t1 = times[first], (times[stop] if stop < len(times) else duration)
+    if end is not None:  # the range's last frame counts until `end` (or one period), not through a hold after it
+        t1 = min(t1, max(end, times[stop - 1] + period))
 
     def shown(t: float) -> int:
         return min(stop - 1, max(first, bisect.bisect_right(times, t + slack) - 1))
@@ -231,13 +237,47 @@ def frame_indices_at_times(times: Sequence[float], num_frames: int = 8, fps: Opt
     if fps is None:
         if stop - first <= num_frames:
             return list(range(first, stop))
-        span = t1 - t0
-        return sorted({shown(t0 + (2 * j + 1) * span / (2 * num_frames)) for j in range(num_frames)})
+        midpoints = [t0 + (2 * j + 1) * (t1 - t0) / (2 * num_frames) for j in range(num_frames)]
+        chosen = [shown(t) for t in midpoints]
+        if len(set(chosen)) == num_frames:  # always so at a constant rate
+            return chosen
+        return [first + i for i in _distinct_frames_nearest(times[first:stop], t1, midpoints, chosen, first)]
     num_samples = math.ceil((t1 - t0) * fps - _TIME_TOLERANCE)
     chosen = sorted({shown(t0 + m / fps) for m in range(num_samples)})
     if len(chosen) > max_frames:
         chosen = [chosen[position] for position in _midpoints_of_segments(len(chosen), max_frames)]
     return chosen
+
+
+def _distinct_frames_nearest(times: Sequence[float], end: float, targets: Sequence[float],
+                             shown: Sequence[int], offset: int) -> list[int]:
+    """Positions ``i_0 < i_1 < ...`` in ``range(len(times))``, one per target time, that minimise the sum over
+    targets of the distance from target ``j`` to the interval in which frame ``i_j`` is on screen
+    (``[times[i], times[i + 1])``, the last one until ``end``). The frame shown at the target
+    (``shown[j] - offset``) costs nothing, any other at least a hair more than its distance, so where the shown
+    frames all differ they are the choice. A dynamic programme over the targets: O(targets x frames)."""
+    begin = np.asarray(times, dtype=float)
+    finish = np.append(begin[1:], end)
+    length, count = len(begin), len(targets)
+    positions = np.arange(length)
+    best, back = None, []  # best[i]: least cost of targets 0..j with target j at position i
+    for j, (target, at) in enumerate(zip(targets, shown)):
+        cost = np.maximum(begin - target, 0.0) + np.maximum(target - finish, 0.0) + 1e-9
+        cost[at - offset] = 0.0
+        if best is not None:  # the cheapest earlier choice at a position before i
+            prefix_min = np.minimum.accumulate(best)
+            new_min = np.concatenate(([True], best[1:] < prefix_min[:-1]))
+            prefix_arg = np.maximum.accumulate(np.where(new_min, positions, 0))
+            cost = np.concatenate(([np.inf], cost[1:] + prefix_min[:-1]))
+            back.append(np.concatenate(([0], prefix_arg[:-1])))
+        cost[(positions < j) | (positions > length - count + j)] = np.inf  # room for the targets before / after
+        best = cost
+    position = int(np.argmin(best))
+    chosen = [position]
+    for step in reversed(back):
+        position = int(step[position])
+        chosen.append(position)
+    return chosen[::-1]
 
 
 def _midpoints_of_segments(length: int, count: int) -> list[int]:
@@ -296,7 +336,7 @@ def sample_frames(path: PathLike, num_frames: int = 8, fps: Optional[float] = No
 
     Args:
         path: a local video file.
-        num_frames: uniform mode: how many frames (fewer if the range has fewer frames).
+        num_frames: uniform mode: how many frames (each frame of the range once if it has fewer).
         fps: frames per second for fps mode; None for uniform mode.
         max_frames: fps mode: the most frames returned.
         start, end: optional range in seconds, ``[start, end)`` on frame timestamps.
@@ -398,8 +438,12 @@ def _sample_with_decord(decord, path: str, choose_frames: FrameChooser) -> Sampl
             stamps = np.asarray(reader.get_frame_timestamp(list(range(total_frames))), dtype=float)
             duration_s = float(stamps[-1, 1])  # the end of the last frame: used if the reported rate is broken
             times = [round(t, 6) for t in (stamps[:, 0] - stamps[0, 0]).tolist()]  # decord keeps float32
+            hidden = int(np.sum(stamps[:, 0] < -1e-6))
         except Exception:  # broken timestamps: resolve_avg_fps reports it if the rate is broken too
-            duration_s, times = None, None
+            duration_s, times, hidden = None, None, 0
+        if hidden:  # decord counts them and their times, but its frame 0 is the first frame shown
+            raise _DecordFailure(path, f"the file's edit list hides its first {hidden} frames, which decord "
+                                       f"counts but does not show")
         avg_fps = resolve_avg_fps(reader.get_avg_fps(), total_frames, duration_s, path)
         indices, timestamps = choose_frames(total_frames, avg_fps, times)
         try:
@@ -443,7 +487,9 @@ def _sample_with_pyav(path: str, choose_frames: FrameChooser) -> SampledFrames:
             for packet in container.demux(stream):
                 if packet.is_corrupt:  # e.g. the last packet of a file cut short; decord fails here too
                     raise VideoLoadError(f"{path}: video packet {total_frames} is damaged; {_UNREADABLE_HINT}")
-                if packet.size > 0:  # the final flush packet is empty
+                # the final flush packet is empty; frames an edit list hides (a cut without re-encoding keeps
+                # the frames before the cut that later ones are decoded from) are decoded but never shown
+                if packet.size > 0 and not packet.is_discard:
                     total_frames += 1
                     pts.append(packet.pts)
             time_base = float(stream.time_base) if stream.time_base else None

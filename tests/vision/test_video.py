@@ -194,8 +194,12 @@ PAUSED = [0.0, 0.1, 0.2, 0.3, 2.0, 2.1, 2.2, 2.3]
 
 
 @pytest.mark.parametrize("kwargs, expected", [
-    # uniform: 4 segments of 0.6 s, midpoints 0.3, 0.9, 1.5, 2.1 s -> frames 3, 3, 3, 5: frame 3 once
-    (dict(num_frames=4), [3, 5]),
+    # uniform: 4 segments of 0.6 s, midpoints 0.3, 0.9, 1.5, 2.1 s -> frames 3, 3, 3, 5: frame 3, held, is taken
+    # once and the frames nearest the other midpoints fill their places (2 before it, 4 after it)
+    (dict(num_frames=4), [2, 3, 4, 5]),
+    # an end inside the pause: the span ends a frame period after frame 3, not 1.7 s later where frame 4 starts
+    (dict(num_frames=3, end=1.0), [1, 2, 3]),
+    (dict(num_frames=2, end=1.0), [2, 3]),
     # no more frames than asked: each once
     (dict(num_frames=8), list(range(8))),
     # fps mode: what is on screen at 0, 0.2, 0.4, ..., 2.2 s
@@ -227,6 +231,27 @@ def test_on_a_constant_rate_times_choose_what_frame_indices_chooses(total, avg_f
         except VideoLoadError:  # a range outside the video or holding no frame (the messages may differ)
             outcomes.append("error")
     assert outcomes[0] == outcomes[1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(gaps=st.lists(st.sampled_from([0.0, 0.033, 0.033, 0.04, 0.5, 3.0, 0.0123]), max_size=80),
+       num_frames=st.integers(1, 40), start_fraction=st.one_of(st.none(), st.floats(0, 0.5)))
+def test_uniform_mode_gives_as_many_frames_as_asked_however_long_frames_are_held(gaps, num_frames, start_fraction):
+    """Frames held on screen (a paused screen recording, dropped frames) never cost frames in uniform mode: the
+    range's frames, as many as asked (each once if it has no more), in order, each frame shown at a segment's
+    midpoint among them."""
+    times = np.concatenate(([0.0], np.cumsum(gaps))).round(6).tolist()
+    start = None if start_fraction is None else start_fraction * times[-1]
+    chosen = frame_indices_at_times(times, num_frames=num_frames, start=start)
+    in_range = [i for i, t in enumerate(times) if start is None or t >= start - 1e-6]
+    assert chosen == sorted(set(chosen)) and set(chosen) <= set(in_range)
+    assert len(chosen) == min(num_frames, len(in_range))
+    if len(in_range) > num_frames:  # the frames the midpoint rule names are all there
+        first = in_range[0]
+        t0, t1 = times[first], times[-1] + float(np.median(gaps)) if gaps and np.median(gaps) > 0 else times[-1] + 1
+        midpoints = [t0 + (2 * j + 1) * (t1 - t0) / (2 * num_frames) for j in range(num_frames)]
+        shown = {max(first, int(np.searchsorted(times, t + 1e-9, side="right")) - 1) for t in midpoints}
+        assert shown <= set(chosen)
 
 
 @pytest.mark.parametrize("times, message", [
@@ -314,15 +339,16 @@ def test_backends_agree_on_count_rate_indices_and_pixels(videos, name):
     assert difference.mean() < 3  # same frames; only colour conversion may differ
 
 
-def write_paused_video(path, times_s):
+def write_paused_video(path, times_s, *, options=None):
     """An mp4 whose frame i (numbered as in `numbered_frames`) is shown at times_s[i] seconds (B-frames on,
-    so its packets come out of presentation order)."""
+    so its packets come out of presentation order, unless `options` say otherwise). Frames at negative times
+    are in the file but hidden by its edit list (as a cut without re-encoding leaves them)."""
     from fractions import Fraction
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=10)
         stream.width = stream.height = SIZE
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "10"}
+        stream.options = options or {"crf": "10"}
         stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
         for frame_array, t in zip(numbered_frames(len(times_s)), times_s):
             frame = av.VideoFrame.from_ndarray(frame_array, format="rgb24")
@@ -342,13 +368,34 @@ def test_a_variable_rate_file_is_sampled_by_when_its_frames_are_shown(tmp_path, 
     write_paused_video(path, times)
     uniform = sample_frames(path, num_frames=6, backend=backend)
     expected = frame_indices_at_times(times, num_frames=6)
-    assert expected == [4, 11, 19]  # midpoints 0.44, 1.33, 2.21, 3.09, 3.98, 4.86 s: frame 11 through the pause
+    # midpoints 0.44, 1.33, 2.21, 3.09, 3.98, 4.86 s: frame 11 is shown through the pause (1.1-4.1 s) at three of
+    # them; taken once, the frames nearest the other two (10 before it, 12 and 13 after it) fill their places
+    assert expected == [4, 10, 11, 12, 13, 19]
     assert uniform.indices == read_numbers(uniform.frames) == expected
     assert uniform.timestamps == pytest.approx([times[i] for i in expected], abs=1e-3)
     by_rate = sample_frames(path, fps=1, backend=backend)
     assert by_rate.indices == read_numbers(by_rate.frames) == [0, 10, 11, 21]  # on screen at 0, 1, 2, ..., 5 s
     assert by_rate.timestamps == pytest.approx([0.0, 1.0, 1.1, 5.0], abs=1e-3)
     assert by_rate.total_frames == 24
+
+
+@pytest.mark.parametrize("backend", [None, "pyav"])
+def test_frames_hidden_by_an_edit_list_are_not_counted_or_returned(tmp_path, backend):
+    """A cut without re-encoding (`ffmpeg -ss T -c copy`) keeps the frames before the cut that later ones are
+    decoded from, hidden by the file's edit list: a player shows 35 of these 40 frames, numbered 5-39. decord
+    counts the hidden ones but its frame 0 is the first shown, so its frames would not be the ones chosen: the
+    default backend reads such a file with PyAV, and `backend="decord"` says why it cannot."""
+    times = [(k - 5) / 10 for k in range(40)]
+    path = tmp_path / "cut.mp4"
+    write_paused_video(path, times, options={"crf": "10", "bf": "0", "g": "100"})
+    sampled = sample_frames(path, num_frames=4, backend=backend)
+    assert sampled.total_frames == 35
+    assert sampled.indices == [4, 13, 21, 30]
+    assert read_numbers(sampled.frames) == [5 + i for i in sampled.indices]
+    assert sampled.timestamps == pytest.approx([0.4, 1.3, 2.1, 3.0], abs=1e-3)
+    if importlib.util.find_spec("decord") is not None:
+        with pytest.raises(VideoLoadError, match="edit list hides its first 5 frames"):
+            sample_frames(path, num_frames=4, backend="decord")
 
 
 def test_backends_agree_on_a_variable_rate_file(tmp_path):
