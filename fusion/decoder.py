@@ -258,8 +258,7 @@ class Decoder(nn.Module):
         from .generation import generate
 
         if kwargs.get("stop_ids") is None and self.config.eos_token_id is not None:
-            eos = self.config.eos_token_id
-            kwargs["stop_ids"] = [eos] if isinstance(eos, int) else list(eos)
+            kwargs["stop_ids"] = self.config.eos_token_id  # an int or a list, as config.json writes it
         return generate(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 

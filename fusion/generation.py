@@ -4,8 +4,11 @@ the last column, and each sample keeps its own positions.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import warnings
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -23,14 +26,67 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
+def stop_id_tuple(stop_ids: int | Iterable[int] | torch.Tensor | None) -> tuple[int, ...]:
+    """Stop tokens as a tuple of ints, from an int, any iterable of integers (a list, a generator, numpy) or a
+    tensor; None -> (). Anything else is a ValueError naming it."""
+    if stop_ids is None:
+        return ()
+    if not isinstance(stop_ids, bool):
+        try:
+            return (operator.index(stop_ids),)  # an int, a numpy integer, a one-element integer tensor
+        except TypeError:
+            pass
+    if torch.is_tensor(stop_ids):
+        stop_ids = stop_ids.flatten().tolist()
+    try:
+        items = list(stop_ids) if not isinstance(stop_ids, (str, bytes, bool)) else None
+        if items is None:
+            raise TypeError
+    except TypeError:
+        raise ValueError(f"generate: stop_ids must be integer token ids (an int or a list of ints), got a "
+                         f"{type(stop_ids).__name__}") from None
+    ids = []
+    for item in items:
+        try:
+            if isinstance(item, bool):
+                raise TypeError
+            ids.append(operator.index(item))
+        except TypeError:
+            raise ValueError(f"generate: stop_ids must be integer token ids, got {item!r} in {items!r}") from None
+    return tuple(ids)
+
+
+def check_sampling_options(do_sample: bool, temperature, top_k, top_p, generator) -> None:
+    """A clear ValueError for a sampling option that cannot work (before any token is computed), and a warning
+    for options that only shape sampling when do_sample is False."""
+    if not do_sample:
+        given = [f"{k}={v}" for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
+                 if v is not None and (k != "temperature" or v != 1.0)]
+        if generator is not None:
+            given.append("generator")
+        if given:
+            warnings.warn(f"generate: {', '.join(given)} only shape sampling, and do_sample is False: decoding "
+                          f"greedily; pass do_sample=True to sample", UserWarning, stacklevel=4)
+        return
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) \
+            or temperature <= 0:
+        raise ValueError(f"temperature must be a number > 0 when sampling, got {temperature!r}; use do_sample=False "
+                         f"for greedy decoding")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
+        raise ValueError(f"top_k must be an integer >= 1 (0 or None: no top-k filter), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] (1 or None: no nucleus filter), got {top_p!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+
 def select_next_token(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
                       top_k: int | None = None, top_p: float | None = None,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, V] -> token ids [B]."""
     if not do_sample:
         return logits.argmax(dim=-1)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; use do_sample=False for greedy")
     logits = logits.float() / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -58,18 +114,25 @@ def generate(decoder, *, input_ids=None, inputs_embeds: torch.Tensor | None = No
 
     The prompt is `input_ids` ([B, T] tensor, or a list of id lists, left-padded here) or
     `inputs_embeds` [B, T, D]; `attention_mask` marks real tokens (left padding only). A sample stops
-    after it emits one of `stop_ids` (the stop token is included); later columns hold `pad_id`.
+    after it emits one of `stop_ids` (an int or any iterable of ints; the stop token is included); later
+    columns hold `pad_id`.
+
+    Greedy decoding gives each sample the tokens it would get alone. Sampled rows share one random stream
+    (`generator`, or torch's global one): a seed reproduces a call with the same prompts in the same batch,
+    and a sample's tokens change with the rows batched beside it.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not do_sample and (temperature != 1.0 or top_k is not None or top_p is not None):
-        given = ", ".join(f"{k}={v}" for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
-                          if v is not None and (k != "temperature" or v != 1.0))
-        warnings.warn(f"generate: {given} only shape sampling, and do_sample is False: decoding greedily; pass "
-                      f"do_sample=True to sample", UserWarning, stacklevel=3)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_sampling_options(do_sample, temperature, top_k, top_p, generator)
+    stop_ids = stop_id_tuple(stop_ids)
     if input_ids is not None and not torch.is_tensor(input_ids):
         input_ids, attention_mask = left_pad(input_ids, pad_id)
     prompt = input_ids if input_ids is not None else inputs_embeds
+    if prompt is None or prompt.ndim != (2 if input_ids is not None else 3):
+        expected = "input_ids [batch, tokens] (one prompt: ids[None])" if input_ids is not None else \
+            "inputs_embeds [batch, tokens, hidden]"
+        got = "nothing" if prompt is None else f"shape {tuple(prompt.shape)}"
+        raise ValueError(f"generate: expected {expected}, got {got}")
     B, T = prompt.shape[:2]
     device = decoder.embed_tokens.weight.device
     if attention_mask is None:
@@ -84,7 +147,7 @@ def generate(decoder, *, input_ids=None, inputs_embeds: torch.Tensor | None = No
     cache = decoder.new_cache(B, T + max_new_tokens)
     out = decoder(input_ids=input_ids.to(device) if input_ids is not None else None,
                   inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, logits_to_keep=1)
-    stops = torch.tensor(sorted(set(stop_ids or ())), dtype=torch.long, device=device)
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     new_tokens, logprobs = [], []
     for step in range(max_new_tokens):

@@ -24,7 +24,7 @@ from .data.collate import pad_batch
 from .decoder import Decoder, DecoderOutput
 from .errors import ConfigError, ConversationFormatError, MediaCountMismatchError, PlaceholderMismatchError
 from .fusion_config import FusionConfig
-from .generation import generate as generate_tokens, left_pad
+from .generation import generate as generate_tokens, left_pad, stop_id_tuple
 from .processor import FusionProcessor
 
 PARTS = ("vision", "adapter", "decoder")
@@ -129,6 +129,9 @@ class FusionModel(nn.Module):
         Stops at the tokenizer's stop tokens unless `stop_ids` is given (`stop_ids=()`: never stop early);
         finished rows hold the pad id.
         """
+        if torch.is_tensor(input_ids) and input_ids.ndim != 2:
+            raise ValueError(f"generate: input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)} (one "
+                             f"prompt: ids[None], or a list of token-id lists)")
         if not torch.is_tensor(input_ids):
             if attention_mask is not None:
                 raise ValueError("generate: attention_mask goes with a padded tensor of input_ids; lists of token "
@@ -171,11 +174,12 @@ class FusionModel(nn.Module):
         samples = [self.processor(c, im, vi, add_generation_prompt=True, num_frames=num_frames, fps=fps)
                    for c, im, vi in zip(conversations, images, videos)]
         batch = pad_batch(samples, self.tokenizer.pad_id, padding_side="left")
+        kwargs["stop_ids"] = self._stop_ids(kwargs.get("stop_ids"))  # read once (it may be a generator)
         tokens, logprobs = self.generate(batch.input_ids, pixel_values=batch.pixel_values,
                                          attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
                                          return_logprobs=True, **kwargs)
         results = []
-        stops = set(self._stop_ids(kwargs.get("stop_ids")))
+        stops = set(kwargs["stop_ids"])
         for row in range(n):
             ids = tokens[row].tolist()
             length = next((i + 1 for i, t in enumerate(ids) if t in stops), len(ids))
@@ -187,7 +191,7 @@ class FusionModel(nn.Module):
 
     def _stop_ids(self, stop_ids) -> tuple[int, ...]:
         """The stop tokens of a generation: the tokenizer's where none (None) are given."""
-        return tuple(self.tokenizer.stop_ids if stop_ids is None else stop_ids)
+        return tuple(self.tokenizer.stop_ids) if stop_ids is None else stop_id_tuple(stop_ids)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_pretrained(self, path) -> None:

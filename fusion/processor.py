@@ -13,6 +13,7 @@ what a model sees at test time is rendered exactly as what it learned from:
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -22,6 +23,23 @@ from tokenizer import FusionTokenizer, ImagePlaceholder, VideoPlaceholder
 from vision.errors import ImageLoadError, VideoLoadError
 from vision.image import ImageProcessor
 from vision.video import SampledFrames, sample_frames
+
+
+def checked_presampled_video(video) -> SampledFrames | tuple | None:
+    """`video` if it holds frames already sampled (`SampledFrames`, or a `(frames, timestamps)` pair with one
+    timestamp per frame and at least one frame), None if it is a path; VideoLoadError for anything else."""
+    if isinstance(video, (str, os.PathLike)):
+        return None
+    if isinstance(video, SampledFrames):
+        return video
+    if isinstance(video, tuple) and len(video) == 2:
+        frames, timestamps = video
+        if len(frames) == 0 or len(frames) != len(timestamps):
+            raise VideoLoadError(f"sampled frames need one timestamp per frame and at least one frame, got "
+                                 f"{len(frames)} frame(s) and {len(timestamps)} timestamp(s)")
+        return video
+    raise VideoLoadError(f"cannot read a video from a {type(video).__name__}; pass a video file path, or frames "
+                         f"already sampled (vision.sample_frames(...), or a (frames [T, H, W, 3], timestamps) tuple)")
 
 
 @dataclass
@@ -72,12 +90,21 @@ class FusionProcessor:
 
     def sample_video(self, video, num_frames: int | None = None, fps: float | None = None,
                      max_frames: int | None = None) -> SampledFrames | tuple:
-        """A path -> sampled frames with this processor's settings (overridable); sampled frames pass through."""
-        if isinstance(video, SampledFrames) or (isinstance(video, tuple) and len(video) == 2):
-            return video
+        """A path -> sampled frames with this processor's settings (overridable); frames already sampled pass
+        through as they are (with a warning if sampling options were given for them)."""
+        presampled = checked_presampled_video(video)
+        if presampled is not None:
+            given = [f"{k}={v!r}" for k, v in (("num_frames", num_frames), ("fps", fps), ("max_frames", max_frames))
+                     if v is not None]
+            if given:
+                frames, _ = presampled
+                warnings.warn(f"{', '.join(given)} ignored: the video was given as {len(frames)} frames "
+                              f"already sampled, which are used as they are (pass the file's path to sample it)",
+                              UserWarning, stacklevel=3)
+            return presampled
         use_fps = fps if fps is not None else (self.video.fps if num_frames is None else None)
-        return sample_frames(video, num_frames=num_frames or self.video.num_frames, fps=use_fps,
-                             max_frames=max_frames or self.video.max_frames)
+        return sample_frames(video, num_frames=self.video.num_frames if num_frames is None else num_frames,
+                             fps=use_fps, max_frames=self.video.max_frames if max_frames is None else max_frames)
 
     def process_media(self, images: Sequence = (), videos: Sequence = (), *, num_frames: int | None = None,
                       fps: float | None = None) -> ProcessedMedia:

@@ -5,8 +5,6 @@ import signal
 import sys
 import threading
 
-import torch
-
 from . import distributed as fdist
 
 

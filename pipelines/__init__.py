@@ -60,7 +60,8 @@ def pipeline(task: str, model=None, device=None, dtype=None, batch_size: int = 1
             model stays on the CPU, a given FusionModel where it is. A given model is moved in place.
         dtype: a torch dtype or its name ("float32", "bfloat16"); None: a loaded model in float32, a given
             FusionModel as it is.
-        batch_size: inputs per forward pass for list inputs (results do not depend on it).
+        batch_size: inputs per forward pass for list inputs (greedy results do not depend on it;
+            sampled ones do, as the rows of a batch share one random stream).
         **kwargs: max_new_tokens, generate_kwargs (options of `fusion.generation.generate`: do_sample,
             temperature, top_k, top_p, stop_ids, generator) and the task's options (video QA:
             num_frames, fps, max_frames). Call-time values override these.

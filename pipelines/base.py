@@ -33,7 +33,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from fusion import FusionModel
 from fusion.generation import generate as _generate_tokens
 
 from .errors import PipelineInputError
@@ -82,7 +81,8 @@ class Pipeline:
         model: a checkpoint folder (str or os.PathLike), a `FusionModel`, or None for the default model.
         device: -1 / "cpu" / 0 / "cuda:1" / torch.device; None keeps a given model where it is.
         dtype: a torch dtype or its name ("float32", "bfloat16"); None keeps the model's.
-        batch_size: how many inputs go through the model together (results do not depend on it).
+        batch_size: how many inputs go through the model together (greedy results do not depend on it;
+            sampled ones do, as the rows of a batch share one random stream).
         max_new_tokens: the most tokens generated per input (default: the task's `default_max_new_tokens`).
         generate_kwargs: options of `fusion.generation.generate` (do_sample, temperature, top_k, top_p,
             stop_ids, generator).
@@ -191,13 +191,13 @@ class Pipeline:
         first = inputs[0] if inputs else None
         if isinstance(first, list) and not first and len(inputs) == 1 and not fields:
             return [], True  # an empty list of records
-        if isinstance(first, Mapping) or (isinstance(first, list) and first
+        if isinstance(first, Mapping) or (isinstance(first, (list, tuple)) and first
                                           and all(isinstance(r, Mapping) for r in first)):
             if len(inputs) > 1 or fields:
                 raise PipelineInputError(f"{where}: give input records (dicts) alone, or the fields "
                                          f"{', '.join(self.input_fields)} as arguments, not both")
-            is_list = isinstance(first, list)
-            raw = first if is_list else [first]
+            is_list = isinstance(first, (list, tuple))  # a list or tuple of records
+            raw = list(first) if is_list else [first]
             return [self._check_record(r, i if is_list else None, where) for i, r in enumerate(raw)], is_list
 
         given = dict(zip(self.input_fields, inputs))

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 
-from vision import SampledFrames, VideoLoadError, load_image
+from fusion.processor import checked_presampled_video
+from vision import VideoLoadError, load_image
 
 from .base import Pipeline, check_positive_int
 from .errors import PipelineInputError
@@ -125,18 +125,10 @@ class VideoQAPipeline(Pipeline):
         return merged
 
     def check_input(self, record: dict, where: str) -> dict:
-        video = record["video"]
-        if isinstance(video, (str, os.PathLike)) or isinstance(video, SampledFrames):
-            pass
-        elif isinstance(video, tuple) and len(video) == 2:
-            frames, timestamps = video
-            if len(frames) == 0 or len(frames) != len(timestamps):
-                raise VideoLoadError(f"{where}: sampled frames need one timestamp per frame and at least one frame, "
-                                     f"got {len(frames)} frame(s) and {len(timestamps)} timestamp(s)")
-        else:
-            raise VideoLoadError(f"{where}: cannot read a video from a {type(video).__name__}; pass a video file path, "
-                                 f"or frames already sampled (vision.sample_frames(...), or a (frames [T, H, W, 3], "
-                                 f"timestamps) pair)")
+        try:
+            checked_presampled_video(record["video"])
+        except VideoLoadError as err:
+            raise VideoLoadError(f"{where}: {err}") from None
         return {**record, "question": check_question(record["question"], where)}
 
     def preprocess(self, record: dict, num_frames=None, fps=None, max_frames=None) -> dict:

@@ -85,6 +85,16 @@ def test_bad_arguments():
         model.generate(ids, attention_mask=right)
     with pytest.raises(ValueError, match="temperature"):
         model.generate([[1]], do_sample=True, temperature=0)
+    # options that cannot work are named before any token is computed (not a TypeError deep inside torch)
+    for options, message in ((dict(do_sample=True, temperature=None), r"temperature must be a number > 0"),
+                             (dict(do_sample=True, top_p=-0.5), r"top_p must be a number in \(0, 1\]"),
+                             (dict(do_sample=True, top_p=1.5), r"top_p must be a number in \(0, 1\]"),
+                             (dict(do_sample=True, top_k=2.0), r"top_k must be an integer"),
+                             (dict(do_sample=True, generator=0), r"generator must be a torch.Generator"),
+                             (dict(stop_ids="a"), r"stop_ids must be integer token ids"),
+                             (dict(max_new_tokens=2.5), r"max_new_tokens must be an integer >= 0")):
+        with pytest.raises(ValueError, match=message):
+            model.generate([[1, 2]], **options)
 
 
 def test_sampling_options_without_do_sample_warn_that_decoding_is_greedy():
@@ -95,6 +105,8 @@ def test_sampling_options_without_do_sample_warn_that_decoding_is_greedy():
                                          r"decoding greedily; pass do_sample=True"):
         same = model.generate(PROMPTS, max_new_tokens=4, temperature=3.0, top_p=0.5)
     assert torch.equal(same, greedy)
+    with pytest.warns(UserWarning, match=r"generator only shape sampling"):
+        assert torch.equal(model.generate(PROMPTS, max_new_tokens=4, generator=torch.Generator()), greedy)
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the defaults, and sampling options with do_sample=True, do not warn

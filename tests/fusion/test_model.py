@@ -119,6 +119,27 @@ def test_generate_takes_lists_of_ids_and_none_stop_ids_means_the_tokenizers(tok)
     assert model.chat([], max_new_tokens=4) == []
 
 
+def test_stop_ids_in_any_integer_form_cut_the_answer_and_its_score_alike(tok):
+    """stop_ids as an int, a tensor, numpy or a generator: chat stops each row at the same token and scores it
+    over the same tokens as with a list (a tensor's elements or a spent generator matched no token, so the
+    row kept its padding, whose log-probabilities of 0 raised the score in a batch)."""
+    import numpy as np
+
+    model = tiny_model(tok)
+    convs = [user("<image>\nwhat color is the circle?"), user("<image>\ndescribe the picture")]
+    media = [[image(0)], [image(1)]]
+    free = model.chat(convs, media, max_new_tokens=6, stop_ids=())
+    stop = free[0]["tokens"][1]
+    expected = model.chat(convs, media, max_new_tokens=6, stop_ids=[stop])
+    assert expected[0]["tokens"] == free[0]["tokens"][:2]
+    for form in (stop, torch.tensor([stop]), torch.tensor(stop), np.array([stop]), (t for t in [stop])):
+        assert model.chat(convs, media, max_new_tokens=6, stop_ids=form) == expected, type(form)
+    with pytest.raises(ValueError, match=r"stop_ids must be integer token ids, got 1.5"):
+        model.chat(convs, media, max_new_tokens=2, stop_ids=[1.5])
+    with pytest.raises(ValueError, match=r"input_ids must be \[batch, tokens\], got shape \(3,\)"):
+        model.generate(torch.tensor([1, 2, 3]), max_new_tokens=2)
+
+
 def test_cached_generation_equals_full_forward(tok):
     model = tiny_model(tok)
     sample = model.processor(user("<image>\nwhat color is the circle?"), [image(3)], add_generation_prompt=True)

@@ -118,6 +118,7 @@ def test_vqa_calling_shapes_agree(vqa):
     listed = vqa([{"image": img, "question": question}])
     assert len(listed) == 1
     assert_same_results(listed[0], single)
+    assert_same_results(vqa(({"image": img, "question": question},))[0], single)  # a tuple of records too
     assert vqa([]) == []
 
 
@@ -190,6 +191,9 @@ def test_video_qa_samples_frames_as_asked(model, media):
     assert_same_results(video_qa(video=sample_frames(clip, num_frames=4), question=question), four)
     frames, seconds = sample_frames(clip, num_frames=4)
     assert_same_results(video_qa(video=(frames, seconds), question=question), four)
+    # sampling options cannot apply to frames already sampled: used as they are, with a warning saying so
+    with pytest.warns(UserWarning, match=r"num_frames=2 ignored: the video was given as 4 frames already sampled"):
+        assert_same_results(video_qa(video=(frames, seconds), question=question, num_frames=2), four)
 
     listed = video_qa([{"video": clip, "question": q} for q in QUESTIONS[:3]], num_frames=4, batch_size=3)
     assert_same_results(listed, [video_qa(video=clip, question=q, num_frames=4) for q in QUESTIONS[:3]])
@@ -478,6 +482,14 @@ def test_bad_videos_raise_the_vision_errors(model, media, tmp_path):
         video_qa(video=3, question="q?")
     with pytest.raises(VideoLoadError, match="one timestamp per frame"):
         video_qa(video=(np.zeros((2, 32, 32, 3), np.uint8), [0.0]), question="q?")
+    # the same checks where the processor is called directly (model.chat), not a PlaceholderMismatchError later
+    frames = np.zeros((3, 32, 32, 3), np.uint8)
+    with pytest.raises(VideoLoadError, match=r"one timestamp per frame .* got 3 frame\(s\) and 2 timestamp"):
+        model.chat([user("<video>\nq?")], videos=[[(frames, [0.0, 1.0])]], max_new_tokens=1)
+    with pytest.raises(VideoLoadError, match="cannot read a video from a list"):
+        model.chat([user("<video>\nq?")], videos=[[[frames, [0.0, 1.0, 2.0]]]], max_new_tokens=1)
+    with pytest.raises(VideoLoadError, match="num_frames must be an integer >= 1, got 0"):  # not the default
+        model.chat([user("<video>\nq?")], videos=[[str(media["clip"])]], num_frames=0, max_new_tokens=1)
     with pytest.raises(PipelineInputError, match="missing 'question'"):
         video_qa(video=str(media["clip"]))
 
