@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 
 import torch
@@ -42,8 +43,13 @@ def cpu_compiler_name() -> str:
 
 
 def cpu_compiler() -> str | None:
-    """The path of the C++ compiler inductor builds CPU kernels with ($CXX, else g++), None if not on PATH."""
-    return shutil.which(cpu_compiler_name())
+    """The path of the C++ compiler inductor builds CPU kernels with ($CXX, else g++), None if not on PATH. $CXX
+    may be a command with arguments (`ccache g++`), as inductor reads it: its first word is looked up."""
+    try:
+        words = shlex.split(cpu_compiler_name())
+    except ValueError:  # unbalanced quotes
+        return None
+    return shutil.which(words[0]) if words else None
 
 
 def compile_decoder_blocks(decoder: torch.nn.Module) -> int:

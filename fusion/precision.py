@@ -25,8 +25,11 @@ def cpu_has_native_bf16() -> bool:
 
 def has_native_bf16(device: torch.device) -> bool:
     """Whether bf16 autocast on `device` runs on native bf16 hardware."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # compute capability 8.0 (Ampere) or later; older GPUs only emulate bf16
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.4 has no `including_emulation` and counts native support only
+            return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         return cpu_has_native_bf16()
     return False

@@ -71,8 +71,12 @@ def patch_relevance(model, image, question: str, answer: str | None = None, *, m
         ``question``: the question, ``grid``: ``(side, side)``.
 
     Raises:
-        ValueError: the image takes more than one tile, or the question is empty or has a media marker.
+        ValueError: the image takes more than one tile, the question is empty or has a media marker, or
+            it is called under ``torch.inference_mode()`` (which forbids the gradient it needs; ``no_grad`` is fine).
     """
+    if torch.is_inference_mode_enabled():
+        raise ValueError("patch_relevance differentiates the answer's log-probability, which torch.inference_mode() "
+                         "forbids; call it outside inference_mode (under torch.no_grad() is fine)")
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"patch_relevance: question must be a non-empty str, got {question!r}")
     if IMAGE_MARKER in question or "<video>" in question:

@@ -81,3 +81,18 @@ def test_under_torchrun_each_process_uses_its_local_rank(monkeypatch, two_gpus):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert init_distributed("cuda").device == torch.device("cuda", 1)
     assert two_gpus == [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+def test_bf16_counts_as_native_on_a_gpu_only_from_ampere_on(monkeypatch):
+    """`precision: auto` takes bf16 where the hardware computes it natively: torch's plain
+    `is_bf16_supported()` also says yes for older GPUs (V100, T4) that only emulate it."""
+    from fusion.precision import has_native_bf16
+
+    def is_bf16_supported(including_emulation=True, capability=(7, 5)):
+        return including_emulation or capability >= (8, 0)
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert not has_native_bf16(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: is_bf16_supported(including_emulation, (8, 0)))
+    assert has_native_bf16(torch.device("cuda", 0))

@@ -65,6 +65,15 @@ def test_a_given_answer_is_scored_as_training_renders_it(model):
     assert -result["logprob"] / supervised == pytest.approx(float(loss), rel=1e-4)
 
 
+def test_inference_mode_is_named_as_what_stops_it(model):
+    """The map is a gradient, which inference_mode forbids (torch's own error came from deep in the experts
+    and did not say that); under no_grad it works."""
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"torch.inference_mode\(\) forbids"):
+        patch_relevance(model, image(2), QUESTION, answer="red")
+    with torch.no_grad():
+        assert patch_relevance(model, image(2), QUESTION, answer="red")["relevance"].max() == 1
+
+
 @pytest.mark.parametrize("row, col", [(1, 2), (3, 0)])
 def test_only_the_token_the_model_can_read_is_relevant(model, monkeypatch, row, col):
     """Cut the gradient path of every image token but one (their values stay in the sequence, but the

@@ -997,6 +997,16 @@ def test_a_compiled_stage_trains_like_an_eager_one(world, tmp_path, monkeypatch)
     assert [e["stage"] for e in evals] == ["compiled", "compiled"] and all(e["accuracy"] for e in evals)
 
 
+def test_a_cxx_with_arguments_is_looked_up_by_its_command(monkeypatch):
+    """inductor runs $CXX split into words (`ccache g++`, `g++ -fdiagnostics-color`): the check looks up the
+    command, not the whole string."""
+    monkeypatch.setattr(fusion.compilation.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "ccache" else None)
+    monkeypatch.setenv("CXX", "ccache g++ -O2")
+    assert fusion.compilation.cpu_compiler() == "/usr/bin/ccache"
+    monkeypatch.setenv("CXX", "no-such-cc -O2")
+    assert fusion.compilation.cpu_compiler() is None
+
+
 def test_compile_without_a_cpu_compiler_fails_before_training(world, tmp_path, monkeypatch):
     monkeypatch.setattr(fusion.compilation.shutil, "which", lambda name: None)
     stages = [{"name": "fast", "data": [str(world / "train.jsonl")], "steps": 1, "batch_size": 2,
