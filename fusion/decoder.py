@@ -192,17 +192,19 @@ class Decoder(nn.Module):
         else:
             kept = hidden if logits_to_keep is None else hidden[:, -logits_to_keep:]
         logits = self.lm_head(kept)
-        loss = aux = None
+        aux = self._aux_loss()  # in training with a coefficient > 0 only; with or without labels
+        loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, logits_at)
-            aux = self._aux_loss()
             if aux is not None:
                 loss = loss + aux
         return DecoderOutput(logits=logits, loss=loss, aux_loss=aux, hidden_states=hidden)
 
     def _aux_loss(self):
-        terms = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-        return self.config.aux_loss_coef * torch.stack(terms).sum() if terms else None
+        """The MoE layers' auxiliary balance losses of the last forward, each times its layer's coefficient
+        (the config's, or a training stage's `aux_loss_coef`); None where no layer computed one."""
+        terms = [m.aux_loss_coef * m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return torch.stack(terms).sum() if terms else None
 
     def _attention_plans(self, positions, valid, segment_ids, branch_ids, cache,
                          plain: bool) -> dict[str, AttentionPlan]:

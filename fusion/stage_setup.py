@@ -8,37 +8,74 @@ import math
 import torch
 
 from tokenizer import FusionTokenizer, text_without_markers
+from vision.encoder import VisionEncoderConfig
 
 from .checkpoint import model_folder
 from .data.datasets import ConversationDataset
-from .errors import ConfigError
+from .decoder_config import DecoderConfig
+from .errors import CheckpointError, ConfigError
 from .fusion_config import FusionConfig
 from .model import FusionModel
-from .train_config import StageConfig, TrainConfig, check_keys
+from .processor import VideoSettings
+from .train_config import StageConfig, TrainConfig, check_keys, numbers_from_text
 
 # keys under `model:` that are not FusionConfig fields
 _MODEL_BUILD_KEYS = {"init_from", "tokenizer", "vision_weights"}
+_FUSION_FIELDS = {f.name for f in dataclasses.fields(FusionConfig)}
 # keys under `model: tokenizer:`
 _TOKENIZER_KEYS = ("path", "train_on", "vocab_size", "min_frequency")
+
+
+def check_model_section(config: TrainConfig) -> None:
+    """ConfigError for a mistake in `config.model`, found before anything runs: the model's settings are
+    checked without building it (its tokenizer may be trained on files a run has still to generate)."""
+    spec = dict(config.model)
+    if spec.get("init_from"):
+        ignored = sorted(key for key, value in spec.items() if key != "init_from" and value is not None)
+        if ignored:
+            raise ConfigError(f"model: init_from loads the saved model as it is, so {ignored} would be ignored; "
+                              f"remove them (a model with other settings is built from scratch, without init_from)")
+        return
+    unknown = sorted(set(spec) - _FUSION_FIELDS - _MODEL_BUILD_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown keys {unknown} under model:")
+    tokenizer = spec.get("tokenizer") or {}
+    if not isinstance(tokenizer, dict):
+        raise ConfigError(f"model.tokenizer must be a mapping with `path` or `train_on`, got {tokenizer!r}")
+    check_keys(tokenizer, _TOKENIZER_KEYS, "model.tokenizer")
+    try:
+        FusionConfig(**model_settings(spec))
+    except (ConfigError, CheckpointError):
+        raise
+    except (ValueError, TypeError) as err:  # a decoder / vision / video setting the model cannot take
+        raise ConfigError(f"model: {err}") from err
 
 
 def build_model(config: TrainConfig) -> FusionModel:
     """A new model from `config.model` (FusionConfig fields plus `tokenizer` and `vision_weights`), or the
     folder `config.model["init_from"]`."""
+    check_model_section(config)
     spec = dict(config.model)
     if spec.get("init_from"):
         return FusionModel.from_pretrained(model_folder(spec["init_from"], config.base_dir))
-    fusion_fields = {f.name for f in dataclasses.fields(FusionConfig)}
-    unknown = sorted(set(spec) - fusion_fields - _MODEL_BUILD_KEYS)
-    if unknown:
-        raise ConfigError(f"unknown keys {unknown} under model:")
     tokenizer = build_tokenizer(spec.get("tokenizer") or {}, config)
-    settings = {key: value for key, value in spec.items() if key in fusion_fields and value is not None}
+    settings = model_settings(spec)
     decoder = dict(settings.get("decoder") or {})
     settings["decoder"] = {**decoder, "vocab_size": max(decoder.get("vocab_size", 0), len(tokenizer))}
     fusion_config = FusionConfig(**settings)  # it builds its decoder, vision and video settings from the dicts
     torch.manual_seed(config.seed)
     return FusionModel(fusion_config, tokenizer, vision_weights=config.path(spec.get("vision_weights")))
+
+
+def model_settings(spec: dict) -> dict:
+    """The FusionConfig fields of a config's `model:` section, numbers written as text read as numbers (in it
+    and in its decoder, vision and video sections, as in the rest of a config)."""
+    settings = numbers_from_text(FusionConfig, {key: value for key, value in spec.items()
+                                                if key in _FUSION_FIELDS and value is not None}, "model")
+    for key, cls in (("decoder", DecoderConfig), ("vision", VisionEncoderConfig), ("video", VideoSettings)):
+        if isinstance(settings.get(key), dict):
+            settings[key] = numbers_from_text(cls, settings[key], f"model.{key}")
+    return settings
 
 
 def build_tokenizer(spec: dict, config: TrainConfig) -> FusionTokenizer:
@@ -48,7 +85,10 @@ def build_tokenizer(spec: dict, config: TrainConfig) -> FusionTokenizer:
         raise ConfigError(f"model.tokenizer must be a mapping with `path` or `train_on`, got {spec!r}")
     check_keys(spec, _TOKENIZER_KEYS, "model.tokenizer")
     if spec.get("path"):
-        return FusionTokenizer.load(config.path(spec["path"]))
+        try:
+            return FusionTokenizer.load(config.path(spec["path"]))
+        except OSError as err:  # a missing or unreadable tokenizer file is a mistake in the config
+            raise ConfigError(f"model.tokenizer.path: {err}") from err
     files = spec.get("train_on")
     if not files:
         raise ConfigError("model.tokenizer needs `path` (a tokenizer.json) or `train_on` (dataset files)")

@@ -84,26 +84,40 @@ def _as_number(value, kind: type, what: str):
     return float(number)
 
 
+def _scalar_fields(cls) -> dict[str, tuple[type, bool]]:
+    """{field: (int, float or bool, whether it may be None)} for the dataclass `cls`'s fields of one such type."""
+    hints = typing.get_type_hints(cls)
+    fields = {}
+    for f in dataclasses.fields(cls):
+        args = typing.get_args(hints[f.name])
+        kinds = [a for a in args if a is not type(None)] if args else [hints[f.name]]
+        if len(kinds) == 1 and kinds[0] in (int, float, bool):
+            fields[f.name] = (kinds[0], type(None) in args)
+    return fields
+
+
 def check_field_types(obj, where: str) -> None:
     """Each int, float and bool field of the dataclass `obj` (optional ones may be None) checked, and
     numbers written as text converted; ConfigError naming the field otherwise."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        optional = type(None) in args
-        kinds = [a for a in args if a is not type(None)] if args else [hint]
-        if len(kinds) != 1 or kinds[0] not in (int, float, bool):
-            continue
-        value = getattr(obj, f.name)
+    for name, (kind, optional) in _scalar_fields(type(obj)).items():
+        value = getattr(obj, name)
         if value is None and optional:
             continue
-        what = f"{where}: {f.name}"
-        if kinds[0] is bool:
+        what = f"{where}: {name}"
+        if kind is bool:
             if not isinstance(value, bool):
                 raise ConfigError(f"{what} must be true or false, got {value!r}")
         else:
-            setattr(obj, f.name, _as_number(value, kinds[0], what))
+            setattr(obj, name, _as_number(value, kind, what))
+
+
+def numbers_from_text(cls, settings: dict, where: str) -> dict:
+    """`settings` for the dataclass `cls` with its int and float fields written as text (YAML 1.1's `1e-3`)
+    read as numbers, before `cls` sees them; ConfigError naming a text that is no number."""
+    fields = _scalar_fields(cls)
+    return {key: _as_number(value, fields[key][0], f"{where}.{key}")
+            if isinstance(value, str) and fields.get(key, (bool,))[0] in (int, float) else value
+            for key, value in settings.items()}
 
 
 @dataclass
@@ -191,6 +205,9 @@ class StageConfig:
 
     def __post_init__(self):
         where = f"stage {self.name!r}"
+        if not isinstance(self.name, str) or self.name.strip() in ("", ".", "..") or any(c in self.name for c in "/\\"):
+            raise ConfigError(f"{where}: a stage's name names its folder in the run (stages/NAME): give a text "
+                              f"without '/' or '\\', e.g. name: cotrain")
         if isinstance(self.eval, str):  # `eval: val.jsonl`
             self.eval = EvalConfig(data=self.eval)
         elif isinstance(self.eval, dict):
@@ -201,6 +218,9 @@ class StageConfig:
                               f"200, limit: 200}}, got {self.eval!r}")
         check_field_types(self, where)
         check_field_types(self.eval, f"{where}: eval")
+        if self.pack and self.length_buckets > 1:
+            raise ConfigError(f"{where}: pack: true puts samples into rows of max_length tokens, with no padding for "
+                              f"length_buckets to save; leave length_buckets out (or pack: false)")
         if not isinstance(self.lr, dict):
             raise ConfigError(f"{where}: lr must map parts to rates, e.g. {{vision: 1.0e-4, decoder: 3.0e-4}}, "
                               f"got {self.lr!r}")
@@ -380,6 +400,8 @@ def _final_eval(spec) -> dict | None:
         raise ConfigError(f"final_eval must be a dataset file or a mapping like {{data: test.jsonl, limit: 500}}, "
                           f"got {spec!r}")
     check_keys(spec, _FINAL_EVAL_KEYS, "final_eval")
+    if "batch_size" in spec and spec["batch_size"] is None:  # null: the default
+        del spec["batch_size"]
     for name in ("limit", "batch_size"):
         if spec.get(name) is not None:
             spec[name] = _as_number(spec[name], int, f"final_eval: {name}")

@@ -35,14 +35,14 @@ from . import distributed as fdist
 from .checkpoint import atomic_folder, model_folder, read_model_config, save_model_folder, write_json
 from .compilation import check_can_compile, compile_decoder_blocks, eager
 from .data.collate import split_by_length, split_long_samples
-from .data.datasets import MediaCache
+from .data.datasets import ConversationDataset, MediaCache
 from .data.stage_data import StageBatches, collate_samples, load_stage_data, text_stand_in_batch
 from .decoder import IGNORE_INDEX
 from .errors import CheckpointError, ConfigError, DatasetError, TrainingError, TrainingStopped, WeightsError
 from .model import FusionModel
 from .precision import computed_in, has_native_bf16
 from .run_log import MetricsLog, plot_metrics
-from .stage_setup import build_model, build_optimizer, lr_multiplier, set_trainable
+from .stage_setup import build_model, build_optimizer, check_model_section, lr_multiplier, set_trainable
 from .stop_signals import StopSignals, ignore_stop_signals
 from .train_config import PARTS, StageConfig, TrainConfig, load_train_config
 from .training_step import TrainingStep, supervised_loss_sum
@@ -207,13 +207,14 @@ class Trainer:
         config = self.config
         started = time.perf_counter()
         resumed = self.resume_state is not None
+        check_model_section(config)  # before the shapes world is generated (minutes) or anything else runs
         self.prepare_data()
         progress = self._starting_progress()
         self._check_files(progress.stage_index)
         self.seed_everything(config.seed)
         self.model = self._starting_model().to(self.ctx.device)
-        for stage in config.stages[progress.stage_index:]:  # each stage's eval data readable, before any training
-            self._check_eval_data(stage)
+        for stage in [*config.stages[progress.stage_index:], None]:  # each eval's data (the final one's last)
+            self._check_eval_data(stage)                             # readable, before any training
         self._check_resumable(progress)
         if self.overwrite and self.ctx.is_main:  # only once the config passed every check above: a mistake in it
             self._remove_earlier_run()           # leaves the earlier run as it was
@@ -313,8 +314,9 @@ class Trainer:
             compile_decoder_blocks(model.decoder)
         for moe in model.decoder.moe_layers():
             moe.count_padding = self.config.moe_count_padding
-            if stage.aux_loss_coef is not None:
-                moe.aux_loss_coef = stage.aux_loss_coef
+            # the stage's coefficient, else the model's (not an earlier stage's override)
+            moe.aux_loss_coef = model.decoder.config.aux_loss_coef if stage.aux_loss_coef is None \
+                else stage.aux_loss_coef
         step_module = TrainingStep(model)
         # a micro-batch without media still runs the tower on a blank tile (its result times 0) where the stage
         # trains the tower or adapter and either the decoder is frozen (else the loss has no gradient path at all)
@@ -590,6 +592,7 @@ class Trainer:
         run = ("continues from " + str(state["folder"]) if state else
                "a new run, over the run there (--overwrite)" if self.overwrite else "a new run")
         lines = [f"output_dir: {self.out.resolve()} ({run})"]
+        check_model_section(config)
         world = config.data.get("shapes_world")
         world_dir = config.path(world["out_dir"]) if world else None
         pending = world_dir if world_dir is not None and not (world_dir / "world.json").exists() else None
@@ -630,6 +633,9 @@ class Trainer:
                         f"{steps * stage.batch_size / max(samples, 1):.2f} epochs of its {samples}")
             lines.append(f"stage {stage.name!r}: {plan}; " + "; ".join(notes))
         if config.final_eval:
+            final = config.path(config.final_eval.get("data"))
+            if self.model is not None and not (pending is not None and final.is_relative_to(pending)):
+                self._check_eval_data(None)
             lines.append(f"final_eval: {config.final_eval.get('data')}")
         return "\n".join(lines)
 
@@ -683,22 +689,33 @@ class Trainer:
         final = config.path((config.final_eval or {}).get("data"))
         if missing(final):
             raise ConfigError(f"final_eval: data file {str(final)!r} does not exist")
+        final_root = config.path((config.final_eval or {}).get("root"))
+        if final_root is not None and not final_root.is_dir():
+            raise ConfigError(f"final_eval: media root {str(final_root)!r} is not a folder (relative paths are read "
+                              f"from the config file's folder, {str(config.base_dir)!r})")
 
-    def _check_eval_data(self, stage: StageConfig, probe: int = 4):
-        """Fail before training, not after it, when a stage's evaluation data cannot be read."""
-        if not stage.eval.data:
+    def _check_eval_data(self, stage: StageConfig | None, probe: int = 4):
+        """Fail before training, not after it, when a stage's evaluation data (`stage` None: the final
+        evaluation's) cannot be read."""
+        spec = (self.config.final_eval or {}) if stage is None else vars(stage.eval)
+        if not spec.get("data"):
             return
-        path = self.config.path(stage.eval.data)
+        where = "final_eval" if stage is None else f"stage {stage.name!r}: eval"
+        path, root = self.config.path(spec["data"]), self.config.path(spec.get("root"))
         if not path.is_file():
-            raise ConfigError(f"stage {stage.name!r}: eval data {str(path)!r} does not exist")
-        dataset = load_stage_data(self.config, stage, self.model, files=[stage.eval_source()])
+            raise ConfigError(f"{where} data {str(path)!r} does not exist")
+        if stage is None:  # as `fusion eval` reads it
+            dataset = ConversationDataset(path, self.model.processor, root=root)
+        else:
+            dataset = load_stage_data(self.config, stage, self.model, files=[stage.eval_source()])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             readable = sum(dataset[i] is not None for i in range(min(probe, len(dataset))))
         if readable == 0:
-            raise ConfigError(f"stage {stage.name!r}: none of the first {min(probe, len(dataset))} samples of its "
-                              f"eval data {str(path)!r} can be read ({dict(getattr(dataset, 'bad_counts', {}))}); "
-                              "check the file and the paths in it (they are relative to the file's folder)")
+            relative_to = f"root {str(root)!r}" if root is not None else "the file's folder"
+            raise ConfigError(f"{where}: none of the first {min(probe, len(dataset))} samples of {str(path)!r} can "
+                              f"be read ({dict(getattr(dataset, 'bad_counts', {}))}); check the file and the paths "
+                              f"in it (they are relative to {relative_to})")
 
     def _unsharded_copy(self) -> FusionModel | None:
         """A full copy of an FSDP2-sharded model on the main process (collective: every process calls it)."""

@@ -293,7 +293,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--batch-size", type=_whole_number(1), default=16, help="conversations per generation batch (default 16)")
     parser.add_argument("--limit", type=_whole_number(0), default=None, help="evaluate only the first N samples")
     parser.add_argument("--max-new-tokens", type=_whole_number(1), default=None,
-                        help="generation limit (default: the longest reference of a batch + 8 tokens, at least 16)")
+                        help="generation limit (default: per task, the longest reference answer or caption of the "
+                             "file + 8 tokens, at least 16)")
     parser.add_argument("--num-frames", type=_whole_number(1), default=None, help="frames per video (default: the model's)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--predictions", action="store_true", help="include every prediction in the JSON")

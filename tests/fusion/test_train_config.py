@@ -60,6 +60,8 @@ def test_rates_written_without_a_dot_are_numbers(tmp_path):
     (["lr: {decoder: 1.0e-3}", "steps: 10", "init_from: ''"], r"init_from must name a model folder"),
     (["lr: {decoder: 1.0e-3}", "steps: 10", "data: [{path: train.jsonl, root: ''}]"],
      r"root of train.jsonl must be a folder path"),
+    (["lr: {decoder: 1.0e-3}", "steps: 10", "pack: true", "length_buckets: 2"],
+     r"stage 'cotrain': pack: true puts samples into rows .* leave length_buckets out"),
 ])
 def test_a_mistake_in_a_stage_is_named(tmp_path, lines, message):
     with pytest.raises(ConfigError, match=message):
@@ -100,6 +102,20 @@ def test_a_mistake_in_a_top_level_setting_is_named_before_anything_runs(tmp_path
     (a typo'd key of distributed, final_eval or the shapes world), or fail with a traceback (model: default)."""
     with pytest.raises(ConfigError, match=message):
         load_train_config(config_file(tmp_path, top + "\n" + ONE_STAGE))
+
+
+@pytest.mark.parametrize("name", ["1", "../elsewhere", "''", "a/b", "'..'"])
+def test_a_stage_name_must_name_a_folder_inside_the_run(tmp_path, name):
+    """A stage's model is saved in stages/NAME: a number crashed after the stage trained, and `../x` wrote it
+    outside output_dir (where --overwrite never removes it)."""
+    text = STAGE.replace("name: cotrain", f"name: {name}").format(line="lr: {decoder: 1.0e-3}\n    steps: 1")
+    with pytest.raises(ConfigError, match=r"a stage's name names its folder in the run"):
+        load_train_config(config_file(tmp_path, text))
+
+
+def test_a_final_eval_batch_size_of_null_is_the_default(tmp_path):
+    config = load_train_config(config_file(tmp_path, "final_eval: {data: test.jsonl, batch_size: null}\n" + ONE_STAGE))
+    assert config.final_eval == {"data": "test.jsonl"}  # the trainer's default (32), not None (a crash after training)
 
 
 def test_a_dataset_file_alone_stands_for_eval_and_final_eval(tmp_path):

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import fusion
 from fusion.data.datasets import DatasetWarning
+from fusion.errors import ConfigError
 from fusion.data.shapes_world import ShapesWorldConfig, generate_shapes_world
 from fusion.distributed import DistContext
 from fusion.run_log import read_metrics
@@ -249,6 +250,29 @@ def test_a_stage_trains_on_chosen_types_and_media_of_its_files_repeated(world, t
                          ({"file": train_file}, r"a data entry: unknown key 'file'")):
         with pytest.raises(ConfigError, match=message):
             TrainConfig.from_dict({"stages": [{**stages[0], "data": [bad]}]})
+
+
+def test_the_aux_balance_loss_trains_the_routers_and_a_stages_coefficient_ends_with_the_stage(world, tmp_path):
+    """The auxiliary balance loss (the decoder's `aux_loss_coef`, or a stage's) is added to the training loss:
+    the routers end elsewhere than without it. A stage's coefficient applies to that stage only: the next stage
+    goes back to the model's (0 here), as if it had been written out."""
+    def routers(name, first_aux, second_aux, decoder_aux=None):
+        stages = [{"name": "a", "data": str(world / "train.jsonl"), "steps": 2, "batch_size": 4,
+                   "lr": {"decoder": 1e-2}, **first_aux},
+                  {"name": "b", "data": str(world / "train.jsonl"), "steps": 2, "batch_size": 4,
+                   "lr": {"decoder": 1e-2}, **second_aux}]
+        config = base_config(world, tmp_path / name, stages)
+        if decoder_aux is not None:
+            config["model"]["decoder"]["aux_loss_coef"] = decoder_aux
+        train(fusion.trainer.TrainConfig.from_dict(config), progress=False)
+        state = load_file(str(tmp_path / name / "final" / "model.safetensors"))
+        return torch.cat([v.flatten() for k, v in sorted(state.items()) if k.endswith("router.weight")])
+
+    plain = routers("plain", {}, {})
+    balanced = routers("balanced", {"aux_loss_coef": 5.0}, {})
+    assert not torch.equal(plain, balanced)
+    assert torch.equal(balanced, routers("written_out", {"aux_loss_coef": 5.0}, {"aux_loss_coef": 0.0}))
+    assert not torch.equal(plain, routers("model_wide", {}, {}, decoder_aux=5.0))
 
 
 def test_frozen_parts_stay_bit_identical_and_trainable_parts_move(world, tmp_path):
@@ -781,6 +805,64 @@ def test_two_process_torchrun_matches_one_process(world, tmp_path, strategy, tor
     # Adam turns float-rounding differences of near-zero gradients into steps of up to lr (1e-3)
     for (name, p), q in zip(model.state_dict().items(), reference.state_dict().values()):
         assert torch.allclose(p, q, atol=3e-3), name
+
+
+def test_model_section_mistakes_are_found_before_anything_runs(world, tmp_path):
+    """Mistakes under `model:` stop `--check` and the run before anything runs, even where the model cannot be
+    built yet (its tokenizer trains on a shapes world still to be generated): a typo'd decoder key, other keys
+    beside init_from (they were silently ignored), a tokenizer file that is not there (was a traceback)."""
+    stages = [{"name": "s", "data": str(tmp_path / "new_world" / "train.jsonl"), "steps": 1, "batch_size": 2,
+               "lr": {"decoder": 1e-3}}]
+    config = base_config(world, tmp_path / "run", stages,
+                         data={"shapes_world": {"out_dir": str(tmp_path / "new_world"), "train_images": 8}})
+    config["model"]["tokenizer"]["train_on"] = [str(tmp_path / "new_world" / "text.jsonl")]
+    config["model"]["decoder"]["hiden_size"] = 32
+    for run in (fusion.trainer.check, lambda c: train(c, progress=False)):
+        with pytest.raises(ConfigError, match=r"model: .*hiden_size"):
+            run(fusion.trainer.TrainConfig.from_dict(config))
+        assert not (tmp_path / "new_world").exists()  # not generated: the mistake was found first
+    beside_init = base_config(world, tmp_path / "run", stages[:0] + [{**stages[0], "data": str(world / "text.jsonl")}],
+                              model={"init_from": "default", "video": {"num_frames": 4}})
+    with pytest.raises(ConfigError, match=r"model: init_from loads the saved model as it is, so \['video'\] would"):
+        fusion.trainer.check(fusion.trainer.TrainConfig.from_dict(beside_init))
+    no_tokenizer = base_config(world, tmp_path / "run", [{**stages[0], "data": str(world / "text.jsonl")}])
+    no_tokenizer["model"]["tokenizer"] = {"path": str(tmp_path / "nope.json")}
+    with pytest.raises(ConfigError, match=r"model.tokenizer.path: .*nope.json"):
+        fusion.trainer.check(fusion.trainer.TrainConfig.from_dict(no_tokenizer))
+
+
+def test_numbers_written_as_text_under_model_are_numbers(world, tmp_path):
+    """YAML 1.1 reads `5e5` as text: under `model:` too it is the number (rope_theta crashed the build,
+    load_balance_coeff the first step)."""
+    config = base_config(world, tmp_path / "run", [{"name": "s", "data": str(world / "text.jsonl"), "steps": 1,
+                                                    "batch_size": 2, "lr": {"decoder": 1e-3}}])
+    config["model"]["decoder"].update(rope_theta="5e5", load_balance_coeff="1e-3")
+    config["model"]["video"] = {"num_frames": "2"}
+    model = fusion.stage_setup.build_model(fusion.trainer.TrainConfig.from_dict(config))
+    assert model.config.decoder.rope_theta == 500000.0 and model.config.decoder.load_balance_coeff == 0.001
+    assert model.config.video.num_frames == 2
+    train(fusion.trainer.TrainConfig.from_dict(config), progress=False)
+    config["model"]["decoder"]["rope_theta"] = "large"
+    config["output_dir"] = str(tmp_path / "other")
+    with pytest.raises(ConfigError, match=r"model.decoder.rope_theta must be a number, got the text 'large'"):
+        fusion.trainer.check(fusion.trainer.TrainConfig.from_dict(config))
+
+
+def test_a_final_eval_that_cannot_read_its_data_fails_before_training(world, tmp_path):
+    """`final_eval`'s root and the readability of its first samples are checked before training, as a stage's
+    eval is (a wrong root failed after the whole run had trained, with no eval.json)."""
+    stages = [{"name": "s", "data": str(world / "text.jsonl"), "steps": 1, "batch_size": 2, "lr": {"decoder": 1e-3}}]
+    moved = tmp_path / "elsewhere" / "val.jsonl"  # its media paths are relative to the world folder
+    moved.parent.mkdir()
+    moved.write_text((world / "val.jsonl").read_text())
+    for final, message in (({"data": str(world / "val.jsonl"), "root": str(tmp_path / "nowhere")},
+                            r"final_eval: media root .*nowhere' is not a folder"),
+                           ({"data": str(moved)}, r"final_eval: none of the first 4 samples of .*elsewhere")):
+        config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages, final_eval=final))
+        for run in (fusion.trainer.check, lambda c: train(c, progress=False)):
+            with pytest.raises(ConfigError, match=message):
+                run(config)
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_unreadable_eval_data_fails_before_training(world, tmp_path):
