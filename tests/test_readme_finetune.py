@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -78,6 +79,12 @@ def test_the_readme_finetuning_example_trains_the_shipped_model_on_its_data(read
     assert [m["stage"] for m in steps] == ["cotrain"] * 2 + ["unfreeze"] * 2
     assert steps[0]["skipped_samples"] == 0  # the image, the clip and the text sample all read
     assert (run / "metrics.png").is_file() and (run / "eval.json").is_file()
+    # init_from: default loads the shipped weights: the decoder, frozen in the first stage, is still exactly theirs
+    from safetensors.torch import load_file
+    shipped = load_file(model_folder("default") / "model.safetensors")
+    cotrained = load_file(run / "stages" / "cotrain" / "model.safetensors")
+    decoder = [name for name in shipped if name.startswith("decoder.")]
+    assert decoder and all(torch.equal(cotrained[name], shipped[name]) for name in decoder)
     shipped = fusion.FusionModel.from_pretrained(model_folder("default"))
     tuned = fusion.FusionModel.from_pretrained(run / "final")
     assert tuned.config.to_dict() == shipped.config.to_dict()  # started from the shipped model

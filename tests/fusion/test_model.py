@@ -140,6 +140,27 @@ def test_stop_ids_in_any_integer_form_cut_the_answer_and_its_score_alike(tok):
         model.generate(torch.tensor([1, 2, 3]), max_new_tokens=2)
 
 
+def test_a_chat_answers_score_is_the_mean_log_probability_of_its_own_tokens(tok):
+    """`logprob` (a pipeline's score is its exp) is the mean log-probability the model gives each answer
+    token, the stop token included, computed here by one teacher-forced forward over prompt + answer; a row
+    that stops before the others in a batch is scored over its own tokens only."""
+    model = tiny_model(tok)
+    convs = [user("<image>\nwhat color is the circle?"), user("<image>\ndescribe the picture")]
+    media = [[image(0)], [image(1)]]
+    free = model.chat(convs, media, max_new_tokens=6, stop_ids=())
+    stop = free[0]["tokens"][1]  # row 0 stops after two tokens, row 1 runs on (or stops where it emits it)
+    answers = model.chat(convs, media, max_new_tokens=6, stop_ids=[stop])
+    assert len(answers[0]["tokens"]) == 2 and len(answers[1]["tokens"]) > 2
+    for conv, images, answer in zip(convs, media, answers):
+        prompt = model.processor(conv, images, add_generation_prompt=True)
+        ids = torch.cat([prompt.input_ids, torch.tensor(answer["tokens"])])[None]
+        with torch.no_grad():
+            logits = model(ids, pixel_values=prompt.pixel_values).logits[0].float()
+        n = len(answer["tokens"])
+        logprobs = logits[-n - 1:-1].log_softmax(-1).gather(1, ids[0, -n:, None])[:, 0]
+        assert answer["logprob"] == pytest.approx(float(logprobs.mean()), abs=1e-5)
+
+
 def test_cached_generation_equals_full_forward(tok):
     model = tiny_model(tok)
     sample = model.processor(user("<image>\nwhat color is the circle?"), [image(3)], add_generation_prompt=True)
