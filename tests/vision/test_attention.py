@@ -1,5 +1,6 @@
 """The ViT's attention runs in float32 under CPU bf16 autocast, with the same parameters and results."""
 import copy
+from unittest import mock
 
 import torch
 from torch import nn
@@ -30,6 +31,19 @@ def test_vit_blocks_attend_in_float32_under_cpu_autocast_and_match_torchs_attent
     # ours attends in float32, so it is at least as close to the float32 result as bf16 attention is
     assert (ours.float() - exact).abs().max() <= (torchs.float() - exact).abs().max() * 1.5
     assert torch.allclose(ours.float(), exact, atol=0.1, rtol=0.05)
+    # every block's attention itself runs in float32 on what the bf16 projection gave (the comparisons above
+    # are dominated by the bf16 projections and would pass with bf16 attention too)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recorded(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **kwargs)
+
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", recorded), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        encoder(pixels)
+    assert seen == [(torch.float32,) * 3 + (False,)] * len(blocks)
 
 
 def test_float32_cpu_attention_gradients_reach_every_parameter():
