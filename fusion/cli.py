@@ -48,6 +48,10 @@ def main(argv=None) -> int:
     train.add_argument("--check", action="store_true",
                        help="check the config, its files and model folders and print each stage's plan (samples, "
                             "steps, epochs, what it trains), without training or writing anything")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="change one setting of the config for this run, e.g. --set stages.relation.steps=500, "
+                            "--set model.decoder.hidden_size=192 --set output_dir=runs/h192 (KEY: a dotted path, "
+                            "a stage by its name or index; VALUE: YAML); repeatable; --resume needs the same ones")
 
     from .evaluation.evaluate import add_eval_arguments
 
@@ -71,16 +75,17 @@ def main(argv=None) -> int:
 def run_command(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .errors import CheckpointError, ConfigError, DatasetError, TrainingError, TrainingStopped, WeightsError
+        from .train_config import load_train_config
         from .trainer import check as check_training
         from .trainer import train as run_training
 
         try:
+            config = load_train_config(args.config, overrides=args.set)
             if args.check:
-                print(check_training(args.config, resume=args.resume, overwrite=args.overwrite))
+                print(check_training(config, resume=args.resume, overwrite=args.overwrite))
                 print("checked: nothing was trained or written")
                 return 0
-            final = run_training(args.config, resume=args.resume, progress=not args.no_progress,
-                                 overwrite=args.overwrite)
+            final = run_training(config, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
         except (ConfigError, DatasetError, CheckpointError, WeightsError, TrainingError) as err:  # no traceback
             print(f"fusion train: {type(err).__name__}: {err}", file=sys.stderr)
             return 1

@@ -34,7 +34,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -409,7 +409,9 @@ def _final_eval(spec) -> dict | None:
     return spec
 
 
-def load_train_config(path) -> TrainConfig:
+def load_train_config(path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The training config in the YAML file `path`, with `overrides` (`KEY=VALUE`, see `set_config_value`)
+    applied in order before it is checked."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"training config {str(path)!r} does not exist")
@@ -419,4 +421,51 @@ def load_train_config(path) -> TrainConfig:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    for override in overrides:
+        set_config_value(data, override)
     return TrainConfig.from_dict(data, base_dir=path.parent.resolve())
+
+
+def set_config_value(data: dict, override: str) -> None:
+    """Apply `KEY=VALUE` to the config mapping `data` in place (`fusion train CONFIG --set KEY=VALUE`).
+
+    KEY is a dotted path: `model.decoder.hidden_size`, `final_eval.limit`; in a list, an index
+    (`stages.2.steps`) or, among the stages, a stage's name (`stages.relation.steps`). VALUE is read as YAML
+    (`192`, `true`, `null`, `[a, b]`, `{data: val.jsonl}`). A missing key is added (the config's own checks
+    then name a misspelt one), a missing mapping on the way created."""
+    key, sep, text = override.partition("=")
+    where = f"--set {override}"
+    if not sep or not key.strip():
+        raise ConfigError(f"{where}: give KEY=VALUE, e.g. --set stages.relation.steps=500")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: the value is not valid YAML ({err})") from None
+    parts = key.strip().split(".")
+    node = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            names = [item.get("name") for item in node if isinstance(item, dict)]
+            if part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+                index = int(part)
+            elif part in names:
+                index = names.index(part)
+            else:
+                raise ConfigError(f"{where}: {'.'.join(parts[:depth]) or 'the config'} is a list of {len(node)}; "
+                                  f"{part!r} is neither an index nor one of its names {names}")
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                elif isinstance(node[part], str) and part in ("eval", "final_eval"):  # `eval: val.jsonl`
+                    node[part] = {"data": node[part]}
+                node = node[part]
+        else:
+            raise ConfigError(f"{where}: {'.'.join(parts[:depth])} is {node!r}, which has no key {part!r}")

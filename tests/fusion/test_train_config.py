@@ -130,3 +130,35 @@ def test_fusion_train_prints_a_config_mistake_as_one_line_and_exits_with_1(tmp_p
     err = capsys.readouterr().err
     assert err.startswith("fusion train: ConfigError: stage 'cotrain': unknown key 'step' (did you mean 'steps'?)")
     assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_set_changes_one_setting_by_its_dotted_path(tmp_path):
+    """`fusion train CONFIG --set KEY=VALUE`: a variant of a config without editing it; stages are reached by
+    name or index, values are YAML, missing mappings are made, and the config's own checks still apply."""
+    path = config_file(tmp_path, "final_eval: test.jsonl\nmodel: {decoder: {hidden_size: 64}}\n" + STAGE.format(
+        line="lr: {decoder: 1.0e-3}\n    steps: 10\n    eval: val.jsonl"))
+    config = load_train_config(path, ["stages.cotrain.steps=20", "stages.0.lr.vision=1e-4", "model.decoder.hidden_size=32",
+                                      "model.vision.width=16", "final_eval.limit=5", "stages.cotrain.eval.limit=7",
+                                      "output_dir=elsewhere", "seed=3"])
+    stage = config.stages[0]
+    assert stage.steps == 20 and stage.lr == {"decoder": 1e-3, "vision": 1e-4} and stage.eval.limit == 7
+    assert config.model == {"decoder": {"hidden_size": 32}, "vision": {"width": 16}}
+    assert config.final_eval == {"data": "test.jsonl", "limit": 5}
+    assert config.output_dir == "elsewhere" and config.seed == 3
+    for override, message in (("stages.cotrian.steps=2", r"'cotrian' is neither an index nor one of its names "
+                                                          r"\['cotrain'\]"),
+                              ("stages.3.steps=2", r"stages is a list of 1; '3' is neither"),
+                              ("seed", r"--set seed: give KEY=VALUE"),
+                              ("seed.x=1", r"--set seed.x=1: seed is 0, which has no key 'x'"),
+                              ("stages.cotrain.step=2", r"stage 'cotrain': unknown key 'step' \(did you mean 'steps'")):
+        if override.startswith("seed."):
+            path.write_text("seed: 0\n" + path.read_text())
+        with pytest.raises(ConfigError, match=message):
+            load_train_config(path, [override])
+
+
+def test_fusion_train_set_reaches_the_run(tmp_path, capsys):
+    path = config_file(tmp_path, STAGE.format(line="lr: {decoder: 1.0e-3}\n    steps: 10"))
+    (tmp_path / "train.jsonl").write_text("")
+    assert fusion_cli(["train", str(path), "--check", "--set", "stages.cotrain.step=3"]) == 1
+    assert "stage 'cotrain': unknown key 'step'" in capsys.readouterr().err
