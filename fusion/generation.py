@@ -87,6 +87,8 @@ def select_next_token(logits: torch.Tensor, do_sample: bool = False, temperature
     """logits [B, V] -> token ids [B]."""
     if not do_sample:
         return logits.argmax(dim=-1)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; use do_sample=False for greedy")
     logits = logits.float() / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -121,6 +123,8 @@ def generate(decoder, *, input_ids=None, inputs_embeds: torch.Tensor | None = No
     (`generator`, or torch's global one): a seed reproduces a call with the same prompts in the same batch,
     and a sample's tokens change with the rows batched beside it.
     """
+    max_new_tokens, temperature, top_k, top_p = (x.item() if torch.is_tensor(x) and x.ndim == 0 else x
+                                                 for x in (max_new_tokens, temperature, top_k, top_p))
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     check_sampling_options(do_sample, temperature, top_k, top_p, generator)

@@ -426,6 +426,11 @@ def load_train_config(path, overrides: Sequence[str] = ()) -> TrainConfig:
     return TrainConfig.from_dict(data, base_dir=path.parent.resolve())
 
 
+def _own_copy(node):
+    """A shallow copy of a mapping or list (anything else as it is)."""
+    return dict(node) if isinstance(node, dict) else list(node) if isinstance(node, list) else node
+
+
 def set_config_value(data: dict, override: str) -> None:
     """Apply `KEY=VALUE` to the config mapping `data` in place (`fusion train CONFIG --set KEY=VALUE`).
 
@@ -443,6 +448,8 @@ def set_config_value(data: dict, override: str) -> None:
         raise ConfigError(f"{where}: the value is not valid YAML ({err})") from None
     parts = key.strip().split(".")
     node = data
+    # each mapping and list on the path is copied before it is written to: YAML anchors (`lr: *rates`) share one
+    # object between several places, and the setting named is to change in the one place named only
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
         if isinstance(node, list):
@@ -457,6 +464,7 @@ def set_config_value(data: dict, override: str) -> None:
             if last:
                 node[index] = value
             else:
+                node[index] = _own_copy(node[index])
                 node = node[index]
         elif isinstance(node, dict):
             if last:
@@ -466,6 +474,7 @@ def set_config_value(data: dict, override: str) -> None:
                     node[part] = {}
                 elif isinstance(node[part], str) and part in ("eval", "final_eval"):  # `eval: val.jsonl`
                     node[part] = {"data": node[part]}
+                node[part] = _own_copy(node[part])
                 node = node[part]
         else:
             raise ConfigError(f"{where}: {'.'.join(parts[:depth])} is {node!r}, which has no key {part!r}")

@@ -659,9 +659,11 @@ class Trainer:
         run (or the final evaluation) names is missing (files under `not_yet_written` are not looked for)."""
         config = self.config
 
+        def missing_later(path: Path) -> bool:  # a path in the shapes world the run writes before training
+            return not_yet_written is not None and path.is_relative_to(not_yet_written)
+
         def missing(path: Path | None) -> bool:
-            return path is not None and not path.is_file() and not (
-                not_yet_written is not None and path.is_relative_to(not_yet_written))
+            return path is not None and not path.is_file() and not missing_later(path)
 
         for stage in config.stages[first_stage:]:
             where = f"stage {stage.name!r}"
@@ -676,7 +678,7 @@ class Trainer:
             if None not in records and len(records) == len(stage.data):  # a bound: grouping, filters only lower it
                 _check_enough_samples(stage, sum(n * s.repeat for n, s in zip(records, stage.data)))
             for root in [config.path(s.root) for s in stage.data] + [config.path(stage.eval.root)]:
-                if root is not None and not root.is_dir():
+                if root is not None and not root.is_dir() and not missing_later(root):
                     raise ConfigError(f"{where}: media root {str(root)!r} is not a folder (relative paths are read "
                                       f"from the config file's folder, {str(config.base_dir)!r})")
             # (a folder inside this run's output_dir, such as an earlier stage's model, is written by the run)
@@ -690,7 +692,7 @@ class Trainer:
         if missing(final):
             raise ConfigError(f"final_eval: data file {str(final)!r} does not exist")
         final_root = config.path((config.final_eval or {}).get("root"))
-        if final_root is not None and not final_root.is_dir():
+        if final_root is not None and not final_root.is_dir() and not missing_later(final_root):
             raise ConfigError(f"final_eval: media root {str(final_root)!r} is not a folder (relative paths are read "
                               f"from the config file's folder, {str(config.base_dir)!r})")
 
@@ -700,10 +702,10 @@ class Trainer:
         spec = (self.config.final_eval or {}) if stage is None else vars(stage.eval)
         if not spec.get("data"):
             return
-        where = "final_eval" if stage is None else f"stage {stage.name!r}: eval"
+        where = "final_eval" if stage is None else f"stage {stage.name!r}"
         path, root = self.config.path(spec["data"]), self.config.path(spec.get("root"))
         if not path.is_file():
-            raise ConfigError(f"{where} data {str(path)!r} does not exist")
+            raise ConfigError(f"{where}: eval data {str(path)!r} does not exist")
         if stage is None:  # as `fusion eval` reads it
             dataset = ConversationDataset(path, self.model.processor, root=root)
         else:
@@ -713,9 +715,9 @@ class Trainer:
             readable = sum(dataset[i] is not None for i in range(min(probe, len(dataset))))
         if readable == 0:
             relative_to = f"root {str(root)!r}" if root is not None else "the file's folder"
-            raise ConfigError(f"{where}: none of the first {min(probe, len(dataset))} samples of {str(path)!r} can "
-                              f"be read ({dict(getattr(dataset, 'bad_counts', {}))}); check the file and the paths "
-                              f"in it (they are relative to {relative_to})")
+            raise ConfigError(f"{where}: none of the first {min(probe, len(dataset))} samples of its eval data "
+                              f"{str(path)!r} can be read ({dict(getattr(dataset, 'bad_counts', {}))}); check the "
+                              f"file and the paths in it (they are relative to {relative_to})")
 
     def _unsharded_copy(self) -> FusionModel | None:
         """A full copy of an FSDP2-sharded model on the main process (collective: every process calls it)."""

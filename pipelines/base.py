@@ -189,8 +189,8 @@ class Pipeline:
             raise TypeError(f"{where}: takes at most {len(self.input_fields)} positional input(s) "
                             f"({', '.join(self.input_fields)}), got {len(inputs)}; call it as {self._usage()}")
         first = inputs[0] if inputs else None
-        if isinstance(first, list) and not first and len(inputs) == 1 and not fields:
-            return [], True  # an empty list of records
+        if isinstance(first, (list, tuple)) and not first and len(inputs) == 1 and not fields:
+            return [], True  # an empty list (or tuple) of records
         if isinstance(first, Mapping) or (isinstance(first, (list, tuple)) and first
                                           and all(isinstance(r, Mapping) for r in first)):
             if len(inputs) > 1 or fields:

@@ -95,6 +95,12 @@ def test_bad_arguments():
                              (dict(max_new_tokens=2.5), r"max_new_tokens must be an integer >= 0")):
         with pytest.raises(ValueError, match=message):
             model.generate([[1, 2]], **options)
+    with pytest.raises(ValueError, match="temperature must be > 0"):  # the helper on its own too
+        select_next_token(torch.zeros(1, 4), True, temperature=0)
+    # one-element tensors are numbers
+    sampled = model.generate([[1, 2]], max_new_tokens=torch.tensor(3), do_sample=True, temperature=torch.tensor(1.5),
+                             top_k=torch.tensor(5), generator=torch.Generator().manual_seed(0))
+    assert sampled.shape == (1, 3)
 
 
 def test_sampling_options_without_do_sample_warn_that_decoding_is_greedy():

@@ -157,6 +157,18 @@ def test_set_changes_one_setting_by_its_dotted_path(tmp_path):
             load_train_config(path, [override])
 
 
+def test_set_changes_only_the_place_it_names_where_yaml_anchors_share_a_value(tmp_path):
+    path = config_file(tmp_path, """\
+stages:
+  - {name: cotrain, data: train.jsonl, steps: 10, lr: &rates {vision: 1.0e-3}, eval: &val {data: val.jsonl, limit: 300}}
+  - {name: unfreeze, data: train.jsonl, steps: 10, lr: *rates, eval: *val}
+""")
+    config = load_train_config(path, ["stages.cotrain.eval.limit=5", "stages.unfreeze.lr.decoder=3e-4"])
+    cotrain, unfreeze = config.stages
+    assert (cotrain.eval.limit, unfreeze.eval.limit) == (5, 300)
+    assert cotrain.lr == {"vision": 1e-3} and unfreeze.lr == {"vision": 1e-3, "decoder": 3e-4}
+
+
 def test_fusion_train_set_reaches_the_run(tmp_path, capsys):
     path = config_file(tmp_path, STAGE.format(line="lr: {decoder: 1.0e-3}\n    steps: 10"))
     (tmp_path / "train.jsonl").write_text("")

@@ -891,6 +891,16 @@ def test_model_section_mistakes_are_found_before_anything_runs(world, tmp_path):
         with pytest.raises(ConfigError, match=r"model: .*hiden_size"):
             run(fusion.trainer.TrainConfig.from_dict(config))
         assert not (tmp_path / "new_world").exists()  # not generated: the mistake was found first
+    del config["model"]["decoder"]["hiden_size"]
+    for mistake, message in (({"vision": 5}, r"model.vision must be a mapping of its settings"),
+                             ({"video": {"num_frames": 0}}, r"model.video.num_frames must be a whole number >= 1")):
+        with pytest.raises(ConfigError, match=message):
+            fusion.trainer.check(fusion.trainer.TrainConfig.from_dict({**config, "model": {**config["model"],
+                                                                                          **mistake}}))
+    # a final evaluation whose media root is in the world still to be generated is not refused by --check
+    pending = {**config, "final_eval": {"data": str(tmp_path / "new_world" / "test.jsonl"),
+                                        "root": str(tmp_path / "new_world")}}
+    assert "final_eval:" in fusion.trainer.check(fusion.trainer.TrainConfig.from_dict(pending))
     beside_init = base_config(world, tmp_path / "run", stages[:0] + [{**stages[0], "data": str(world / "text.jsonl")}],
                               model={"init_from": "default", "video": {"num_frames": 4}})
     with pytest.raises(ConfigError, match=r"model: init_from loads the saved model as it is, so \['video'\] would"):
@@ -927,7 +937,7 @@ def test_a_final_eval_that_cannot_read_its_data_fails_before_training(world, tmp
     moved.write_text((world / "val.jsonl").read_text())
     for final, message in (({"data": str(world / "val.jsonl"), "root": str(tmp_path / "nowhere")},
                             r"final_eval: media root .*nowhere' is not a folder"),
-                           ({"data": str(moved)}, r"final_eval: none of the first 4 samples of .*elsewhere")):
+                           ({"data": str(moved)}, r"final_eval: none of the first 4 samples of its eval data .*elsewhere")):
         config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages, final_eval=final))
         for run in (fusion.trainer.check, lambda c: train(c, progress=False)):
             with pytest.raises(ConfigError, match=message):

@@ -119,7 +119,7 @@ def test_vqa_calling_shapes_agree(vqa):
     assert len(listed) == 1
     assert_same_results(listed[0], single)
     assert_same_results(vqa(({"image": img, "question": question},))[0], single)  # a tuple of records too
-    assert vqa([]) == []
+    assert vqa([]) == [] and vqa(()) == []
 
 
 def test_image_given_as_path_pil_array_or_tensor_gives_the_same_answer(vqa, media):

@@ -235,22 +235,25 @@ def test_on_a_constant_rate_times_choose_what_frame_indices_chooses(total, avg_f
 
 @settings(max_examples=300, deadline=None)
 @given(gaps=st.lists(st.sampled_from([0.0, 0.033, 0.033, 0.04, 0.5, 3.0, 0.0123]), max_size=80),
-       num_frames=st.integers(1, 40), start_fraction=st.one_of(st.none(), st.floats(0, 0.5)))
-def test_uniform_mode_gives_as_many_frames_as_asked_however_long_frames_are_held(gaps, num_frames, start_fraction):
+       num_frames=st.integers(1, 40), start_after=st.one_of(st.none(), st.integers(1, 80)))
+def test_uniform_mode_gives_as_many_frames_as_asked_however_long_frames_are_held(gaps, num_frames, start_after):
     """Frames held on screen (a paused screen recording, dropped frames) never cost frames in uniform mode: the
     range's frames, as many as asked (each once if it has no more), in order, each frame shown at a segment's
-    midpoint among them."""
+    midpoint among them. (A start half-way between two frames, so that which frames are in range is plain.)"""
     times = np.concatenate(([0.0], np.cumsum(gaps))).round(6).tolist()
-    start = None if start_fraction is None else start_fraction * times[-1]
+    start = None
+    if start_after is not None and start_after < len(times) and times[start_after] > times[start_after - 1]:
+        start = (times[start_after - 1] + times[start_after]) / 2
     chosen = frame_indices_at_times(times, num_frames=num_frames, start=start)
-    in_range = [i for i, t in enumerate(times) if start is None or t >= start - 1e-6]
+    in_range = [i for i, t in enumerate(times) if start is None or t > start]
     assert chosen == sorted(set(chosen)) and set(chosen) <= set(in_range)
     assert len(chosen) == min(num_frames, len(in_range))
     if len(in_range) > num_frames:  # the frames the midpoint rule names are all there
-        first = in_range[0]
-        t0, t1 = times[first], times[-1] + float(np.median(gaps)) if gaps and np.median(gaps) > 0 else times[-1] + 1
+        period = float(np.median(gaps)) if gaps and np.median(gaps) > 0 else 1.0
+        first, slack = in_range[0], 1e-6 * period  # a millionth of a frame, as frame_indices
+        t0, t1 = times[first], times[-1] + period
         midpoints = [t0 + (2 * j + 1) * (t1 - t0) / (2 * num_frames) for j in range(num_frames)]
-        shown = {max(first, int(np.searchsorted(times, t + 1e-9, side="right")) - 1) for t in midpoints}
+        shown = {max(first, int(np.searchsorted(times, t + slack, side="right")) - 1) for t in midpoints}
         assert shown <= set(chosen)
 
 
