@@ -450,24 +450,28 @@ def set_config_value(data: dict, override: str) -> None:
     node = data
     # each mapping and list on the path is copied before it is written to: YAML anchors (`lr: *rates`) share one
     # object between several places, and the setting named is to change in the one place named only
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
+    depth = 0
+    while depth < len(parts):
+        part, taken = parts[depth], 1
         if isinstance(node, list):
-            names = [item.get("name") for item in node if isinstance(item, dict)]
+            names = [item.get("name") if isinstance(item, dict) else None for item in node]
+            # a stage's name may hold dots (`stages.v1.2.steps`): the longest run of parts that names one
+            named = [k for k in range(len(parts) - depth, 0, -1) if ".".join(parts[depth:depth + k]) in names]
             if part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
                 index = int(part)
-            elif part in names:
-                index = names.index(part)
+            elif named:
+                taken = named[0]
+                index = names.index(".".join(parts[depth:depth + taken]))
             else:
                 raise ConfigError(f"{where}: {'.'.join(parts[:depth]) or 'the config'} is a list of {len(node)}; "
-                                  f"{part!r} is neither an index nor one of its names {names}")
-            if last:
+                                  f"{part!r} is neither an index nor one of its names {[n for n in names if n]}")
+            if depth + taken == len(parts):
                 node[index] = value
             else:
                 node[index] = _own_copy(node[index])
                 node = node[index]
         elif isinstance(node, dict):
-            if last:
+            if depth + 1 == len(parts):
                 node[part] = value
             else:
                 if node.get(part) is None:
@@ -478,3 +482,4 @@ def set_config_value(data: dict, override: str) -> None:
                 node = node[part]
         else:
             raise ConfigError(f"{where}: {'.'.join(parts[:depth])} is {node!r}, which has no key {part!r}")
+        depth += taken

@@ -169,6 +169,12 @@ stages:
     assert cotrain.lr == {"vision": 1e-3} and unfreeze.lr == {"vision": 1e-3, "decoder": 3e-4}
 
 
+def test_set_reaches_a_stage_whose_name_holds_dots(tmp_path):
+    path = config_file(tmp_path, STAGE.replace("name: cotrain", "name: v1.2").format(line="lr: {decoder: 1.0e-3}\n"
+                                                                                          "    steps: 10"))
+    assert load_train_config(path, ["stages.v1.2.steps=4"]).stages[0].steps == 4
+
+
 def test_fusion_train_set_reaches_the_run(tmp_path, capsys):
     path = config_file(tmp_path, STAGE.format(line="lr: {decoder: 1.0e-3}\n    steps: 10"))
     (tmp_path / "train.jsonl").write_text("")
