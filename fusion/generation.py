@@ -8,7 +8,8 @@ import math
 import numbers
 import operator
 import warnings
-from typing import Iterable, Sequence
+from collections.abc import Iterable
+from typing import Sequence
 
 import torch
 
@@ -26,34 +27,36 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
+def _token_id(value) -> int:
+    """An integer (a Python or numpy int, a one-element integer tensor) as an int; TypeError for anything else,
+    a bool included."""
+    try:
+        if not isinstance(value, bool):
+            return operator.index(value)
+    except TypeError:
+        pass
+    raise TypeError(value)
+
+
 def stop_id_tuple(stop_ids: int | Iterable[int] | torch.Tensor | None) -> tuple[int, ...]:
     """Stop tokens as a tuple of ints, from an int, any iterable of integers (a list, a generator, numpy) or a
     tensor; None -> (). Anything else is a ValueError naming it."""
     if stop_ids is None:
         return ()
-    if not isinstance(stop_ids, bool):
-        try:
-            return (operator.index(stop_ids),)  # an int, a numpy integer, a one-element integer tensor
-        except TypeError:
-            pass
+    try:
+        return (_token_id(stop_ids),)
+    except TypeError:
+        pass
     if torch.is_tensor(stop_ids):
         stop_ids = stop_ids.flatten().tolist()
-    try:
-        items = list(stop_ids) if not isinstance(stop_ids, (str, bytes, bool)) else None
-        if items is None:
-            raise TypeError
-    except TypeError:
+    if isinstance(stop_ids, (str, bytes, bool)) or not isinstance(stop_ids, Iterable):
         raise ValueError(f"generate: stop_ids must be integer token ids (an int or a list of ints), got a "
-                         f"{type(stop_ids).__name__}") from None
-    ids = []
-    for item in items:
-        try:
-            if isinstance(item, bool):
-                raise TypeError
-            ids.append(operator.index(item))
-        except TypeError:
-            raise ValueError(f"generate: stop_ids must be integer token ids, got {item!r} in {items!r}") from None
-    return tuple(ids)
+                         f"{type(stop_ids).__name__}")
+    items = list(stop_ids)
+    try:
+        return tuple(_token_id(item) for item in items)
+    except TypeError as err:
+        raise ValueError(f"generate: stop_ids must be integer token ids, got {err.args[0]!r} in {items!r}") from None
 
 
 def check_sampling_options(do_sample: bool, temperature, top_k, top_p, generator) -> None:

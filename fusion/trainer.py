@@ -243,23 +243,21 @@ class Trainer:
         self.save_model(final)  # (its last collective: after it only the main process works, so a long final
         if not self.ctx.is_main:  # evaluation never outlasts a collective's timeout in the others)
             return final
-        if self.ctx.is_main:
-            try:
-                plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png")
-            except Exception as err:  # a plot is not worth the final evaluation and the run's summary
-                warnings.warn(f"could not plot {self.out / 'metrics.jsonl'} to metrics.png ({type(err).__name__}: "
-                              f"{err}); the log itself is complete", TrainingWarning, stacklevel=2)
+        try:
+            plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png")
+        except Exception as err:  # a plot is not worth the final evaluation and the run's summary
+            warnings.warn(f"could not plot {self.out / 'metrics.jsonl'} to metrics.png ({type(err).__name__}: "
+                          f"{err}); the log itself is complete", TrainingWarning, stacklevel=2)
         self.final_eval(final)
-        if self.ctx.is_main:
-            total = self.total_wall_seconds()
-            write_json(self.out / "run_summary.json", {
-                "wall_seconds": round(time.perf_counter() - started, 1),
-                "resumed": resumed,  # True: wall_seconds covers only the part after the last --resume
-                # ... and this adds the time up to the checkpoint it resumed from (all earlier parts)
-                "wall_seconds_total": None if total is None else round(total, 1),
-                "steps": progress.global_step, "device": str(self.ctx.device), "world_size": self.ctx.world_size,
-                "computed_in": self.computed_in,
-                "threads": torch.get_num_threads(), "torch": torch.__version__})
+        total = self.total_wall_seconds()
+        write_json(self.out / "run_summary.json", {
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "resumed": resumed,  # True: wall_seconds covers only the part after the last --resume
+            # ... and this adds the time up to the checkpoint it resumed from (all earlier parts)
+            "wall_seconds_total": None if total is None else round(total, 1),
+            "steps": progress.global_step, "device": str(self.ctx.device), "world_size": self.ctx.world_size,
+            "computed_in": self.computed_in,
+            "threads": torch.get_num_threads(), "torch": torch.__version__})
         return final
 
     def _remove_earlier_run(self):
@@ -665,6 +663,11 @@ class Trainer:
         def missing(path: Path | None) -> bool:
             return path is not None and not path.is_file() and not missing_later(path)
 
+        def check_root(root: Path | None, where: str) -> None:
+            if root is not None and not root.is_dir() and not missing_later(root):
+                raise ConfigError(f"{where}: media root {str(root)!r} is not a folder (relative paths are read "
+                                  f"from the config file's folder, {str(config.base_dir)!r})")
+
         for stage in config.stages[first_stage:]:
             where = f"stage {stage.name!r}"
             if stage.batch_size % self.ctx.world_size:
@@ -678,9 +681,7 @@ class Trainer:
             if None not in records and len(records) == len(stage.data):  # a bound: grouping, filters only lower it
                 _check_enough_samples(stage, sum(n * s.repeat for n, s in zip(records, stage.data)))
             for root in [config.path(s.root) for s in stage.data] + [config.path(stage.eval.root)]:
-                if root is not None and not root.is_dir() and not missing_later(root):
-                    raise ConfigError(f"{where}: media root {str(root)!r} is not a folder (relative paths are read "
-                                      f"from the config file's folder, {str(config.base_dir)!r})")
+                check_root(root, where)
             # (a folder inside this run's output_dir, such as an earlier stage's model, is written by the run)
             folder = model_folder(stage.init_from, config.base_dir) if stage.init_from else None
             if folder is not None and not folder.resolve().is_relative_to(self.out.resolve()):
@@ -691,10 +692,7 @@ class Trainer:
         final = config.path((config.final_eval or {}).get("data"))
         if missing(final):
             raise ConfigError(f"final_eval: data file {str(final)!r} does not exist")
-        final_root = config.path((config.final_eval or {}).get("root"))
-        if final_root is not None and not final_root.is_dir() and not missing_later(final_root):
-            raise ConfigError(f"final_eval: media root {str(final_root)!r} is not a folder (relative paths are read "
-                              f"from the config file's folder, {str(config.base_dir)!r})")
+        check_root(config.path((config.final_eval or {}).get("root")), "final_eval")
 
     def _check_eval_data(self, stage: StageConfig | None, probe: int = 4):
         """Fail before training, not after it, when a stage's evaluation data (`stage` None: the final
