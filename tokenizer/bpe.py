@@ -53,6 +53,18 @@ def untrained_byte_level_bpe() -> HFTokenizer:
     return bpe
 
 
+def lone_surrogate_error(text: str, what: str) -> TokenizerError | None:
+    """The error for ``text`` (named ``what``) holding a lone surrogate, which no UTF-8 holds, else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return TokenizerError(
+            f"{what} holds a lone surrogate {text[error.start]!r} at character {error.start} (e.g. half of an "
+            "emoji cut in two, or a \\ud83d escape in JSON): it is not text; repair or drop it"
+        )
+    return None
+
+
 def _checked_texts(texts: Iterable[str]) -> Iterator[str]:
     """Yield ``texts`` unchanged, failing clearly on the first item that is not a ``str``."""
     for index, text in enumerate(texts):
@@ -61,6 +73,9 @@ def _checked_texts(texts: Iterable[str]) -> Iterator[str]:
                 f"training text #{index} is a {type(text).__name__}, not a str; "
                 "pass an iterable of strings (decode bytes first)"
             )
+        error = lone_surrogate_error(text, f"training text #{index}")
+        if error is not None:
+            raise error
         yield text
 
 

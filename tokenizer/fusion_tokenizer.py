@@ -6,7 +6,10 @@ pre-tokenizer and decoder settings, and the special tokens with their ids.
 
 Plain text is always encoded with special-token matching off: a user who types
 ``<|eot|>`` gets the ids of those seven characters, never the end-of-turn id. Control
-tokens enter a sequence only by id (see ``chat.py`` and ``placeholders.py``).
+tokens enter a sequence only by id (see ``chat.py`` and ``placeholders.py``). That is a setting
+of ``FusionTokenizer`` (kept by its copies and pickles), not of the file: another tool that
+reads ``tokenizer.json`` must turn special-token matching off itself (``tokenizers``:
+``encode_special_tokens = True``).
 """
 
 import operator
@@ -18,7 +21,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
 from . import special_tokens as st
-from .bpe import BYTE_ALPHABET_SIZE, train_byte_level_bpe
+from .bpe import BYTE_ALPHABET_SIZE, lone_surrogate_error, train_byte_level_bpe
 from .chat import EncodedConversation, encode_conversation, encode_layout
 from .errors import InvalidTokenIdError, TokenizerError, TokenizerFileError
 from .placeholders import ImagePlaceholder, VideoPlaceholder
@@ -49,6 +52,11 @@ def _as_token_id(value: object) -> int | None:
         return None
 
 
+def _tokenizer_from_json(cls: type, text: str) -> "FusionTokenizer":
+    """A pickled tokenizer rebuilt from its ``tokenizer.json`` text."""
+    return cls(HFTokenizer.from_str(text), source="a pickled tokenizer")
+
+
 class FusionTokenizer:
     """A byte-level BPE tokenizer with the Llama 4 special tokens and chat format.
 
@@ -71,12 +79,19 @@ class FusionTokenizer:
                 "it was not made by FusionTokenizer.train. Train a tokenizer with FusionTokenizer.train, "
                 "or add the tokens as special tokens"
             )
-        self._bpe = bpe
+        # A copy: the setting below would otherwise change the caller's own tokenizer.
+        self._bpe = HFTokenizer.from_str(bpe.to_str())
         # All text goes through BPE as text, special-looking strings included. Not saved in
-        # tokenizer.json, so it is set here on every construction.
+        # tokenizer.json (a plain ``tokenizers.Tokenizer.from_file`` matches special strings), so
+        # it is set here on every construction, copies included (``__reduce__``).
         self._bpe.encode_special_tokens = True
         self._special_token_ids = {token: special_ids[token] for token in st.SPECIAL_TOKENS}
         self._vocab_size = bpe.get_vocab_size(with_added_tokens=True)
+
+    def __reduce__(self):
+        """Pickled (DataLoader workers, ``copy.deepcopy``) as its ``tokenizer.json`` text, rebuilt through
+        ``__init__``: the wrapped tokenizer alone would pickle without its text-only special strings."""
+        return _tokenizer_from_json, (type(self), self._bpe.to_str())
 
     # ----- making, saving, loading -------------------------------------------------------
 
@@ -226,7 +241,13 @@ class FusionTokenizer:
         """Ids of plain ``text``: no begin-of-text, and special-token strings stay text."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
-        return self._bpe.encode(text, add_special_tokens=False).ids
+        try:
+            return self._bpe.encode(text, add_special_tokens=False).ids
+        except TypeError:  # what `tokenizers` raises for a str it cannot pass as UTF-8
+            error = lone_surrogate_error(text, "the text")
+            if error is None:
+                raise
+            raise error from None
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (a list of ints or a 1-D tensor); control tokens dropped unless asked.

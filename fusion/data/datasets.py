@@ -196,7 +196,7 @@ def _paths(record: dict, plural: str, singular: str, sample_id) -> list[str]:
                                             f"'{singular}' ({record[singular]!r}); give one of them", sample_id)
     key = plural if plural in record and (_given(record[plural]) or not _given(record.get(singular))) else singular
     value = record.get(key)
-    if value is None:
+    if not _given(value):  # null, [] or "" (what table exports write for "no image"): a text-only sample
         return []
     if isinstance(value, str):
         value = [value]
@@ -248,11 +248,12 @@ def _parse_record(obj: Any, line: int, root: str) -> Record:
         except ConversationFormatError as err:
             raise _BadRecord(BAD_CONVERSATION, str(err), sample_id) from None
         messages.append({"role": ROLE_ALIASES[str(role).lower()], "content": content, "_parts": part_paths})
+    # the media of every turn, a dropped leading assistant turn's too (they go where unmarked media go)
+    part_paths = [found for m in messages for found in m.pop("_parts")]
     messages = _drop_leading_assistant_turns(messages)
     if not any(m["role"] == "assistant" for m in messages):
         raise _BadRecord(NO_ASSISTANT_TURN, "the conversation has no assistant turn (after its first user turn), "
                                             "so nothing to learn or to compare with", sample_id)
-    part_paths = [found for m in messages for found in m.pop("_parts")]
     images = _media_paths(obj, "images", "image", part_paths, sample_id)
     videos = _media_paths(obj, "videos", "video", part_paths, sample_id)
     images, videos = _resolve(images, root), _resolve(videos, root)
@@ -293,8 +294,15 @@ def read_records(path: str | os.PathLike, root: str | os.PathLike | None = None)
     if not os.path.isfile(path):
         raise DatasetError(f"dataset file {path!r} does not exist (working directory {os.getcwd()})")
     root = os.path.dirname(os.path.abspath(path)) if root is None else os.fspath(root)
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        with open(path, "rb") as f:
+            utf16 = f.read(2) in (b"\xff\xfe", b"\xfe\xff")
+        raise DatasetError(f"{path}: is not UTF-8 text (the byte at offset {err.start} is not UTF-8"
+                           + ("; it starts with a UTF-16 byte-order mark, as Windows PowerShell's '>' writes"
+                              if utf16 else "") + "); save it as UTF-8") from None
     records, bad = [], []
     if text.lstrip().startswith("["):
         fmt = "json"
@@ -316,14 +324,20 @@ def read_records(path: str | os.PathLike, root: str | os.PathLike | None = None)
                 numbered.append((number, json.loads(line)))
             except json.JSONDecodeError as err:
                 bad.append((number, MALFORMED_JSON, f"not valid JSON ({err.msg} at column {err.colno})", None))
+        whole = None
         if not numbered and bad:
             try:  # a pretty-printed single object: say so, rather than "every line is malformed"
                 whole = json.loads(text)
             except json.JSONDecodeError:
-                whole = None
-            if isinstance(whole, dict):
-                raise DatasetError(f"{path}: is one JSON object; expected JSON Lines (one sample per line) or a "
-                                   f"JSON list of samples (LLaVA format)")
+                pass
+        elif len(numbered) == 1 and not bad:  # one line: a sample, or one object holding the samples
+            whole = numbered[0][1]
+        if isinstance(whole, dict) and not any(key in whole for key in ("conversations", "messages")):
+            lists = [key for key, value in whole.items() if isinstance(value, list)]
+            raise DatasetError(f"{path}: is one JSON object; expected JSON Lines (one sample per line) or a "
+                               f"JSON list of samples (LLaVA format)"
+                               + (f"; its samples may be the list under {lists[0]!r}: write that list alone"
+                                  if lists else ""))
     for number, obj in numbered:
         try:
             records.append(_parse_record(obj, number, root))

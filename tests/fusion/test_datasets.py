@@ -863,3 +863,66 @@ def test_small_record_format_cases(model, tok, media):
     assert ds.bad_counts["no supervised tokens"] == 2
     assert supervised_text(tok, ds[2]) == "4" and supervised_text(tok, ds[3]) == "0.5"
     assert ds.records[4].images == [str(media / "images/a.png")] and ds[4] is not None
+
+
+def test_a_lone_surrogate_in_a_sample_skips_that_sample(model, media):
+    path = media / "surrogate.jsonl"
+    good = {"id": "good", "conversations": [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "a cat"}]}
+    lines = [json.dumps(good), json.dumps({**good, "id": "cut"}).replace("a cat", "a cat \\ud83d")]
+    path.write_text("\n".join(lines) + "\n")  # valid JSON; the escape decodes to half an emoji
+    ds = ConversationDataset(path, model.processor)
+    assert ds[0] is not None
+    with pytest.warns(DatasetWarning, match=r"'cut'.*lone surrogate"):
+        assert ds[1] is None
+    assert ds.bad_counts == {"bad conversation": 1}
+
+
+def test_an_empty_media_string_is_a_text_only_sample(model, tok, media):
+    """Table exports (pandas, HF datasets) write "" for "no image" in a mixed LLaVA file."""
+    text_turns = [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]
+    rows = [{"id": "null", "image": None, "conversations": text_turns},
+            {"id": "empty-image", "image": "", "conversations": text_turns},
+            {"id": "empty-video", "video": "", "conversations": text_turns},
+            {"id": "empty-both", "images": "", "image": "", "conversations": text_turns},
+            {"id": "pic", "image": "images/a.png",
+             "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]}]
+    path = media / "empty_media.json"
+    path.write_text(json.dumps(rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = ConversationDataset(path, model.processor)
+    assert [r.id for r in ds.records] == ["null", "empty-image", "empty-video", "empty-both", "pic"]
+    for i in range(4):
+        assert ds.records[i].images == ds.records[i].videos == [] and ds[i].pixel_values is None
+        assert torch.equal(ds[i].input_ids, ds[0].input_ids)
+    assert ds[4].pixel_values is not None
+
+
+def test_a_file_that_is_not_utf8_is_named_with_what_to_do(model, media):
+    line = json.dumps(sample("é", "où?", "là"), ensure_ascii=False) + "\n"
+    for encoding, hint in (("utf-16", "UTF-16 byte-order mark"), ("latin-1", "the byte at offset 8 is not UTF-8")):
+        path = media / f"{encoding}.jsonl"
+        path.write_bytes(line.encode(encoding))
+        with pytest.raises(DatasetError, match=f"{encoding}.jsonl: is not UTF-8 text.*{hint}.*save it as UTF-8"):
+            ConversationDataset(path, model.processor)
+
+
+def test_one_object_wrapping_the_samples_is_named_as_such(model, media):
+    wrapped = {"data": [sample("a", "hi", "yes")]}
+    for name, text in (("pretty", json.dumps(wrapped, indent=2)), ("one_line", json.dumps(wrapped))):
+        path = media / f"wrapped_{name}.json"
+        path.write_text(text)
+        with pytest.raises(DatasetError, match="is one JSON object.*the list under 'data'"):
+            ConversationDataset(path, model.processor)
+
+
+def test_an_image_part_of_a_dropped_leading_assistant_turn_keeps_its_image(model, tok, media):
+    parts = {"id": "parts", "conversations": [
+        {"role": "assistant", "content": [{"type": "image", "image": "images/a.png"}]},
+        {"role": "user", "content": "What?"}, {"role": "assistant", "content": "red"}]}
+    marker = {"id": "marker", "image": "images/a.png", "conversations": [
+        {"from": "gpt", "value": "<image>"}, {"from": "human", "value": "What?"}, {"from": "gpt", "value": "red"}]}
+    ds = ConversationDataset(write_jsonl(media / "leading_parts.jsonl", [parts, marker]), model.processor)
+    assert ds.records[0].images == ds.records[1].images == [str(media / "images" / "a.png")]
+    assert torch.equal(ds[0].input_ids, ds[1].input_ids) and ds[0].pixel_values is not None

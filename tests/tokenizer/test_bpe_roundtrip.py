@@ -132,3 +132,16 @@ def test_decode_reports_an_integer_outside_the_vocabulary_as_out_of_range(tok):
         tok.decode([np.int64(-100)])
     with pytest.raises(InvalidTokenIdError, match=r"is out of range"):
         tok.decode([len(tok)])
+
+
+def test_a_lone_surrogate_is_a_tokenizer_error_naming_where_it_is(tok):
+    import json
+
+    broken = json.loads('"broken emoji: \\ud83d end"')  # valid JSON, not valid text
+    for call in (lambda: tok.encode(broken),
+                 lambda: tok.encode_conversation([{"role": "user", "content": "hi"},
+                                                  {"role": "assistant", "content": broken}])):
+        with pytest.raises(TokenizerError, match=r"lone surrogate '\\ud83d' at character 14"):
+            call()
+    with pytest.raises(TokenizerError, match=r"training text #1 holds a lone surrogate"):
+        FusionTokenizer.train(["fine", broken], vocab_size=300)
