@@ -121,7 +121,7 @@ class FusionProcessor:
         for video in videos:
             frames, seconds = self.sample_video(video, num_frames=num_frames, fps=fps)
             media.video_tiles.append(torch.cat([self.frame_processor(frame)[0] for frame in frames]))
-            media.video_placeholders.append(VideoPlaceholder(timestamps=list(seconds),
+            media.video_placeholders.append(VideoPlaceholder(timestamps=seconds,
                                                              tokens_per_frame=self.tokens_per_tile))
             media.timestamps.append([float(s) for s in seconds])
         return media

@@ -274,8 +274,12 @@ class StageConfig:
 
     def total_steps(self, num_samples: int) -> int:
         """The stage's optimizer steps: `steps`, or `epochs` over its `num_samples` samples (known once its data
-        is read); ConfigError when its warmup would not fit in them."""
-        total = self.steps or math.ceil(self.epochs * num_samples / self.batch_size)
+        is read); ConfigError when its warmup would not fit in them. An epoch is the full batches of one
+        shuffled pass (`StageBatches` leaves out the last `num_samples % batch_size` samples, other ones each
+        epoch), so `epochs: 1` trains no sample twice; a fraction of an epoch is rounded down, to one step at
+        least."""
+        # (the small margin keeps e.g. 0.29 epochs of 100 batches at 29 steps, not 28.999... -> 28)
+        total = self.steps or max(1, math.floor(self.epochs * (num_samples // self.batch_size) + 1e-9))
         if self.warmup_steps > total:
             raise ConfigError(f"stage {self.name!r}: warmup_steps ({self.warmup_steps}) must be at most the stage's "
                               f"{total} steps ({self.epochs} epochs of {num_samples} samples in batches of "

@@ -12,7 +12,6 @@ reads ``tokenizer.json`` must turn special-token matching off itself (``tokenize
 ``encode_special_tokens = True``).
 """
 
-import operator
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from . import special_tokens as st
 from .bpe import BYTE_ALPHABET_SIZE, lone_surrogate_error, train_byte_level_bpe
 from .chat import EncodedConversation, encode_conversation, encode_layout
 from .errors import InvalidTokenIdError, TokenizerError, TokenizerFileError
-from .placeholders import ImagePlaceholder, VideoPlaceholder
+from .placeholders import ImagePlaceholder, VideoPlaceholder, integer_scalar
 
 TOKENIZER_FILE_NAME = "tokenizer.json"
 
@@ -35,21 +34,6 @@ def _tokenizer_file(path: str | os.PathLike) -> Path:
     if path.is_dir() or path.suffix != ".json":
         return path / TOKENIZER_FILE_NAME
     return path
-
-
-def _as_token_id(value: object) -> int | None:
-    """``value`` as an int if it is an integer scalar (int, numpy integer, 0-d integer tensor), else None.
-
-    Booleans (Python, numpy or tensor) are not ids.
-    """
-    if isinstance(value, bool) or "bool" in str(getattr(value, "dtype", "")):
-        return None
-    if getattr(value, "ndim", 0) != 0:  # torch lets a 1-element tensor act as an index; ids are flat
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def _tokenizer_from_json(cls: type, text: str) -> "FusionTokenizer":
@@ -263,7 +247,7 @@ class FusionTokenizer:
         ids = list(ids)
         checked = []
         for position, token_id in enumerate(ids):
-            value = _as_token_id(token_id)
+            value = integer_scalar(token_id)
             if value is None:
                 raise InvalidTokenIdError(
                     f"decode: ids[{position}]={token_id!r} is not an integer ({type(token_id).__name__}); "

@@ -24,6 +24,7 @@ Video layout (ours): ``<|video_start|>``, then for each frame its timestamp as p
 
 import math
 import numbers
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -39,9 +40,27 @@ class LayoutPiece(NamedTuple):
     is_special: bool
 
 
-def _check_positive_int(value: object, name: str, owner: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def integer_scalar(value: object) -> int | None:
+    """``value`` as an int if it is an integer scalar (int, numpy integer, 0-d integer tensor), else None.
+
+    Booleans (Python, numpy or tensor) are not integers here.
+    """
+    if isinstance(value, bool) or "bool" in str(getattr(value, "dtype", "")):
+        return None
+    if getattr(value, "ndim", 0) != 0:  # torch lets a 1-element tensor act as an index; these are scalars
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _positive_int(value: object, name: str, owner: str) -> int:
+    """``value`` (see ``integer_scalar``) as an int >= 1, else PlaceholderError."""
+    number = integer_scalar(value)
+    if number is None or number < 1:
         raise PlaceholderError(f"{owner}: {name}={value!r} must be an int >= 1")
+    return number
 
 
 def format_timestamp(seconds: float) -> str:
@@ -68,13 +87,13 @@ class ImagePlaceholder:
     grid: tuple[int, int] = (1, 1)
 
     def __post_init__(self) -> None:
-        _check_positive_int(self.tokens_per_tile, "tokens_per_tile", "ImagePlaceholder")
+        object.__setattr__(self, "tokens_per_tile",
+                           _positive_int(self.tokens_per_tile, "tokens_per_tile", "ImagePlaceholder"))
         grid = self.grid
         if not isinstance(grid, (tuple, list)) or len(grid) != 2:
             raise PlaceholderError(f"ImagePlaceholder: grid={grid!r} must be a (rows, cols) pair")
-        _check_positive_int(grid[0], "grid rows", "ImagePlaceholder")
-        _check_positive_int(grid[1], "grid cols", "ImagePlaceholder")
-        object.__setattr__(self, "grid", (grid[0], grid[1]))
+        object.__setattr__(self, "grid", (_positive_int(grid[0], "grid rows", "ImagePlaceholder"),
+                                          _positive_int(grid[1], "grid cols", "ImagePlaceholder")))
 
     @property
     def is_tiled(self) -> bool:
@@ -132,7 +151,8 @@ class VideoPlaceholder:
     tokens_per_frame: int
 
     def __post_init__(self) -> None:
-        _check_positive_int(self.tokens_per_frame, "tokens_per_frame", "VideoPlaceholder")
+        object.__setattr__(self, "tokens_per_frame",
+                           _positive_int(self.tokens_per_frame, "tokens_per_frame", "VideoPlaceholder"))
         given = self.timestamps
         if hasattr(given, "tolist"):  # a numpy array or torch tensor: its values as Python numbers
             given = given.tolist()
@@ -141,7 +161,8 @@ class VideoPlaceholder:
                 f"VideoPlaceholder: timestamps={self.timestamps!r} must be a list (or other iterable, e.g. an "
                 "array) of frame times in seconds"
             )
-        given = tuple(given)
+        # (elements of list(tensor) are 0-d tensors: their values)
+        given = tuple(t.item() if getattr(t, "ndim", None) == 0 and hasattr(t, "item") else t for t in given)
         if not given:
             raise PlaceholderError("VideoPlaceholder: timestamps is empty; a video needs at least one frame")
         times = []

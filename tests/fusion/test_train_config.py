@@ -1,10 +1,12 @@
 """A training config with a mistake stops before anything runs, with a message that names the stage, the
 key and what to write instead; `fusion train` prints it as one line (no traceback) and exits with 1."""
+import math
+
 import pytest
 
 from fusion.cli import main as fusion_cli
 from fusion.errors import ConfigError
-from fusion.train_config import load_train_config
+from fusion.train_config import StageConfig, load_train_config
 
 STAGE = """\
 stages:
@@ -180,3 +182,17 @@ def test_fusion_train_set_reaches_the_run(tmp_path, capsys):
     (tmp_path / "train.jsonl").write_text("")
     assert fusion_cli(["train", str(path), "--check", "--set", "stages.cotrain.step=3"]) == 1
     assert "stage 'cotrain': unknown key 'step'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("samples, batch_size, epochs, steps", [(10, 4, 1, 2), (10, 4, 2.5, 5), (8, 4, 1, 2),
+                                                                (100, 1, 0.29, 29), (9, 4, 0.1, 1)])
+def test_an_epoch_is_every_full_batch_of_one_pass_and_trains_no_sample_twice(samples, batch_size, epochs, steps):
+    from fusion.data.stage_data import StageBatches
+    from fusion.distributed import DistContext
+
+    stage = StageConfig(name="s", data="d.jsonl", epochs=epochs, batch_size=batch_size, lr={"decoder": 1e-3})
+    assert stage.total_steps(samples) == steps
+    batches = iter(StageBatches(samples, batch_size, DistContext(0, 1), seed=1, stage_index=0))
+    passes = [[i for _ in range(samples // batch_size) for i in next(batches)] for _ in range(math.ceil(epochs))]
+    for one_pass in passes:
+        assert len(set(one_pass)) == len(one_pass) == samples // batch_size * batch_size

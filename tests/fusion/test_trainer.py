@@ -1045,7 +1045,7 @@ def test_check_describes_each_stage_and_writes_nothing(world, tmp_path):
         ConversationDataset(world / "text.jsonl", model.processor))
     assert (f"stage 'cotrain': 30 steps of 4 samples = {30 * 4 / grouped:.2f} epochs of its {grouped}; "
             f"trains vision, adapter (decoder frozen); evaluates on {world / 'val.jsonl'}") in output
-    steps = -(-2 * every // 8)
+    steps = 2 * (every // 8)  # two passes of full batches
     assert (f"stage 'all': {steps} steps of 8 samples = {steps * 8 / every:.2f} epochs of its {every}; "
             f"trains vision, adapter, decoder") in output
     assert f"final_eval: {world / 'test.jsonl'}" in output and "nothing was trained or written" in output

@@ -191,6 +191,8 @@ def test_video_qa_samples_frames_as_asked(model, media):
     assert_same_results(video_qa(video=sample_frames(clip, num_frames=4), question=question), four)
     frames, seconds = sample_frames(clip, num_frames=4)
     assert_same_results(video_qa(video=(frames, seconds), question=question), four)
+    for times in (torch.tensor(seconds), np.array(seconds)):  # the times as a reader may hand them over
+        assert_same_results(video_qa(video=(frames, times), question=question), four)
     # sampling options cannot apply to frames already sampled: used as they are, with a warning saying so
     with pytest.warns(UserWarning, match=r"num_frames=2 ignored: the video was given as 4 frames already sampled"):
         assert_same_results(video_qa(video=(frames, seconds), question=question, num_frames=2), four)

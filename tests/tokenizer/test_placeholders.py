@@ -75,8 +75,9 @@ def test_video_with_three_frames(tok):
         torch.tensor([0.0, 0.5, 1.25]),
         (t / 4 for t in (0, 2, 5)),
         [0, Fraction(1, 2), 1.25],
+        list(torch.tensor([0.0, 0.5, 1.25])),
     ],
-    ids=["float64-array", "float32-array", "numpy-scalars", "tensor", "generator", "fraction"],
+    ids=["float64-array", "float32-array", "numpy-scalars", "tensor", "generator", "fraction", "0-d-tensors"],
 )
 def test_video_timestamps_may_be_any_iterable_of_real_numbers(tok, timestamps):
     """Frame times straight from a video reader (arrays, tensors, numpy scalars) need no conversion."""
@@ -113,11 +114,25 @@ def test_timestamp_format_is_compact_seconds(seconds, text):
         (lambda: VideoPlaceholder(timestamps=["0.5"], tokens_per_frame=4), r"timestamps\[0\]='0.5'"),
         (lambda: VideoPlaceholder(timestamps=np.array([0.0, np.inf]), tokens_per_frame=4), "finite"),
         (lambda: VideoPlaceholder(timestamps=[np.float32(1), np.float32(0.5)], tokens_per_frame=4), "time order"),
+        (lambda: ImagePlaceholder(tokens_per_tile=4.0), r"tokens_per_tile=4.0 must be an int"),
+        (lambda: ImagePlaceholder(tokens_per_tile=True), r"tokens_per_tile=True must be an int"),
+        (lambda: ImagePlaceholder(tokens_per_tile=np.bool_(True)), r"tokens_per_tile=.*True.* must be an int"),
+        (lambda: ImagePlaceholder(tokens_per_tile=torch.tensor([4])), r"tokens_per_tile=tensor\(\[4\]\)"),
     ],
 )
 def test_invalid_placeholders_are_rejected(make, message):
     with pytest.raises(PlaceholderError, match=message):
         make()
+
+
+def test_sizes_may_be_numpy_or_tensor_integers(tok):
+    """Sizes computed with numpy or torch (a grid from an array's shape arithmetic) need no conversion."""
+    image = ImagePlaceholder(tokens_per_tile=np.int64(4), grid=(np.int32(2), torch.tensor(3)))
+    assert image == ImagePlaceholder(tokens_per_tile=4, grid=(2, 3))
+    assert type(image.tokens_per_tile) is int and all(type(n) is int for n in image.grid)
+    assert tok.encode_image(image) == tok.encode_image(ImagePlaceholder(tokens_per_tile=4, grid=(2, 3)))
+    video = VideoPlaceholder(timestamps=[0.0], tokens_per_frame=np.int16(2))
+    assert type(video.tokens_per_frame) is int and video == VideoPlaceholder(timestamps=[0.0], tokens_per_frame=2)
 
 
 def _conversation(user_content, assistant="It shows shapes."):
