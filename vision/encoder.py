@@ -167,13 +167,15 @@ class VisionEncoder(nn.Module):
             holding training arguments) are refused unless this is ``True``: unpickling can run
             code, so only set it for files you trust (or convert them once to safetensors).
         quickgelu_check: refuse a QuickGELU-trained file (OpenAI, laion400m quickgelu, DFN,
-            MetaCLIP, ... releases; see ``is_quickgelu_weights_file``) on a GELU tower. The check
-            reads the path, so set this to ``False`` only when it misfires (e.g. a folder named
-            "metaclip" holding other weights).
+            MetaCLIP, ... releases; see ``is_quickgelu_weights_file``) on a GELU tower, and a
+            release of open_clip's registry trained with exact GELU (laion2b, datacomp, ...) on a
+            QuickGELU tower. The check reads the path, so set this to ``False`` only when it
+            misfires (e.g. a folder named "metaclip" holding other weights).
 
     Raises:
         WeightsError: missing / unreadable / mismatched weight file, a QuickGELU-trained file on a
-            GELU tower, or a ``pretrained`` tag (nothing is downloaded).
+            GELU tower (or a known GELU release on a QuickGELU tower), or a ``pretrained`` tag
+            (nothing is downloaded).
         ValueError: an unknown or unsupported model name, or bad settings.
     """
 
@@ -313,17 +315,8 @@ class VisionEncoder(nn.Module):
     def _load_weights(self, weights: str | os.PathLike, full_shapes: dict[str, tuple], allow_unsafe_pickle: bool,
                       quickgelu_check: bool) -> None:
         path = _check_weights_path(weights)
-        source = _quickgelu_source(path) if quickgelu_check and not self.quick_gelu and not self._is_timm else None
-        if source:
-            name = repr(self.config.model_name) if self.config.model_name else "this custom tower"
-            raise WeightsError(
-                f"weight file {path!r} looks like {source}, which was trained with QuickGELU, "
-                f"but {name} uses exact GELU: the features would be silently wrong. Use the '-quickgelu' model "
-                f"(e.g. '{_quickgelu_name(self.config.model_name)}') or act='quickgelu'. (QuickGELU files are "
-                "recognised by the release file names and Hugging Face repositories that open_clip's pretrained "
-                "registry marks quick_gelu, or by 'metaclip' in the path or safetensors metadata; if this file "
-                "was trained with GELU, pass quickgelu_check=False.)"
-            )
+        if quickgelu_check and not self._is_timm:
+            self._check_activation_of(path)
         state = _visual_state_dict(load_weights_file(path, allow_unsafe_pickle), path)
         expected = self.visual.state_dict()
         pruned_away = set(full_shapes) - set(expected)  # keys the file may carry but we no longer use
@@ -337,6 +330,32 @@ class VisionEncoder(nn.Module):
         on_meta = [name for name, t in [*self.visual.named_parameters(), *self.visual.named_buffers()] if t.is_meta]
         if on_meta:  # cannot happen after a strict load unless open_clip adds unsaved state
             raise RuntimeError(f"VisionEncoder: {on_meta[:5]} were not set by {path!r}")
+
+    def _check_activation_of(self, path: str) -> None:
+        """WeightsError when ``path`` is known to be trained with the other activation than this tower's."""
+        name = repr(self.config.model_name) if self.config.model_name else "this custom tower"
+        if not self.quick_gelu:
+            source = _quickgelu_source(path)
+            if source:
+                raise WeightsError(
+                    f"weight file {path!r} looks like {source}, which was trained with QuickGELU, "
+                    f"but {name} uses exact GELU: the features would be silently wrong. Use the '-quickgelu' "
+                    f"model (e.g. '{_quickgelu_name(self.config.model_name)}') or act='quickgelu'. (QuickGELU files "
+                    "are recognised by the release file names and Hugging Face repositories that open_clip's "
+                    "pretrained registry marks quick_gelu, or by 'metaclip' in the path or safetensors metadata; "
+                    "if this file was trained with GELU, pass quickgelu_check=False.)"
+                )
+            return
+        source = _release_of(path, quick_gelu=False)
+        if source:
+            plain = (self.config.model_name or "").removesuffix("-quickgelu")
+            raise WeightsError(
+                f"weight file {path!r} looks like {source}, which was trained with exact GELU, but {name} uses "
+                "QuickGELU: the features would be silently wrong. Use the model without '-quickgelu'"
+                + (f" ('{plain}')" if plain else "") + " or act='gelu'. (GELU files are recognised by the release "
+                "file names and Hugging Face repositories of open_clip's pretrained registry; if this file was "
+                "trained with QuickGELU, pass quickgelu_check=False.)"
+            )
 
     def _describe(self) -> str:
         if self.config.model_name:
@@ -459,18 +478,18 @@ def _check_weights_path(weights: str | os.PathLike) -> str:
     return path
 
 
-@lru_cache(maxsize=1)
-def _quickgelu_releases() -> tuple[dict[str, str], dict[str, str]]:
-    """QuickGELU-trained weights in open_clip's pretrained registry: ``(files, repositories)``, each
-    mapping a lower-case name to the tag it comes from.
+@lru_cache(maxsize=2)
+def _releases(quick_gelu: bool) -> tuple[dict[str, str], dict[str, str]]:
+    """The weights of open_clip's pretrained registry trained with QuickGELU (``quick_gelu``) or with exact
+    GELU: ``(files, repositories)``, each mapping a lower-case name to the tag it comes from.
 
     Every tag whose entry says ``quick_gelu`` (OpenAI, laion400m quickgelu, yfcc15m / cc12m, DFN,
-    MetaCLIP v1, the MetaCLIP 2 ViT-H-14 worldwide release, ...) gives its release file name from
-    ``url`` (``ViT-B-32.pt``, ``b32_400m.pt``) and its Hugging Face repository from ``hf_hub``
-    (``timm/vit_base_patch32_clip_224.openai``, and the name alone). A name that a GELU-trained tag
-    also uses is left out.
+    MetaCLIP v1, the MetaCLIP 2 ViT-H-14 worldwide release, ...), or for GELU every other tag, gives
+    its release file name from ``url`` (``ViT-B-32.pt``, ``b32_400m.pt``) and its Hugging Face
+    repository from ``hf_hub`` (``timm/vit_base_patch32_clip_224.openai``, and the name alone). A name
+    that tags of both kinds use is left out.
     """
-    files, repos, gelu_files, gelu_repos = {}, {}, set(), set()
+    found = {True: ({}, {}), False: ({}, {})}
     for model_name, tag in open_clip.list_pretrained():
         tag_cfg = open_clip.get_pretrained_cfg(model_name, tag)
         file_names = {_weights_stem(os.path.basename(tag_cfg["url"]).lower())} if tag_cfg.get("url") else set()
@@ -478,15 +497,13 @@ def _quickgelu_releases() -> tuple[dict[str, str], dict[str, str]]:
         if tag_cfg.get("hf_hub"):
             repo = "/".join(tag_cfg["hf_hub"].strip("/").split("/")[:2]).lower()  # 'org/name[/file]' -> 'org/name'
             repo_names = {repo, repo.rsplit("/", 1)[-1]}
-        if tag_cfg.get("quick_gelu"):
-            source = f"open_clip's {model_name!r} / {tag!r} release"
-            files.update(dict.fromkeys(file_names, source))
-            repos.update(dict.fromkeys(repo_names, source))
-        else:
-            gelu_files |= file_names
-            gelu_repos |= repo_names
-    return ({name: source for name, source in files.items() if name not in gelu_files},
-            {name: source for name, source in repos.items() if name not in gelu_repos})
+        files, repos = found[bool(tag_cfg.get("quick_gelu"))]
+        source = f"open_clip's {model_name!r} / {tag!r} release"
+        files.update(dict.fromkeys(file_names, source))
+        repos.update(dict.fromkeys(repo_names, source))
+    (files, repos), (other_files, other_repos) = found[quick_gelu], found[not quick_gelu]
+    return ({name: source for name, source in files.items() if name not in other_files},
+            {name: source for name, source in repos.items() if name not in other_repos})
 
 
 def _weights_stem(file_name: str) -> str:
@@ -497,14 +514,15 @@ def _weights_stem(file_name: str) -> str:
     return file_name
 
 
-def _release_of(path: str) -> str | None:
-    """The registry's QuickGELU release that ``path`` names, as ``"<tag> ('<name>')"``, or ``None``.
+def _release_of(path: str, quick_gelu: bool = True) -> str | None:
+    """The registry's QuickGELU (or, ``quick_gelu=False``, exact-GELU) release that ``path`` names, as
+    ``"<tag> ('<name>')"``, or ``None``.
 
     The file name (any weight suffix: a converted copy keeps its name) is compared with release file
     names; the folders with repositories: a folder named like the repository, an 'org/name' pair of
     folders, or a Hugging Face cache folder ``models--org--name``.
     """
-    files, repos = _quickgelu_releases()
+    files, repos = _releases(quick_gelu)
     *folders, file_name = [part for part in path.lower().replace("\\", "/").split("/") if part] or [""]
     stem = _weights_stem(file_name)
     if stem in files:
@@ -620,6 +638,10 @@ def _visual_state_dict(state: dict[str, torch.Tensor], path: str) -> dict[str, t
     visual = {key[len("visual."):]: value for key, value in state.items() if key.startswith("visual.")}
     if visual:
         return visual
+    if any(key.startswith(("vision_model.", "text_model.")) for key in state):
+        raise WeightsError(f"weight file {path!r} is a Hugging Face transformers CLIP checkpoint ('vision_model.*' "
+                           "keys), not an open_clip one: load the open_clip release of these weights (e.g. "
+                           "'open_clip_model.safetensors' or 'open_clip_pytorch_model.bin' of the same repository)")
     if any(key.startswith(("token_embedding.", "text.", "transformer.resblocks.")) for key in state) and \
             not any(key.startswith(("conv1.", "trunk.")) for key in state):
         raise WeightsError(f"weight file {path!r} looks like a text tower only: it has no 'visual.*' keys")

@@ -81,6 +81,8 @@ def load_image(image: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS) -
         ImageTooLargeError: the encoded image has more than ``max_pixels`` pixels.
     """
     if isinstance(image, Image.Image):
+        if image.width < 1 or image.height < 1:
+            raise ImageLoadError(f"the PIL image is empty ({image.width}x{image.height} pixels)")
         return to_rgb(_exif_transpose(image, "the PIL image"), "the PIL image")
     if isinstance(image, (str, os.PathLike)):
         return _load_encoded(os.fspath(image), repr(os.fspath(image)), max_pixels)
@@ -244,7 +246,12 @@ def _from_tensor(tensor: torch.Tensor) -> Image.Image:
 def _array_to_rgb(array: np.ndarray, name: str) -> Image.Image:
     """numpy ``[H, W]`` / ``[H, W, 1|3|4]`` -> RGB ``PIL.Image``."""
     if array.ndim == 3 and array.shape[-1] not in (1, 3, 4):
-        hint = " (it looks channels-first: transpose it to [H, W, C])" if array.shape[0] in (1, 3, 4) else ""
+        if array.shape[-1] == 2:
+            hint = " (2 channels, grey and alpha: pass the grey channel alone, image[..., 0])"
+        elif array.shape[0] in (1, 3, 4):
+            hint = " (it looks channels-first: transpose it to [H, W, C])"
+        else:
+            hint = ""
         raise ImageLoadError(f"{name} is not an image: expected [H, W] or [H, W, C] with C in 1, 3, 4{hint}")
     if array.ndim not in (2, 3):
         raise ImageLoadError(f"{name} is not an image: expected [H, W] or [H, W, C] with C in 1, 3, 4")
@@ -266,7 +273,7 @@ def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
         return array
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * 255
-    if array.dtype == np.uint16:
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # uint16 in either byte order (16-bit PNG, TIFF)
         return np.rint(array.astype(np.float64) / 65535.0 * 255.0).astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
@@ -281,9 +288,11 @@ def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
     if np.issubdtype(array.dtype, np.integer):
         low, high = int(array.min()), int(array.max())
         if low < 0 or high > 255:
+            what = ("convert it to uint16 (16-bit values)" if low >= 0 and high <= 65535
+                    else "scale it to 0-255 and convert it to uint8")
             raise ImageLoadError(
                 f"{name} has dtype {array.dtype} with values in [{low}, {high}]: integer images must lie in "
-                "0-255 (or be uint16); convert it to uint8"
+                f"0-255 (or be uint16); {what}"
             )
         return array.astype(np.uint8)
     raise ImageLoadError(f"{name} has dtype {array.dtype}, which is not an image type: use uint8 or float in [0, 1]")

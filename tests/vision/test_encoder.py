@@ -210,6 +210,27 @@ def test_gelu_release_file_on_a_gelu_tower_loads(tmp_path, tiny_state, release):
     assert not VisionEncoder(VisionEncoderConfig(**TINY, act="gelu"), path).quick_gelu
 
 
+@pytest.mark.parametrize("release", GELU_RELEASES)
+def test_gelu_release_file_on_a_quickgelu_tower_is_refused(tmp_path, tiny_state, release):
+    """The mistake open_clip's names invite: 'ViT-B-32-quickgelu' kept while laion2b (GELU) weights are loaded."""
+    _, state = tiny_state
+    path = write_weights(tmp_path / GELU_RELEASES[release][2].lstrip("/"), state)
+    with pytest.raises(WeightsError) as caught:
+        VisionEncoder(VisionEncoderConfig(**TINY, act="quickgelu"), path)
+    message = str(caught.value)
+    assert "exact GELU" in message and "silently wrong" in message and "act='gelu'" in message
+    assert GELU_RELEASES[release][1] in message and "quickgelu_check=False" in message
+    assert VisionEncoder(VisionEncoderConfig(**TINY, act="quickgelu"), path, quickgelu_check=False).quick_gelu
+
+
+def test_gelu_release_on_a_named_quickgelu_model_names_its_gelu_config(tmp_path):
+    path = tmp_path / GELU_RELEASES["laion2b-hf-cache"][2].lstrip("/")  # refused before it is read
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    with pytest.raises(WeightsError, match="uses QuickGELU.*without '-quickgelu' \\('ViT-B-32'\\)"):
+        VisionEncoder.from_open_clip("ViT-B-32-quickgelu", path)
+
+
 @pytest.mark.parametrize("model_name, release", [("ViT-B-32", "openai-file"),
                                                  ("ViT-H-14-worldwide", "mc2-worldwide-224")])
 def test_quickgelu_release_on_a_named_gelu_model_names_its_quickgelu_config(tmp_path, model_name, release):
@@ -272,6 +293,13 @@ def test_mismatched_weights_are_refused_with_the_offending_keys(tmp_path, tiny_s
     path = tmp_path / "text.safetensors"
     save_file(text_only, path)
     with pytest.raises(WeightsError, match="text tower"):
+        VisionEncoder(VisionEncoderConfig(**TINY), path)
+
+    transformers_clip = {"vision_model.embeddings.patch_embedding.weight": torch.zeros(32, 3, 8, 8),
+                         "text_model.embeddings.token_embedding.weight": torch.zeros(4, 2)}
+    path = tmp_path / "model.safetensors"
+    save_file(transformers_clip, path)
+    with pytest.raises(WeightsError, match="Hugging Face transformers CLIP checkpoint.*open_clip_model.safetensors"):
         VisionEncoder(VisionEncoderConfig(**TINY), path)
 
 

@@ -94,6 +94,10 @@ def test_float_values_a_rounding_error_outside_0_1_are_clipped():
         (np.full((2, 2, 3), 1.5), r"\[0, 1\]"),
         (np.full((2, 2, 3), -0.5, np.float32), "un-normalise"),
         (np.array([[300]]), "0-255"),
+        (np.array([[0, 30000, 65535]], np.int32), "convert it to uint16"),  # astype(uint8) would wrap them
+        (np.array([[70000]]), "scale it to 0-255"),
+        (np.zeros((4, 5, 2), np.uint8), r"grey and alpha: pass the grey channel alone"),  # not "channels-first"
+        (Image.new("RGB", (0, 5)), r"the PIL image is empty \(0x5 pixels\)"),
         (np.zeros((0, 4, 3), np.uint8), "empty"),
         (np.full((2, 2), np.nan), "NaN"),
         (torch.zeros(1, 3, 8, 8), "one image at a time"),
@@ -175,6 +179,8 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     assert _pixels(load_image(path))[0, :, 0].tolist() == [0, 100, 255]
     # mode I (32-bit int) holding 16-bit values is scaled the same way
     assert _pixels(to_rgb(Image.fromarray(values.astype(np.int32))))[0, :, 0].tolist() == [0, 100, 255]
+    # a big-endian 16-bit array (np.asarray of a big-endian TIFF / PGM) the same way
+    assert _pixels(load_image(values.astype(">u2")))[0, :, 0].tolist() == [0, 100, 255]
 
 
 def test_float_mode_uses_its_range():
