@@ -3,15 +3,18 @@
 Each sample's conversation, up to (not including) its last assistant turn, is answered greedily by
 `model.chat`; the answer is compared with that last assistant turn:
 
-- "vqa", "video-qa", "text" (and any other task name): normalised exact match
+- "vqa", "video-qa", "text" (and any other task name, with a warning): normalised exact match
   (`fusion.evaluation.metrics.answer_is_correct`), overall and per question type.
-- "caption": corpus BLEU-4 and CIDEr-D. One caption is generated per image (or video), and its
-  references are all the captions the file has for that image; "count" is the number of images
-  captioned, "samples" the number of caption samples.
+- "caption" (or "captioning", the pipelines' name): corpus BLEU-4 and CIDEr-D. One caption is generated
+  per image (or video), and its references are all the captions the file has for that image; "count" is
+  the number of images captioned, "samples" the number of caption samples.
 
-A sample with no "task" gets one inferred (`fusion.data.datasets.infer_task`). Bad samples (a
-malformed line, a missing image, ...) are skipped and counted per reason, as by the dataset; an
-evaluation where most samples are bad stops with `DatasetError`.
+Task names are read in any case ("VQA" is "vqa"); a sample with no "task" gets one inferred
+(`fusion.data.datasets.infer_task`). Bad samples (a malformed line, a missing image, a reference that is not
+text, ...) are skipped and counted per reason, as by the dataset; an evaluation where most samples are bad
+stops with `DatasetError`: once `min_attempts` samples were tried and more than `max_bad_fraction` of them were
+bad, and at the end when none could be evaluated, or more than `max_bad_fraction` of at least
+`min(min_attempts, 5)` samples were bad.
 
     results = evaluate(model, "data/test.jsonl", limit=500)
     results["tasks"]["vqa"]["accuracy"], results["tasks"]["vqa"]["by_type"]["color"]
@@ -20,7 +23,8 @@ evaluation where most samples are bad stops with `DatasetError`.
 
 Command line (wired as `fusion eval`): ``fusion eval MODEL_DIR DATA.jsonl [--root R] [--out results.json]
 [--batch-size N] [--limit N] [--max-new-tokens N]
-[--device cpu|cuda|cuda:N]``.
+[--device cpu|cuda|cuda:N]``. `~` in the paths is a home folder; `--out` is checked (a file path in a
+folder that can be written) before the model is loaded.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -36,14 +41,18 @@ from dataclasses import dataclass, field
 from tokenizer.errors import TokenizerError
 from vision.errors import VisionInputError
 
-from ..checkpoint import model_folder, write_json
-from ..data.datasets import ConversationDataset, DatasetWarning, Record, classify_error
+from ..checkpoint import model_folder, user_path, write_json
+from ..data.datasets import (MISSING_IMAGE, MISSING_VIDEO, TASKS, ConversationDataset, DatasetWarning, Record,
+                             classify_error)
 from ..errors import CheckpointError, ConfigError, DatasetError
 from .metrics import accuracy_by_type, answer_is_correct, bleu4, cider_d
 
 __all__ = ["evaluate", "add_eval_arguments", "run_eval", "format_results"]
 
 CAPTION = "caption"
+TASK_ALIASES = {"captioning": CAPTION}  # the pipelines' name for it (`pipelines.pipeline("captioning")`)
+# at the end of an evaluation, the fewest samples tried for "most were bad" to stop it (none evaluated always does)
+FEW_ATTEMPTS = 5
 # errors that make one sample unusable (its media or its conversation); anything else is a bug and raises
 _SAMPLE_ERRORS = (VisionInputError, TokenizerError, OSError)
 
@@ -69,11 +78,30 @@ def _caption_key(record: Record):
     return (tuple(record.images), tuple(record.videos), json.dumps(record.prompt, sort_keys=True))
 
 
+def task_name(record: Record) -> str:
+    """The record's task (given or inferred) as evaluation reads it: in lower case, "captioning" is "caption"."""
+    task = str(record.inferred_task).strip().lower()
+    return TASK_ALIASES.get(task, task)
+
+
+def _warn_unknown_tasks(path: str, items: list[_Item]) -> None:
+    """One warning per task name that is not one of `TASKS`: such samples are scored by exact match."""
+    counts: Counter = Counter()
+    for it in items:
+        if it.task not in TASKS:
+            counts[it.task] += len(it.records)
+    for task, count in sorted(counts.items()):
+        warnings.warn(f"{path}: task {task!r} ({count} sample{'s' if count != 1 else ''}) is not one of "
+                      f"{', '.join(TASKS)} (or {', '.join(TASK_ALIASES)}): scored by normalised exact match, as "
+                      f"vqa is; name the task in the file if it should be scored otherwise", DatasetWarning,
+                      stacklevel=3)
+
+
 def _items(records: list[Record]) -> list[_Item]:
     items: list[_Item] = []
     captions: dict[tuple, _Item] = {}
     for index, record in enumerate(records):
-        task = record.inferred_task
+        task = task_name(record)
         if task == CAPTION:
             key = _caption_key(record)
             if key in captions:
@@ -87,11 +115,10 @@ def _items(records: list[Record]) -> list[_Item]:
     return items
 
 
-def _default_max_new_tokens(tokenizer, items: list[_Item]) -> int:
-    """Room for the longest reference of a task's items (all of them, so that the batch size changes
-    nothing), plus 8 tokens; at least 16."""
-    longest = max(len(tokenizer.encode(r)) for it in items for r in it.references)
-    return max(16, longest + 8)
+def _default_max_new_tokens(lengths: list[int]) -> int:
+    """Room for the longest reference of a task (all its references, so that the batch size changes
+    nothing), plus 8 tokens; at least 16. `lengths`: the task's references in tokens."""
+    return max(16, max(lengths) + 8)
 
 
 def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_tokens: int | None = None,
@@ -102,13 +129,16 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
 
     Args:
         model: a `fusion.FusionModel` (put in eval mode for the run, its modes restored afterwards).
-        dataset_path: a JSONL or LLaVA JSON file; media paths relative to `root` (default: its folder).
+        dataset_path: a JSONL or LLaVA JSON file; media paths relative to `root` (default: its folder). `~`
+            in either is a home folder.
         batch_size: conversations per `model.chat` call (samples of one task per batch).
         max_new_tokens: the generation limit; None: per task, its longest reference in tokens + 8 (>= 16;
             the limits used are in `settings["max_new_tokens_by_task"]`).
         limit: evaluate only the first `limit` usable samples of the file.
         return_predictions: add `"predictions"`: one entry per generation, in file order.
         num_frames, fps: video frame sampling (None: the model's settings).
+        min_attempts, max_bad_fraction: when bad samples stop the evaluation with `DatasetError` (see the
+            module docstring).
 
     Returns a JSON-serialisable dict: `tasks` (per task: count, accuracy, correct, by_type, count_by_type;
     for "caption": count, samples, bleu4, cider), `counts` (records, evaluated, skipped, skipped_by_reason,
@@ -122,10 +152,10 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"evaluate: max_new_tokens must be >= 1 (None: from the references), got {max_new_tokens}")
     start = time.perf_counter()
-    dataset = ConversationDataset(dataset_path, model.processor, root=root, min_attempts=min_attempts,
+    dataset = ConversationDataset(user_path(dataset_path), model.processor,
+                                  root=None if root is None else user_path(root), min_attempts=min_attempts,
                                   max_bad_fraction=max_bad_fraction)
     records = dataset.records if limit is None else dataset.records[:limit]
-    items = _items(records)
     # the lines that could not be read, within the part of the file considered (all of it without a limit)
     last_line = records[-1].line if limit is not None and records else None
     skipped_samples = [{"id": sample_id, "line": line, "reason": reason, "message": message}
@@ -145,9 +175,24 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
             warnings.warn(f"{dataset.path}: skipped sample {item.first.id!r} ({where}): {reason}: {error}",
                           DatasetWarning, stacklevel=3)
 
+    # every reference in tokens, before any generation (for the default limits, and whatever the limit: a
+    # reference that is not text, e.g. one holding a lone surrogate, makes its sample bad, not the evaluation)
+    tokenizer = model.processor.tokenizer
+    usable, lengths = [], defaultdict(list)
+    for index, record in enumerate(records):
+        try:
+            length = len(tokenizer.encode(record.answer))
+        except TokenizerError as err:
+            skip(_Item(index, task_name(record), [record]), err)
+            attempted += 1
+            continue
+        usable.append(record)
+        lengths[task_name(record)].append(length)
+    items = _items(usable)
+    _warn_unknown_tasks(dataset.path, items)
+
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
-    tokenizer = model.processor.tokenizer
     per_task: dict[str, list[_Item]] = defaultdict(list)
     for it in items:
         per_task[it.task].append(it)
@@ -156,18 +201,16 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(items), desc="eval", unit="sample", file=sys.stderr, disable=not progress)
-    limits = {task: max_new_tokens if max_new_tokens is not None else _default_max_new_tokens(tokenizer, group)
-              for task, group in per_task.items()}
+    limits = {task: max_new_tokens if max_new_tokens is not None else _default_max_new_tokens(lengths[task])
+              for task in per_task}
     try:
         for batch in batches:
             _answer(model, batch, limits[batch[0].task], num_frames, fps, skip)
             attempted += len(batch)
             bar.update(len(batch))
             if attempted >= min_attempts and bad > max_bad_fraction * attempted:
-                skipped = Counter(entry["reason"] for entry in skipped_samples)
-                raise DatasetError(f"{dataset.path}: {bad} of the {attempted} samples evaluated so far were bad "
-                                   f"(most common: {', '.join(f'{r} x{n}' for r, n in skipped.most_common(3))}); "
-                                   f"media paths are read relative to root={dataset.root!r}")
+                raise _mostly_bad(dataset, f"{bad} of the {attempted} samples evaluated so far were bad",
+                                  skipped_samples)
     finally:
         bar.close()
         for module, training in modes:
@@ -175,10 +218,17 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
 
     done = [it for it in items if it.prediction is not None]
     skipped = Counter(entry["reason"] for entry in skipped_samples)
+    # the whole (considered) file was tried: its records, and the lines within it that could not be read
+    evaluated = sum(len(it.records) for it in done)
+    tried = evaluated + len(skipped_samples)
+    if tried and not evaluated:
+        raise _mostly_bad(dataset, f"none of the {tried} samples could be evaluated", skipped_samples)
+    if tried >= min(min_attempts, FEW_ATTEMPTS) and len(skipped_samples) > max_bad_fraction * tried:
+        raise _mostly_bad(dataset, f"{len(skipped_samples)} of the {tried} samples were bad", skipped_samples)
     results = {"dataset": dataset.path, "format": dataset.format, "tasks": _scores(done),
                "counts": {"records": len(dataset.source_records) + dataset.num_bad_at_load,
                           "considered": len(records),
-                          "evaluated": sum(len(it.records) for it in done),
+                          "evaluated": evaluated,
                           "skipped": sum(skipped.values()),
                           "skipped_by_reason": dict(skipped.most_common()),
                           "by_task": dict(sorted(Counter(it.task for it in done for _ in it.records).items()))},
@@ -190,6 +240,17 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
     if return_predictions:
         results["predictions"] = [_prediction(it) for it in sorted(done, key=lambda it: it.index)]
     return results
+
+
+def _mostly_bad(dataset: ConversationDataset, what: str, skipped_samples: list[dict]) -> DatasetError:
+    """The `DatasetError` of an evaluation that stops on its bad samples: what, their commonest reasons and,
+    when missing media lead, the root that media paths were read from."""
+    reasons = Counter(entry["reason"] for entry in skipped_samples)
+    hint = ""
+    if reasons.most_common(1)[0][0] in (MISSING_IMAGE, MISSING_VIDEO):
+        hint = f"; media paths are read relative to root={dataset.root!r}: is that the right folder?"
+    common = ", ".join(f"{reason} x{count}" for reason, count in reasons.most_common(3))
+    return DatasetError(f"{dataset.path}: {what} (most common: {common}){hint}")
 
 
 def _answer(model, batch: list[_Item], limit: int, num_frames, fps, skip) -> None:
@@ -303,25 +364,41 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def _check_out(out: str) -> None:
-    """Raise `ConfigError` unless `out` can become a results file: not a folder, not below a file."""
+    """Raise `ConfigError` unless `out` can become a results file: not a folder, not below a file, in a folder
+    that can be written (a probe file is created there and removed: at `out` itself when its folder exists and
+    it does not, which also tries its name, else a temporary name in the nearest folder that exists)."""
     if out.endswith(("/", os.sep)) or os.path.isdir(out):
         raise ConfigError(f"--out {out!r} names a folder; give a file path for the results, e.g. "
                           f"{os.path.join(out, 'results.json')!r}")
-    parent = os.path.dirname(os.path.abspath(out))
+    path = os.path.abspath(out)
+    parent = os.path.dirname(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise ConfigError(f"--out {out!r}: {parent!r} is a file, not a folder; give a file path in a folder")
+    try:
+        if parent == os.path.dirname(path) and not os.path.lexists(path):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            os.remove(path)
+        else:
+            handle, probe = tempfile.mkstemp(prefix=".fusion-eval-probe-", dir=parent)
+            os.close(handle)
+            os.remove(probe)
+    except OSError as err:
+        raise ConfigError(f"--out {out!r}: the results cannot be written there ({err.strerror or err}, in "
+                          f"{parent!r}); give a file path in a folder you can write to") from None
 
 
 def run_eval(args: argparse.Namespace) -> int:
     """`fusion eval`: load the model folder, evaluate, print a table, write JSON (`--out`). Returns the exit code.
 
-    `--device` and `--out` are checked before the model is loaded."""
+    `--device` and `--out` are checked before the model is loaded. If the results still cannot be written, the
+    error is one line on stderr, the results JSON goes to stdout (nothing is lost) and the exit code is 1."""
     from ..distributed import parse_device
     from ..model import FusionModel
 
-    out = os.fspath(args.out) if args.out else None
+    # `--out=~/r.json`: no shell expands that ~ (expanded as `user_path` does, keeping a trailing "/": a folder)
+    out = os.path.expanduser(os.fspath(args.out)) if args.out else None
     try:
         device = parse_device(getattr(args, "device", None), "--device")
         if out is not None:
@@ -338,7 +415,13 @@ def run_eval(args: argparse.Namespace) -> int:
     results = {"model": os.fspath(args.model), **results}
     print(format_results(results))
     if out is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        write_json(out, results)  # through a temporary file: a failed write leaves neither a partial nor a stray file
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            write_json(out, results)  # through a temporary file: a failed write leaves neither a partial nor a stray file
+        except OSError as err:  # checked before loading, yet failed (a full disk, a folder made read-only since)
+            print(f"fusion eval: could not write the results to --out {out!r} ({err}); they follow as JSON",
+                  file=sys.stderr)
+            print(json.dumps(results, indent=2))
+            return 1
         print(f"results written to {out}")
     return 0

@@ -375,3 +375,171 @@ def test_fusion_eval_rejects_an_out_that_is_not_a_file_path_before_evaluating(sa
     code, printed = run(str(folder / "eval.json"))  # a file path in that folder works
     assert code == 0 and [p.name for p in folder.iterdir()] == ["eval.json"]
     assert json.loads((folder / "eval.json").read_text())["counts"]["evaluated"] == 1
+
+
+def test_a_reference_that_is_not_text_skips_its_sample(model, media, controlled):
+    """A reference holding a lone surrogate (JSON "\\ud800") cannot be encoded: that sample is skipped, counted
+    and named, with or without max_new_tokens; the other captions of its image still are references."""
+    rows = [row("v1", QA["v1"][0], "red \ud800", ["a.png"], type="color", task="vqa"),
+            row("v3", QA["v3"][0], "2", ["c.png"], type="count", task="vqa"),
+            row("v4", QA["v4"][0], "3", ["a.png"], type="count", task="vqa"),
+            row("c1", "<image>\nDescribe the image.", CAPTIONS["a"], ["a.png"], task="caption"),
+            row("c2", "<image>\nDescribe the image.", "a red \ud800 circle", ["a.png"], task="caption"),
+            row("c3", "<image>\nDescribe the image.", CAPTIONS["b"], ["b.png"], task="caption")]
+    path = write_jsonl(media / "eval_surrogate.jsonl", rows)
+    for max_new_tokens in (None, 5):
+        with pytest.warns(DatasetWarning) as caught:
+            results = evaluate(model, path, max_new_tokens=max_new_tokens, progress=False, return_predictions=True)
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == 2 and all("lone surrogate" in m for m in messages)
+        assert "skipped sample 'v1' (line 1): bad conversation" in messages[0]
+        assert [(e["id"], e["line"], e["reason"]) for e in results["skipped_samples"]] == [
+            ("v1", 1, "bad conversation"), ("c2", 5, "bad conversation")]
+        assert results["counts"]["evaluated"] == 4 and results["counts"]["skipped"] == 2
+        assert results["tasks"]["vqa"]["count"] == 2 and results["tasks"]["caption"]["count"] == 2
+        assert [p["references"] for p in results["predictions"] if p["task"] == "caption"] == [[CAPTIONS["a"]],
+                                                                                               [CAPTIONS["b"]]]
+
+
+def test_an_evaluation_with_nothing_evaluated_or_mostly_bad_samples_stops(model, media, controlled):
+    """Whatever the count: nothing evaluated is an error; more than half bad is one from 5 samples tried."""
+    def rows(good, bad):
+        return ([row(f"g{i}", QA["v4"][0], "3", ["a.png"], task="vqa") for i in range(good)]
+                + [row(f"b{i}", QA["v4"][0], "3", ["lost.png"], task="vqa") for i in range(bad)])
+
+    def run(name, good, bad, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DatasetWarning)
+            return evaluate(model, write_jsonl(media / name, rows(good, bad)), progress=False, **kwargs)
+
+    for bad in (1, 3):
+        with pytest.raises(DatasetError, match=f"none of the {bad} samples could be evaluated \\(most common: "
+                                               f"missing image x{bad}\\); media paths are read relative to root="):
+            run("eval_none.jsonl", 0, bad)
+    with pytest.raises(DatasetError, match="3 of the 5 samples were bad \\(most common: missing image x3\\)"):
+        run("eval_most.jsonl", 2, 3)
+    with pytest.raises(DatasetError, match="none of the 1 samples could be evaluated"):  # within a limit too
+        run("eval_limit_none.jsonl", 0, 2, limit=1)
+    assert run("eval_few.jsonl", 1, 3)["counts"]["evaluated"] == 1  # 4 tried: too few to call it mostly bad
+    assert run("eval_half.jsonl", 3, 3)["counts"]["skipped"] == 3  # half is not most
+    assert run("eval_some.jsonl", 3, 2)["counts"]["skipped"] == 2
+    assert run("eval_zero.jsonl", 1, 0, limit=0)["counts"]["considered"] == 0  # nothing asked for: no error
+
+
+def test_fusion_eval_fails_when_every_sample_is_skipped(saved, tmp_path, capsys):
+    model_dir, data, parser = saved
+    out = tmp_path / "eval.json"
+    args = parser.parse_args([str(model_dir), str(data), "--root", str(tmp_path / "nowhere"), "--out", str(out),
+                              "--no-progress", "--device", "cpu"])
+    with pytest.warns(DatasetWarning):
+        assert run_eval(args) == 1
+    printed = capsys.readouterr()
+    assert "none of the 1 samples could be evaluated (most common: missing image x1)" in printed.err
+    assert f"root={str(tmp_path / 'nowhere')!r}" in printed.err
+    assert printed.out == "" and not out.exists()
+
+
+def _unwritable_folder(tmp_path):
+    """A folder this process cannot create files in: a read-only one, or (as root, whom permissions do not stop)
+    /proc."""
+    import os
+
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    if os.path.isdir("/proc/self"):
+        return "/proc"
+    pytest.skip("no folder this process cannot write to")
+
+
+def test_fusion_eval_checks_that_out_can_be_written_before_loading(saved, media, tmp_path, capsys):
+    import pathlib
+
+    model_dir, data, parser = saved
+
+    def run(out):
+        args = parser.parse_args([str(model_dir), str(data), "--root", str(media), "--out", str(out), "--no-progress",
+                                  "--device", "cpu"])
+        return run_eval(args), capsys.readouterr()
+
+    unwritable = pathlib.Path(_unwritable_folder(tmp_path))
+    for out in (unwritable / "eval.json", unwritable / "new" / "eval.json", tmp_path / ("r" * 300 + ".json")):
+        code, printed = run(out)
+        assert code == 1 and printed.out == ""  # stopped before the evaluation
+        assert f"fusion eval: --out {str(out)!r}: the results cannot be written there (" in printed.err
+        assert "give a file path in a folder you can write to" in printed.err
+    assert "File name too long" in printed.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data.jsonl", "model"] + (
+        ["read-only"] if unwritable.parent == tmp_path else []))  # no probe file left behind
+
+    existing = tmp_path / "eval.json"
+    existing.write_text("old\n")
+    code, printed = run(existing)  # an existing results file is replaced
+    assert code == 0 and json.loads(existing.read_text())["counts"]["evaluated"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data.jsonl", "model", "eval.json"] + (
+        ["read-only"] if unwritable.parent == tmp_path else []))
+
+
+def test_fusion_eval_prints_the_results_when_writing_them_fails(saved, media, tmp_path, capsys, monkeypatch):
+    import fusion.evaluation.evaluate as evaluate_module
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(evaluate_module, "write_json", full_disk)
+    model_dir, data, parser = saved
+    out = tmp_path / "results" / "eval.json"
+    args = parser.parse_args([str(model_dir), str(data), "--root", str(media), "--out", str(out), "--no-progress",
+                              "--device", "cpu", "--predictions", "--max-new-tokens", "2"])
+    assert run_eval(args) == 1
+    printed = capsys.readouterr()
+    error = [line for line in printed.err.splitlines() if "fusion eval" in line]
+    assert len(error) == 1 and f"could not write the results to --out {str(out)!r}" in error[0]
+    assert "No space left on device" in error[0]
+    lines = printed.out.splitlines()
+    results = json.loads("\n".join(lines[lines.index("{"):]))  # after the table: the results, not lost
+    assert results["counts"]["evaluated"] == 1 and [p["id"] for p in results["predictions"]] == ["q1"]
+    assert not out.exists()
+
+
+def test_fusion_eval_expands_a_home_folder_in_every_path(saved, media, tmp_path, capsys, monkeypatch):
+    """`--out=~/...` and `--root=~/...` reach the program with their `~` (no shell expands it after "="), and so
+    does a quoted '~/data.jsonl': each is the home folder, as in MODEL_DIR, not a folder called "~"."""
+    model_dir, data, parser = saved
+    (tmp_path / "media").symlink_to(media, target_is_directory=True)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    args = parser.parse_args(["~/model", "~/data.jsonl", "--root=~/media", "--out=~/results/eval.json",
+                              "--no-progress", "--device", "cpu", "--max-new-tokens", "2"])
+    assert run_eval(args) == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "results" / "eval.json").read_text())
+    assert results["dataset"] == str(data) and results["counts"]["evaluated"] == 1
+    assert f"results written to {tmp_path / 'results' / 'eval.json'}" in capsys.readouterr().out
+    assert list(cwd.iterdir()) == []  # no folder called "~"
+
+
+def test_task_names_are_read_in_any_case_and_captioning_is_caption(model, media, controlled):
+    rows = [row("c1", "<image>\nDescribe the image.", CAPTIONS["a"], ["a.png"], task="Captioning"),
+            row("c3", "<image>\nDescribe the image.", CAPTIONS["b"], ["b.png"], task="captioning"),
+            row("c4", "<image>\nDescribe the image.", CAPTIONS["c"], ["c.png"], task="CAPTION"),
+            row("v1", QA["v1"][0], "red", ["a.png"], type="color", task="VQA"),
+            row("v3", QA["v3"][0], "2", ["c.png"], type="count", task="counting"),
+            row("v4", QA["v4"][0], "3", ["a.png"], type="count", task="Counting")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = evaluate(model, write_jsonl(media / "eval_task_names.jsonl", rows), progress=False)
+    assert set(results["tasks"]) == {"caption", "vqa", "counting"}
+    candidates = [PREDICTED_CAPTIONS[n] for n in ("a.png", "b.png", "c.png")]
+    references = [[CAPTIONS["a"]], [CAPTIONS["b"]], [CAPTIONS["c"]]]
+    caption = results["tasks"]["caption"]
+    assert caption["count"] == 3 and caption["bleu4"] == pytest.approx(metrics.bleu4(candidates, references))
+    assert results["tasks"]["counting"] == {"count": 2, "correct": 2, "accuracy": 1.0, "by_type": {"count": 1.0},
+                                            "count_by_type": {"count": 2}}
+    messages = [str(w.message) for w in caught if issubclass(w.category, DatasetWarning)]
+    assert len(messages) == 1  # once for the name, not per sample
+    assert "task 'counting' (2 samples) is not one of vqa, video-qa, caption, text" in messages[0]
+    assert "scored by normalised exact match" in messages[0] and "eval_task_names.jsonl" in messages[0]

@@ -42,6 +42,40 @@ def test_vqa_accuracy_is_normalised_exact_match():
 
 def test_an_answer_that_normalises_to_nothing_is_never_correct():
     assert not answer_is_correct("", "the") and not answer_is_correct(".", "") and not answer_is_correct("a", "an")
+    assert not answer_is_correct(" ", " ") and not answer_is_correct("?!", "...")
+
+
+@pytest.mark.parametrize("prediction", ["A", "a", "A.", "(A)", " a) "])
+def test_a_multiple_choice_letter_a_is_an_answer_not_an_article(prediction):
+    # dropping the articles would leave nothing: the answer keeps them (the official VQA script scores "A" 1.0)
+    assert normalize_answer(prediction) == "a"
+    assert answer_is_correct(prediction, "A") and not answer_is_correct(prediction, "B")
+    assert vqa_accuracy(["A", "B", "C", "D"], ["A", "B", "C", "D"]) == 1.0
+    assert vqa_consensus_score(prediction, ["A"] * 10) == 1.0
+    assert normalize_answer("The") == "the" and normalize_answer("a circle") == "circle"  # articles still go
+
+
+@pytest.mark.parametrize("prediction, reference, correct", [
+    ("\u0939\u0930", "\u0939\u0930\u093e", False),                # हर (every) is not हरा (green): a vowel sign is a letter
+    ("\u0928\u0940\u0932", "\u0928\u0940\u0932\u093e", False),  # नील (indigo) is not नीला (blue)
+    ("\u0939\u0940\u0930\u093e", "\u0939\u0930\u093e", False),  # हीरा (diamond) is not हरा
+    ("\u0e14\u0e35", "\u0e14\u0e33", False),                      # ดี (good) is not ดำ (black)
+    ("\u0939\u0930\u093e.", "\u0939\u0930\u093e", True),
+    ("cafe\u0301", "caf\u00e9", True),                               # decomposed and composed é: the same word
+    ("cafe\u0301", "cafe", False),                                    # an accent is not punctuation
+])
+def test_combining_marks_are_part_of_their_word(prediction, reference, correct):
+    assert answer_is_correct(prediction, reference) is correct
+
+
+@pytest.mark.parametrize("prediction, reference, correct", [
+    ("5", ".5", False), (".5", ".5", True), ("0.5", "0.5", True), ("5", "0.5", False),
+    ("\uff12", "2", True),                              # full-width digit (NFKC)
+    ("\uff32\uff45\uff44", "red", True),              # full-width letters
+    ("\uff11,\uff10\uff10\uff10", "1000", True),     # full-width digits with a thousands separator
+])
+def test_a_decimal_point_before_a_digit_stays_and_compatibility_forms_match(prediction, reference, correct):
+    assert answer_is_correct(prediction, reference) is correct
 
 
 def test_vqa_consensus_accuracy_is_the_vqa_challenge_formula():
@@ -82,6 +116,29 @@ def test_tokens():
 def test_accented_captions_score_as_written():
     assert bleu4(["un café près de l'église"], ["un café près de l'église"]) == 1.0
     assert bleu4(["un cafe pres de l eglise"], ["un café près de l'église"]) < 1.0  # accents are letters
+
+
+def test_combining_marks_stay_in_caption_tokens():
+    assert caption_tokens("\u0939\u093f\u0928\u094d\u0926\u0940 \u092d\u093e\u0937\u093e") == [
+        "\u0939\u093f\u0928\u094d\u0926\u0940", "\u092d\u093e\u0937\u093e"]  # हिन्दी भाषा: two words
+    assert caption_tokens("\u0e20\u0e32\u0e29\u0e32\u0e44\u0e17\u0e22 \u0e14\u0e35") == [
+        "\u0e20\u0e32\u0e29\u0e32\u0e44\u0e17\u0e22", "\u0e14\u0e35"]   # ภาษาไทย ดี
+    assert caption_tokens("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645") == [
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"]   # می‌خواهم: a zero-width non-joiner inside a word
+    assert caption_tokens("cafe\u0301 cre\u0300me") == ["caf\u00e9", "cr\u00e8me"]  # NFC: as if composed
+    # "लाल गोला ऊपर बाएँ" vs "लील गीली ऊपर बाएं" share one word in four: no bigram matches, BLEU 0 (split at the
+    # vowel signs, the letters left over were the same and BLEU was 1.0)
+    assert bleu4(["\u0932\u093e\u0932 \u0917\u094b\u0932\u093e \u090a\u092a\u0930 \u092c\u093e\u090f\u0901"],
+                 ["\u0932\u0940\u0932 \u0917\u0940\u0932\u0940 \u090a\u092a\u0930 \u092c\u093e\u090f\u0902"]) == 0.0
+
+
+def test_every_combining_mark_is_a_word_character():
+    """The marks are collected from planes 0, 1 and 14 only: that is all of them in this Python's Unicode."""
+    import sys
+    import unicodedata
+
+    marks = [chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)).startswith("M")]
+    assert caption_tokens("x" + "".join(marks)) == [unicodedata.normalize("NFC", "x" + "".join(marks))]
 
 
 def test_bleu_identical_is_one():
