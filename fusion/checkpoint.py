@@ -7,14 +7,18 @@ config's `init_from`, `fusion eval`), `default` names the model that ships with 
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib.resources
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tokenizer import FusionTokenizer, TokenizerError
@@ -25,6 +29,9 @@ from .fusion_config import FORMAT_VERSION, FusionConfig
 from .processor import FusionProcessor, VideoSettings
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+# the hidden names of a copy being written (`.NAME.tmp-XXXX`), of a folder moved aside (`.NAME.old-XXXX`) and of
+# the files written into a model folder to replace its own (`.fusion-save-XXXX`, inside it)
+TEMPORARY_MARK, MOVED_ASIDE_MARK, REPLACEMENT_PREFIX = ".tmp-", ".old-", ".fusion-save-"
 DEFAULT_MODEL = "default"  # the name of the model that ships with fusion, where a model folder is asked for
 DEFAULT_MODEL_FOLDER = "default_model"  # its folder inside the installed `fusion` package
 
@@ -39,53 +46,120 @@ def model_folder(name, base=None) -> Path:
     folder called so is `./default`), anything else a path, relative to `base` (default: the working folder)."""
     if os.fspath(name) == DEFAULT_MODEL:
         return Path(str(default_model_location()))
-    path = Path(name).expanduser()
+    path = user_path(name)
     return path if path.is_absolute() or base is None else Path(base) / path
 
 
+def user_path(path) -> Path:
+    """A path as the user wrote it, `~` (a home folder) expanded: where a folder is written and read."""
+    return Path(path).expanduser()
+
+
 @contextlib.contextmanager
-def atomic_folder(path):
+def atomic_folder(path, carry_over: bool = False, left_behind=()):
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
 
     If the block raises, the temporary folder is removed and `path` is untouched. An existing folder
     at `path` is moved aside first and deleted only after the new one is in place. The folder and its
     files get the usual permissions for the process's umask (not the private ones of a temporary folder).
+
+    `carry_over`: the entries of the existing folder that the block did not write (a README, logs, other
+    runs), except those named in `left_behind`, are moved into the new folder before the swap (and back if
+    it fails), so that `path` never holds a mix of old and new files; the folder keeps its permissions.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{TEMPORARY_MARK}", dir=path.parent))
+    carry_over = carry_over and path.is_dir()
+    carried, old = [], None
     try:
         yield tmp
         _flush_files(tmp)
-        tmp.chmod(0o777 & ~_current_umask())
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
+        tmp.chmod(stat.S_IMODE(path.stat().st_mode) if carry_over else 0o777 & ~_current_umask())
+        for entry in sorted(path.iterdir()) if carry_over else []:
+            if entry.name not in left_behind and not os.path.lexists(tmp / entry.name):
+                os.replace(entry, tmp / entry.name)
+                carried.append(entry.name)
+        if path.exists():  # (named after the temporary folder: a name no other writer uses)
+            old = path.parent / f".{path.name}{MOVED_ASIDE_MARK}{tmp.name.rsplit(TEMPORARY_MARK, 1)[1]}"
             os.replace(path, old)
         os.replace(tmp, path)
-        fsync_folder(path.parent)  # the rename itself survives a power cut
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and not os.path.lexists(path):
+            os.replace(old, path)  # the swap failed halfway: the old folder goes back ...
+        for name in carried:  # ... with the entries carried out of it
+            os.replace(tmp / name, path / name)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_folder(path.parent)  # the rename itself survives a power cut
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def files_replaced_in(folder):
+def files_replaced_in(folder, left_behind=()):
     """Yield a temporary folder inside the existing `folder`; on success each file written there replaces
-    the file of that name in `folder` by a rename (never a truncated file), and the folder's other files
-    and subfolders are left as they were. If the block raises, `folder` is untouched."""
+    the file of that name in `folder` by a rename (never a truncated file), the entries named in `left_behind`
+    are deleted, and the folder's other files and subfolders are left as they were. If the block raises,
+    `folder` is untouched. (Each file is replaced on its own: `model_folder_writer` uses this only where the
+    folder cannot be swapped as a whole.)"""
     folder = Path(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=".fusion-save-", dir=folder))
+    tmp = Path(tempfile.mkdtemp(prefix=REPLACEMENT_PREFIX, dir=folder))
     try:
         yield tmp
         _flush_files(tmp)
         for f in sorted(tmp.iterdir()):
             os.replace(f, folder / f.name)
+        for name in left_behind:
+            (folder / name).unlink(missing_ok=True)
         fsync_folder(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def model_folder_writer(path, left_behind=()):
+    """A context manager that yields a temporary folder for a model folder's files, which then become `path`'s.
+
+    A new folder appears whole (one rename). An existing one is replaced as one unit: its other entries (a
+    README, logs, other runs) are carried into the new folder, except those named in `left_behind` (stale files
+    of the old model), and the folders are swapped by renames, so that `path` holds all of the old files or all
+    of the new ones, never a mix. A folder that cannot be renamed (a mount point, the working folder, one in a
+    folder this process may not write to) has its files replaced one rename at a time instead."""
+    path = Path(path)
+    if not path.is_dir():
+        return atomic_folder(path)
+    path = path.resolve()  # a link to a folder stays a link: the folder it points to is replaced
+    if not os.path.ismount(path) and os.access(path.parent, os.W_OK | os.X_OK) and not _is_working_folder(path):
+        return atomic_folder(path, carry_over=True, left_behind=left_behind)
+    return files_replaced_in(path, left_behind)
+
+
+def _is_working_folder(path: Path) -> bool:
+    try:
+        return os.path.samefile(path, os.getcwd())
+    except OSError:  # no working folder (deleted)
+        return False
+
+
+def remove_stale_temporaries(folder, names: str | None = None) -> list[str]:
+    """Delete what writers killed halfway (SIGKILL, a power cut) left in `folder`: the hidden temporary copies
+    of `atomic_folder` and `write_text_atomically` whose target's name matches the regular expression `names`
+    (a folder moved aside is deleted only where the folder that replaced it is in place), and those of
+    `files_replaced_in` (in a model folder). Returns their names."""
+    folder = Path(folder)
+    copy = rf"\.({names or '(?!)'})({re.escape(TEMPORARY_MARK)}|{re.escape(MOVED_ASIDE_MARK)})"  # (?!): none
+    pattern = re.compile(rf"(?:{copy}|{re.escape(REPLACEMENT_PREFIX)})[A-Za-z0-9_]+")
+    removed = []
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = pattern.fullmatch(entry.name)
+        if match is None or match.group(2) == MOVED_ASIDE_MARK and not (folder / match.group(1)).exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
 
 
 def _flush_files(folder: Path) -> None:
@@ -123,7 +197,8 @@ def write_text_atomically(path, text: str) -> None:
     """Write `text` through a temporary file, flushed to disk, and a rename (never a truncated file, even
     after a power cut). If writing fails (a full disk), the file at `path` is left as it was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # (the name cut so that the temporary one stays within the usual 255-byte limit of a file name)
+    tmp = path.with_name(f".{path.name[:200]}{TEMPORARY_MARK}{os.getpid()}")
     try:
         with open(tmp, "w") as handle:
             handle.write(text)
@@ -131,7 +206,8 @@ def write_text_atomically(path, text: str) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the error to raise is the write's, not this clean-up's
+            tmp.unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
 
@@ -141,6 +217,26 @@ def write_json(path, data) -> None:
     write_text_atomically(path, json.dumps(data, indent=2) + "\n")
 
 
+def write_safetensors(state: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, whose failed writes (a full disk, a quota) are raised as the OSError they are,
+    not as safetensors' own error type."""
+    try:
+        save_file(state, str(path), metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
+
+
+def write_torch_file(obj, path) -> None:
+    """`torch.save`, whose failed writes (a full disk) are raised as OSErrors (torch raises a RuntimeError)."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as err:
+        raise OSError(f"could not write {path} (a full disk or quota?): {err}") from err
+
+
 def model_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
@@ -148,26 +244,30 @@ def model_state(model) -> dict[str, torch.Tensor]:
 def save_model_folder(model, path, state: dict | None = None) -> None:
     """Write a model folder; `state` replaces `model.state_dict()` (e.g. gathered from a sharded model).
 
-    A new folder appears whole (written beside it, then one rename). In an existing folder the model's three
-    files are replaced, each by a rename, and everything else in it (a README, logs, other runs) is kept."""
-    path = Path(path)
+    A new folder appears whole (written beside it, then one rename). An existing folder is replaced as one
+    unit (`model_folder_writer`): the model's three files all change at once, and everything else in it (a
+    README, logs, other runs) is kept."""
+    path = user_path(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"cannot save a model folder at {str(path)!r}: it is a file; give a folder path")
     config = {"model_type": "fusion", **model.config.to_dict(), "preprocessing": model.processor.to_dict(),
               "special_tokens": {"bos": model.tokenizer.bos_id, "pad": model.tokenizer.pad_id,
                                  "patch": model.tokenizer.patch_id, "stop": list(model.tokenizer.stop_ids)}}
-    with (files_replaced_in(path) if path.is_dir() else atomic_folder(path)) as tmp:
+    with model_folder_writer(path) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(state if state is not None else model_state(model), str(tmp / WEIGHTS_FILE),
-                  metadata={"format": "pt", "fusion_format_version": str(FORMAT_VERSION)})
+        write_safetensors(state if state is not None else model_state(model), tmp / WEIGHTS_FILE,
+                          metadata={"format": "pt", "fusion_format_version": str(FORMAT_VERSION)})
         model.tokenizer.save(tmp / TOKENIZER_FILE)
 
 
 def read_model_config(path) -> dict:
     folder = Path(path)
     if not folder.is_dir():
+        aside = sorted(folder.parent.glob(f".{glob.escape(folder.name)}{MOVED_ASIDE_MARK}*")) if folder.name else []
         raise CheckpointError(f"model folder {str(folder)!r} does not exist (expected a folder written by "
-                              f"FusionModel.save_pretrained or `fusion train`)")
+                              f"FusionModel.save_pretrained or `fusion train`)" + (
+                                  f"; a save into it was cut short, and its earlier content is in {aside[-1]}: "
+                                  f"rename that folder back" if aside else ""))
     missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"model folder {str(folder)!r} is incomplete: {', '.join(missing)} missing")
@@ -181,6 +281,31 @@ def read_model_config(path) -> dict:
     return config
 
 
+def check_model_folder(path) -> dict:
+    """`read_model_config`, with the tokenizer and the header of the weights file read too (not the tensors, so
+    it is quick): a folder cut short (a half-copied or half-written one) fails here, naming the file."""
+    folder = Path(path)
+    config = read_model_config(folder)
+    _read_tokenizer(folder)
+    try:
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as weights:
+            weights.keys()
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(_damaged_weights(folder, err)) from err
+    return config
+
+
+def _read_tokenizer(folder: Path) -> FusionTokenizer:
+    try:
+        return FusionTokenizer.load(folder / TOKENIZER_FILE)
+    except TokenizerError as err:
+        raise CheckpointError(f"{folder / TOKENIZER_FILE} cannot be used: {err}") from err
+
+
+def _damaged_weights(folder: Path, err: Exception) -> str:
+    return f"{folder / WEIGHTS_FILE} cannot be read ({err}); the file is damaged"
+
+
 def load_model_folder(path, device=None, dtype: torch.dtype | None = None):
     from .model import FusionModel
 
@@ -192,10 +317,7 @@ def load_model_folder(path, device=None, dtype: torch.dtype | None = None):
         config = FusionConfig.from_dict(settings)
     except (ValueError, TypeError, KeyError) as err:  # a key this version does not know, a value out of range
         raise CheckpointError(f"{folder / CONFIG_FILE} cannot be used: {err}") from err
-    try:
-        tokenizer = FusionTokenizer.load(folder / TOKENIZER_FILE)
-    except TokenizerError as err:
-        raise CheckpointError(f"{folder / TOKENIZER_FILE} cannot be used: {err}") from err
+    tokenizer = _read_tokenizer(folder)
     try:
         model = FusionModel(config, tokenizer)
     except ValueError as err:  # a config that does not fit its tokenizer (e.g. a smaller vocabulary)
@@ -203,7 +325,7 @@ def load_model_folder(path, device=None, dtype: torch.dtype | None = None):
     try:
         state = load_file(str(folder / WEIGHTS_FILE))
     except Exception as err:  # safetensors raises its own error types
-        raise CheckpointError(f"{folder / WEIGHTS_FILE} cannot be read ({err}); the file is damaged") from err
+        raise CheckpointError(_damaged_weights(folder, err)) from err
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shapes that differ from the config

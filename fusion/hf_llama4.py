@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .checkpoint import model_folder_writer, user_path, write_safetensors
 from .decoder import Decoder
 from .decoder_config import DecoderConfig, RopeScaling
 from .errors import CheckpointError
@@ -216,7 +215,12 @@ def _safetensors_files(folder: Path) -> list[Path]:
         return [single]
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, or no weight_map in it
+            problem = err if isinstance(err, ValueError) else "no weight_map of tensor names to shard files"
+            raise CheckpointError(f"{index} cannot be read ({problem}); the file is damaged or incomplete: download "
+                                  f"it again") from err
         missing = [s for s in shards if not (folder / s).exists()]
         if missing:
             raise CheckpointError(f"{index} lists shards that are not in the folder: {missing[:5]}")
@@ -228,13 +232,22 @@ def _safetensors_files(folder: Path) -> list[Path]:
                           f"model.safetensors.index.json); convert .bin/.pth checkpoints to safetensors first")
 
 
+def _open_weights(file: Path):
+    """A safetensors file opened for reading; one cut short (an interrupted download) is named."""
+    try:
+        return safe_open(file, framework="pt")
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"{file} cannot be read ({err}); the file is damaged or incomplete: download it "
+                              f"again") from err
+
+
 def load_hf_decoder(path, dtype: torch.dtype | None = None, device=None) -> Decoder:
     """Build a Decoder from a Hugging Face Llama 4 folder. `dtype` defaults to the checkpoint's own dtype."""
-    folder = Path(path)
+    folder = user_path(path)
     hf_cfg = _read_hf_config(folder)
     config = decoder_config_from_hf(hf_cfg, source=str(folder / "config.json"))
     with contextlib.ExitStack() as files_open:  # each weight file opened once, for its keys and its tensors
-        readers = {f: files_open.enter_context(safe_open(f, framework="pt")) for f in _safetensors_files(folder)}
+        readers = {f: files_open.enter_context(_open_weights(f)) for f in _safetensors_files(folder)}
         keys = {}
         for f, reader in readers.items():
             _check_not_quantized(f, reader)
@@ -318,16 +331,20 @@ def _stack_unfused_experts(spec, keys, tensor) -> torch.Tensor:
 def save_hf_decoder(decoder: Decoder, path) -> None:
     """Write `config.json` and `model.safetensors` for `Llama4ForCausalLM`.
 
-    A sharded checkpoint already in the folder (`model.safetensors.index.json` and the shards it lists)
+    A new folder appears whole; an existing one is replaced as one unit, its other files (a tokenizer, a
+    README) kept (`checkpoint.model_folder_writer`), so that an interrupted save leaves the old folder as it
+    was. A sharded checkpoint already in the folder (`model.safetensors.index.json` and the shards it lists)
     is removed, as transformers' `save_pretrained` does, so that no loader reads the old weights.
     """
-    folder = Path(path)
+    folder = user_path(path)
     if not float(decoder.config.floor_scale).is_integer():
         raise CheckpointError(f"cannot save {folder} as a Hugging Face Llama 4 folder: floor_scale "
                               f"{decoder.config.floor_scale} is not a whole number, and transformers' "
                               f"Llama4TextConfig takes an integer (5.x refuses the folder); set floor_scale to "
                               f"an integer first (this changes the attention temperature of long sequences)")
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"cannot save a Hugging Face folder at {str(folder)!r}: it is a file; give a folder "
+                              f"path")
     if any(bool(m.expert_bias.abs().sum() > 0) for m in decoder.moe_layers()):
         warnings.warn("save_hf: this decoder's expert selection bias is not zero; Hugging Face Llama 4 has no "
                       "such bias, so its routing will differ from fusion's", stacklevel=2)
@@ -339,23 +356,23 @@ def save_hf_decoder(decoder: Decoder, path) -> None:
         state[hf_key(name)] = tensor.detach().contiguous().cpu()
     hf_cfg = hf_config_from_decoder(config)
     hf_cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    tmp = folder / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    _remove_stale_shards(folder)
+    try:
+        with model_folder_writer(folder, left_behind=_stale_shards(folder)) as tmp:
+            write_safetensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    except OSError as err:  # a full disk, a quota, a read-only folder
+        raise CheckpointError(f"could not write the Hugging Face folder {folder} ({err}); nothing in it changed: "
+                              f"free space (or fix the folder) and save again") from err
 
 
-def _remove_stale_shards(folder: Path) -> None:
-    """Delete `model.safetensors.index.json` and the shard files it lists (only those, only in `folder`)."""
+def _stale_shards(folder: Path) -> list[str]:
+    """`model.safetensors.index.json` and the shard files it lists (only files in `folder`), where it has one."""
     index = folder / "model.safetensors.index.json"
     if not index.exists():
-        return
+        return []
     try:
         shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
     except (ValueError, AttributeError):
         shards = set()
-    for shard in shards:
-        if isinstance(shard, str) and shard == Path(shard).name and shard != "model.safetensors":
-            (folder / shard).unlink(missing_ok=True)
-    index.unlink()
+    return [index.name] + sorted(shard for shard in shards if isinstance(shard, str) and shard == Path(shard).name
+                                 and shard != "model.safetensors")

@@ -195,9 +195,9 @@ class FusionModel(nn.Module):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_pretrained(self, path) -> None:
-        """Write `config.json`, `model.safetensors` and `tokenizer.json` into the folder `path`: a new folder
-        appears whole; in an existing one those three files are replaced (each atomically) and its other files
-        are kept."""
+        """Write `config.json`, `model.safetensors` and `tokenizer.json` into the folder `path` (`~` is the home
+        folder, as for `from_pretrained`): a new folder appears whole; in an existing one those three files are
+        replaced together (an interrupted save leaves the old ones, never a mix) and its other files are kept."""
         from .checkpoint import save_model_folder
 
         save_model_folder(self, path)

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -32,7 +33,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed as fdist
-from .checkpoint import atomic_folder, model_folder, read_model_config, save_model_folder, write_json
+from .checkpoint import (atomic_folder, check_model_folder, model_folder, read_model_config, remove_stale_temporaries,
+                         save_model_folder, write_json, write_torch_file)
 from .compilation import check_can_compile, compile_decoder_blocks, eager
 from .data.collate import split_by_length, split_long_samples
 from .data.datasets import ConversationDataset, MediaCache
@@ -151,7 +153,7 @@ class Trainer:
         for folder in folders:
             try:
                 state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=False)
-                read_model_config(folder / "model")  # the weights file is there too
+                check_model_folder(folder / "model")  # its files there and readable: not cut short by a copy
             except Exception as err:  # a missing, truncated or foreign file
                 problem = problem or f"the checkpoint {folder} cannot be read ({type(err).__name__}: {err})"
                 continue
@@ -218,6 +220,8 @@ class Trainer:
         self._check_resumable(progress)
         if self.overwrite and self.ctx.is_main:  # only once the config passed every check above: a mistake in it
             self._remove_earlier_run()           # leaves the earlier run as it was
+        if self.ctx.is_main:
+            self._remove_stale_temporaries()
         self.ctx.barrier()
         self.log = MetricsLog(self.out / "metrics.jsonl",
                               resume_from_step=progress.global_step if self.resume_state else None) \
@@ -268,6 +272,20 @@ class Trainer:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+
+    def _remove_stale_temporaries(self):
+        """The hidden copies that a run killed while writing a checkpoint or a model (SIGKILL, a power cut) left
+        in its folders (`.step-0000400.tmp-x1y2`: a checkpoint's size each); only those named as the run names
+        them are removed, with a line saying so."""
+        stages = "|".join(re.escape(stage.name) for stage in self.config.stages)
+        models = [self.out / "final"] + [self.out / "stages" / stage.name for stage in self.config.stages]
+        for folder, names in ((self.out / "checkpoints", r"step-\d+|latest\.json"), (self.out / "stages", stages),
+                              (self.out, "|".join(re.escape(name) for name in RUN_FILES)),
+                              *((model, None) for model in models)):
+            removed = remove_stale_temporaries(folder, names)
+            if removed:
+                print(f"removed {len(removed)} temporary cop{'ies' if len(removed) > 1 else 'y'} that an interrupted "
+                      f"write left in {folder}: {', '.join(removed)}", flush=True)
 
     def _warn_about_config_changes(self, first_stage: int):
         """--resume with a config that differs from the run's saved one: say what changed (a longer stage may be
@@ -638,8 +656,21 @@ class Trainer:
         return "\n".join(lines)
 
     def _starting_progress(self) -> StageProgress:
-        """Where the run starts: the resumed checkpoint's position, else the beginning."""
-        return StageProgress(**self.resume_state["progress"]) if self.resume_state is not None else StageProgress()
+        """Where the run starts: the resumed checkpoint's position, else the beginning. A checkpoint inside (or
+        after) a stage that the config no longer has cannot go on."""
+        if self.resume_state is None:
+            return StageProgress()
+        progress = StageProgress(**self.resume_state["progress"])
+        stages = len(self.config.stages)
+        if _stage_of(progress) >= stages:
+            name = self.resume_state.get("stage") or _saved_stage_name(self.out, _stage_of(progress))
+            where = (f"at the end of stage {progress.stage_index} ({name!r})" if progress.step == 0 else
+                     f"in stage {progress.stage_index + 1} ({name!r}) at its step {progress.step}")
+            raise ConfigError(f"--resume: the checkpoint {self.resume_state['folder']} is {where} (run step "
+                              f"{progress.global_step}), but the config lists only {stages} stage"
+                              f"{'s' if stages != 1 else ''}; put that stage back into the config to continue the "
+                              f"run, or start it again with --overwrite (overwrite=True)")
+        return progress
 
     def _starting_model(self) -> FusionModel:
         """The model the run starts with: the resumed checkpoint's, else the config's (built or loaded)."""
@@ -773,12 +804,13 @@ class Trainer:
         try:
             with atomic_folder(root / name) as tmp:
                 save_model_folder(self.model, tmp / "model", state=model_state)
-                torch.save({"progress": vars(progress), "optimizer": optimizer_state,
-                            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                            "data_position": data_position,  # (epoch, batch) of the stage's next batch
-                            "stage_samples": stage_samples,  # how many samples that position counts in
-                            "wall_seconds": self.total_wall_seconds(),
-                            "rng": _rng_state()}, tmp / TRAINER_STATE)
+                write_torch_file({"progress": vars(progress), "optimizer": optimizer_state,
+                                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                                  "data_position": data_position,  # (epoch, batch) of the stage's next batch
+                                  "stage_samples": stage_samples,  # how many samples that position counts in
+                                  "wall_seconds": self.total_wall_seconds(),
+                                  "stage": self.config.stages[_stage_of(progress)].name,  # (its name, for errors)
+                                  "rng": _rng_state()}, tmp / TRAINER_STATE)
             write_json(root / "latest.json", {"folder": name, "step": progress.global_step})
         except OSError as err:  # a full disk, a quota, a folder made read-only: nothing half-written stays
             raise CheckpointError(f"could not write the checkpoint of step {progress.global_step} to {root / name} "
@@ -878,6 +910,19 @@ def _accuracies(results: dict) -> dict:
     return flat
 
 
+def _stage_of(progress: StageProgress) -> int:
+    """The index of the stage a checkpoint is in, or (at step 0, where one is written after each stage) has ended."""
+    return progress.stage_index - 1 if progress.step == 0 else progress.stage_index
+
+
+def _saved_stage_name(out: Path, index: int) -> str | None:
+    """The name of stage `index` in the config the run was last started with (None where it cannot be told)."""
+    try:
+        return json.loads((out / "train_config.json").read_text())["stages"][index]["name"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
 def _model_state_from_folder(folder: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -897,7 +942,9 @@ def _set_rng_state(state: dict):
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU of the checkpoint's machine: those this machine has (another may see more or fewer)
+        for device, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, device)
 
 
 def train(config: TrainConfig | str | os.PathLike, resume: bool = False, progress: bool = True,

@@ -693,26 +693,37 @@ def test_the_plot_and_the_metrics_log_never_end_a_run(tmp_path, monkeypatch):
         log.write(kind="train", stage="s", step=3, loss=1.0)
 
 
+@pytest.mark.parametrize("writer", ["trainer state", "weights"])
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_leaves_the_last_one_intact(world, tmp_path,
-                                                                                         monkeypatch):
-    """A full disk while a checkpoint is written: the run stops with a message naming the intact checkpoint,
+                                                                                         monkeypatch, writer):
+    """A full disk while a checkpoint is written (its trainer state by torch.save, or its weights by safetensors,
+    which raises its own error type, not an OSError): the run stops with a message naming the intact checkpoint,
     nothing half-written is left, and --resume from it finishes the run."""
     import errno
 
+    from safetensors import SafetensorError
+
+    import fusion.checkpoint
     from fusion.errors import CheckpointError
 
     stages = [{"name": "s", "data": str(world / "text.jsonl"), "steps": 6, "batch_size": 4, "lr": {"decoder": 1e-3}}]
     config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages, checkpoint_every=2))
-    save, calls = torch.save, []
+    save = torch.save if writer == "trainer state" else fusion.checkpoint.save_file
+    calls = []
 
     def disk_full_at_the_second_checkpoint(obj, f, *args, **kwargs):
         calls.append(f)
         if len(calls) == 2:
             Path(f).write_bytes(b"half")  # something was written before the disk filled up
+            if writer == "weights":  # as safetensors reports it
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
             raise OSError(errno.ENOSPC, "No space left on device")
         return save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", disk_full_at_the_second_checkpoint)
+    if writer == "trainer state":
+        monkeypatch.setattr(torch, "save", disk_full_at_the_second_checkpoint)
+    else:
+        monkeypatch.setattr(fusion.checkpoint, "save_file", disk_full_at_the_second_checkpoint)
     with pytest.raises(CheckpointError, match=r"checkpoint of step 4 .*No space left on device.*the checkpoint of "
                                               r"step 2 .*step-0000002\) is intact.*--resume"):
         train(config, progress=False)
@@ -773,6 +784,110 @@ def test_resume_from_a_damaged_checkpoint_falls_back_to_the_one_before(world, tm
         (folder / "trainer_state.pt").unlink()
     with pytest.raises(CheckpointError, match=r"latest.json cannot be read .*no other checkpoint .*--overwrite"):
         train(config, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "tokenizer.json"])
+def test_resume_falls_back_past_a_checkpoint_whose_weights_or_tokenizer_are_cut_short(tmp_path, damaged):
+    """A half-copied run folder whose newest checkpoint has its weights (or tokenizer) cut short: the checkpoint is
+    found unreadable before the run starts from it, and the one before is taken with a warning."""
+    from types import SimpleNamespace
+
+    from fusion.checkpoint import write_json
+    from fusion.trainer import TRAINER_STATE, Trainer, TrainingWarning
+    from tests.tiny_models import tiny_fusion_model
+    from tokenizer import FusionTokenizer
+
+    model = tiny_fusion_model(FusionTokenizer.train(["a red circle", "a blue square"] * 20, vocab_size=280))
+    checkpoints = tmp_path / "checkpoints"
+    for step in (2, 4):
+        folder = checkpoints / f"step-{step:07d}"
+        model.save_pretrained(folder / "model")
+        torch.save({"progress": {"stage_index": 0, "step": step, "global_step": step}}, folder / TRAINER_STATE)
+    write_json(checkpoints / "latest.json", {"folder": "step-0000004", "step": 4})
+    file = checkpoints / "step-0000004" / "model" / damaged
+    file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])  # half-copied
+    with pytest.warns(TrainingWarning, match=rf"step-0000004 cannot be read .*{damaged}.*resuming from "
+                                             rf".*step-0000002 instead"):
+        state = Trainer._latest_state(SimpleNamespace(out=tmp_path))
+    assert state["folder"] == checkpoints / "step-0000002" and state["progress"]["step"] == 2
+
+
+def test_resume_removes_the_temporary_copies_that_a_killed_run_left(world, tmp_path, capsys):
+    """A run killed while it wrote a checkpoint or a model leaves hidden temporary copies (a checkpoint's size
+    each): the next start removes those the run named so, with a line saying so, and nothing else."""
+    stage = {"name": "s", "data": str(world / "text.jsonl"), "steps": 2, "batch_size": 4, "lr": {"decoder": 1e-3}}
+    out = tmp_path / "run"
+    config = fusion.trainer.TrainConfig.from_dict(base_config(world, out, [stage], checkpoint_every=1))
+    train(config, progress=False)
+    checkpoints = out / "checkpoints"
+    stale = [checkpoints / ".step-0000003.tmp-x8_k2abc", checkpoints / ".step-0000002.old-4242",
+             checkpoints / ".latest.json.tmp-4242", out / ".final.tmp-q1w2e3r4", out / "stages" / ".s.old-ab12cd34",
+             out / ".train_config.json.tmp-77", out / "final" / ".fusion-save-k3j4h5g6"]
+    kept = [checkpoints / ".step-0000009.old-4242",  # the only copy of a checkpoint whose swap was cut short
+            checkpoints / "notes.tmp-1", out / ".my-own.tmp-1", out / "stages" / ".other.tmp-abc"]
+    for path in stale + kept:
+        if path.name.startswith((".latest", ".train")) or path.name.endswith("tmp-1"):
+            path.write_text("{")
+        else:
+            shutil.copytree(checkpoints / "step-0000002", path)
+    capsys.readouterr()
+    train(config, resume=True, progress=False)
+    output = capsys.readouterr().out
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
+    assert (f"removed 3 temporary copies that an interrupted write left in {checkpoints}: .latest.json.tmp-4242, "
+            f".step-0000002.old-4242, .step-0000003.tmp-x8_k2abc") in output
+    assert f"removed 2 temporary copies that an interrupted write left in {out}: .final.tmp-q1w2e3r4" in output
+    assert f"removed 1 temporary copy that an interrupted write left in {out / 'stages'}: .s.old-ab12cd34" in output
+    assert f"removed 1 temporary copy that an interrupted write left in {out / 'final'}: .fusion-save-k3j4h5g6" \
+        in output
+
+
+def test_resume_in_a_stage_the_config_no_longer_has_says_which_stage(world, tmp_path, monkeypatch):
+    """A run stopped in its second stage, resumed with a config that lists only the first: the error names the
+    checkpoint's stage and says what to do (not an IndexError); so does a run that finished that stage."""
+    from fusion.errors import TrainingStopped
+
+    first = {"name": "a", "data": str(world / "text.jsonl"), "steps": 2, "batch_size": 4, "lr": {"decoder": 1e-3}}
+    second = {**first, "name": "b", "steps": 3}
+    out = tmp_path / "run"
+    both = fusion.trainer.TrainConfig.from_dict(base_config(world, out, [first, second]))
+    only_first = fusion.trainer.TrainConfig.from_dict(base_config(world, out, [first]))
+    ctrl_c_at_step(monkeypatch, 3)  # step 1 of stage b
+    with pytest.raises(TrainingStopped):
+        train(both, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match=r"checkpoint .*step-0000003 is in stage 2 \('b'\) at its step 1 \(run step "
+                                          r"3\), but the config lists only 1 stage; put that stage back .*--overwrite"):
+        train(only_first, resume=True, progress=False)
+    train(both, resume=True, progress=False)
+    with pytest.raises(ConfigError, match=r"step-0000005 is at the end of stage 2 \('b'\) \(run step 5\), but the "
+                                          r"config lists only 1 stage"):
+        train(only_first, resume=True, progress=False)
+
+
+def test_resume_on_a_machine_with_fewer_gpus_sets_the_random_state_of_those_it_has(monkeypatch):
+    """A checkpoint written where two GPUs were visible, resumed where one is: each GPU there gets its state (the
+    checkpoint's GPU 0 state for GPU 0), and the one GPU more of the checkpoint does not fail the resume."""
+    from fusion.trainer import _rng_state, _set_rng_state
+
+    set_states = []
+
+    def set_rng_state(state, device=0):
+        if int(device) >= 1:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        set_states.append((int(device), state))
+
+    state = _rng_state()
+    state["cuda"] = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)
+    _set_rng_state(state)
+    assert [(device, int(s[0])) for device, s in set_states] == [(0, 1)]
+    set_states.clear()
+    _set_rng_state({**state, "cuda": state["cuda"][:1]})  # fewer saved than visible: those saved
+    assert [(device, int(s[0])) for device, s in set_states] == [(0, 1)]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,266 @@
+"""Model folders on disk (fusion's and Hugging Face's): a save over a folder is never a mix of two models, even
+when it is cut short; a full disk is an OSError; damaged files are named; `~` is a home folder."""
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import fusion
+from fusion.errors import CheckpointError
+from tests.tiny_models import tiny_fusion_model
+from tokenizer import FusionTokenizer
+
+TEXTS = ["what color is the circle? red", "a blue square at the top left", "which way does it move? left"] * 40
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+HF_FILES = ("config.json", "model.safetensors")
+
+
+def small_decoder(hidden_size=64, seed=0) -> fusion.Decoder:
+    torch.manual_seed(seed)
+    return fusion.Decoder(fusion.DecoderConfig(vocab_size=128, hidden_size=hidden_size, num_layers=2, num_heads=4,
+                                               num_kv_heads=2, head_dim=16, intermediate_size=32, num_experts=4,
+                                               floor_scale=8))
+
+
+@pytest.fixture(scope="module")
+def two_models():
+    """Two models that differ in every file: their shapes, weights and tokenizers."""
+    tok_a = FusionTokenizer.train(TEXTS, vocab_size=300)
+    tok_b = FusionTokenizer.train(["zebra quokka xylophone jumps over the lazy dog"] * 100 + TEXTS[:3], vocab_size=300)
+    return tiny_fusion_model(tok_a, 0), tiny_fusion_model(tok_b, 1, hidden_size=96)
+
+
+def contents(folder, names) -> dict:
+    """What each file holds (a safetensors file: its tensors, as its header's order may differ between saves)."""
+    def content(file):
+        if file.suffix == ".safetensors":
+            return sorted((key, tensor.numpy().tobytes()) for key, tensor in load_file(file).items())
+        return file.read_bytes()
+
+    return {name: content(folder / name) for name in names}
+
+
+class Killed(BaseException):
+    """The process dies here (SIGKILL, a power cut): nothing after it runs, not even cleanup handlers."""
+
+
+@contextlib.contextmanager
+def cut_short_at(number: int, kill: bool):
+    """Interrupt a save at its `number`-th rename (os.replace) or text file written (Path.write_text): with a
+    KeyboardInterrupt (a second Ctrl-C; cleanup handlers run), or as if killed there (no rename or folder
+    removal happens after it)."""
+    replace, rmtree, write_text, done = os.replace, shutil.rmtree, Path.write_text, [0]
+    dead = []
+
+    def cut_short_here():
+        done[0] += 1
+        if done[0] == number:
+            if kill:
+                dead.append(True)
+                raise Killed()
+            raise KeyboardInterrupt(f"interrupted at step {number}")
+
+    def flaky_replace(src, dst):
+        if dead:
+            return None
+        cut_short_here()
+        return replace(src, dst)
+
+    def flaky_write_text(self, *args, **kwargs):
+        cut_short_here()
+        return write_text(self, *args, **kwargs)
+
+    def no_rmtree_once_dead(path, *args, **kwargs):
+        return None if dead else rmtree(path, *args, **kwargs)
+
+    os.replace, shutil.rmtree, Path.write_text = flaky_replace, no_rmtree_once_dead, flaky_write_text
+    try:
+        yield done
+    finally:
+        os.replace, shutil.rmtree, Path.write_text = replace, rmtree, write_text
+
+
+def save_cut_short(save, number: int, kill: bool) -> bool:
+    """Run `save()` cut short at its `number`-th rename or text write; False when it had fewer (it completed)."""
+    with cut_short_at(number, kill) as done:
+        try:
+            save()
+        except (KeyboardInterrupt, Killed):
+            return True
+    assert done[0] < number
+    return False
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["interrupted", "killed"])
+@pytest.mark.parametrize("kind", ["save_pretrained", "save_hf"])
+def test_a_save_over_a_folder_cut_short_anywhere_leaves_the_old_or_the_new_model_whole(
+        tmp_path, two_models, kind, kill):
+    """A save into an existing folder, interrupted (or killed) at each of its renames and writes in turn: it holds
+    all of the old model's files or all of the new one's, never a mix (new weights with an old tokenizer load
+    without a word); interrupted, the folder is whole and the user's own files in it are kept."""
+    if kind == "save_pretrained":
+        old, new = two_models
+        names = MODEL_FILES
+        save = fusion.FusionModel.save_pretrained
+    else:
+        old, new = small_decoder(64), small_decoder(96, seed=1)
+        names = HF_FILES
+        save = fusion.Decoder.save_hf
+    save(old, tmp_path / "old")
+    save(new, tmp_path / "new")
+    expected = [contents(tmp_path / "old", names), contents(tmp_path / "new", names)]
+    folder = tmp_path / "model"
+    number = 1
+    while True:
+        shutil.rmtree(folder, ignore_errors=True)
+        for stale in tmp_path.glob(".model.*"):
+            shutil.rmtree(stale)
+        shutil.copytree(tmp_path / "old", folder)
+        (folder / "README.md").write_text("my notes")
+        if not save_cut_short(lambda: save(new, folder), number, kill):
+            break
+        if not kill or folder.exists():
+            found = contents(folder, names)
+            origin = {name: "old" if found[name] == expected[0][name] else "new" if found[name] == expected[1][name]
+                      else "neither" for name in names}
+            assert len(set(origin.values())) == 1 and "neither" not in origin.values(), f"after step {number}: {origin}"
+        else:  # killed between the two renames of the swap: the whole old folder is beside it, and named
+            aside = list(tmp_path.glob(".model.old-*"))
+            assert len(aside) == 1 and contents(aside[0], names) == expected[0]
+            with pytest.raises(CheckpointError, match=r"does not exist .*cut short.*\.model\.old-.*rename"):
+                fusion.FusionModel.from_pretrained(folder)
+        if not kill:
+            assert (folder / "README.md").read_text() == "my notes"
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "new", "old"]  # nothing left behind
+        number += 1
+    assert number > 3  # the save has several steps: each was tried
+    assert contents(folder, names) == expected[1] and (folder / "README.md").read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "new", "old"]
+
+
+def test_a_save_over_the_working_folder_or_a_link_keeps_them(tmp_path, two_models, monkeypatch):
+    """The working folder cannot be swapped (the process would be left in the deleted old one): its files are
+    replaced; a link to a folder stays a link, the folder it points to gets the new model."""
+    old, new = two_models
+    old.save_pretrained(tmp_path / "work")
+    monkeypatch.chdir(tmp_path / "work")
+    new.save_pretrained(".")
+    assert Path.cwd() == (tmp_path / "work").resolve() and Path.cwd().exists()
+    assert fusion.FusionModel.from_pretrained(".").config.decoder.hidden_size == 96
+    (tmp_path / "link").symlink_to(tmp_path / "work")
+    old.save_pretrained(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    assert fusion.FusionModel.from_pretrained(tmp_path / "work").config.decoder.hidden_size == 64
+
+
+def disk_full(*args, **kwargs):
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def test_a_full_disk_while_saving_leaves_the_folder_as_it_was_and_is_an_oserror(tmp_path, two_models, monkeypatch):
+    """safetensors reports a failed write with its own error type: it is the OSError it is (the trainer's message
+    naming the intact checkpoint catches OSErrors), and save_hf names the folder."""
+    import errno
+
+    old, new = two_models
+    old.save_pretrained(tmp_path / "model")
+    small_decoder(64).save_hf(tmp_path / "hf")
+    before = contents(tmp_path / "model", MODEL_FILES), contents(tmp_path / "hf", HF_FILES)
+    monkeypatch.setattr(fusion.checkpoint, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        new.save_pretrained(tmp_path / "model")
+    assert caught.value.errno == errno.ENOSPC
+    with pytest.raises(CheckpointError, match=rf"could not write the Hugging Face folder {tmp_path / 'hf'} .*No space "
+                                              r"left on device.*nothing in it changed"):
+        small_decoder(96).save_hf(tmp_path / "hf")
+    assert (contents(tmp_path / "model", MODEL_FILES), contents(tmp_path / "hf", HF_FILES)) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "model"]
+
+
+def test_a_file_size_limit_makes_both_checkpoint_writers_raise_oserrors(tmp_path):
+    """A real failed write (RLIMIT_FSIZE, as a quota): safetensors and torch.save each raise their own error types
+    (SafetensorError, RuntimeError); the checkpoint writers raise OSErrors."""
+    import resource
+
+    from fusion.checkpoint import write_safetensors, write_torch_file
+
+    state = {"w": torch.zeros(50_000)}
+    writes = {"w.safetensors": write_safetensors, "s.pt": write_torch_file}
+    raised = {}
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, limits[1]))  # (Python ignores SIGXFSZ: writes fail instead)
+    try:
+        for name, write in writes.items():
+            try:
+                write(state, tmp_path / name)
+            except BaseException as err:  # noqa: B036 (what each raises is the point)
+                raised[name] = err
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert set(raised) == set(writes) and all(isinstance(err, OSError) for err in raised.values()), raised
+    assert "File too large" in str(raised["w.safetensors"]) and "w.safetensors" in str(raised["w.safetensors"])
+    assert "s.pt" in str(raised["s.pt"])
+
+
+def sharded_hf_folder(folder: Path) -> list[Path]:
+    """A Hugging Face folder whose weights are in three shards and an index (as transformers writes large models)."""
+    small_decoder().save_hf(folder)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names, weight_map = sorted(state), {}
+    for i in range(3):
+        shard = f"model-0000{i + 1}-of-00003.safetensors"
+        save_file({k: state[k] for k in names[i::3]}, folder / shard)
+        weight_map.update({k: shard for k in names[i::3]})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    fusion.Decoder.from_hf(folder)  # intact, it loads
+    return [folder / f"model-0000{i + 1}-of-00003.safetensors" for i in range(3)]
+
+
+@pytest.mark.parametrize("damage", ["shard cut short", "shard cut to its first bytes", "index cut short",
+                                    "index without weight_map"])
+def test_a_damaged_hugging_face_file_is_named(tmp_path, damage):
+    """An interrupted download: from_hf names the file, says it is damaged and what to do (not a bare
+    SafetensorError, JSONDecodeError or KeyError)."""
+    shards = sharded_hf_folder(tmp_path)
+    index = tmp_path / "model.safetensors.index.json"
+    damaged = {"shard cut short": (shards[1], shards[1].read_bytes()[:shards[1].stat().st_size // 2]),
+               "shard cut to its first bytes": (shards[1], shards[1].read_bytes()[:5]),
+               "index cut short": (index, index.read_bytes()[:20]),
+               "index without weight_map": (index, b'{"metadata": {}}')}
+    file, text = damaged[damage]
+    file.write_bytes(text)
+    with pytest.raises(CheckpointError, match=rf"{file} cannot be read .*damaged or incomplete: download it again"):
+        fusion.Decoder.from_hf(tmp_path)
+
+
+def test_a_home_folder_path_is_the_same_folder_to_save_and_to_load(tmp_path, two_models, monkeypatch):
+    """`~/x` is the home folder's x, as loading reads it (not ./~/x) for fusion and Hugging Face folders."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    model, _ = two_models
+    model.save_pretrained("~/my-model")
+    small_decoder().save_hf("~/my-decoder")
+    assert (home / "my-model" / "model.safetensors").is_file() and (home / "my-decoder" / "config.json").is_file()
+    assert not (tmp_path / "~").exists()
+    assert fusion.FusionModel.from_pretrained("~/my-model").config.decoder.hidden_size == 64
+    assert fusion.Decoder.from_hf("~/my-decoder").config.hidden_size == 64
+
+
+def test_a_long_file_name_is_written_and_a_failed_write_raises_its_own_error(tmp_path):
+    from fusion.checkpoint import write_text_atomically
+
+    long_name = tmp_path / ("r" * 245 + ".json")  # a valid name: its temporary one must be too
+    write_text_atomically(long_name, "{}")
+    assert long_name.read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == [long_name.name]
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):  # not an error of the clean-up
+        write_text_atomically(tmp_path / "no_such_folder" / "r.json", "{}")
+
