@@ -270,7 +270,8 @@ def read_model_config(path) -> dict:
                                   f"rename that folder back" if aside else ""))
     missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) if not (folder / name).is_file()]
     if missing:
-        raise CheckpointError(f"model folder {str(folder)!r} is incomplete: {', '.join(missing)} missing")
+        raise CheckpointError(f"model folder {str(folder)!r} is incomplete: {', '.join(missing)} missing"
+                              + _model_inside(folder))
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
     except json.JSONDecodeError as err:
@@ -279,6 +280,19 @@ def read_model_config(path) -> dict:
         raise CheckpointError(f"{folder} holds a {config.get('model_type')!r} model, not a fusion model "
                               "(for Hugging Face Llama 4 folders use fusion.Decoder.from_hf)")
     return config
+
+
+def _model_inside(folder: Path) -> str:
+    """Where the model is when `folder` is a run folder of `fusion train` or one of its checkpoints (else "")."""
+    if (folder / "final" / CONFIG_FILE).is_file():
+        return f"; it is a training run's folder: its final model is {str(folder / 'final')!r}"
+    if (folder / "model" / CONFIG_FILE).is_file():
+        return f"; it is a training checkpoint: its model is {str(folder / 'model')!r}"
+    checkpoints = sorted((folder / "checkpoints").glob("step-*/model"))
+    if checkpoints:
+        return (f"; it is a training run's folder without a final model yet: its latest checkpoint's model is "
+                f"{str(checkpoints[-1])!r}")
+    return ""
 
 
 def check_model_folder(path) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -171,6 +172,9 @@ def hf_config_from_decoder(config: DecoderConfig) -> dict:
 def _read_hf_config(folder: Path) -> dict:
     """config.json of a Llama 4 folder; other model types and quantized checkpoints are refused."""
     path = folder / "config.json"
+    if not folder.exists():
+        raise CheckpointError(f"Hugging Face checkpoint folder {str(folder)!r} does not exist (working directory "
+                              f"{os.getcwd()})")
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a Hugging Face checkpoint folder: it has no config.json")
     try:

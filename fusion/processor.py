@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from tokenizer import FusionTokenizer, ImagePlaceholder, VideoPlaceholder
+from tokenizer.chat import media_in_parts
 from vision.errors import ImageLoadError, VideoLoadError
 from vision.image import ImageProcessor
 from vision.video import SampledFrames, sample_frames
@@ -133,6 +134,11 @@ class FusionProcessor:
         already-sampled `(frames, timestamps)`. `media`: those already processed by `process_media`
         (then `images` and `videos` are ignored)."""
         if media is None:
+            if all(isinstance(given, (list, tuple)) and not given for given in (images, videos)):
+                # no media lists: those the typed parts carry, as Hugging Face processors take them
+                in_parts = media_in_parts(messages)
+                if all(item is not None for items in in_parts for item in items):
+                    images, videos = in_parts
             media = self.process_media(images, videos, num_frames=num_frames, fps=fps)
         encoded = self.tokenizer.encode_conversation(messages, images=media.image_placeholders,
                                                      videos=media.video_placeholders,

@@ -422,7 +422,10 @@ def load_train_config(path, overrides: Sequence[str] = ()) -> TrainConfig:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        hint = ("; it looks like a dataset file: `fusion train` takes a YAML training config that names the "
+                "dataset under a stage's data (see the README's \"Fine-tuning on your own data\")"
+                if path.suffix in (".jsonl", ".json") else "")
+        raise ConfigError(f"{path} is not valid YAML: {err}{hint}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     for override in overrides:

@@ -24,6 +24,7 @@ import shutil
 import signal
 import time
 import warnings
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +218,8 @@ class Trainer:
         self.model = self._starting_model().to(self.ctx.device)
         for stage in [*config.stages[progress.stage_index:], None]:  # each eval's data (the final one's last)
             self._check_eval_data(stage)                             # readable, before any training
+        for stage in config.stages[progress.stage_index:]:
+            self._check_training_data(stage)
         self._check_resumable(progress)
         if self.overwrite and self.ctx.is_main:  # only once the config passed every check above: a mistake in it
             self._remove_earlier_run()           # leaves the earlier run as it was
@@ -392,7 +395,8 @@ class Trainer:
             window["input_tokens"] += stats["input_tokens"]
             window["padded_tokens"] += stats["padded_tokens"]
             window["dropped"] += stats["dropped"]
-            window["load"] = stats["load"] if window["load"] is None else window["load"] + stats["load"]
+            if stats["load"] is not None:  # (None for a step skipped as every sample of it was bad)
+                window["load"] = stats["load"] if window["load"] is None else window["load"] + stats["load"]
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / max(tokens, 1):.3f}")
@@ -594,7 +598,7 @@ class Trainer:
         if self.ctx.is_main:
             self.log.write(kind="eval", stage=stage.name, step=progress.global_step, val_loss=val_loss,
                            accuracy=accuracy)
-            if self.progress:
+            if self.ctx.is_main:  # (with or without a progress bar: the results are not progress)
                 shown = ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items())
                 print(f"\n[{stage.name} step {progress.step}] val loss {val_loss:.4f} {shown}", flush=True)
         self.ctx.barrier()
@@ -642,11 +646,13 @@ class Trainer:
                 plan = f"{length} of {stage.batch_size} samples"
             else:
                 self._check_eval_data(stage)
+                self._check_training_data(stage)
                 samples = len(load_stage_data(config, stage, self.model))  # (the processor does not change counts)
                 _check_enough_samples(stage, samples)
                 steps = stage.total_steps(samples)
+                # (an epoch: the full batches of one pass, see StageConfig.total_steps)
                 plan = (f"{steps} steps of {stage.batch_size} samples = "
-                        f"{steps * stage.batch_size / max(samples, 1):.2f} epochs of its {samples}")
+                        f"{steps / max(samples // stage.batch_size, 1):.2f} epochs of its {samples}")
             lines.append(f"stage {stage.name!r}: {plan}; " + "; ".join(notes))
         if config.final_eval:
             final = config.path(config.final_eval.get("data"))
@@ -739,14 +745,20 @@ class Trainer:
             dataset = ConversationDataset(path, self.model.processor, root=root)
         else:
             dataset = load_stage_data(self.config, stage, self.model, files=[stage.eval_source()])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            readable = sum(dataset[i] is not None for i in range(min(probe, len(dataset))))
-        if readable == 0:
-            relative_to = f"root {str(root)!r}" if root is not None else "the file's folder"
-            raise ConfigError(f"{where}: none of the first {min(probe, len(dataset))} samples of its eval data "
-                              f"{str(path)!r} can be read ({dict(getattr(dataset, 'bad_counts', {}))}); check the "
-                              f"file and the paths in it (they are relative to {relative_to})")
+        _check_first_samples(dataset, f"{where}: none of the first {{n}} samples of its eval data {str(path)!r}",
+                             root, probe)
+
+    def _check_training_data(self, stage: StageConfig, probe: int = 4):
+        """Fail before training when the first samples of one of a stage's data files cannot be read (media paths
+        relative to the wrong folder, a misspelt key): the run would skip step after step, then stop."""
+        cache = self.media_cache if stage.cache_samples else None  # (what the probe decodes, the stage reuses)
+        for source in stage.data:
+            dataset = load_stage_data(self.config, stage, self.model, files=[source], media_cache=cache)
+            if not len(dataset):
+                continue  # (a file with no records the entry keeps: found by the sample count)
+            _check_first_samples(dataset, f"stage {stage.name!r}: none of the first {{n}} samples of its data "
+                                          f"{str(self.config.path(source.path))!r}", self.config.path(source.root),
+                                 probe)
 
     def _unsharded_copy(self) -> FusionModel | None:
         """A full copy of an FSDP2-sharded model on the main process (collective: every process calls it)."""
@@ -831,8 +843,22 @@ class Trainer:
                            limit=spec.get("limit"),
                            batch_size=spec.get("batch_size", 32), progress=self.progress)
         write_json(self.out / "eval.json", results)
-        if self.progress:
-            print("final evaluation:", {k: round(v, 4) for k, v in _accuracies(results).items()}, flush=True)
+        print("final evaluation:", {k: round(v, 4) for k, v in _accuracies(results).items()}, flush=True)
+
+
+def _check_first_samples(dataset, what: str, root: Path | None, probe: int):
+    """ConfigError `what` ({n}: how many were tried) "can be read" when none of `dataset`'s first `probe`
+    samples can."""
+    tried = min(probe, len(dataset))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        readable = sum(dataset[i] is not None for i in range(tried))
+    if readable == 0 and tried:
+        parts = getattr(dataset, "datasets", [dataset])
+        bad = sum((Counter(getattr(part, "bad_counts", {})) for part in parts), Counter())
+        relative_to = f"root {str(root)!r}" if root is not None else "the file's folder"
+        raise ConfigError(f"{what.replace('{n}', str(tried))} can be read ({dict(bad)}); check the file and the paths in it "
+                          f"(they are relative to {relative_to})")
 
 
 def _check_enough_samples(stage: StageConfig, samples: int):

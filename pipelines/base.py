@@ -180,8 +180,10 @@ class Pipeline:
                 accepted = ["device", "dtype", "batch_size", *accepted]
             else:
                 accepted = [*self.input_fields, "batch_size", *accepted]
+            hint = ("; for questions about a video, use fusion.pipeline('video-qa')"
+                    if {"video", "videos"} & set(unknown) and "video" not in self.input_fields else "")
             raise TypeError(f"{where}: unexpected argument(s) {', '.join(map(repr, unknown))}; "
-                            f"it takes {', '.join(accepted)}")
+                            f"it takes {', '.join(accepted)}{hint}")
 
     def _records(self, inputs: tuple, fields: dict, where: str) -> tuple[list[dict], bool]:
         """The call's inputs as a list of records {field: value}, and whether the call gave a list."""

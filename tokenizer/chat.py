@@ -173,6 +173,23 @@ def media_part_paths(content: object, where: str) -> list[tuple[str, "str | None
     return found
 
 
+def media_in_parts(messages: object) -> tuple[list, list]:
+    """The images and the videos that the messages' typed parts carry (``{"type": "image", "image": x}``,
+    or under ``"path"`` / ``"url"``), in order: any value (a path, a PIL image, an array), None for a part
+    that carries none. For callers given no separate media lists (``model.chat``, the processor)."""
+    found: dict[str, list] = {"image": [], "video": []}
+    for message in messages if isinstance(messages, Sequence) and not isinstance(messages, (str, bytes)) else ():
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, (str, bytes)) or not isinstance(content, Sequence):
+            continue
+        for part in content:
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind in PART_MARKERS:
+                found[kind].append(next((part[key] for key in (kind, *MEDIA_PART_PATH_KEYS)
+                                         if part.get(key) is not None), None))
+    return found["image"], found["video"]
+
+
 def _check_messages(messages: object, sample_id: object, add_generation_prompt: bool) -> list[tuple[str, str]]:
     """Validate the message list; return it as ``(role, content)`` pairs."""
     sample = _name_sample(sample_id)

@@ -112,7 +112,8 @@ def _load_encoded(source: str | io.IOBase, name: str, max_pixels: int | None) ->
     if isinstance(source, str):
         if not os.path.exists(source):
             hint = url_hint(source)
-            raise ImageLoadError(f"image file {name} does not exist" + (hint or ": check the path"))
+            raise ImageLoadError(f"image file {name} does not exist"
+                                 + (hint or f" (working directory {os.getcwd()}): check the path"))
         if os.path.isdir(source):
             raise ImageLoadError(f"image path {name} is a folder: pass the path of one image file")
     try:
@@ -127,7 +128,8 @@ def _load_encoded(source: str | io.IOBase, name: str, max_pixels: int | None) ->
         ) from error
     except UnidentifiedImageError as error:
         looks_like_video = isinstance(source, str) and source.lower().endswith(VIDEO_SUFFIXES)
-        hint = "; it looks like a video: pass it as a video (the video-qa pipeline, videos=[...])" \
+        hint = ("; it looks like a video: pass it as a video (fusion.pipeline('video-qa') with video=..., "
+                "model.chat(..., videos=[[...]]), a dataset record's \"videos\" with <video> in its text)") \
             if looks_like_video else ""
         raise ImageLoadError(f"image {name} is not in an image format PIL can read (or is corrupt){hint}") from error
     except OSError as error:

@@ -68,6 +68,7 @@ leaves out the question types a model already answers, or that trains on a file'
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import warnings
@@ -185,6 +186,9 @@ class _BadRecord(Exception):
         self.reason, self.message, self.sample_id = reason, message, sample_id
 
 
+TURNS_KEYS = ("conversations", "messages")  # where a sample's turns are (LLaVA / OpenAI-style)
+
+
 def _given(value: Any) -> bool:
     return value is not None and value != [] and value != ""
 
@@ -227,6 +231,9 @@ def _parse_record(obj: Any, line: int, root: str) -> Record:
     turns = obj.get("conversations", obj.get("messages"))
     if not isinstance(turns, list) or not turns:
         what = "has no 'conversations' list" if turns is None else f"has 'conversations' = {turns!r}"
+        close = difflib.get_close_matches("conversations", [str(key) for key in obj], n=1, cutoff=0.6)
+        if turns is None and close:
+            what += f" (it has {close[0]!r}: did you mean 'conversations'?)"
         raise _BadRecord(MISSING_FIELD, f"{what}; give a non-empty list of turns", sample_id)
     messages = []
     for k, turn in enumerate(turns):
@@ -283,6 +290,18 @@ def _media_paths(obj: dict, plural: str, singular: str, part_paths: list, sample
     return named
 
 
+def _is_sample_list(value: Any) -> bool:
+    """Whether `value` is a list whose first item looks like a sample (an object with its turns)."""
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and \
+        any(key in value[0] for key in TURNS_KEYS)
+
+
+def _holds_samples(obj: Any) -> bool:
+    """Whether `obj` is one object wrapping a list of samples (`{"data": [...]}`), not a sample itself."""
+    return isinstance(obj, dict) and not any(key in obj for key in TURNS_KEYS) and \
+        any(_is_sample_list(value) for value in obj.values())
+
+
 def read_records(path: str | os.PathLike, root: str | os.PathLike | None = None):
     """Read a dataset file: returns `(format, records, bad)` where format is "jsonl" or "json",
     records the valid `Record`s and bad a list of `(line, reason, message, sample_id)`."""
@@ -330,10 +349,11 @@ def read_records(path: str | os.PathLike, root: str | os.PathLike | None = None)
                 whole = json.loads(text)
             except json.JSONDecodeError:
                 pass
-        elif len(numbered) == 1 and not bad:  # one line: a sample, or one object holding the samples
+        elif len(numbered) == 1 and not bad and _holds_samples(numbered[0][1]):  # one object holding the samples
             whole = numbered[0][1]
-        if isinstance(whole, dict) and not any(key in whole for key in ("conversations", "messages")):
-            lists = [key for key, value in whole.items() if isinstance(value, list)]
+        if isinstance(whole, dict) and not any(key in whole for key in TURNS_KEYS):
+            lists = [key for key, value in whole.items() if _is_sample_list(value)] or \
+                [key for key, value in whole.items() if isinstance(value, list)]
             raise DatasetError(f"{path}: is one JSON object; expected JSON Lines (one sample per line) or a "
                                f"JSON list of samples (LLaVA format)"
                                + (f"; its samples may be the list under {lists[0]!r}: write that list alone"

@@ -264,3 +264,24 @@ def test_a_long_file_name_is_written_and_a_failed_write_raises_its_own_error(tmp
     with pytest.raises(FileNotFoundError, match="no_such_folder"):  # not an error of the clean-up
         write_text_atomically(tmp_path / "no_such_folder" / "r.json", "{}")
 
+
+def test_a_run_folder_or_a_checkpoint_given_as_the_model_says_where_its_model_is(tmp_path, two_models):
+    from fusion import FusionModel
+
+    model = two_models[0]
+    model.save_pretrained(tmp_path / "run" / "checkpoints" / "step-0000002" / "model")
+    with pytest.raises(CheckpointError, match=r"without a final model yet: its latest checkpoint's model is "
+                                              r"'.*run/checkpoints/step-0000002/model'"):
+        FusionModel.from_pretrained(tmp_path / "run")
+    model.save_pretrained(tmp_path / "run" / "final")
+    with pytest.raises(CheckpointError, match=r"incomplete.*a training run's folder: its final model is '.*run/final'"):
+        FusionModel.from_pretrained(tmp_path / "run")
+    with pytest.raises(CheckpointError, match=r"a training checkpoint: its model is '.*step-0000002/model'"):
+        FusionModel.from_pretrained(tmp_path / "run" / "checkpoints" / "step-0000002")
+
+
+def test_from_hf_on_a_folder_that_does_not_exist_says_so(tmp_path):
+    from fusion import Decoder
+
+    with pytest.raises(CheckpointError, match=r"folder '.*no-such-model' does not exist \(working directory"):
+        Decoder.from_hf(tmp_path / "no-such-model")

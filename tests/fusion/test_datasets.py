@@ -917,6 +917,17 @@ def test_one_object_wrapping_the_samples_is_named_as_such(model, media):
             ConversationDataset(path, model.processor)
 
 
+def test_a_one_line_file_whose_sample_has_a_typo_names_the_typo(model, media):
+    """One sample on one line is a sample (not a wrapper object): its own mistake is named, with a guess."""
+    typo = {"id": "only", "images": ["images/a.png"],
+            "conversation": [{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "red"}]}
+    for name, rows in (("one", [typo]), ("two", [typo, dict(typo, id="other")])):
+        with pytest.raises(DatasetError, match="records are malformed|can be used"), \
+                pytest.warns(DatasetWarning, match="has no 'conversations' list \\(it has 'conversation': did you "
+                                                   "mean 'conversations'\\?\\)"):
+            ConversationDataset(write_jsonl(media / f"typo_{name}.jsonl", rows), model.processor)
+
+
 def test_an_image_part_of_a_dropped_leading_assistant_turn_keeps_its_image(model, tok, media):
     parts = {"id": "parts", "conversations": [
         {"role": "assistant", "content": [{"type": "image", "image": "images/a.png"}]},

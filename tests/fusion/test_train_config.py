@@ -196,3 +196,11 @@ def test_an_epoch_is_every_full_batch_of_one_pass_and_trains_no_sample_twice(sam
     passes = [[i for _ in range(samples // batch_size) for i in next(batches)] for _ in range(math.ceil(epochs))]
     for one_pass in passes:
         assert len(set(one_pass)) == len(one_pass) == samples // batch_size * batch_size
+
+
+def test_a_dataset_given_as_the_config_is_named_as_such(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"id": 1, "conversations": []}\n{"id": 2, "conversations": []}\n')
+    with pytest.raises(ConfigError, match="(?s)not valid YAML.*looks like a dataset file: `fusion train` takes a YAML "
+                                          "training config"):
+        load_train_config(data)

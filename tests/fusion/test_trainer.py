@@ -361,12 +361,16 @@ def test_overwrite_with_a_config_mistake_leaves_the_earlier_run_as_it_was(world,
         assert sorted(p.name for p in out.iterdir()) == before and losses(out) == first
 
 
-def test_a_batch_with_no_readable_sample_is_skipped_and_moves_no_weight(world, tmp_path):
+def test_a_batch_with_no_readable_sample_is_skipped_and_moves_no_weight(world, tmp_path, monkeypatch):
     """A stage whose samples cannot be read (a wrong media root, a missing folder) must not "train": such a
     step is skipped (no weight decay, no Adam update), logged without a loss, and enough of them in a row
     stop the run with a message pointing at the data."""
     from fusion.errors import TrainingError
     from fusion.trainer import TrainingWarning
+
+    # (the first samples of a stage's files are read before the run, which stops there: here the media vanish
+    # once that check has passed, as on a network folder that goes away)
+    monkeypatch.setattr(fusion.trainer.Trainer, "_check_training_data", lambda self, stage, probe=4: None)
 
     no_media = tmp_path / "no_media"
     no_media.mkdir()
@@ -458,6 +462,48 @@ def test_jsonl_and_llava_json_both_train_and_bad_samples_are_counted(world, tmp_
         assert len(entries) == 4 and all(e["loss"] == e["loss"] for e in entries)  # trained, finite
         assert sum(e["skipped_samples"] for e in entries) == expected_skips
         assert sum(e["samples"] for e in entries) == 16 - expected_skips
+
+
+def test_a_step_whose_only_sample_is_bad_is_skipped_inside_a_logging_window(world, tmp_path):
+    """Batches of one on data with a wrong image path: the bad sample's step is skipped (no router load), the
+    steps before and after it in the same logged window train, and the window is logged."""
+    records = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()]
+    records = [r for r in records if r["images"]][:6]
+    broken = dict(records[0], id="broken-image", images=["images/train/does-not-exist.png"])
+    (world / "one_bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[1:] + [broken]))
+    stages = [{"name": "s", "data": str(world / "one_bad.jsonl"), "steps": 6, "batch_size": 1,
+               "lr": {"adapter": 1e-3, "decoder": 1e-3}}]
+    with pytest.warns(DatasetWarning, match="skipped sample 'broken-image'"):
+        train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages, log_every=6)),
+              progress=False)
+    [entry] = [e for e in read_metrics(tmp_path / "run" / "metrics.jsonl") if e["kind"] == "train"]
+    assert entry["skipped_steps"] == 1 and entry["samples"] == 5 and entry["loss"] == entry["loss"]
+    assert entry["router_load"]["text"]  # the trained steps' load
+
+
+def test_training_data_whose_first_samples_cannot_be_read_fails_before_training(world, tmp_path, capsys):
+    """Media paths relative to the wrong folder: `--check` and the run say so before any step (as for eval data)."""
+    records = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()]
+    moved = tmp_path / "elsewhere" / "train.jsonl"  # the file moved away from its images
+    moved.parent.mkdir()
+    moved.write_text("".join(json.dumps(r) + "\n" for r in records if r["images"]))
+    stages = [{"name": "s", "data": str(moved), "steps": 2, "batch_size": 2, "lr": {"adapter": 1e-3}}]
+    config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages))
+    expected = (r"stage 's': none of the first 4 samples of its data .*elsewhere/train.jsonl' can be read "
+                r"\({'missing image': 4}\).*relative to the file's folder")
+    with pytest.raises(ConfigError, match=expected):
+        fusion.trainer.check(config)
+    with pytest.raises(ConfigError, match=expected):
+        train(config, progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    # with the right root, it trains; the evaluation's results are printed without a progress bar too
+    stages[0].update(data={"path": str(moved), "root": str(world)}, eval={"data": str(world / "val.jsonl"), "limit": 4})
+    capsys.readouterr()
+    train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run2", stages,
+                                                           final_eval={"data": str(world / "val.jsonl"), "limit": 4})),
+          progress=False)
+    printed = capsys.readouterr().out
+    assert "[s step 2] val loss" in printed and "final evaluation:" in printed
 
 
 def _run_cli(args, env=None, **kwargs):
@@ -670,7 +716,8 @@ def test_a_later_stage_with_fewer_samples_than_one_batch_fails_before_training(w
         train(config, progress=False)
     repeated = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", [
         first, {**first, "name": "two", "data": [{"path": str(small), "repeat": 2}]}]))
-    assert "stage 'two': 2 steps of 4 samples = 1.33 epochs of its 6" in fusion.trainer.check(repeated)
+    # (6 samples: one full batch of 4 per pass, so 2 steps are 2 epochs)
+    assert "stage 'two': 2 steps of 4 samples = 2.00 epochs of its 6" in fusion.trainer.check(repeated)
 
 
 def test_the_plot_and_the_metrics_log_never_end_a_run(tmp_path, monkeypatch):
@@ -1161,7 +1208,7 @@ def test_check_describes_each_stage_and_writes_nothing(world, tmp_path):
     assert (f"stage 'cotrain': 30 steps of 4 samples = {30 * 4 / grouped:.2f} epochs of its {grouped}; "
             f"trains vision, adapter (decoder frozen); evaluates on {world / 'val.jsonl'}") in output
     steps = 2 * (every // 8)  # two passes of full batches
-    assert (f"stage 'all': {steps} steps of 8 samples = {steps * 8 / every:.2f} epochs of its {every}; "
+    assert (f"stage 'all': {steps} steps of 8 samples = 2.00 epochs of its {every}; "
             f"trains vision, adapter, decoder") in output
     assert f"final_eval: {world / 'test.jsonl'}" in output and "nothing was trained or written" in output
     assert not out.exists()
@@ -1243,7 +1290,9 @@ def test_cached_samples_train_the_same(world, tmp_path, monkeypatch):
         runs[cache], reads[cache] = losses(tmp_path / str(cache)), len(decoded)
     samples = 24 + 4  # the world's training images and videos, one grouped sample each
     assert len(runs[True]) == 2 * samples // 4 and runs[True] == runs[False]
-    assert reads == {False: 2 * samples, True: samples}
+    # (uncached, each stage's first 4 samples are read once more, by the check before the run; cached, that
+    # check's reads are kept for the stage)
+    assert reads == {False: 2 * samples + 2 * 4, True: samples}
 
 
 @needs_cpu_compiler

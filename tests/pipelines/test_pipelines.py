@@ -431,6 +431,8 @@ def test_missing_and_unknown_keys(vqa):
         vqa(img, "q?", question="q?")
     with pytest.raises(TypeError, match="unexpected argument.* 'num_frames'"):
         vqa(image=img, question="q?", num_frames=4)
+    with pytest.raises(TypeError, match=r"unexpected argument.* 'video'.*use fusion.pipeline\('video-qa'\)"):
+        vqa(video="clip.mp4", question="q?")
     with pytest.raises(TypeError, match="unexpected argument.* 'top_k'"):
         pipelines.pipeline("vqa", model=vqa.model, top_k=3)
     with pytest.raises(TypeError, match="unsupported option.* 'beams'"):
@@ -512,3 +514,23 @@ def test_bad_settings(model):
                             ({"generate_kwargs": [("top_k", 1)]}, "generate_kwargs must be a dict")):
         with pytest.raises(PipelineInputError, match=match):
             pipelines.pipeline("vqa", model=model, **settings)
+
+
+def test_chat_reads_the_media_that_typed_parts_carry(model, media):
+    """Hugging Face-style parts that carry their file (or a PIL image) need no images=/videos= lists."""
+    question = "What color is it?"
+    [marked] = model.chat([user(f"<image>\n{question}")], images=[[str(media["png"])]], max_new_tokens=4)
+    parts = [{"role": "user", "content": [{"type": "image", "image": str(media["png"])},
+                                          {"type": "text", "text": f"\n{question}"}]}]
+    for carried in (str(media["png"]), Image.open(media["png"])):
+        parts[0]["content"][0] = {"type": "image", "image": carried}
+        [answer] = model.chat([parts], max_new_tokens=4)
+        assert answer["text"] == marked["text"] and answer["logprob"] == pytest.approx(marked["logprob"], abs=1e-6)
+    video_parts = [{"role": "user", "content": [{"type": "video", "path": str(media["clip"])},
+                                                {"type": "text", "text": f"\n{question}"}]}]
+    [by_list] = model.chat([user(f"<video>\n{question}")], videos=[[str(media["clip"])]], max_new_tokens=4)
+    [by_part] = model.chat([video_parts], max_new_tokens=4)
+    assert by_part["text"] == by_list["text"]
+    # a part without its file still needs the list
+    with pytest.raises(Exception, match="1 <image> marker"):
+        model.chat([[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]])
