@@ -7,6 +7,7 @@ config's `init_from`, `fusion eval`), `default` names the model that ships with 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import importlib.resources
 import json
@@ -65,17 +66,20 @@ def atomic_folder(path, carry_over: bool = False, left_behind=()):
 
     `carry_over`: the entries of the existing folder that the block did not write (a README, logs, other
     runs), except those named in `left_behind`, are moved into the new folder before the swap (and back if
-    it fails), so that `path` never holds a mix of old and new files; the folder keeps its permissions.
+    it fails), so that `path` never holds a mix of old and new files; the folder keeps its permissions. Where
+    the system refuses to move the folder or an entry of it (a bind mount, a mount inside it, a subfolder this
+    process may not move), its written files replace those of `path` one rename at a time instead.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{TEMPORARY_MARK}", dir=path.parent))
     carry_over = carry_over and path.is_dir()
-    carried, old = [], None
+    mode = stat.S_IMODE(path.stat().st_mode) if carry_over else 0o777 & ~_current_umask()
+    carried, old, swapping = [], None, False
     try:
         yield tmp
         _flush_files(tmp)
-        tmp.chmod(stat.S_IMODE(path.stat().st_mode) if carry_over else 0o777 & ~_current_umask())
+        swapping, written = True, sorted(entry.name for entry in tmp.iterdir())
         for entry in sorted(path.iterdir()) if carry_over else []:
             if entry.name not in left_behind and not os.path.lexists(tmp / entry.name):
                 os.replace(entry, tmp / entry.name)
@@ -84,13 +88,18 @@ def atomic_folder(path, carry_over: bool = False, left_behind=()):
             old = path.parent / f".{path.name}{MOVED_ASIDE_MARK}{tmp.name.rsplit(TEMPORARY_MARK, 1)[1]}"
             os.replace(path, old)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if old is not None and not os.path.lexists(path):
             os.replace(old, path)  # the swap failed halfway: the old folder goes back ...
         for name in carried:  # ... with the entries carried out of it
             os.replace(tmp / name, path / name)
+        if swapping and carry_over and isinstance(err, OSError) and err.errno in _CANNOT_MOVE:
+            _replace_files(tmp, path, written, left_behind)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    path.chmod(mode)  # (only now: a read-only mode on the temporary folder would stop its clean-up)
     fsync_folder(path.parent)  # the rename itself survives a power cut
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -108,13 +117,23 @@ def files_replaced_in(folder, left_behind=()):
     try:
         yield tmp
         _flush_files(tmp)
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, folder / f.name)
-        for name in left_behind:
-            (folder / name).unlink(missing_ok=True)
-        fsync_folder(folder)
+        _replace_files(tmp, folder, sorted(f.name for f in tmp.iterdir()), left_behind)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# what `os.replace` raises for a folder the system will not move (permissions, a mount, another file system)
+_CANNOT_MOVE = {errno.EACCES, errno.EPERM, errno.EBUSY, errno.EXDEV}
+
+
+def _replace_files(source: Path, folder: Path, names, left_behind=()) -> None:
+    """Each of `names` in `source` replaces the entry of that name in `folder` by a rename (never a truncated
+    file); the entries named in `left_behind` are deleted."""
+    for name in names:
+        os.replace(source / name, folder / name)
+    for name in left_behind:
+        (folder / name).unlink(missing_ok=True)
+    fsync_folder(folder)
 
 
 def model_folder_writer(path, left_behind=()):

@@ -218,8 +218,6 @@ class Trainer:
         self.model = self._starting_model().to(self.ctx.device)
         for stage in [*config.stages[progress.stage_index:], None]:  # each eval's data (the final one's last)
             self._check_eval_data(stage)                             # readable, before any training
-        for stage in config.stages[progress.stage_index:]:
-            self._check_training_data(stage)
         self._check_resumable(progress)
         if self.overwrite and self.ctx.is_main:  # only once the config passed every check above: a mistake in it
             self._remove_earlier_run()           # leaves the earlier run as it was
@@ -352,6 +350,7 @@ class Trainer:
         optimizer = build_optimizer(model, stage)
         dataset = load_stage_data(self.config, stage, model,
                                   media_cache=self.media_cache if stage.cache_samples else None)
+        self._check_training_data(stage, dataset)  # (its files' first samples readable: before the stage's first step)
         total = stage.total_steps(len(dataset))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_multiplier(s, total, stage.warmup_steps, stage.min_lr_ratio))
@@ -590,9 +589,13 @@ class Trainer:
             if self.ctx.is_main:
                 from .evaluation.evaluate import evaluate
 
-                results = evaluate(eval_model, self.config.path(spec.data), root=self.config.path(spec.root),
-                                   limit=spec.limit, max_new_tokens=spec.max_new_tokens, progress=False)
-                accuracy = _accuracies(results)
+                try:
+                    results = evaluate(eval_model, self.config.path(spec.data), root=self.config.path(spec.root),
+                                       limit=spec.limit, max_new_tokens=spec.max_new_tokens, progress=False)
+                    accuracy = _accuracies(results)
+                except DatasetError as err:  # most of its samples bad: no accuracy, but the run goes on
+                    warnings.warn(f"stage {stage.name!r} step {progress.step}: no accuracy measured: {err}",
+                                  TrainingWarning, stacklevel=2)
         for name, part in model.parts().items():
             part.train(was_training[name])
         if self.ctx.is_main:
@@ -748,17 +751,18 @@ class Trainer:
         _check_first_samples(dataset, f"{where}: none of the first {{n}} samples of its eval data {str(path)!r}",
                              root, probe)
 
-    def _check_training_data(self, stage: StageConfig, probe: int = 4):
-        """Fail before training when the first samples of one of a stage's data files cannot be read (media paths
-        relative to the wrong folder, a misspelt key): the run would skip step after step, then stop."""
-        cache = self.media_cache if stage.cache_samples else None  # (what the probe decodes, the stage reuses)
-        for source in stage.data:
-            dataset = load_stage_data(self.config, stage, self.model, files=[source], media_cache=cache)
-            if not len(dataset):
-                continue  # (a file with no records the entry keeps: found by the sample count)
-            _check_first_samples(dataset, f"stage {stage.name!r}: none of the first {{n}} samples of its data "
-                                          f"{str(self.config.path(source.path))!r}", self.config.path(source.root),
-                                 probe)
+    def _check_training_data(self, stage: StageConfig, dataset=None, probe: int = 4):
+        """Fail before the stage trains when the first samples of one of its data files cannot be read (media
+        paths relative to the wrong folder, a misspelt key): it would skip step after step, then stop. `dataset`:
+        the stage's own (its files read once), else each file is read here (`--check`)."""
+        loaded = [dataset] if dataset is not None else [load_stage_data(self.config, stage, self.model, files=[source])
+                                                        for source in stage.data]
+        # each file's dataset once (a file repeated is one dataset listed again)
+        parts = {id(part): part for d in loaded for part in getattr(d, "datasets", [d])}.values()
+        for part in parts:
+            if len(part):  # (a file with no records the entry keeps is found by the sample count)
+                _check_first_samples(part, f"stage {stage.name!r}: none of the first {{n}} samples of its data "
+                                           f"{part.path!r}", part.root, probe)
 
     def _unsharded_copy(self) -> FusionModel | None:
         """A full copy of an FSDP2-sharded model on the main process (collective: every process calls it)."""
@@ -839,9 +843,14 @@ class Trainer:
         from .evaluation.evaluate import evaluate
 
         model = FusionModel.from_pretrained(folder, device=self.ctx.device)
-        results = evaluate(model, self.config.path(spec["data"]), root=self.config.path(spec.get("root")),
-                           limit=spec.get("limit"),
-                           batch_size=spec.get("batch_size", 32), progress=self.progress)
+        try:
+            results = evaluate(model, self.config.path(spec["data"]), root=self.config.path(spec.get("root")),
+                               limit=spec.get("limit"),
+                               batch_size=spec.get("batch_size", 32), progress=self.progress)
+        except DatasetError as err:  # the model is saved: say why there is no eval.json, do not fail the run
+            warnings.warn(f"final_eval: no evaluation written: {err} (evaluate the final model again with "
+                          f"`fusion eval {folder} DATA`)", TrainingWarning, stacklevel=2)
+            return
         write_json(self.out / "eval.json", results)
         print("final evaluation:", {k: round(v, 4) for k, v in _accuracies(results).items()}, flush=True)
 

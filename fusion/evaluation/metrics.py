@@ -40,8 +40,9 @@ def _word_marks() -> str:
 
 
 _MARKS = _word_marks()
-# punctuation becomes a space, except a decimal point ("1.5", ".5" stay numbers: a "." before a digit stays)
-_PUNCTUATION = re.compile(rf"(?!\.\d)[^\w\s{_MARKS}]|_")
+# punctuation becomes a space, except a decimal point ("1.5", ".5" stay numbers: a "." before a digit stays,
+# unless a letter comes before it: "No.1" is "no 1")
+_PUNCTUATION = re.compile(rf"(?!(?<![^\W\d_])\.\d)[^\w\s{_MARKS}]|_")
 _APOSTROPHE = re.compile(r"['\u2019]")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3})")
 _WORD = re.compile(rf"(?:[^\W_]|[{_MARKS}])+")

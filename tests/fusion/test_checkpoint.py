@@ -159,6 +159,40 @@ def test_a_save_over_the_working_folder_or_a_link_keeps_them(tmp_path, two_model
     assert fusion.FusionModel.from_pretrained(tmp_path / "work").config.decoder.hidden_size == 64
 
 
+@pytest.mark.parametrize("refused", ["the folder", "an entry"])
+def test_a_folder_the_system_will_not_move_gets_its_files_replaced(tmp_path, two_models, monkeypatch, refused):
+    """A bind mount (EBUSY on moving it), a mount or a subfolder this process may not move inside it (EBUSY,
+    EACCES on moving that): the swap is undone and the new files replace the old ones one by one, the folder's
+    other entries kept where they are (an in-place save worked there before the swap existed)."""
+    import errno
+
+    old, new = two_models
+    folder = tmp_path / "model"
+    old.save_pretrained(folder)
+    (folder / "data").mkdir()
+    (folder / "data" / "keep.txt").write_text("mine")
+    folder.chmod(0o750)
+    real_replace = os.replace
+
+    def replace(source, target):
+        moving = Path(source) == folder if refused == "the folder" else Path(source) == folder / "data"
+        if moving:
+            raise OSError(errno.EBUSY if refused == "the folder" else errno.EACCES, "refused", str(source))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(fusion.checkpoint.os, "replace", replace)
+    new.save_pretrained(folder)
+    monkeypatch.undo()
+    assert contents(folder, MODEL_FILES) == contents(_saved(new, tmp_path / "new"), MODEL_FILES)
+    assert (folder / "data" / "keep.txt").read_text() == "mine" and (folder.stat().st_mode & 0o777) == 0o750
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "new"]  # no temporary copy left
+
+
+def _saved(model, path):
+    model.save_pretrained(path)
+    return path
+
+
 def disk_full(*args, **kwargs):
     raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 

@@ -70,6 +70,7 @@ def test_combining_marks_are_part_of_their_word(prediction, reference, correct):
 
 @pytest.mark.parametrize("prediction, reference, correct", [
     ("5", ".5", False), (".5", ".5", True), ("0.5", "0.5", True), ("5", "0.5", False),
+    ("No.1", "no 1", True), ("Fig.2", "fig 2", True), ("p.5", "p 5", True),  # after a letter: punctuation
     ("\uff12", "2", True),                              # full-width digit (NFKC)
     ("\uff32\uff45\uff44", "red", True),              # full-width letters
     ("\uff11,\uff10\uff10\uff10", "1000", True),     # full-width digits with a thousands separator
