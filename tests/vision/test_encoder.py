@@ -186,16 +186,23 @@ def write_weights(path, state):
     return path
 
 
+def refusal(path, act, release) -> str:
+    """The message refusing the weight file `path` on a tower with activation `act`: it names the release, the
+    danger and the way out."""
+    with pytest.raises(WeightsError) as caught:
+        VisionEncoder(VisionEncoderConfig(**TINY, act=act), path)
+    message = str(caught.value)
+    assert release in message and "silently wrong" in message and "quickgelu_check=False" in message
+    return message
+
+
 @pytest.mark.parametrize("release", ["openai-hf-cache", "laion400m-quickgelu", "dfn5b-repo-folder", "mc-v1-file",
                                      "mc2-worldwide-224"])
 def test_quickgelu_release_file_on_a_gelu_tower_is_refused(tmp_path, tiny_state, release):
     encoder, state = tiny_state
     path = write_weights(tmp_path / QUICKGELU_RELEASES[release][2].lstrip("/"), state)
-    with pytest.raises(WeightsError) as caught:
-        VisionEncoder(VisionEncoderConfig(**TINY, act="gelu"), path)
-    message = str(caught.value)
-    assert "QuickGELU" in message and "silently wrong" in message and "act='quickgelu'" in message
-    assert QUICKGELU_RELEASES[release][1] in message and "quickgelu_check=False" in message
+    message = refusal(path, act="gelu", release=QUICKGELU_RELEASES[release][1])
+    assert "QuickGELU" in message and "act='quickgelu'" in message
     # the same file on a QuickGELU tower loads exactly
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -215,11 +222,8 @@ def test_gelu_release_file_on_a_quickgelu_tower_is_refused(tmp_path, tiny_state,
     """The mistake open_clip's names invite: 'ViT-B-32-quickgelu' kept while laion2b (GELU) weights are loaded."""
     _, state = tiny_state
     path = write_weights(tmp_path / GELU_RELEASES[release][2].lstrip("/"), state)
-    with pytest.raises(WeightsError) as caught:
-        VisionEncoder(VisionEncoderConfig(**TINY, act="quickgelu"), path)
-    message = str(caught.value)
-    assert "exact GELU" in message and "silently wrong" in message and "act='gelu'" in message
-    assert GELU_RELEASES[release][1] in message and "quickgelu_check=False" in message
+    message = refusal(path, act="quickgelu", release=GELU_RELEASES[release][1])
+    assert "exact GELU" in message and "act='gelu'" in message
     assert VisionEncoder(VisionEncoderConfig(**TINY, act="quickgelu"), path, quickgelu_check=False).quick_gelu
 
 
