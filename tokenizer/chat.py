@@ -307,13 +307,16 @@ def _place_unmarked_media(
 def _check_marker_counts(
     parts: list[list[tuple[str, str]]], num_images: int, num_videos: int, sample_id: object
 ) -> None:
+    found = {noun: sum(kind == noun for turn in parts for kind, _text in turn) for noun in ("image", "video")}
     for marker, given, noun in ((IMAGE_MARKER, num_images, "image"), (VIDEO_MARKER, num_videos, "video")):
-        found = sum(kind == noun for turn in parts for kind, _text in turn)
-        if found != given:
+        if found[noun] != given:
+            # all the markers are there, of the wrong kind: a video marked <image> (or the other way round)
+            swapped = (f" ({VIDEO_MARKER} marks a video, {IMAGE_MARKER} an image: is one written for the other?)"
+                       if sum(found.values()) == num_images + num_videos else "")
             raise MediaCountMismatchError(
-                f"{_name_sample(sample_id)}: the messages contain {found} {marker} marker(s) but {given} "
-                f"{noun}(s) were given; put one {marker} in the text (or one {{'type': '{noun}'}} part) per "
-                f"{noun}, in order (or no marker of any kind to place all media at the start of the first "
+                f"{_name_sample(sample_id)}: the messages contain {found[noun]} {marker} marker(s) but {given} "
+                f"{noun}(s) were given{swapped}; put one {marker} in the text (or one {{'type': '{noun}'}} part) "
+                f"per {noun}, in order (or no marker of any kind to place all media at the start of the first "
                 f"user turn); in str content, write \\{marker} for the literal text {marker}"
             )
 

@@ -288,7 +288,9 @@ def test_without_markers_media_go_to_the_start_of_the_first_user_turn(tok):
         ("<image> one", 2, 0, r"1 <image> marker\(s\) but 2 image\(s\)"),
         ("<image> but no video marker", 1, 1, r"0 <video> marker\(s\) but 1 video\(s\)"),
         ("typed <image> with nothing passed", 0, 0, r"1 <image> marker\(s\) but 0 image\(s\)"),
-        ("<video>", 0, 0, r"1 <video> marker\(s\) but 0 video\(s\)"),
+        ("<video>", 0, 0, r"1 <video> marker\(s\) but 0 video\(s\) were given;"),
+        ("<image> about a clip", 0, 1, r"1 <image> marker\(s\) but 0 image\(s\) were given \(<video> marks a video, "
+                                       r"<image> an image: is one written for the other\?\)"),
     ],
 )
 def test_marker_count_mismatch_names_both_counts(tok, content, num_images, num_videos, message):
