@@ -473,7 +473,10 @@ def test_a_step_whose_only_sample_is_bad_is_skipped_inside_a_logging_window(worl
     (world / "one_bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[1:] + [broken]))
     stages = [{"name": "s", "data": str(world / "one_bad.jsonl"), "steps": 6, "batch_size": 1,
                "lr": {"adapter": 1e-3, "decoder": 1e-3}}]
-    with pytest.warns(DatasetWarning, match="skipped sample 'broken-image'"):
+    from fusion.trainer import TrainingWarning
+
+    with pytest.warns(DatasetWarning, match="skipped sample 'broken-image'"), \
+            pytest.warns(TrainingWarning, match="none of the batch's 1 samples could be read"):
         train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages, log_every=6)),
               progress=False)
     [entry] = [e for e in read_metrics(tmp_path / "run" / "metrics.jsonl") if e["kind"] == "train"]
@@ -521,10 +524,11 @@ def test_an_evaluation_stopped_by_bad_samples_does_not_end_the_run(world, tmp_pa
     config = base_config(world, tmp_path / "run", stages, final_eval={"data": str(world / "mostly_bad_val.jsonl")})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DatasetWarning)
-        with pytest.warns(TrainingWarning, match=r"stage 's' step 2: no accuracy measured: .*5 of the 8 samples were "
-                                                 r"bad") as caught:
+        with pytest.warns(TrainingWarning) as caught:
             final = train(fusion.trainer.TrainConfig.from_dict(config), progress=False)
-    assert any("final_eval: no evaluation written" in str(w.message) for w in caught)
+    messages = [str(w.message) for w in caught]
+    assert any("stage 's' step 2: no accuracy measured" in m and "5 of the 8 samples were bad" in m for m in messages)
+    assert any("final_eval: no evaluation written" in m for m in messages)
     assert (final / "model.safetensors").is_file() and not (tmp_path / "run" / "eval.json").exists()
 
 
