@@ -748,8 +748,8 @@ class Trainer:
             dataset = ConversationDataset(path, self.model.processor, root=root)
         else:
             dataset = load_stage_data(self.config, stage, self.model, files=[stage.eval_source()])
-        _check_first_samples(dataset, f"{where}: none of the first {{n}} samples of its eval data {str(path)!r}",
-                             root, probe)
+        _check_first_samples(dataset, f"{where}: none of the first", f"samples of its eval data {str(path)!r}", root,
+                             probe)
 
     def _check_training_data(self, stage: StageConfig, dataset=None, probe: int = 4):
         """Fail before the stage trains when the first samples of one of its data files cannot be read (media
@@ -761,8 +761,8 @@ class Trainer:
         parts = {id(part): part for d in loaded for part in getattr(d, "datasets", [d])}.values()
         for part in parts:
             if len(part):  # (a file with no records the entry keeps is found by the sample count)
-                _check_first_samples(part, f"stage {stage.name!r}: none of the first {{n}} samples of its data "
-                                           f"{part.path!r}", part.root, probe)
+                _check_first_samples(part, f"stage {stage.name!r}: none of the first", f"samples of its data "
+                                     f"{part.path!r}", part.root, probe)
 
     def _unsharded_copy(self) -> FusionModel | None:
         """A full copy of an FSDP2-sharded model on the main process (collective: every process calls it)."""
@@ -855,9 +855,9 @@ class Trainer:
         print("final evaluation:", {k: round(v, 4) for k, v in _accuracies(results).items()}, flush=True)
 
 
-def _check_first_samples(dataset, what: str, root: Path | None, probe: int):
-    """ConfigError `what` ({n}: how many were tried) "can be read" when none of `dataset`'s first `probe`
-    samples can."""
+def _check_first_samples(dataset, before: str, after: str, root: Path | None, probe: int):
+    """ConfigError "`before` N `after` can be read" (N: how many were tried) when none of `dataset`'s first
+    `probe` samples can."""
     tried = min(probe, len(dataset))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -866,7 +866,7 @@ def _check_first_samples(dataset, what: str, root: Path | None, probe: int):
         parts = getattr(dataset, "datasets", [dataset])
         bad = sum((Counter(getattr(part, "bad_counts", {})) for part in parts), Counter())
         relative_to = f"root {str(root)!r}" if root is not None else "the file's folder"
-        raise ConfigError(f"{what.replace('{n}', str(tried))} can be read ({dict(bad)}); check the file and the paths in it "
+        raise ConfigError(f"{before} {tried} {after} can be read ({dict(bad)}); check the file and the paths in it "
                           f"(they are relative to {relative_to})")
 
 

@@ -142,6 +142,11 @@ def content_text(content: object, where: str) -> str:
 MEDIA_PART_PATH_KEYS = ("path", "url")  # besides the part's own kind: {"type": "image", "image": "a.png"}
 
 
+def _carried(part: Mapping, kind: str) -> dict:
+    """What an image / video part carries: ``{key: value}`` of its ``kind`` key and the path keys given."""
+    return {key: part[key] for key in (kind, *MEDIA_PART_PATH_KEYS) if part.get(key) is not None}
+
+
 def media_part_paths(content: object, where: str) -> list[tuple[str, "str | None"]]:
     """``(kind, path)`` of each image / video part of a list of typed parts, in order; ``path`` is None
     for a part that names no file.
@@ -161,7 +166,7 @@ def media_part_paths(content: object, where: str) -> list[tuple[str, "str | None
         kind = part.get("type") if isinstance(part, Mapping) else None
         if kind not in PART_MARKERS:
             continue
-        given = {key: part[key] for key in (kind, *MEDIA_PART_PATH_KEYS) if part.get(key) is not None}
+        given = _carried(part, kind)
         for key, value in given.items():
             if not isinstance(value, str) or not value.strip():
                 raise ConversationFormatError(
@@ -185,8 +190,7 @@ def media_in_parts(messages: object) -> tuple[list, list]:
         for part in content:
             kind = part.get("type") if isinstance(part, Mapping) else None
             if kind in PART_MARKERS:
-                found[kind].append(next((part[key] for key in (kind, *MEDIA_PART_PATH_KEYS)
-                                         if part.get(key) is not None), None))
+                found[kind].append(next(iter(_carried(part, kind).values()), None))
     return found["image"], found["video"]
 
 
