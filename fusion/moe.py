@@ -31,9 +31,16 @@ class FeedForward(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _grouped_mm_available(x: torch.Tensor) -> bool:
-    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts compute `x` in: autocast's where it is on for `x`'s device (a bf16 autocast over
+    float32 weights, as in training), else `x`'s own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return (device.type == "cuda" and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 class GroupedExperts(nn.Module):
@@ -41,8 +48,8 @@ class GroupedExperts(nn.Module):
     gate_up_proj [E, D, 2F] (gate ‖ up), down_proj [E, F, D].
 
     `forward` takes tokens already sorted by expert and the count per expert, and runs each expert on
-    its own rows only: one grouped matmul where the device has it (CUDA, SM90+, bf16), else a loop
-    over the non-empty experts.
+    its own rows only: one grouped matmul where the device has it (CUDA, SM90+, computing in bf16: bf16
+    weights, or bf16 autocast over float32 ones), else a loop over the non-empty experts.
     """
 
     def __init__(self, num_experts: int, dim: int, hidden: int):
@@ -53,14 +60,13 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted [M, D] (rows grouped by expert, in expert order), counts [E] -> [M, D]."""
-        if _grouped_mm_available(x_sorted):
+        if _grouped_mm_available(x_sorted.device, _compute_dtype(x_sorted)):
             return self._forward_grouped_mm(x_sorted, counts)
         return self._forward_loop(x_sorted, counts.tolist())
 
     def _forward_loop(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        device = x_sorted.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_sorted.dtype
-        with torch.autocast(device, enabled=False):
+        dtype = _compute_dtype(x_sorted)
+        with torch.autocast(x_sorted.device.type, enabled=False):
             return _LoopedExperts.apply(x_sorted.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype),
                                         counts)
 
@@ -73,10 +79,13 @@ class GroupedExperts(nn.Module):
         group_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=counts.device), counts)
         first_row = (counts.cumsum(0) - counts)[group_of_row]
         dest = starts[group_of_row] + torch.arange(x_sorted.shape[0], device=counts.device) - first_row
-        buffer = x_sorted.new_zeros(int(ends[-1]), self.dim).index_copy(0, dest, x_sorted)
         offs = ends.to(torch.int32)
-        gate, up = torch._grouped_mm(buffer, self.gate_up_proj.to(buffer.dtype), offs=offs).chunk(2, dim=-1)
-        out = torch._grouped_mm(F.silu(gate) * up, self.down_proj.to(buffer.dtype), offs=offs)
+        dtype = _compute_dtype(x_sorted)
+        with torch.autocast(x_sorted.device.type, enabled=False):
+            x = x_sorted.to(dtype)
+            buffer = x.new_zeros(int(ends[-1]), self.dim).index_copy(0, dest, x)
+            gate, up = torch._grouped_mm(buffer, self.gate_up_proj.to(dtype), offs=offs).chunk(2, dim=-1)
+            out = torch._grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype), offs=offs)
         return out.index_select(0, dest)
 
 

@@ -84,6 +84,35 @@ def test_grouped_matmul_path_equals_loop():
     assert (loop - grouped).abs().max().item() <= 1e-5
 
 
+def test_bf16_autocast_over_float32_weights_takes_the_grouped_matmul_path(monkeypatch):
+    """Training runs bf16 autocast over float32 weights: the experts then compute in bf16, so a GPU with grouped
+    matmuls (SM90+) takes that path (it was asked about the float32 input and always fell back to the loop);
+    the grouped path under autocast gives the loop's forward and gradients (bf16 rounding)."""
+    import fusion.moe
+
+    moe = make_moe(num_experts=4)
+    x = torch.randn(40, 32)
+    asked = []
+    monkeypatch.setattr(fusion.moe, "_grouped_mm_available", lambda device, dtype: asked.append(dtype) or False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        moe(x)
+    moe(x)
+    assert asked == [torch.bfloat16, torch.float32]
+    results = {}
+    for grouped in (False, True):  # (CPU builds with a bf16 torch._grouped_mm run that path here)
+        monkeypatch.setattr(fusion.moe, "_grouped_mm_available", lambda device, dtype, grouped=grouped: grouped)
+        moe.zero_grad()
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = moe(x)
+            out.float().square().sum().backward()
+        except RuntimeError as err:  # builds without a CPU _grouped_mm
+            pytest.skip(f"torch._grouped_mm is not available on this CPU build: {err}")
+        results[grouped] = (out.float(), moe.experts.gate_up_proj.grad.clone(), moe.experts.down_proj.grad.clone())
+    for loop, grouped in zip(results[False], results[True]):
+        assert torch.allclose(grouped, loop, rtol=2e-2, atol=2e-2 * loop.abs().max().item())
+
+
 def test_expert_bias_moves_selection_not_gate_values():
     moe = make_moe(num_experts=4)
     x = torch.randn(40, 32)
