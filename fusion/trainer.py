@@ -748,8 +748,7 @@ class Trainer:
             dataset = ConversationDataset(path, self.model.processor, root=root)
         else:
             dataset = load_stage_data(self.config, stage, self.model, files=[stage.eval_source()])
-        _check_first_samples(dataset, f"{where}: none of the first", f"samples of its eval data {str(path)!r}", root,
-                             probe)
+        _check_first_samples(dataset, f"{where}: none of", f"samples of its eval data {str(path)!r}", root, probe)
 
     def _check_training_data(self, stage: StageConfig, dataset=None, probe: int = 4):
         """Fail before the stage trains when the first samples of one of its data files cannot be read (media
@@ -761,7 +760,7 @@ class Trainer:
         parts = {id(part): part for d in loaded for part in getattr(d, "datasets", [d])}.values()
         for part in parts:
             if len(part):  # (a file with no records the entry keeps is found by the sample count)
-                _check_first_samples(part, f"stage {stage.name!r}: none of the first", f"samples of its data "
+                _check_first_samples(part, f"stage {stage.name!r}: none of", f"samples of its data "
                                      f"{part.path!r}", part.root, probe)
 
     def _unsharded_copy(self) -> FusionModel | None:
@@ -856,18 +855,25 @@ class Trainer:
 
 
 def _check_first_samples(dataset, before: str, after: str, root: Path | None, probe: int):
-    """ConfigError "`before` N `after` can be read" (N: how many were tried) when none of `dataset`'s first
-    `probe` samples can."""
-    tried = min(probe, len(dataset))
+    """ConfigError "`before` N `after` (which) can be read" when none of `dataset`'s first `probe` samples can,
+    nor any of `probe` more spread through the rest of it: media paths relative to the wrong folder stop here,
+    a file whose first few samples happen to be bad trains (its bad samples skipped and counted)."""
+    first = range(min(probe, len(dataset)))
+    rest = range(len(first), len(dataset))
+    spread = sorted({rest[len(rest) * k // probe] for k in range(probe)}) if rest else []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        readable = sum(dataset[i] is not None for i in range(tried))
-    if readable == 0 and tried:
-        parts = getattr(dataset, "datasets", [dataset])
-        bad = sum((Counter(getattr(part, "bad_counts", {})) for part in parts), Counter())
-        relative_to = f"root {str(root)!r}" if root is not None else "the file's folder"
-        raise ConfigError(f"{before} {tried} {after} can be read ({dict(bad)}); check the file and the paths in it "
-                          f"(they are relative to {relative_to})")
+        if any(dataset[i] is not None for i in first) or any(dataset[i] is not None for i in spread):
+            return
+    if not first:
+        return
+    which = f"(the first {len(first)} and {len(spread)} more spread through the file)" if spread else \
+        f"(the first {len(first)})"
+    parts = getattr(dataset, "datasets", [dataset])
+    bad = sum((Counter(getattr(part, "bad_counts", {})) for part in parts), Counter())
+    relative_to = f"root {str(root)!r}" if root is not None else "the file's folder"
+    raise ConfigError(f"{before} {len(first) + len(spread)} {after} {which} can be read ({dict(bad)}); check the "
+                      f"file and the paths in it (they are relative to {relative_to})")
 
 
 def _check_enough_samples(stage: StageConfig, samples: int):

@@ -492,8 +492,8 @@ def test_training_data_whose_first_samples_cannot_be_read_fails_before_training(
     moved.write_text("".join(json.dumps(r) + "\n" for r in records if r["images"]))
     stages = [{"name": "s", "data": str(moved), "steps": 2, "batch_size": 2, "lr": {"adapter": 1e-3}}]
     config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages))
-    expected = (r"stage 's': none of the first 4 samples of its data .*elsewhere/train.jsonl' can be read "
-                r"\({'missing image': 4}\).*relative to .*elsewhere")
+    expected = (r"stage 's': none of 8 samples of its data .*elsewhere/train.jsonl' \(the first 4 and 4 more spread "
+                r"through the file\) can be read \({'missing image': 8}\).*relative to .*elsewhere")
     with pytest.raises(ConfigError, match=expected):
         fusion.trainer.check(config)
     with pytest.raises(ConfigError, match=expected):
@@ -507,6 +507,24 @@ def test_training_data_whose_first_samples_cannot_be_read_fails_before_training(
           progress=False)
     printed = capsys.readouterr().out
     assert "[s step 2] val loss" in printed and "final evaluation:" in printed
+
+
+def test_a_file_whose_first_samples_are_bad_but_not_the_rest_trains(world, tmp_path):
+    """The check before training reads on past a file's first few samples: when those are bad but samples spread
+    through the rest of it read, the stage trains, the bad ones skipped and counted (it was refused)."""
+    records = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()]
+    records = [r for r in records if r["images"]][:12]
+    for r in records[:4]:
+        r["images"] = ["images/train/does-not-exist.png"]
+    (world / "bad_start.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    stages = [{"name": "s", "data": str(world / "bad_start.jsonl"), "epochs": 1, "batch_size": 4,
+               "lr": {"adapter": 1e-3}}]
+    config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages, log_every=1))
+    fusion.trainer.check(config)
+    with pytest.warns(DatasetWarning, match="missing image"):
+        train(config, progress=False)
+    entries = [e for e in read_metrics(tmp_path / "run" / "metrics.jsonl") if e["kind"] == "train"]
+    assert len(entries) == 3 and sum(e["skipped_samples"] for e in entries) == 4
 
 
 def test_an_evaluation_stopped_by_bad_samples_does_not_end_the_run(world, tmp_path):
@@ -1125,7 +1143,7 @@ def test_a_final_eval_that_cannot_read_its_data_fails_before_training(world, tmp
     moved.write_text((world / "val.jsonl").read_text())
     for final, message in (({"data": str(world / "val.jsonl"), "root": str(tmp_path / "nowhere")},
                             r"final_eval: media root .*nowhere' is not a folder"),
-                           ({"data": str(moved)}, r"final_eval: none of the first 4 samples of its eval data .*elsewhere")):
+                           ({"data": str(moved)}, r"final_eval: none of 8 samples of its eval data .*elsewhere.*\(the first 4 and")):
         config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages, final_eval=final))
         for run in (fusion.trainer.check, lambda c: train(c, progress=False)):
             with pytest.raises(ConfigError, match=message):
@@ -1205,7 +1223,7 @@ def test_a_later_stage_naming_a_missing_file_fails_before_training(world, tmp_pa
                 "eval": r"stage 'second': data file .*elsewhere/val.jsonl' does not exist",
                 "init_from": r"stage 'second': init_from: model folder .*runs/first/final' does not exist",
                 "final_eval": r"final_eval: data file .*elsewhere/val.jsonl' does not exist",
-                "unreadable eval": r"stage 'second': none of the first .* eval data .*elsewhere/val.jsonl' can be read"}
+                "unreadable eval": r"stage 'second': none of .* eval data .*elsewhere/val.jsonl' .*can be read"}
     with pytest.raises(fusion.errors.ConfigError, match=expected[mistake]):
         fusion.trainer.check(config)  # `fusion train --check` finds it too
     with pytest.raises(fusion.errors.ConfigError, match=expected[mistake]):
@@ -1316,9 +1334,9 @@ def test_cached_samples_train_the_same(world, tmp_path, monkeypatch):
         runs[cache], reads[cache] = losses(tmp_path / str(cache)), len(decoded)
     samples = 24 + 4  # the world's training images and videos, one grouped sample each
     assert len(runs[True]) == 2 * samples // 4 and runs[True] == runs[False]
-    # (uncached, each stage's first 4 samples are read once more, by the check before the run; cached, that
-    # check's reads are kept for the stage)
-    assert reads == {False: 2 * samples + 2 * 4, True: samples}
+    # (uncached, each stage's first sample is read once more, by the check before the run, which stops at the
+    # first readable one; cached, that check's read is kept for the stage)
+    assert reads == {False: 2 * samples + 2 * 1, True: samples}
 
 
 @needs_cpu_compiler
