@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from arguments import json_output_path, positive_int
 from rounds import round_order
 
 WAYS = {"flash-fp32": (SDPBackend.FLASH_ATTENTION, torch.float32),
@@ -40,13 +41,15 @@ HEADS, KV_HEADS, HEAD_DIM = 8, 2, 32
 
 
 def attention_pass(q, k, v, mask, grad_out, way: str) -> tuple[float, torch.Tensor]:
-    """Seconds for forward + backward under `way`, and the output."""
+    """Seconds for forward + backward under `way`, and the output. The inputs and the output's gradient are
+    cast to the way's dtype before the clock starts."""
     backend, dtype = WAYS[way]
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    grad_out = grad_out.to(dtype)
     start = time.perf_counter()
     with sdpa_kernel(backend):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    out.backward(grad_out.to(dtype))
+    out.backward(grad_out)
     return time.perf_counter() - start, out.detach().float()
 
 
@@ -72,11 +75,15 @@ def measure(rows: int, tokens: int, rounds: int, warmup: int = 2) -> dict:
             "max_abs_diff_math_fp32": float((outputs["flash-fp32"] - outputs["math-fp32"]).abs().max())}
 
 
-def main(argv=None):
+def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args(argv)
+    parser.add_argument("--rounds", type=positive_int, default=9)
+    parser.add_argument("--json", type=json_output_path, help="also write the results to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
     result = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": args.rounds,
               "shapes": [measure(rows, tokens, args.rounds) for rows, tokens in SHAPES]}

@@ -22,8 +22,8 @@ outputs is reported too. On the project's 2-core CPU it did not (0.74-0.76x, BEN
 """
 from __future__ import annotations
 
+import argparse
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -35,8 +35,9 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from arguments import draw_batches  # noqa: E402
 from compiled_step import last_stage_batches  # noqa: E402
-from recipe_step import recipe_bench_setup, report  # noqa: E402
+from recipe_step import recipe_bench_arguments, recipe_bench_setup, report  # noqa: E402
 from rounds import round_order  # noqa: E402
 from row_split import plan  # noqa: E402
 
@@ -140,7 +141,8 @@ def stage_draws(model, model_dir: str, tmp: str, batch_size: int, count: int) ->
     """Micro-batches of `count` steps as the recipe's unfreeze and relation stages plan them."""
     relation = last_stage_batches(model, model_dir, tmp, batch_size, count)  # writes the world to tmp
     train = ConversationDataset(os.path.join(tmp, "train.jsonl"), model.processor, group_by_media=True)
-    unfreeze = [[train[i] for i in random.sample(range(len(train)), batch_size)] for _ in range(count)]
+    unfreeze = [[train[i] for i in draw] for draw in draw_batches(range(len(train)), batch_size, count,
+                                                                  "samples of train.jsonl")]
     pad = model.processor.tokenizer.pad_id
 
     def micro_batches(samples, max_row_tokens):
@@ -150,8 +152,13 @@ def stage_draws(model, model_dir: str, tmp: str, batch_size: int, count: int) ->
             "relation": [micro_batches(s, 224) for s in relation]}
 
 
+def parse_arguments(argv=None) -> argparse.Namespace:
+    return recipe_bench_arguments(__doc__, argv)
+
+
 def main(argv=None):
-    args, model = recipe_bench_setup(__doc__, argv)
+    args = parse_arguments(argv)
+    model = recipe_bench_setup(args)
     with tempfile.TemporaryDirectory() as tmp:
         draws = stage_draws(model, args.model, tmp, args.batch_size, args.rounds + 1)
     results = {"median_ms": {}, "masked_over_per_branch": {}, "max_difference": {}, "all_ms": {}}

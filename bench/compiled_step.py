@@ -18,8 +18,8 @@ The first compiled steps compile (their seconds are reported as `compile_s`, not
 """
 from __future__ import annotations
 
+import argparse
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -29,7 +29,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from recipe_step import recipe_bench_setup, recipe_train_step, recipe_world, report  # noqa: E402
+from arguments import draw_batches  # noqa: E402
+from recipe_step import recipe_bench_arguments, recipe_bench_setup, recipe_train_step, recipe_world, report  # noqa: E402
 from rounds import round_order  # noqa: E402
 
 from fusion.compilation import check_can_compile, compile_decoder_blocks, eager  # noqa: E402
@@ -50,16 +51,30 @@ def last_stage_batches(model, model_dir: str, tmp: str, batch_size: int, count: 
                                  media_cache=cache)]
     pool = [(f, i) for f in files for i in range(len(f))]
     pool += [(files[0], i) for i in range(len(files[0])) if files[0].records[i].videos]  # the clips twice
-    return [[f[i] for f, i in random.sample(pool, batch_size)] for _ in range(count)]
+    return [[f[i] for f, i in draw] for draw in
+            draw_batches(pool, batch_size, count, "samples of train.jsonl, train_extra.jsonl and the clips again")]
 
 
-def main(argv=None):
+def dynamo_compiles() -> int:
+    """How many frames torch.compile has compiled (first compiles and recompiles) in this process so far: taken
+    before and after the timed rounds, a difference above 0 means some timed step included compiling."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"]
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
     def add_arguments(parser):
         parser.add_argument("--fp32", action="store_true", help="float32 even where the CPU computes bf16 natively")
         parser.add_argument("--profile", action="store_true",
                             help="also profile 3 steps of each way and print each one's share of the time by op")
 
-    args, model = recipe_bench_setup(__doc__, argv, add_arguments)
+    return recipe_bench_arguments(__doc__, argv, add_arguments)
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    model = recipe_bench_setup(args)
     check_can_compile(torch.device("cpu"), "bench/compiled_step.py")
     bf16 = cpu_has_native_bf16() and not args.fp32
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,15 +89,18 @@ def main(argv=None):
     run(batches[0], "eager")  # warm-up
     compile_s = run(batches[0], "compiled") + run(batches[1], "compiled")  # compiles (a second shape, dynamic)
     times = {way: [] for way in WAYS}
+    compiles_before = dynamo_compiles()
     for r in range(args.rounds):
         for way in round_order(WAYS, r):
             times[way].append(run(batches[r + 2], way))
+    compiles_during_timed_rounds = dynamo_compiles() - compiles_before
     median = {way: statistics.median(t) for way, t in times.items()}
     shares = {way: profile_shares(lambda: [run(b, way) for b in batches[2:5]]) for way in WAYS} if args.profile else {}
     paired = [e / c for e, c in zip(times["eager"], times["compiled"])]
     return report(args, {
         "computed_in": computed_in(bf16),
         "compile_s": round(compile_s, 1),
+        "dynamo_compiles_during_timed_rounds": compiles_during_timed_rounds,  # 0: no timed step compiled
         "median_step_s": {w: round(m, 3) for w, m in median.items()},
         "speedup": round(median["eager"] / median["compiled"], 2),
         "median_paired_speedup": round(statistics.median(paired), 2),

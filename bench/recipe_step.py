@@ -33,6 +33,7 @@ from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fusion.attention  # noqa: E402
 from fusion.data.collate import split_by_length  # noqa: E402
 from fusion.data.datasets import ConversationDataset  # noqa: E402
@@ -41,6 +42,7 @@ from fusion.model import FusionModel  # noqa: E402
 from fusion.precision import cpu_has_native_bf16  # noqa: E402
 from fusion.data.stage_data import collate_samples  # noqa: E402
 from fusion.training_step import TrainingStep  # noqa: E402
+from arguments import draw_batches, json_output_path, positive_int  # noqa: E402
 from rounds import round_order  # noqa: E402
 from vision.attention import Float32CpuAttention  # noqa: E402
 
@@ -72,20 +74,31 @@ def recipe_world(model_dir: str, out_dir: str, images: int = 160, videos: int = 
     return os.path.join(out_dir, "train.jsonl")
 
 
-def recipe_bench_setup(doc: str, argv=None, add_arguments=None):
+def recipe_bench_arguments(doc: str, argv=None, add_arguments=None) -> argparse.Namespace:
     """The command line shared by the recipe benches (--rounds, --batch-size, --model, --json; a bench's
-    own through `add_arguments(parser)`), seeds, and the model -> (args, model)."""
+    own through `add_arguments(parser)`), checked before anything runs."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--model", default=os.path.join(ROOT, "fusion", "default_model"))
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--rounds", type=positive_int, default=7)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--model", default=os.path.join(ROOT, "fusion", "default_model"),
+                        help="a model folder published by examples/recipes/publish_default_model.py")
+    parser.add_argument("--json", type=json_output_path, help="write the results here")
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.model, "evaluation.json")):
+        parser.error(f"argument --model: {args.model} has no evaluation.json. The recipe benches build their "
+                     "shapes world with the settings the model was trained on, read from the evaluation.json "
+                     "that examples/recipes/publish_default_model.py writes beside the model it publishes: give "
+                     "a folder published that way (the default is fusion/default_model)")
+    return args
+
+
+def recipe_bench_setup(args: argparse.Namespace) -> FusionModel:
+    """Seeds, and the model of `args.model`."""
     torch.manual_seed(0)
     random.seed(0)
-    return args, FusionModel.from_pretrained(args.model)
+    return FusionModel.from_pretrained(args.model)
 
 
 def recipe_train_step(model: FusionModel, bf16: bool = True):
@@ -125,15 +138,21 @@ def report(args, results: dict) -> dict:
     return result
 
 
+def parse_arguments(argv=None) -> argparse.Namespace:
+    return recipe_bench_arguments(__doc__, argv)
+
+
 def main(argv=None):
-    args, model = recipe_bench_setup(__doc__, argv)
+    args = parse_arguments(argv)
+    model = recipe_bench_setup(args)
     if not cpu_has_native_bf16():
         sys.exit("bench/recipe_step.py compares attention under bf16 autocast, but this CPU has no native bf16 "
                  "(no AVX512-BF16 or AMX): torch would emulate it and the figures would time that emulation. "
                  "Run it on a CPU with native bf16.")
     with tempfile.TemporaryDirectory() as tmp:
         data = ConversationDataset(recipe_world(args.model, tmp), model.processor, group_by_media=True)
-        batches = [[data[i] for i in random.sample(range(len(data)), args.batch_size)] for _ in range(args.rounds + 1)]
+        batches = [[data[i] for i in draw] for draw in
+                   draw_batches(range(len(data)), args.batch_size, args.rounds + 1, "samples of train.jsonl")]
     train_step = recipe_train_step(model)
 
     def run(samples, way):

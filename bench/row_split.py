@@ -25,6 +25,7 @@ attention scores (rows x length^2, summed over buckets).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -35,8 +36,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compiled_step import last_stage_batches  # noqa: E402
-from recipe_step import recipe_bench_setup, recipe_train_step, report  # noqa: E402
+from compiled_step import dynamo_compiles, last_stage_batches  # noqa: E402
+from recipe_step import recipe_bench_arguments, recipe_bench_setup, recipe_train_step, report  # noqa: E402
 from rounds import round_order  # noqa: E402
 
 from fusion.compilation import check_can_compile, compile_decoder_blocks  # noqa: E402
@@ -58,8 +59,13 @@ def computed(groups: list[list]) -> tuple[int, int]:
     return sum(n * w for n, w in widths), sum(n * w * w for n, w in widths)
 
 
+def parse_arguments(argv=None) -> argparse.Namespace:
+    return recipe_bench_arguments(__doc__, argv)
+
+
 def main(argv=None):
-    args, model = recipe_bench_setup(__doc__, argv)
+    args = parse_arguments(argv)
+    model = recipe_bench_setup(args)
     check_can_compile(torch.device("cpu"), "bench/row_split.py")
     bf16 = cpu_has_native_bf16()
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,13 +78,16 @@ def main(argv=None):
         train_step(plans[way][1])
     times = {way: [] for way in WAYS}
     names = list(WAYS)
+    compiles_before = dynamo_compiles()
     for r in range(args.rounds):
         for way in round_order(names, r):
             times[way].append(train_step(plans[way][r + 2]))
+    compiles_during_timed_rounds = dynamo_compiles() - compiles_before
     median = {way: statistics.median(t) for way, t in times.items()}
     work = {way: [computed(p) for p in plans[way][2:]] for way in WAYS}
     return report(args, {
         "computed_in": computed_in(bf16),
+        "dynamo_compiles_during_timed_rounds": compiles_during_timed_rounds,  # 0: no timed step compiled
         "median_step_s": {w: round(m, 3) for w, m in median.items()},
         "speedup_vs_buckets2": {w: round(median["buckets2"] / m, 2) for w, m in median.items()},
         "median_paired_speedup_vs_buckets2": {  # per round, the same batch: the steadier figure

@@ -16,8 +16,8 @@ else in float32, as `precision: auto` trains), so machine noise hits all alike:
 """
 from __future__ import annotations
 
+import argparse
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -27,7 +27,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from recipe_step import recipe_bench_setup, recipe_train_step, recipe_world, report  # noqa: E402
+from arguments import draw_batches  # noqa: E402
+from recipe_step import recipe_bench_arguments, recipe_bench_setup, recipe_train_step, recipe_world, report  # noqa: E402
 from rounds import round_order  # noqa: E402
 
 from fusion.data.collate import split_by_length  # noqa: E402
@@ -41,8 +42,13 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+def parse_arguments(argv=None) -> argparse.Namespace:
+    return recipe_bench_arguments(__doc__, argv)
+
+
 def main(argv=None):
-    args, model = recipe_bench_setup(__doc__, argv)
+    args = parse_arguments(argv)
+    model = recipe_bench_setup(args)
     bf16 = cpu_has_native_bf16()
     train_step = recipe_train_step(model, bf16)
     times = {"read": [], "cached": [], "step": []}
@@ -50,10 +56,10 @@ def main(argv=None):
         train = recipe_world(args.model, tmp)
         plain = ConversationDataset(train, model.processor, group_by_media=True)
         cached = ConversationDataset(train, model.processor, group_by_media=True, cache=True, media_cache=MediaCache())
+        draws = draw_batches(range(len(plain)), args.batch_size, args.rounds + 1, "samples of train.jsonl")
         for i in range(len(cached)):  # the first epoch fills the cache
             cached[i]
-        for r in range(args.rounds + 1):  # round 0 warms up
-            indices = random.sample(range(len(plain)), args.batch_size)
+        for r, indices in enumerate(draws):  # round 0 warms up
             ways = [("read", plain), ("cached", cached)]
             for name, dataset in round_order(ways, r + 1):
                 samples, seconds = timed(lambda: [dataset[i] for i in indices])  # noqa: B023

@@ -24,8 +24,8 @@ logits one step materialises each way (x 4 bytes in float32).
 """
 from __future__ import annotations
 
+import argparse
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -37,7 +37,8 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from recipe_step import recipe_bench_setup, recipe_world, report  # noqa: E402
+from arguments import draw_batches  # noqa: E402
+from recipe_step import recipe_bench_arguments, recipe_bench_setup, recipe_world, report  # noqa: E402
 from rounds import round_order  # noqa: E402
 
 import fusion  # noqa: E402
@@ -102,8 +103,8 @@ def compare(model, make_batches, rounds: int, bf16: bool) -> dict:
 def recipe_case(args, model) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = ConversationDataset(recipe_world(args.model, tmp), model.processor, group_by_media=True)
-        samples = [[data[i] for i in random.sample(range(len(data)), args.batch_size)]
-                   for _ in range(args.rounds + 1)]
+        samples = [[data[i] for i in draw] for draw in
+                   draw_batches(range(len(data)), args.batch_size, args.rounds + 1, "samples of train.jsonl")]
     pad = model.processor.tokenizer.pad_id
 
     def make_batches(r):
@@ -136,8 +137,13 @@ def llama4_vocab_case(args) -> dict:
             **compare(decoder, make_batches, args.rounds, bf16=False)}
 
 
+def parse_arguments(argv=None) -> argparse.Namespace:
+    return recipe_bench_arguments(__doc__, argv)
+
+
 def main(argv=None):
-    args, model = recipe_bench_setup(__doc__, argv)
+    args = parse_arguments(argv)
+    model = recipe_bench_setup(args)
     return report(args, {"recipe": recipe_case(args, model), "llama4": llama4_vocab_case(args)})
 
 

@@ -22,7 +22,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fusion  # noqa: E402
+from arguments import json_output_path, non_negative_int, positive_int  # noqa: E402
 from fusion.hf_llama4 import hf_config_from_decoder, hf_key  # noqa: E402
 from rounds import round_order  # noqa: E402
 
@@ -145,16 +147,21 @@ def profile_step(num_experts: int, vocab: int, steps: int = 2) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
-def main():
+def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experts", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--profile", type=int, metavar="EXPERTS", help="only profile fusion's step with this many experts")
-    args = parser.parse_args()
+    parser.add_argument("--experts", type=positive_int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--vocab", type=positive_int, default=8192)
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--warmup", type=non_negative_int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count())
+    parser.add_argument("--json", type=json_output_path, help="also write the results here")
+    parser.add_argument("--profile", type=positive_int, metavar="EXPERTS",
+                        help="only profile fusion's step with this many experts")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
     torch.set_num_threads(args.threads)
     if args.profile:
         profile_step(args.profile, args.vocab)
