@@ -7,7 +7,9 @@ config's `init_from`, `fusion eval`), `default` names the model that ships with 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import glob
 import importlib.resources
 import json
@@ -15,6 +17,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -61,8 +64,10 @@ def atomic_folder(path, carry_over: bool = False, left_behind=()):
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
 
     If the block raises, the temporary folder is removed and `path` is untouched. An existing folder
-    at `path` is moved aside first and deleted only after the new one is in place. The folder and its
-    files get the usual permissions for the process's umask (not the private ones of a temporary folder).
+    at `path` is swapped with the new one in one step where the system can (`exchange_paths`: Linux), so that
+    `path` is never absent; elsewhere it is moved aside first; it is deleted only after the new one is in place.
+    The folder and its files get the usual permissions for the process's umask (not the private ones of a
+    temporary folder).
 
     `carry_over`: the entries of the existing folder that the block did not write (a README, logs, other
     runs), except those named in `left_behind`, are moved into the new folder before the swap (and back if
@@ -84,10 +89,13 @@ def atomic_folder(path, carry_over: bool = False, left_behind=()):
             if entry.name not in left_behind and not os.path.lexists(tmp / entry.name):
                 os.replace(entry, tmp / entry.name)
                 carried.append(entry.name)
-        if path.exists():  # (named after the temporary folder: a name no other writer uses)
-            old = path.parent / f".{path.name}{MOVED_ASIDE_MARK}{tmp.name.rsplit(TEMPORARY_MARK, 1)[1]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
+        if path.exists() and exchange_paths(tmp, path):
+            old = tmp  # (the old folder, now under the temporary name)
+        else:
+            if path.exists():  # (named after the temporary folder: a name no other writer uses)
+                old = path.parent / f".{path.name}{MOVED_ASIDE_MARK}{tmp.name.rsplit(TEMPORARY_MARK, 1)[1]}"
+                os.replace(path, old)
+            os.replace(tmp, path)
     except BaseException as err:
         if old is not None and not os.path.lexists(path):
             os.replace(old, path)  # the swap failed halfway: the old folder goes back ...
@@ -103,6 +111,39 @@ def atomic_folder(path, carry_over: bool = False, left_behind=()):
     fsync_folder(path.parent)  # the rename itself survives a power cut
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # (linux/fcntl.h, linux/fs.h)
+
+
+def exchange_paths(a, b) -> bool:
+    """Swap the entries at paths `a` and `b` in one step (Linux's `renameat2` with RENAME_EXCHANGE), so that
+    neither path is ever absent. False, with nothing changed, where the system has no such call (another
+    platform, a C library or kernel without it, a file system that does not support it): rename in two steps
+    then."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+@functools.cache
+def _renameat2():
+    """The C library's `renameat2` (glibc >= 2.28), None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    return renameat2
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import fusion
+import fusion.checkpoint
 from fusion.errors import CheckpointError
 from tests.tiny_models import tiny_fusion_model
 from tokenizer import FusionTokenizer
@@ -51,11 +52,12 @@ class Killed(BaseException):
 
 
 @contextlib.contextmanager
-def cut_short_at(number: int, kill: bool):
-    """Interrupt a save at its `number`-th rename (os.replace) or text file written (Path.write_text): with a
-    KeyboardInterrupt (a second Ctrl-C; cleanup handlers run), or as if killed there (no rename or folder
-    removal happens after it)."""
+def cut_short_at(number: int, kill: bool, exchange: bool = True):
+    """Interrupt a save at its `number`-th rename (os.replace, or the one-step swap of two folders where the
+    system has it and `exchange`) or text file written (Path.write_text): with a KeyboardInterrupt (a second
+    Ctrl-C; cleanup handlers run), or as if killed there (no rename or folder removal happens after it)."""
     replace, rmtree, write_text, done = os.replace, shutil.rmtree, Path.write_text, [0]
+    exchange_paths = fusion.checkpoint.exchange_paths
     dead = []
 
     def cut_short_here():
@@ -72,6 +74,14 @@ def cut_short_at(number: int, kill: bool):
         cut_short_here()
         return replace(src, dst)
 
+    def flaky_exchange(a, b):
+        if not exchange:
+            return False
+        if dead:
+            return True
+        cut_short_here()
+        return exchange_paths(a, b)
+
     def flaky_write_text(self, *args, **kwargs):
         cut_short_here()
         return write_text(self, *args, **kwargs)
@@ -80,15 +90,17 @@ def cut_short_at(number: int, kill: bool):
         return None if dead else rmtree(path, *args, **kwargs)
 
     os.replace, shutil.rmtree, Path.write_text = flaky_replace, no_rmtree_once_dead, flaky_write_text
+    fusion.checkpoint.exchange_paths = flaky_exchange
     try:
         yield done
     finally:
         os.replace, shutil.rmtree, Path.write_text = replace, rmtree, write_text
+        fusion.checkpoint.exchange_paths = exchange_paths
 
 
-def save_cut_short(save, number: int, kill: bool) -> bool:
+def save_cut_short(save, number: int, kill: bool, exchange: bool = True) -> bool:
     """Run `save()` cut short at its `number`-th rename or text write; False when it had fewer (it completed)."""
-    with cut_short_at(number, kill) as done:
+    with cut_short_at(number, kill, exchange) as done:
         try:
             save()
         except (KeyboardInterrupt, Killed):
@@ -97,13 +109,17 @@ def save_cut_short(save, number: int, kill: bool) -> bool:
     return False
 
 
+@pytest.mark.parametrize("swap", ["exchange", "renames"])
 @pytest.mark.parametrize("kill", [False, True], ids=["interrupted", "killed"])
 @pytest.mark.parametrize("kind", ["save_pretrained", "save_hf"])
 def test_a_save_over_a_folder_cut_short_anywhere_leaves_the_old_or_the_new_model_whole(
-        tmp_path, two_models, kind, kill):
+        tmp_path, two_models, kind, kill, swap):
     """A save into an existing folder, interrupted (or killed) at each of its renames and writes in turn: it holds
     all of the old model's files or all of the new one's, never a mix (new weights with an old tokenizer load
-    without a word); interrupted, the folder is whole and the user's own files in it are kept."""
+    without a word); interrupted, the folder is whole and the user's own files in it are kept. The folders are
+    swapped in one step where the system can (`swap` exchange: Linux), else by two renames (`renames`)."""
+    if swap == "exchange" and fusion.checkpoint._renameat2() is None:
+        pytest.skip("this system has no one-step exchange of two paths (renameat2)")
     if kind == "save_pretrained":
         old, new = two_models
         names = MODEL_FILES
@@ -123,8 +139,9 @@ def test_a_save_over_a_folder_cut_short_anywhere_leaves_the_old_or_the_new_model
             shutil.rmtree(stale)
         shutil.copytree(tmp_path / "old", folder)
         (folder / "README.md").write_text("my notes")
-        if not save_cut_short(lambda: save(new, folder), number, kill):
+        if not save_cut_short(lambda: save(new, folder), number, kill, exchange=swap == "exchange"):
             break
+        assert folder.exists() or swap == "renames" and kill, f"after step {number}"
         if not kill or folder.exists():
             found = contents(folder, names)
             origin = {name: "old" if found[name] == expected[0][name] else "new" if found[name] == expected[1][name]
@@ -172,7 +189,7 @@ def test_a_folder_the_system_will_not_move_gets_its_files_replaced(tmp_path, two
     (folder / "data").mkdir()
     (folder / "data" / "keep.txt").write_text("mine")
     folder.chmod(0o750)
-    real_replace = os.replace
+    real_replace, real_exchange = os.replace, fusion.checkpoint.exchange_paths
 
     def replace(source, target):
         moving = Path(source) == folder if refused == "the folder" else Path(source) == folder / "data"
@@ -180,12 +197,46 @@ def test_a_folder_the_system_will_not_move_gets_its_files_replaced(tmp_path, two
             raise OSError(errno.EBUSY if refused == "the folder" else errno.EACCES, "refused", str(source))
         return real_replace(source, target)
 
+    def exchange(a, b):  # (the one-step swap moves the folder too)
+        if refused == "the folder" and Path(b) == folder:
+            raise OSError(errno.EBUSY, "refused", str(a), None, str(b))
+        return real_exchange(a, b)
+
     monkeypatch.setattr(fusion.checkpoint.os, "replace", replace)
+    monkeypatch.setattr(fusion.checkpoint, "exchange_paths", exchange)
     new.save_pretrained(folder)
     monkeypatch.undo()
     assert contents(folder, MODEL_FILES) == contents(_saved(new, tmp_path / "new"), MODEL_FILES)
     assert (folder / "data" / "keep.txt").read_text() == "mine" and (folder.stat().st_mode & 0o777) == 0o750
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "new"]  # no temporary copy left
+
+
+def test_a_save_over_a_folder_swaps_it_in_one_step_where_the_system_can(tmp_path, two_models, monkeypatch):
+    """On Linux the new folder and the old one are exchanged in one step (renameat2): the folder is never absent,
+    so a process loading it meanwhile finds the old model or the new one, never nothing; the old one is removed."""
+    if fusion.checkpoint._renameat2() is None:
+        pytest.skip("this system has no one-step exchange of two paths (renameat2)")
+    old, new = two_models
+    folder = tmp_path / "model"
+    old.save_pretrained(folder)
+    real_replace = os.replace
+    moved = []
+
+    def replace(source, target):
+        moved.append(Path(source))
+        assert folder.is_dir()  # before each rename of the save, and after it below
+        real_replace(source, target)
+        assert folder.is_dir()
+
+    monkeypatch.setattr(fusion.checkpoint.os, "replace", replace)
+    new.save_pretrained(folder)
+    monkeypatch.undo()
+    assert folder not in moved
+    assert contents(folder, MODEL_FILES) == contents(_saved(new, tmp_path / "new"), MODEL_FILES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "new"]
+    with pytest.raises(FileNotFoundError):  # a path that is not there: an error, nothing changed
+        fusion.checkpoint.exchange_paths(tmp_path / "nowhere", folder)
+    assert contents(folder, MODEL_FILES) == contents(tmp_path / "new", MODEL_FILES)
 
 
 def _saved(model, path):
