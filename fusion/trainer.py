@@ -381,6 +381,7 @@ class Trainer:
                 self.skipped_step(stage, progress, samples, skipped_in_a_row, stats["skipped"])
                 loss_sum = 0.0  # not averaged into the logged loss
                 tokens = 0
+            window["lr"] = {g["part"]: g["lr"] for g in optimizer.param_groups}  # the rates this step trained at
             with warnings.catch_warnings():  # torch's "scheduler before optimizer" when the first step was skipped
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
                 scheduler.step()
@@ -562,7 +563,8 @@ class Trainer:
                  "seconds": time.perf_counter() - self.started,
                  "samples": window["samples"], "skipped_samples": window["dropped"],
                  "skipped_steps": window["skipped_steps"],
-                 "lr": {g["part"]: g["lr"] for g in optimizer.param_groups}}
+                 # the rates of the window's last step (not those the schedule set for the step after it)
+                 "lr": window.get("lr") or {g["part"]: g["lr"] for g in optimizer.param_groups}}
         load = window["load"]
         if load is not None and load.numel():
             share = load / load.sum(-1, keepdim=True).clamp(min=1)  # [layers, (image, text), experts]

@@ -139,8 +139,10 @@ def test_video_shape_probe_runs_on_a_shapes_split(tmp_path, load_example):
     probe = load_example("recipes/probe_video_shapes.py")
     counts = probe.main([str(MODEL_DIR), str(tmp_path / "test.jsonl")])
     assert counts["clips"] == len(asked) > 0
-    assert 0 <= counts["frame shape right"] <= counts["clips"]
-    assert 0 <= counts["video question right"] <= counts["clips"]
+    # the shipped model, measured: of 9 clips, the frame's shape right for 6 (67%) and the video question
+    # right for all 9; the floors leave room for a couple of answers flipping on another CPU's rounding
+    assert 0.4 * counts["clips"] <= counts["frame shape right"] <= counts["clips"]
+    assert 0.75 * counts["clips"] <= counts["video question right"] <= counts["clips"]
 
 
 def test_off_grid_shape_probe_asks_each_scene_four_ways(tmp_path, load_example):

@@ -233,3 +233,29 @@ def test_cpu_bf16_attention_is_computed_in_float32():
                                                               v.bfloat16().float(), is_causal=True)
     assert torch.equal(out, upcast.bfloat16())  # float32 attention of the bf16 inputs, rounded once
     assert torch.allclose(out.float(), exact, atol=0.05)
+
+
+def test_the_training_loss_adds_the_balance_loss_times_its_coefficient():
+    """In training, the loss is the next-token cross-entropy plus `aux_loss_coef` times each MoE layer's Switch
+    balance loss E * sum_e f_e * p_e (f: share of the tokens routed to e, p: mean of its normalised sigmoid
+    score), computed here by hand from the router's logits."""
+    import torch.nn.functional as F
+
+    model = make_decoder(aux_loss_coef=0.25).train()
+    router_logits = []
+    hooks = [m.router.register_forward_hook(lambda mod, inputs, out: router_logits.append(out.detach().float()))
+             for m in model.moe_layers()]
+    x = ids(batch=2, length=12)
+    out = model(x, labels=x)
+    for hook in hooks:
+        hook.remove()
+    assert len(router_logits) == len(model.moe_layers()) >= 2
+    balance = 0.0
+    for logits in router_logits:  # [tokens, 4 experts], top-1 routing, no bias yet
+        scores = torch.sigmoid(logits)
+        fraction = torch.bincount(scores.argmax(-1), minlength=4).float() / scores.shape[0]
+        probability = (scores / scores.sum(-1, keepdim=True)).mean(0)
+        balance += 4 * float((fraction * probability).sum())
+    cross_entropy = F.cross_entropy(out.logits[:, :-1].reshape(-1, 97).float(), x[:, 1:].reshape(-1))
+    assert out.aux_loss.item() == pytest.approx(0.25 * balance, rel=1e-5)
+    assert out.loss.item() == pytest.approx(cross_entropy.item() + 0.25 * balance, rel=1e-5)

@@ -132,3 +132,22 @@ def test_a_decoder_alone_stops_at_its_configs_eos_token():
     model.config.eos_token_id = [free[1], 60]
     assert len(model.generate([PROMPTS[0]], max_new_tokens=12)[0]) == 2
     assert model.generate([PROMPTS[0]], max_new_tokens=12, stop_ids=())[0].tolist() == free
+
+
+def test_sampling_temperature_sharpens_or_flattens_the_distribution():
+    """Sampling draws from softmax(logits / temperature): over 2000 seeded draws from the probabilities
+    [0.5, 0.3, 0.15, 0.05], a temperature of 0.05 draws (almost) only the likeliest token, 1 draws each token
+    at its probability, and 10 draws nearly uniformly (each token's share ~ p ** (1 / 10), normalised)."""
+    probabilities = [0.5, 0.3, 0.15, 0.05]
+    logits = torch.log(torch.tensor([probabilities])).expand(2000, 4)
+
+    def shares(temperature):
+        drawn = select_next_token(logits, True, temperature=temperature, generator=torch.Generator().manual_seed(0))
+        return [float((drawn == token).float().mean()) for token in range(4)]
+
+    assert shares(0.05)[0] >= 0.995  # 0.3 / 0.5 to the 20th: a draw in ~27000 is not token 0
+    assert shares(1.0) == pytest.approx(probabilities, abs=0.03)
+    flattened = [p ** 0.1 for p in probabilities]
+    expected = [f / sum(flattened) for f in flattened]  # [0.275, 0.262, 0.244, 0.219]
+    assert shares(10.0) == pytest.approx(expected, abs=0.03)
+    assert shares(10.0)[3] >= 0.19

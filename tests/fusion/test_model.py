@@ -423,3 +423,18 @@ def test_from_pretrained_default_is_the_shipped_model_as_in_pipelines(tmp_path, 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(fusion.errors.CheckpointError, match="default"):
         fusion.FusionModel.from_pretrained("./default")
+
+
+def test_a_videos_frames_keep_their_order_in_the_pixel_values(tok):
+    """A video's frames reach the model in time order: tile 1 + i of "<image> <video>" is frame i as the
+    frame processor makes it (a reversed or shuffled clip would turn "moves left" into "moves right")."""
+    model = tiny_model(tok, num_frames=4)
+    frames = np.stack([image(20 + i) for i in range(4)])  # four distinct frames
+    sample = model.processor(user("<image> then <video>"), [image(1)], [(frames, [0.0, 0.5, 1.0, 1.5])],
+                             add_generation_prompt=True)
+    assert sample.pixel_values.shape[0] == 1 + 4
+    for i, frame in enumerate(frames):
+        expected, _ = model.processor.frame_processor(frame)
+        assert torch.equal(sample.pixel_values[1 + i], expected[0]), f"frame {i}"
+    assert not torch.equal(sample.pixel_values[1], sample.pixel_values[4])
+    assert sample.frame_timestamps == [[0.0, 0.5, 1.0, 1.5]]

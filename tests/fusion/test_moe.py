@@ -238,3 +238,23 @@ def test_large_router_logits_choose_as_the_reference_does():
     chosen, _, _ = moe.route(x)
     assert torch.equal(chosen[:, 0], logits.argmax(-1))
     assert torch.allclose(moe(x), dense_reference(moe, x), atol=1e-3)
+
+
+def test_balance_loss_is_one_when_balanced_and_grows_when_one_expert_takes_every_token():
+    """The Switch balance loss E * sum_e f_e * p_e with routing set by hand (4 experts, top-1): the token
+    along axis e has router logit ln 3 (sigmoid 0.75) for expert e and 0 (sigmoid 0.5) for the others, so it
+    goes to e with normalised scores 1/3 for e and 2/9 for each other expert. Spread evenly over the experts:
+    f_e = p_e = 1/4, loss 4 * 4 * 1/16 = 1; every token along axis 0: f = (1, 0, 0, 0), p_0 = 1/3, loss 4/3."""
+    import math
+
+    moe = make_moe(num_experts=4, top_k=1, aux_loss_coef=0.01).train()
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[:, :4] = math.log(3) * torch.eye(4)
+    axes = torch.eye(32)[:4]
+    moe(axes.repeat(5, 1))  # 5 tokens per expert
+    assert moe.last_counts.tolist() == [5, 5, 5, 5]
+    assert moe.aux_loss.item() == pytest.approx(1.0, abs=1e-6)
+    moe(axes[:1].repeat(20, 1))  # all 20 tokens to expert 0
+    assert moe.last_counts.tolist() == [20, 0, 0, 0]
+    assert moe.aux_loss.item() == pytest.approx(4 / 3, abs=1e-6)

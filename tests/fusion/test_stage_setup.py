@@ -65,3 +65,31 @@ def test_a_misspelt_tokenizer_key_is_refused_with_the_key_it_means(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.tokenizer: unknown key 'vocab_sise' \(did you mean 'vocab_size'\?\)"
                                           r".*known keys are \['min_frequency', 'path', 'train_on', 'vocab_size'\]"):
         build_model(config)
+
+
+def test_weight_decay_applies_to_the_matrices_of_the_trained_parts_only(tmp_path):
+    """AdamW's weight decay is the stage's `weight_decay` for every trained weight matrix (ndim >= 2: linear,
+    embedding, expert and patch weights) and 0 for norm weights, biases and other vectors; a frozen part (rate
+    0) is not in the optimizer at all, and each group has its part's rate."""
+    from fusion.stage_setup import build_optimizer
+    from tests.tiny_models import tiny_fusion_model
+    from tokenizer import FusionTokenizer
+
+    model = tiny_fusion_model(FusionTokenizer.train(["a red circle", "a blue square"] * 20, vocab_size=300))
+    stage = TrainConfig.from_dict({"stages": [{"name": "s", "data": "train.jsonl", "steps": 1, "weight_decay": 0.05,
+                                               "lr": {"vision": 2e-4, "decoder": 1e-3}}]},
+                                  base_dir=tmp_path).stages[0]
+    groups = build_optimizer(model, stage).param_groups
+    placed = {}  # parameter -> (its group's weight decay, lr, part)
+    for group in groups:
+        for p in group["params"]:
+            assert id(p) not in placed, "a parameter in two groups"
+            placed[id(p)] = (group["weight_decay"], group["lr"], group["part"])
+    rates = {"vision": 2e-4, "decoder": 1e-3}
+    for part, rate in rates.items():
+        parameters = list(getattr(model, part).parameters())
+        assert any(p.ndim >= 2 for p in parameters) and any(p.ndim < 2 for p in parameters), part
+        for p in parameters:
+            assert placed[id(p)] == ((0.05 if p.ndim >= 2 else 0.0), rate, part), (part, tuple(p.shape))
+    assert not any(id(p) in placed for p in model.adapter.parameters())  # frozen: not in the optimizer
+    assert len(placed) == sum(1 for part in rates for _ in getattr(model, part).parameters())

@@ -1460,3 +1460,100 @@ def test_fsdp2_with_compiled_stages_matches_one_eager_process(world, tmp_path, t
     assert evals[1][0]["accuracy"] == evals[0][0]["accuracy"]
     # the weights (not the experts' balance bias: it counts padding, which differs with the split)
     assert_same_trained_weights(tmp_path / "two" / "final", tmp_path / "one" / "final", parameters_only=True)
+
+
+def test_gradient_accumulation_gives_the_losses_and_weights_of_one_big_batch(world, tmp_path, monkeypatch):
+    """`grad_accum: 2` computes each batch of 4 as two forwards of 2 samples, and the step is the one of the
+    whole batch: the same logged losses and the same final weights as `grad_accum: 1`."""
+    forwards = []  # the samples of each forward
+    forward = fusion.training_step.TrainingStep.forward
+
+    def counted(self, inputs, *args):
+        forwards.append(inputs["input_ids"].shape[0])
+        return forward(self, inputs, *args)
+
+    monkeypatch.setattr(fusion.training_step.TrainingStep, "forward", counted)
+    stage = {"name": "s", "data": str(world / "text.jsonl"), "steps": 3, "batch_size": 4, "lr": {"decoder": 1e-3}}
+    runs, weights, calls = {}, {}, {}
+    for accum in (1, 2):
+        forwards.clear()
+        out = tmp_path / f"accum{accum}"
+        config = base_config(world, out, [{**stage, "grad_accum": accum}], threads=1, precision="fp32")
+        train(fusion.trainer.TrainConfig.from_dict(config), progress=False)
+        runs[accum], calls[accum] = losses(out), list(forwards)
+        weights[accum] = load_file(out / "final" / "model.safetensors")
+    assert calls == {1: [4] * 3, 2: [2] * 6}  # one forward of 4 samples per step, or two of 2
+    assert [step for step, _ in runs[2]] == [step for step, _ in runs[1]] == [1, 2, 3]
+    for (step, one), (_, two) in zip(runs[1], runs[2]):
+        assert two == pytest.approx(one, rel=1e-5), f"step {step}"
+    assert weights[1].keys() == weights[2].keys()
+    for name, tensor in weights[1].items():
+        assert torch.allclose(weights[2][name], tensor, rtol=1e-4, atol=1e-6), name
+
+
+def test_clip_grad_norm_caps_the_gradient_norm_of_each_step(world, tmp_path, monkeypatch):
+    """A stage's `clip_grad_norm` scales every step's gradients down to that norm before the optimizer
+    step (here far below the unclipped norm); `clip_grad_norm: null` leaves them as computed."""
+    norms = []  # (norm before clipping, norm the optimizer then sees) per step
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def observed(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        before = clip(parameters, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters
+                                                      if p.grad is not None]))
+        norms.append((float(before), float(after)))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", observed)
+    stage = {"name": "s", "data": str(world / "text.jsonl"), "steps": 2, "batch_size": 4, "lr": {"decoder": 1e-3}}
+    seen = {}
+    for name, limit in (("clipped", 1e-3), ("unclipped", None)):
+        norms.clear()
+        config = base_config(world, tmp_path / name, [{**stage, "clip_grad_norm": limit}], threads=1)
+        train(fusion.trainer.TrainConfig.from_dict(config), progress=False)
+        seen[name] = list(norms)
+    assert len(seen["clipped"]) == len(seen["unclipped"]) == 2
+    for before, after in seen["clipped"]:
+        assert before > 0.1 and after == pytest.approx(1e-3, rel=1e-3)
+    for before, after in seen["unclipped"]:
+        assert before > 0.1 and after == pytest.approx(before, rel=1e-5)
+
+
+def test_moe_count_padding_reaches_every_moe_layer_while_training(world, tmp_path, monkeypatch):
+    """`moe_count_padding: true` (the shipped model's recipe) makes every MoE layer count padded tokens for
+    its balance in every training forward; left out, they count real tokens only."""
+    seen = []
+    forward = fusion.moe.MoE.forward
+    monkeypatch.setattr(fusion.moe.MoE, "forward",
+                        lambda self, *a, **k: seen.append((self.training, self.count_padding)) or
+                        forward(self, *a, **k))
+    stage = {"name": "s", "data": str(world / "text.jsonl"), "steps": 2, "batch_size": 4, "lr": {"decoder": 1e-3}}
+    for name, extra, expected in (("counted", {"moe_count_padding": True}, True), ("default", {}, False)):
+        seen.clear()
+        config = base_config(world, tmp_path / name, [stage], threads=1, **extra)
+        train(fusion.trainer.TrainConfig.from_dict(config), progress=False)
+        in_training = [count for training, count in seen if training]
+        assert len(in_training) == 2 * 2  # two MoE layers, two steps
+        assert in_training == [expected] * 4, name
+
+
+def test_a_stages_learning_rate_warms_up_then_follows_the_cosine_to_its_floor(world, tmp_path):
+    """4 steps, `warmup_steps: 2`, `min_lr_ratio: 0.1`, rate 1e-3: the steps train at 0.5e-3, 1e-3 (linear
+    warmup), then the cosine from 1e-3: 1e-3 and 0.55e-3; the floor 1e-4 is reached after the last step. The
+    metrics log shows the rate each step trained at (it showed the next step's)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    used = []  # each optimizer step's rates, as it steps
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: used.append({g["part"]: g["lr"] for g in optimizer.param_groups}))
+    stage = {"name": "s", "data": str(world / "text.jsonl"), "steps": 4, "batch_size": 2, "warmup_steps": 2,
+             "min_lr_ratio": 0.1, "lr": {"decoder": 1e-3}}
+    try:
+        train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", [stage], threads=1)),
+              progress=False)
+    finally:
+        hook.remove()
+    assert [rates["decoder"] for rates in used] == pytest.approx([5e-4, 1e-3, 1e-3, 5.5e-4])
+    logged = [e["lr"]["decoder"] for e in read_metrics(tmp_path / "run" / "metrics.jsonl") if e["kind"] == "train"]
+    assert logged == pytest.approx([5e-4, 1e-3, 1e-3, 5.5e-4])
