@@ -8,7 +8,8 @@
 For every call it prints the input file, the question, the model's answer, its score (the geometric
 mean of the answer's token probabilities, see `pipelines.tasks`), the true answer from
 examples/media/media.json and the time the call took. Exit status: 0 when everything ran (whatever
-the answers), 1 when the model cannot be loaded (the pipeline's message says why and what to pass).
+the answers), 1 when the model or the media folder's media.json cannot be loaded (the message says why
+and what to pass), 2 for options argparse refuses.
 """
 from __future__ import annotations
 
@@ -29,15 +30,44 @@ from fusion.evaluation.metrics import answer_is_correct  # noqa: E402
 WIDTH = 100
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number (1 or more)")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run the fusion pipelines on the sample media.")
     parser.add_argument("--model", default=None,
                         help="a model folder (save_pretrained / fusion train); default: the shipped default model")
     parser.add_argument("--media", default=str(HERE / "media"), help="folder with media.json (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
-    parser.add_argument("--num-frames", type=int, default=None, help="frames sampled per video (default: the model's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--num-frames", type=positive_int, default=None, help="frames sampled per video (default: the model's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     return parser.parse_args(argv)
+
+
+def read_manifest(media: Path) -> dict:
+    """The media folder's media.json; ValueError naming the folder when it has none or it does not read."""
+    path = media / "media.json"
+    example = HERE / "media" / "media.json"
+    if not path.is_file():
+        raise ValueError(f"--media {str(media)!r} has no media.json (the files to run and their true answers; "
+                         f"see {example} for the format)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files = [item["file"] for item in manifest["images"]] + [item["file"] for item in manifest["videos"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a media manifest ({type(err).__name__}: {err}); see {example} for the "
+                         f"format") from err
+    missing = [name for name in files if not (media / name).is_file()]
+    if missing:
+        raise ValueError(f"{path} names files that are not in {str(media)!r}: {', '.join(missing)}")
+    return manifest
 
 
 def timed(call):
@@ -57,7 +87,11 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    manifest = json.loads((media / "media.json").read_text())
+    try:
+        manifest = read_manifest(media)
+    except ValueError as err:
+        print(f"demo: {err}", file=sys.stderr)
+        return 1
 
     try:
         (captioner, load_ms) = timed(lambda: fusion.pipeline("captioning", model=args.model, device=args.device))

@@ -41,6 +41,8 @@ SETTINGS_NOTE = """
 **Settings.** The notebook takes its model and its sizes from `notebook_settings.py` (next to it):
 the default model that ships with fusion unless `FUSION_NOTEBOOK_MODEL` names another model folder,
 and tiny sizes when `FUSION_NOTEBOOK_SMOKE=1` (used by the tests; the answers then mean nothing).
+Jupyter starts a notebook's kernel in the notebook's folder, which is where that import finds it; to run
+the notebook from another folder (a copy of it, papermill's `--cwd`), put `examples/` on `sys.path` first.
 """
 
 # ---------------------------------------------------------------------------------------------------
@@ -325,8 +327,9 @@ Llama 4 way, and measure again:
 2. **stage 2**: unfreeze everything, the encoder at a lower learning rate.
 
 With the normal settings this takes about 5 minutes on a 2-core CPU. Your
-own data works the same way: a JSONL file of conversations with image paths (see
-`fusion.data.datasets`).
+own data trains the same way: a JSONL file of conversations with image paths (see
+`fusion.data.datasets`); the cells that pick samples to show and to probe read fields of the shapes
+world's own files (`task`, `meta`), which your file need not have.
 """ + SETTINGS_NOTE),
     code("""
 import json
@@ -342,7 +345,7 @@ import yaml
 from PIL import Image
 
 import fusion
-from fusion.data.shapes_world import generate_shapes_world, new_concept_config
+from fusion.data.shapes_world import generate_shapes_world, new_concept_config, scene_layout
 from fusion.evaluation.evaluate import evaluate, format_results
 from fusion.evaluation.metrics import answer_is_correct
 from fusion.relevance import overlay_relevance, patch_relevance
@@ -364,6 +367,11 @@ print("work folder:", work)
 star in every image; the other shapes and colours still appear around it. `generate_shapes_world`
 writes images and JSONL files (`train`, `val`, `test`) of questions and captions. We keep to images
 (no videos).
+
+The world is small: some test images show the same shapes and colours in the same cells as a
+training image (drawn a little differently). Measured on those, fine-tuning would partly be scored on
+what it memorised, so the before/after figures below use only the test images whose layout no
+training image has (`test_unseen.jsonl`).
 """),
     code("""
 data = work / "data"
@@ -376,6 +384,15 @@ print({split: counts[split] for split in ("train", "val", "test")})
 
 samples = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
 print("\\none sample:", json.dumps(samples[0])[:300], "...")
+
+# the test samples whose image shows a layout (shapes, colours, cells) no training image shows
+seen = {scene_layout(s["meta"]["objects"]) for s in samples}
+tests = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+unseen = [s for s in tests if scene_layout(s["meta"]["objects"]) not in seen]
+test_file = data / "test_unseen.jsonl"
+test_file.write_text("".join(json.dumps(s) + "\\n" for s in unseen))
+print(f"\\ntest images on layouts not in training: {len({s['images'][0] for s in unseen})} of "
+      f"{len({s['images'][0] for s in tests})} ({len(unseen)} of {len(tests)} samples)")
 """),
     code("""
 shown = [s for s in samples if s["task"] == "vqa"][::6][:4]
@@ -396,15 +413,14 @@ look at before and after.
 """),
     code("""
 base = fusion.FusionModel.from_pretrained(BASE, device=DEVICE)
-before = evaluate(base, data / "test.jsonl", limit=run.eval_limit, batch_size=run.eval_batch_size, progress=False)
+before = evaluate(base, test_file, limit=run.eval_limit, batch_size=run.eval_batch_size, progress=False)
 print(format_results(before))
 
 # A test image to look at before and after: the first whose star is the only object of its colour,
 # so that "What shape is the <colour> object?" has the answer "star".
-tests = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
-probe = next((s for s in tests if s["task"] == "caption" and any(
+probe = next((s for s in unseen if s["task"] == "caption" and any(
     o["shape"] == "star" and [p["color"] for p in s["meta"]["objects"]].count(o["color"]) == 1
-    for o in s["meta"]["objects"])), next(s for s in tests if s["task"] == "caption"))
+    for o in s["meta"]["objects"])), next(s for s in unseen if s["task"] == "caption"))
 star = next(o for o in probe["meta"]["objects"] if o["shape"] == "star")
 probe_image = data / probe["images"][0]
 probe_question = f"What shape is the {star['color']} object?"
@@ -455,7 +471,7 @@ print(f"trained in {train_seconds / 60:.1f} min; the model is in {final}")
 """),
     code("""
 tuned = fusion.FusionModel.from_pretrained(final, device=DEVICE)
-after = evaluate(tuned, data / "test.jsonl", limit=run.eval_limit, batch_size=run.eval_batch_size, progress=False)
+after = evaluate(tuned, test_file, limit=run.eval_limit, batch_size=run.eval_batch_size, progress=False)
 print(format_results(after))
 [probe_after] = fusion.pipeline("vqa", model=tuned)(image=str(probe_image), question=probe_question)
 print(f"\\n{probe_question} -> before {probe_before['answer']!r}, after {probe_after['answer']!r} (true: 'star')")
@@ -491,7 +507,7 @@ ax.bar([i + width / 2 for i in range(len(types))], [summary["after"]["by_type"][
        label="after")
 ax.set_xticks(range(len(types)), types)
 ax.set_ylim(0, 1)
-ax.set_ylabel("accuracy on the star test set")
+ax.set_ylabel("accuracy, unseen test layouts")
 ax.legend()
 plt.show()
 """),
@@ -544,7 +560,7 @@ plt.show()
 ## 6. Where does the model look for the star?
 
 `patch_relevance` shows which image tokens the answer depends on (gradient x input on the image
-tokens; red is most relevant) for the question about the star's cell, before and after: compare
+tokens; red is most relevant) for the probe question about the star, before and after: compare
 where each map is red and what each model answers (fine-tuning may change where the model looks, or
 only what it calls what it sees there).
 """),

@@ -58,3 +58,27 @@ def test_a_device_torch_cannot_use_ends_the_demo_with_the_pipeline_message(monke
     assert demo.main(["--device", "cuda"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("demo: ") and "cuda" in err and "Traceback" not in err
+
+
+def test_a_media_folder_without_a_usable_manifest_ends_the_demo_before_any_work(tmp_path, capsys, load_example):
+    """--media on a folder with no media.json, an unreadable one, or one naming files that are not there: exit 1
+    with a message naming the folder and the format's example, before the model loads."""
+    demo = load_example("demo.py")
+    assert demo.main(["--media", str(tmp_path), "--model", str(tmp_path / "no-model")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("demo: ") and f"--media {str(tmp_path)!r} has no media.json" in err
+    assert str(EXAMPLES / "media" / "media.json") in err and "Traceback" not in err
+    (tmp_path / "media.json").write_text('{"images": [{"caption": "x"}]}')
+    assert demo.main(["--media", str(tmp_path)]) == 1
+    assert "is not a media manifest (KeyError" in capsys.readouterr().err
+    (tmp_path / "media.json").write_text('{"images": [{"file": "cat.png"}], "videos": []}')
+    assert demo.main(["--media", str(tmp_path)]) == 1
+    assert f"names files that are not in {str(tmp_path)!r}: cat.png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--num-frames", "--threads"])
+def test_counts_below_one_are_refused_by_the_command_line(option, capsys, load_example):
+    demo = load_example("demo.py")
+    with pytest.raises(SystemExit) as exit_:
+        demo.parse_args([option, "0"])
+    assert exit_.value.code == 2 and f"argument {option}: 0 is not a positive number" in capsys.readouterr().err

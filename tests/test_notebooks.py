@@ -13,6 +13,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from fusion.data.shapes_world import scene_layout
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 NOTEBOOKS = ["image_pipelines.ipynb", "video_qa.ipynb", "finetune_custom_data.ipynb"]
@@ -104,6 +106,12 @@ def test_finetune_notebook_runs_and_reports_before_and_after(kernel_env):
         assert 0 <= summary[when]["vqa_accuracy"] <= 1
         assert summary[when]["questions"] > 0
         assert set(summary[when]["by_type"]) <= {"color", "shape", "count", "position", "existence", "relation"}
+    # before and after are measured on the test images whose layout no training image shows
+    data = kernel_env / "finetune_custom_data" / "data"
+    train, held_out = ([json.loads(line) for line in (data / name).read_text().splitlines()]
+                       for name in ("train.jsonl", "test_unseen.jsonl"))
+    assert 0 < summary["before"]["questions"] <= sum(s["task"] == "vqa" for s in held_out)  # (smoke: a limit)
+    assert not {scene_layout(s["meta"]["objects"]) for s in held_out} & {scene_layout(s["meta"]["objects"]) for s in train}
     assert (kernel_env / "finetune_custom_data" / "run" / "final" / "model.safetensors").is_file()
     metrics = (kernel_env / "finetune_custom_data" / "run" / "metrics.jsonl").read_text().splitlines()
     stages = {json.loads(line).get("stage") for line in metrics}

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from fusion import FusionModel  # noqa: E402
 from fusion.checkpoint import atomic_folder, write_json  # noqa: E402
+from fusion.data.shapes_world import scene_layout  # noqa: E402
 from fusion.evaluation.evaluate import evaluate  # noqa: E402
 
 EVALUATION_FILE = "evaluation.json"
@@ -76,18 +77,15 @@ def training_overlap(data_dir: Path) -> dict:
     def exact(objects):
         return json.dumps(objects, sort_keys=True)
 
-    def layout(objects):
-        return frozenset((o["shape"], o["color"], o["row"], o["col"]) for o in objects)
-
     train_images, test_images = _scenes(train, "images"), _scenes(test, "images")
     train_videos, test_videos = _scenes(train, "videos"), _scenes(test, "videos")
     seen_images = {exact(o) for o in train_images.values()}
-    seen_layouts = {layout(o) for o in train_images.values()}
+    seen_layouts = {scene_layout(o) for o in train_images.values()}
     seen_videos = {exact(o) for o in train_videos.values()}
     return {"train_images": len(train_images), "test_images": len(test_images), "test_videos": len(test_videos),
             "same_images": sum(exact(o) in seen_images for o in test_images.values()),
             "same_videos": sum(exact(o) in seen_videos for o in test_videos.values()),
-            "same_layout": sum(layout(o) in seen_layouts for o in test_images.values())}
+            "same_layout": sum(scene_layout(o) in seen_layouts for o in test_images.values())}
 
 
 def overlap_note(overlap: dict) -> str:

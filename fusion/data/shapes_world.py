@@ -532,6 +532,13 @@ def sample_image_scene(rng: np.random.Generator, config: ShapesWorldConfig, jitt
     return objects
 
 
+def scene_layout(objects: list[dict]) -> frozenset:
+    """What an image's scene shows, as far as its questions and caption can tell: the set of (shape, colour, row,
+    column) of its objects (`meta["objects"]` of its samples). The world is small, so a test image may show the
+    layout of a training image, drawn a little differently (sizes and offsets in the cells)."""
+    return frozenset((o["shape"], o["color"], o["row"], o["col"]) for o in objects)
+
+
 def _inside_room(cell: float, radius: float) -> float:
     """How far a shape's centre may move from its cell's centre and keep a 1.5 px margin to the cell's edges."""
     return max(0.0, cell / 2 - radius - 1.5)
