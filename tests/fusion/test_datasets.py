@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-import fusion
 from fusion.data.collate import Batch, pad_batch
 from fusion.data.datasets import (CollatedBatch, Collator, ConversationDataset, DatasetWarning, MediaCache, collate,
                                   infer_task, join_media_groups)
