@@ -750,7 +750,8 @@ class Trainer:
             dataset = ConversationDataset(path, self.model.processor, root=root)
         else:
             dataset = load_stage_data(self.config, stage, self.model, files=[stage.eval_source()])
-        _check_first_samples(dataset, f"{where}: none of", f"samples of its eval data {str(path)!r}", root, probe)
+        _check_first_samples(dataset, f"{where}: none of", f"samples of its eval data {str(path)!r}", root, probe,
+                             spread=False)
 
     def _check_training_data(self, stage: StageConfig, dataset=None, probe: int = 4):
         """Fail before the stage trains when the first samples of one of its data files cannot be read (media
@@ -856,26 +857,34 @@ class Trainer:
         print("final evaluation:", {k: round(v, 4) for k, v in _accuracies(results).items()}, flush=True)
 
 
-def _check_first_samples(dataset, before: str, after: str, root: Path | None, probe: int):
+def _check_first_samples(dataset, before: str, after: str, root: Path | None, probe: int, spread: bool = True):
     """ConfigError "`before` N `after` (which) can be read" when none of `dataset`'s first `probe` samples can,
-    nor any of `probe` more spread through the rest of it: media paths relative to the wrong folder stop here,
-    a file whose first few samples happen to be bad trains (its bad samples skipped and counted)."""
-    first = range(min(probe, len(dataset)))
+    nor (`spread`) any of `probe` more spread through the rest of it: media paths relative to the wrong folder
+    stop here, a training file whose first few samples happen to be bad trains (its bad samples skipped and
+    counted). Evaluation data is read from its start (its accuracy takes the first `limit` samples, its
+    validation loss the first batches), so it is checked there only (`spread` False)."""
+    first = list(range(min(probe, len(dataset))))
     rest = range(len(first), len(dataset))
-    spread = sorted({rest[len(rest) * k // probe] for k in range(probe)}) if rest else []
+    more = sorted({rest[(2 * k + 1) * len(rest) // (2 * probe)] for k in range(probe)}) if spread and rest else []
+    tried = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if any(dataset[i] is not None for i in first) or any(dataset[i] is not None for i in spread):
-            return
-    if not first:
+        try:
+            for i in first + more:
+                tried += 1
+                if dataset[i] is not None:
+                    return
+        except DatasetError:  # the dataset's own "mostly bad" stop (grouped questions count one by one)
+            pass
+    if not tried:
         return
-    which = f"(the first {len(first)} and {len(spread)} more spread through the file)" if spread else \
-        f"(the first {len(first)})"
+    which = f"the first {min(tried, len(first))}" + (
+        f" and {tried - len(first)} more spread through the file" if tried > len(first) else "")
     parts = getattr(dataset, "datasets", [dataset])
     bad = sum((Counter(getattr(part, "bad_counts", {})) for part in parts), Counter())
     relative_to = f"root {str(root)!r}" if root is not None else "the file's folder"
-    raise ConfigError(f"{before} {len(first) + len(spread)} {after} {which} can be read ({dict(bad)}); check the "
-                      f"file and the paths in it (they are relative to {relative_to})")
+    raise ConfigError(f"{before} {tried} {after} ({which}) can be read ({dict(bad)}); check the file and the "
+                      f"paths in it (they are relative to {relative_to})")
 
 
 def _check_enough_samples(stage: StageConfig, samples: int):

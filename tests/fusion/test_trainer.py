@@ -499,6 +499,12 @@ def test_training_data_whose_first_samples_cannot_be_read_fails_before_training(
     with pytest.raises(ConfigError, match=expected):
         train(config, progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or losses(tmp_path / "run") == []  # no step
+    # grouped by image, each sample's questions count one by one towards the dataset's own "mostly bad" stop:
+    # the check still says which stage and file (it stopped with the dataset's error, no stage named)
+    grouped = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", [{**stages[0],
+                                                                                          "group_by_media": True}]))
+    with pytest.raises(ConfigError, match=r"stage 's': none of \d+ samples of its data .*elsewhere/train.jsonl'"):
+        fusion.trainer.check(grouped)
     # with the right root, it trains; the evaluation's results are printed without a progress bar too
     stages[0].update(data={"path": str(moved), "root": str(world)}, eval={"data": str(world / "val.jsonl"), "limit": 4})
     capsys.readouterr()
@@ -525,6 +531,10 @@ def test_a_file_whose_first_samples_are_bad_but_not_the_rest_trains(world, tmp_p
         train(config, progress=False)
     entries = [e for e in read_metrics(tmp_path / "run" / "metrics.jsonl") if e["kind"] == "train"]
     assert len(entries) == 3 and sum(e["skipped_samples"] for e in entries) == 4
+    # evaluation reads its file from the start (the first `limit` samples): there the first ones must read
+    stages[0]["eval"] = {"data": str(world / "bad_start.jsonl"), "limit": 4}
+    with pytest.raises(ConfigError, match=r"stage 's': none of 4 samples of its eval data .*\(the first 4\) can"):
+        fusion.trainer.check(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run2", stages)))
 
 
 def test_an_evaluation_stopped_by_bad_samples_does_not_end_the_run(world, tmp_path):
@@ -1143,7 +1153,7 @@ def test_a_final_eval_that_cannot_read_its_data_fails_before_training(world, tmp
     moved.write_text((world / "val.jsonl").read_text())
     for final, message in (({"data": str(world / "val.jsonl"), "root": str(tmp_path / "nowhere")},
                             r"final_eval: media root .*nowhere' is not a folder"),
-                           ({"data": str(moved)}, r"final_eval: none of 8 samples of its eval data .*elsewhere.*\(the first 4 and")):
+                           ({"data": str(moved)}, r"final_eval: none of 4 samples of its eval data .*elsewhere.*\(the first 4\) can")):
         config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages, final_eval=final))
         for run in (fusion.trainer.check, lambda c: train(c, progress=False)):
             with pytest.raises(ConfigError, match=message):
