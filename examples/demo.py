@@ -60,7 +60,15 @@ def read_manifest(media: Path) -> dict:
                          f"see {example} for the format)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-        files = [item["file"] for item in manifest["images"]] + [item["file"] for item in manifest["videos"]]
+        items = [(item, ("file", "caption", "questions")) for item in manifest["images"]] + \
+            [(item, ("file", "description", "questions")) for item in manifest["videos"]]
+        for item, keys in items:  # every key the demo reads (a KeyError names the one missing), before any work
+            for entry, needed in [(item, keys)] + [(q, ("question", "answer")) for q in item["questions"]]:
+                for key in needed:
+                    entry[key]
+        files = [item["file"] for item, _ in items]
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read ({err})") from err
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a media manifest ({type(err).__name__}: {err}); see {example} for the "
                          f"format") from err

@@ -71,7 +71,11 @@ def test_a_media_folder_without_a_usable_manifest_ends_the_demo_before_any_work(
     (tmp_path / "media.json").write_text('{"images": [{"caption": "x"}]}')
     assert demo.main(["--media", str(tmp_path)]) == 1
     assert "is not a media manifest (KeyError" in capsys.readouterr().err
-    (tmp_path / "media.json").write_text('{"images": [{"file": "cat.png"}], "videos": []}')
+    (tmp_path / "media.json").write_text('{"images": [{"file": "cat.png"}], "videos": []}')  # no caption, questions
+    assert demo.main(["--media", str(tmp_path)]) == 1
+    assert "is not a media manifest (KeyError: 'caption')" in capsys.readouterr().err
+    (tmp_path / "media.json").write_text(json.dumps({"images": [{"file": "cat.png", "caption": "a cat", "questions": [
+        {"question": "what?", "answer": "cat"}]}], "videos": []}))
     assert demo.main(["--media", str(tmp_path)]) == 1
     assert f"names files that are not in {str(tmp_path)!r}: cat.png" in capsys.readouterr().err
 
