@@ -63,9 +63,10 @@ def read_manifest(media: Path) -> dict:
         items = [(item, ("file", "caption", "questions")) for item in manifest["images"]] + \
             [(item, ("file", "description", "questions")) for item in manifest["videos"]]
         for item, keys in items:  # every key the demo reads (a KeyError names the one missing), before any work
-            for entry, needed in [(item, keys)] + [(q, ("question", "answer")) for q in item["questions"]]:
-                for key in needed:
-                    entry[key]
+            for key in keys:
+                item[key]
+            for question in item["questions"]:
+                question["question"], question["answer"]
         files = [item["file"] for item, _ in items]
     except OSError as err:
         raise ValueError(f"{path} cannot be read ({err})") from err
