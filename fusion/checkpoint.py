@@ -78,6 +78,7 @@ def atomic_folder(path, carry_over: bool = False, left_behind=()):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{TEMPORARY_MARK}", dir=path.parent))
+    new_folder = os.stat(tmp).st_ino  # (which folder `path` holds, after a swap cut short)
     carry_over = carry_over and path.is_dir()
     mode = stat.S_IMODE(path.stat().st_mode) if carry_over else 0o777 & ~_current_umask()
     carried, old, swapping = [], None, False
@@ -97,6 +98,10 @@ def atomic_folder(path, carry_over: bool = False, left_behind=()):
                 os.replace(path, old)
             os.replace(tmp, path)
     except BaseException as err:
+        if swapping and _inode(path) == new_folder:  # cut short (Ctrl-C) just after the swap: the new folder is in
+            path.chmod(mode)                         # place, whole; the old one goes
+            shutil.rmtree(tmp if old is None else old, ignore_errors=True)
+            raise
         if old is not None and not os.path.lexists(path):
             os.replace(old, path)  # the swap failed halfway: the old folder goes back ...
         for name in carried:  # ... with the entries carried out of it
@@ -111,6 +116,13 @@ def atomic_folder(path, carry_over: bool = False, left_behind=()):
     fsync_folder(path.parent)  # the rename itself survives a power cut
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
 
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # (linux/fcntl.h, linux/fs.h)

@@ -239,6 +239,42 @@ def test_a_save_over_a_folder_swaps_it_in_one_step_where_the_system_can(tmp_path
     assert contents(folder, MODEL_FILES) == contents(tmp_path / "new", MODEL_FILES)
 
 
+@pytest.mark.parametrize("swap", ["exchange", "renames"])
+def test_a_ctrl_c_just_after_the_swap_leaves_the_new_model_in_place_and_is_the_error_raised(
+        tmp_path, two_models, monkeypatch, swap):
+    """A KeyboardInterrupt landing just after the rename that put the new folder in place: the save is done (the
+    new model, the user's own files, the folder's mode, no copy left beside it) and the interrupt is what the
+    caller sees (the clean-up put the carried files 'back' into a folder that was gone: FileNotFoundError)."""
+    if swap == "exchange" and fusion.checkpoint._renameat2() is None:
+        pytest.skip("this system has no one-step exchange of two paths (renameat2)")
+    old, new = two_models
+    folder = tmp_path / "model"
+    old.save_pretrained(folder)
+    (folder / "README.md").write_text("my notes")
+    folder.chmod(0o750)
+    real_replace, real_exchange = os.replace, fusion.checkpoint.exchange_paths
+
+    def exchange_then_interrupt(a, b):
+        if swap == "renames":
+            return False
+        assert real_exchange(a, b)
+        raise KeyboardInterrupt
+
+    def replace_then_interrupt(source, target):
+        real_replace(source, target)
+        if Path(target) == folder:  # the new folder moved into place
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fusion.checkpoint, "exchange_paths", exchange_then_interrupt)
+    monkeypatch.setattr(fusion.checkpoint.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(folder)
+    monkeypatch.undo()
+    assert contents(folder, MODEL_FILES) == contents(_saved(new, tmp_path / "new"), MODEL_FILES)
+    assert (folder / "README.md").read_text() == "my notes" and (folder.stat().st_mode & 0o777) == 0o750
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "new"]
+
+
 def _saved(model, path):
     model.save_pretrained(path)
     return path
