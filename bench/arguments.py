@@ -10,32 +10,16 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
 from typing import Sequence, TypeVar
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, as the benches do
+from fusion.cli import whole_number  # noqa: E402
 
 T = TypeVar("T")
 
-
-def _whole_number(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number of 1 or more (rounds, batch size, threads, ...)."""
-    value = _whole_number(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is less than 1: give 1 or more")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: a whole number of 0 or more (warm-up rounds, where none is a choice)."""
-    value = _whole_number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative: give 0 or more")
-    return value
+positive_int = whole_number(1)  # rounds, batch size, threads, ...
+non_negative_int = whole_number(0)  # warm-up rounds, where none is a choice
 
 
 def json_output_path(text: str) -> str:

@@ -15,6 +15,19 @@ import sys
 import warnings
 
 
+def whole_number(minimum: int):
+    """An argparse type: an int >= `minimum` (argparse names the option in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 @contextlib.contextmanager
 def dataset_warnings_as_lines():
     """Within it, a skipped sample's warning shows as one line ("fusion: DatasetWarning: ..."), not as

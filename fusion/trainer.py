@@ -401,7 +401,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / max(tokens, 1):.3f}")
             if progress.step % self.config.log_every == 0 or progress.step == total:
-                self.log_train(stage, progress, window, optimizer)
+                self.log_train(stage, progress, window)
                 window = new_window()
             if stage.eval.every and progress.step % stage.eval.every == 0 and progress.step < total:
                 self.evaluate(stage, progress)
@@ -551,7 +551,7 @@ class Trainer:
                           stacklevel=2)
 
     # -- logging, evaluation, checkpoints ----------------------------------------------------
-    def log_train(self, stage, progress, window, optimizer):
+    def log_train(self, stage, progress, window):
         if not self.ctx.is_main:
             return
         elapsed = time.perf_counter() - window["time"]
@@ -563,8 +563,7 @@ class Trainer:
                  "seconds": time.perf_counter() - self.started,
                  "samples": window["samples"], "skipped_samples": window["dropped"],
                  "skipped_steps": window["skipped_steps"],
-                 # the rates of the window's last step (not those the schedule set for the step after it)
-                 "lr": window.get("lr") or {g["part"]: g["lr"] for g in optimizer.param_groups}}
+                 "lr": window["lr"]}  # the rates of the window's last step (not the schedule's for the next)
         load = window["load"]
         if load is not None and load.numel():
             share = load / load.sum(-1, keepdim=True).clamp(min=1)  # [layers, (image, text), experts]

@@ -42,6 +42,7 @@ from tokenizer.errors import TokenizerError
 from vision.errors import VisionInputError
 
 from ..checkpoint import model_folder, user_path, write_json
+from ..cli import whole_number
 from ..data.datasets import (MISSING_IMAGE, MISSING_VIDEO, TASKS, ConversationDataset, DatasetWarning, Record,
                              classify_error)
 from ..errors import CheckpointError, ConfigError, DatasetError
@@ -329,19 +330,6 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _whole_number(minimum: int):
-    """An argparse type: an int >= `minimum` (argparse names the option in its error)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of `fusion eval MODEL_DIR DATA [options]`."""
     parser.add_argument("model", help="a model folder (written by save_pretrained or by training), or `default` for "
@@ -351,12 +339,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                                                      "file's folder)")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file (a file path, not a "
                                                     "folder)")
-    parser.add_argument("--batch-size", type=_whole_number(1), default=16, help="conversations per generation batch (default 16)")
-    parser.add_argument("--limit", type=_whole_number(0), default=None, help="evaluate only the first N samples")
-    parser.add_argument("--max-new-tokens", type=_whole_number(1), default=None,
+    parser.add_argument("--batch-size", type=whole_number(1), default=16, help="conversations per generation batch (default 16)")
+    parser.add_argument("--limit", type=whole_number(0), default=None, help="evaluate only the first N samples")
+    parser.add_argument("--max-new-tokens", type=whole_number(1), default=None,
                         help="generation limit (default: per task, the longest reference answer or caption of the "
                              "file + 8 tokens, at least 16)")
-    parser.add_argument("--num-frames", type=_whole_number(1), default=None, help="frames per video (default: the model's)")
+    parser.add_argument("--num-frames", type=whole_number(1), default=None, help="frames per video (default: the model's)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--predictions", action="store_true", help="include every prediction in the JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
