@@ -15,14 +15,21 @@ import torch
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lists of token ids -> (ids [B, T], attention_mask [B, T]) padded on the left."""
-    if not sequences or any(len(s) == 0 for s in sequences):
+    """Lists of token ids -> (ids [B, T], attention_mask [B, T]) padded on the left. Each prompt may be any
+    iterable of integers (a list, a tuple, a numpy array, a 1-D tensor); anything else is a ValueError."""
+    try:
+        rows = [[_token_id(t) for t in seq] for seq in sequences]
+    except TypeError:
+        raise ValueError("generate: input_ids must be a list of prompts, each a list of integer token ids (one "
+                         "prompt: [ids]), or a [batch, tokens] tensor") from None
+    if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("generate: every prompt needs at least one token")
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
+    pad_id = _pad_id(pad_id)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, seq in enumerate(rows):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
         mask[row, width - len(seq):] = 1
     return ids, mask
 
@@ -36,6 +43,13 @@ def _token_id(value) -> int:
     except TypeError:
         pass
     raise TypeError(value)
+
+
+def _pad_id(pad_id) -> int:
+    try:
+        return _token_id(pad_id)
+    except TypeError:
+        raise ValueError(f"generate: pad_id must be an integer token id, got {pad_id!r}") from None
 
 
 def stop_id_tuple(stop_ids: int | Iterable[int] | torch.Tensor | None) -> tuple[int, ...]:
@@ -132,7 +146,11 @@ def generate(decoder, *, input_ids=None, inputs_embeds: torch.Tensor | None = No
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     check_sampling_options(do_sample, temperature, top_k, top_p, generator)
     stop_ids = stop_id_tuple(stop_ids)
+    pad_id = _pad_id(pad_id)
     if input_ids is not None and not torch.is_tensor(input_ids):
+        if attention_mask is not None:
+            raise ValueError("generate: attention_mask goes with a padded tensor of input_ids; lists of token ids "
+                             "are padded here, so leave attention_mask out")
         input_ids, attention_mask = left_pad(input_ids, pad_id)
     prompt = input_ids if input_ids is not None else inputs_embeds
     if prompt is None or prompt.ndim != (2 if input_ids is not None else 3):
@@ -141,9 +159,14 @@ def generate(decoder, *, input_ids=None, inputs_embeds: torch.Tensor | None = No
         got = "nothing" if prompt is None else f"shape {tuple(prompt.shape)}"
         raise ValueError(f"generate: expected {expected}, got {got}")
     B, T = prompt.shape[:2]
+    if T == 0:
+        raise ValueError("generate: every prompt needs at least one token")
     device = decoder.embed_tokens.weight.device
     if attention_mask is None:
         attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
+    if tuple(attention_mask.shape) != (B, T):
+        raise ValueError(f"generate: attention_mask must have the shape of the prompts {(B, T)}, got "
+                         f"{tuple(attention_mask.shape)}")
     attention_mask = attention_mask.to(device)
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("generate: prompts must be left-padded (the last column of attention_mask must be all 1)")

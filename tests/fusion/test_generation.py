@@ -151,3 +151,30 @@ def test_sampling_temperature_sharpens_or_flattens_the_distribution():
     expected = [f / sum(flattened) for f in flattened]  # [0.275, 0.262, 0.244, 0.219]
     assert shares(10.0) == pytest.approx(expected, abs=0.03)
     assert shares(10.0)[3] >= 0.19
+
+
+def test_malformed_prompts_are_named_before_any_token_is_computed():
+    """A flat list of ids, a list of strings, an attention_mask of another shape than the prompts (or one given
+    with unpadded lists, which are padded here) and a None pad_id are each a ValueError saying what generate
+    expects, not a TypeError or a torch shape error from inside the decoder (or a mask silently ignored)."""
+    model = make_decoder()
+    for prompts in ([5, 9, 2], ["ab", "c"], [[5, 9], [2.5]], [[5, 9], None]):
+        with pytest.raises(ValueError, match=r"generate: input_ids must be a list of prompts, each a list of integer "
+                                             r"token ids"):
+            model.generate(prompts, max_new_tokens=2)
+    ids = torch.tensor([[5, 9, 2]])
+    for mask in (torch.ones(1, 2), torch.ones(2, 3), torch.ones(3)):
+        with pytest.raises(ValueError, match=r"generate: attention_mask must have the shape of the prompts \(1, 3\), "
+                                             r"got \(" + ", ".join(map(str, mask.shape))):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match="lists of token ids are padded here, so leave attention_mask out"):
+        model.generate([[5, 9]], attention_mask=torch.tensor([[0, 1]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate(torch.zeros(2, 0, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"pad_id must be an integer token id, got None"):
+        model.generate([[5, 9], [2]], pad_id=None, max_new_tokens=2)
+    # well-formed prompts in any integer form still work: tuples, numpy and tensor rows
+    import numpy as np
+    expected = model.generate([[5, 9, 2], [7]], max_new_tokens=3).tolist()
+    assert model.generate(((5, 9, 2), (7,)), max_new_tokens=3).tolist() == expected
+    assert model.generate([np.array([5, 9, 2]), torch.tensor([7])], max_new_tokens=3).tolist() == expected
