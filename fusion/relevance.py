@@ -71,8 +71,9 @@ def patch_relevance(model, image, question: str, answer: str | None = None, *, m
         ``question``: the question, ``grid``: ``(side, side)``.
 
     Raises:
-        ValueError: the image takes more than one tile, the question is empty or has a media marker, or
-            it is called under ``torch.inference_mode()`` (which forbids the gradient it needs; ``no_grad`` is fine).
+        ValueError: the image takes more than one tile, the question is empty or has a media marker, the
+            answer is not a str (or None), max_new_tokens is not an int >= 1, or it is called under
+            ``torch.inference_mode()`` (which forbids the gradient it needs; ``no_grad`` is fine).
     """
     if torch.is_inference_mode_enabled():
         raise ValueError("patch_relevance differentiates the answer's log-probability, which torch.inference_mode() "
@@ -82,6 +83,13 @@ def patch_relevance(model, image, question: str, answer: str | None = None, *, m
     if IMAGE_MARKER in question or "<video>" in question:
         raise ValueError(f"patch_relevance: leave the media marker out of the question {question!r}; "
                          f"the image is placed before it")
+    if answer is not None and not isinstance(answer, str):
+        raise ValueError(f"patch_relevance: answer must be the answer's text (a str, e.g. {str(answer)!r}) or None "
+                         f"for the model's own answer, got a {type(answer).__name__}: {answer!r}")
+    if answer is None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                           or max_new_tokens < 1):
+        raise ValueError(f"patch_relevance: max_new_tokens (the most tokens of the model's own answer) must be an "
+                         f"int >= 1, got {max_new_tokens!r}")
     side = token_grid_side(model)
     picture = load_image(image)
     conversation = [{"role": "user", "content": QUESTION_PROMPT.format(question=question.strip())}]

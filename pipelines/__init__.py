@@ -55,7 +55,8 @@ def pipeline(task: str, model=None, device=None, dtype=None, batch_size: int = 1
         model: a checkpoint folder (str or os.PathLike, written by `FusionModel.save_pretrained` or
             `fusion train`), a `fusion.FusionModel`, or None (or "default") for the default model that
             ships in `fusion/default_model/`. A missing or broken folder raises `fusion.errors.CheckpointError`
-            naming it; a missing default model `DefaultModelMissingError` (a CheckpointError).
+            naming it; a missing default model `DefaultModelMissingError` (a CheckpointError). A given
+            FusionModel keeps its train/eval mode: each call runs it in eval mode and then restores its modes.
         device: -1 (CPU), 0 (cuda:0), a string ("cpu", "cuda:1") or a torch.device. None: a loaded
             model stays on the CPU, a given FusionModel where it is. A given model is moved in place.
         dtype: a torch dtype or its name ("float32", "bfloat16"); None: a loaded model in float32, a given

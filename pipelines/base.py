@@ -25,6 +25,7 @@ Settings come from three places, later wins: the class defaults, the constructio
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import operator
@@ -43,6 +44,22 @@ _OWNED_GENERATION_OPTIONS = {"decoder", "input_ids", "inputs_embeds", "attention
 #: What `generate_kwargs` may hold: the options of `fusion.generation.generate`, e.g. do_sample,
 #: temperature, top_k, top_p, stop_ids, generator, max_new_tokens.
 GENERATION_OPTIONS = frozenset(inspect.signature(_generate_tokens).parameters) - _OWNED_GENERATION_OPTIONS
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Run `model` in eval mode, then give each of its modules back the train/eval mode it had.
+
+    A pipeline may be handed a model that is training (e.g. to look at answers between training steps):
+    its calls must answer as the model does in eval mode, and must leave the model as they found it (in
+    train mode the MoE layers count the routed tokens for load balancing, the tower applies dropout)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.train(training)
 
 
 def check_positive_int(value, name: str) -> int:
@@ -78,9 +95,11 @@ class Pipeline:
     """Base class of the task pipelines (see the module docstring for the calling shapes).
 
     Args:
-        model: a checkpoint folder (str or os.PathLike), a `FusionModel`, or None for the default model.
+        model: a checkpoint folder (str or os.PathLike), a `FusionModel`, or None for the default model. The
+            model answers in eval mode; a given model's train/eval modes are restored after each call.
         device: -1 / "cpu" / 0 / "cuda:1" / torch.device; None keeps a given model where it is.
-        dtype: a torch dtype or its name ("float32", "bfloat16"); None keeps the model's.
+        dtype: a torch dtype or its name ("float32", "bfloat16"); None keeps a given model's (a model loaded
+            from a folder is in float32, whatever the file stores).
         batch_size: how many inputs go through the model together (greedy results do not depend on it;
             sampled ones do, as the rows of a batch share one random stream).
         max_new_tokens: the most tokens generated per input (default: the task's `default_max_new_tokens`).
@@ -153,17 +172,18 @@ class Pipeline:
         records, is_list = self._records(inputs, fields, where)
 
         results = []
-        for start in range(0, len(records), size):
-            prepared = []
-            for index in range(start, min(start + size, len(records))):
-                try:
-                    prepared.append(self.preprocess(records[index], **options))
-                except Exception as err:
-                    if is_list and hasattr(err, "add_note"):  # Python >= 3.11
-                        err.add_note(f"(raised for input {index} of the {len(records)} given to the {self.task} "
-                                     f"pipeline)")
-                    raise
-            results.extend(self.postprocess(output) for output in self.forward(prepared, **generation))
+        with eval_mode(self.model):
+            for start in range(0, len(records), size):
+                prepared = []
+                for index in range(start, min(start + size, len(records))):
+                    try:
+                        prepared.append(self.preprocess(records[index], **options))
+                    except Exception as err:
+                        if is_list and hasattr(err, "add_note"):  # Python >= 3.11
+                            err.add_note(f"(raised for input {index} of the {len(records)} given to the {self.task} "
+                                         f"pipeline)")
+                        raise
+                results.extend(self.postprocess(output) for output in self.forward(prepared, **generation))
         return results if is_list else results[0]
 
     # -- argument normalisation ------------------------------------------------------------------

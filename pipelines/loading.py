@@ -18,6 +18,7 @@ import torch
 
 from fusion import FusionModel
 from fusion.checkpoint import DEFAULT_MODEL, default_model_location
+from fusion.errors import CheckpointError
 
 from .errors import DefaultModelMissingError, PipelineInputError
 
@@ -91,22 +92,27 @@ def load_default_model(device: torch.device | None = None, dtype: torch.dtype | 
 
 
 def load_model(model, device: torch.device | None = None, dtype: torch.dtype | None = None) -> FusionModel:
-    """The pipeline's model from `model=`, on `device` in `dtype`, in eval mode.
+    """The pipeline's model from `model=`, on `device` in `dtype`; a model loaded here is in eval mode.
 
-    A given `FusionModel` is moved (in place, as `nn.Module.to` does) only where device or dtype is given.
+    A given `FusionModel` is moved (in place, as `nn.Module.to` does) only where device or dtype is given,
+    and keeps its train/eval mode (a pipeline call runs it in eval mode and gives it its modes back).
     A missing or broken folder raises `fusion.errors.CheckpointError` naming it.
     """
-    if model is None or model == DEFAULT_MODEL:  # a folder called "default" is "./default"
-        loaded = load_default_model(device, dtype)
-    elif isinstance(model, FusionModel):
-        loaded = model
+    if model is None or (isinstance(model, str) and model == DEFAULT_MODEL):  # a folder called so is "./default"
+        return load_default_model(device, dtype).eval()
+    if isinstance(model, FusionModel):
         if dtype is not None:
-            loaded.to(dtype)
+            model.to(dtype)
         if device is not None:
-            loaded.to(device)
-    elif isinstance(model, (str, os.PathLike)):
-        loaded = FusionModel.from_pretrained(model, device=device, dtype=dtype)
-    else:
-        raise PipelineInputError(f"model must be a checkpoint folder (str or os.PathLike), a fusion.FusionModel, "
-                                 f"or None for the default model, got a {type(model).__name__}")
-    return loaded.eval()
+            model.to(device)
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        if os.path.isfile(os.path.expanduser(model)):
+            raise CheckpointError(
+                f"model={os.fspath(model)!r} is a file, not a model folder: model= takes a folder written by "
+                f"FusionModel.save_pretrained or `fusion train` (or a FusionModel, or None for the default model). "
+                f"The image or video goes to the pipeline's call: pipe(...) after pipe = fusion.pipeline(task)")
+        return FusionModel.from_pretrained(model, device=device, dtype=dtype).eval()
+    raise PipelineInputError(f"model must be a checkpoint folder (str or os.PathLike), a fusion.FusionModel, "
+                             f"or None for the default model, got a {type(model).__name__}; the images or "
+                             f"videos go to the pipeline's call: pipe(...) after pipe = fusion.pipeline(task)")

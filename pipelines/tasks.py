@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 from fusion.processor import checked_presampled_video
 from vision import VideoLoadError, load_image
@@ -96,8 +97,9 @@ class VideoQAPipeline(Pipeline):
 
     A video is a file path, or frames already sampled (`vision.sample_frames(...)`, or a
     `(frames [T, H, W, 3] uint8, timestamps in seconds)` pair). Frame sampling: `num_frames` (uniform)
-    or `fps` (capped at `max_frames`), given at construction or at call time (a call's num_frames or
-    fps replaces both construction settings); with neither, the model's saved video settings.
+    or `fps` (capped at `max_frames`; with uniform sampling a max_frames is ignored, with a warning), given
+    at construction or at call time (a call's num_frames or fps replaces both construction settings); with
+    neither, the model's saved video settings.
     `score` as for VQA. The prompt is `pipelines.prompts.VIDEO_QA_PROMPT`.
     """
 
@@ -132,6 +134,12 @@ class VideoQAPipeline(Pipeline):
         return {**record, "question": check_question(record["question"], where)}
 
     def preprocess(self, record: dict, num_frames=None, fps=None, max_frames=None) -> dict:
+        settings = self.model.processor.video
+        uniform = fps is None and (num_frames is not None or settings.fps is None)
+        if max_frames is not None and uniform and checked_presampled_video(record["video"]) is None:
+            warnings.warn(f"max_frames={max_frames} ignored: it caps fps sampling, and this video is sampled "
+                          f"uniformly ({num_frames or settings.num_frames} frames); pass fps=... with it, or "
+                          f"num_frames=... for fewer frames", UserWarning, stacklevel=3)
         frames = self.model.processor.sample_video(record["video"], num_frames=num_frames, fps=fps,
                                                    max_frames=max_frames)
         return {"conversation": user_turn(VIDEO_QA_PROMPT, question=record["question"]), "videos": [frames]}

@@ -157,3 +157,12 @@ def test_overlay_covers_the_tile_the_model_saw():
     assert np.array_equal(np.asarray(overlay_relevance(picture, heat, alpha=0.0)), picture)
     with pytest.raises(ValueError, match="square"):
         overlay_relevance(picture, np.zeros((2, 3)))
+
+
+def test_an_answer_that_is_not_text_is_named(model):
+    """A count question's answer passed as the number 2 (or a bad max_new_tokens) is refused naming it, not with
+    an AttributeError from inside (or "the answer has no tokens to explain")."""
+    with pytest.raises(ValueError, match=r"answer must be the answer's text \(a str, e.g. '2'\).*got a int"):
+        patch_relevance(model, image(7), "how many shapes are there?", answer=2)
+    with pytest.raises(ValueError, match="max_new_tokens .* must be an int >= 1, got 0"):
+        patch_relevance(model, image(7), QUESTION, max_new_tokens=0)

@@ -6,6 +6,7 @@ pipelines ask what the training data asks, batch without changing answers, and p
 import ast
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -534,3 +535,51 @@ def test_chat_reads_the_media_that_typed_parts_carry(model, media):
     # a part without its file still needs the list
     with pytest.raises(Exception, match="1 <image> marker"):
         model.chat([[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]])
+
+
+# -- a model the caller is training ---------------------------------------------------------------------
+def test_a_training_model_answers_in_eval_mode_and_keeps_its_modes(model):
+    """A pipeline on a model that is training (to look at answers between steps) must neither switch the
+    model to eval mode for good nor run it in train mode, where the MoE layers count the routed tokens
+    into the load-balancing statistics the next expert-bias update uses."""
+    expected = pipelines.pipeline("vqa", model=model)(image=image(1), question=QUESTIONS[0])
+    moes = model.decoder.moe_layers()
+    model.train()
+    try:
+        pipe = pipelines.pipeline("vqa", model=model)
+        assert all(m.training for m in model.modules())  # construction leaves the model's mode alone
+        counts = [moe.tokens_per_expert.clone() for moe in moes]
+        assert_same_results(pipe(image=image(1), question=QUESTIONS[0]), expected)
+        assert all(m.training for m in model.modules())
+        assert all(torch.equal(moe.tokens_per_expert, c) for moe, c in zip(moes, counts))
+        model.eval()
+        model.adapter.train()  # a mix of modes comes back as it was, too
+        pipe(image=image(1), question=QUESTIONS[0])
+        assert [m.training for m in model.modules()] == [m in set(model.adapter.modules()) for m in model.modules()]
+    finally:
+        model.eval()
+
+
+def test_an_image_given_as_the_model_says_where_it_goes(media):
+    """`fusion.pipeline("captioning", "cat.png")` (or an image array) in the model's place: the error says the
+    image goes to the call, not that an existing file does not exist (or numpy's "truth value ... ambiguous")."""
+    for path in (str(media["png"]), media["png"]):
+        with pytest.raises(CheckpointError, match=r"shape.png' is a file, not a model folder.*pipe\("):
+            pipelines.pipeline("captioning", path)
+    with pytest.raises(PipelineInputError, match=r"model must be .* got a ndarray.*pipe\("):
+        pipelines.pipeline("vqa", image(1))
+
+
+def test_max_frames_with_uniform_sampling_warns_that_it_is_ignored(model, media):
+    """max_frames caps fps sampling only; given where the frames are sampled uniformly it changed nothing,
+    silently (a user asking for at most 2 frames got the model's 8)."""
+    video_qa = pipelines.pipeline("video-qa", model=model)
+    clip, question = str(media["clip"]), QUESTIONS[2]
+    uniform = video_qa(video=clip, question=question, num_frames=4)
+    with pytest.warns(UserWarning, match=r"max_frames=2 ignored: it caps fps sampling.*uniformly \(4 frames\)"):
+        assert_same_results(video_qa(video=clip, question=question, num_frames=4, max_frames=2), uniform)
+    with pytest.warns(UserWarning, match=r"max_frames=2 ignored"):  # the model's own setting is uniform too
+        pipelines.pipeline("video-qa", model=model, max_frames=2)(video=clip, question=question)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # where it applies, no warning
+        video_qa(video=clip, question=question, fps=8, max_frames=2)
