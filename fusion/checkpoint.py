@@ -334,6 +334,11 @@ def save_model_folder(model, path, state: dict | None = None) -> None:
 
 def read_model_config(path) -> dict:
     folder = Path(path)
+    if folder.is_file():
+        inside = folder.name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
+        raise CheckpointError(f"{str(folder)!r} is a file, not a model folder: " + (
+            f"pass the folder that holds it, {str(folder.parent)!r}" if inside else
+            "pass a folder written by FusionModel.save_pretrained or `fusion train`"))
     if not folder.is_dir():
         aside = sorted(folder.parent.glob(f".{glob.escape(folder.name)}{MOVED_ASIDE_MARK}*")) if folder.name else []
         raise CheckpointError(f"model folder {str(folder)!r} does not exist (expected a folder written by "

@@ -359,6 +359,8 @@ def sample_frames(path: PathLike, num_frames: int = 8, fps: Optional[float] = No
         check_sampling_arguments(num_frames=num_frames, fps=fps, max_frames=max_frames, start=start, end=end)
     except VideoLoadError as err:
         raise VideoLoadError(f"{shown}: {err}") from None
+    if not shown:
+        raise VideoLoadError("the video path is an empty string; pass the path of a video file")
     if not os.path.exists(shown):
         hint = url_hint(shown)
         raise VideoLoadError(f"{shown}: no such file" + (hint or f" (working directory {os.getcwd()}); check the path"))

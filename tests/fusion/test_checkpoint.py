@@ -399,6 +399,13 @@ def test_a_run_folder_or_a_checkpoint_given_as_the_model_says_where_its_model_is
         FusionModel.from_pretrained(tmp_path / "run")
     with pytest.raises(CheckpointError, match=r"a training checkpoint: its model is '.*step-0000002/model'"):
         FusionModel.from_pretrained(tmp_path / "run" / "checkpoints" / "step-0000002")
+    # a file of the folder, or any other file, is named as a file (not as a folder that does not exist)
+    with pytest.raises(CheckpointError, match=r"'.*final/model.safetensors' is a file, not a model folder: pass "
+                                              r"the folder that holds it, '.*run/final'"):
+        FusionModel.from_pretrained(tmp_path / "run" / "final" / "model.safetensors")
+    (tmp_path / "cat.png").write_bytes(b"png")
+    with pytest.raises(CheckpointError, match=r"'.*cat.png' is a file, not a model folder: pass a folder written"):
+        FusionModel.from_pretrained(tmp_path / "cat.png")
 
 
 def test_from_hf_on_a_folder_that_does_not_exist_says_so(tmp_path):

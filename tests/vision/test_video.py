@@ -738,6 +738,8 @@ def test_missing_file_and_folder_raise_video_load_error(tmp_path, backend):
         sample_frames("http://example.com/clip.mp4", backend=backend)
     with pytest.raises(VideoLoadError, match="not a file"):
         sample_frames(tmp_path, backend=backend)
+    with pytest.raises(VideoLoadError, match="the video path is an empty string"):
+        sample_frames("", backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
