@@ -229,10 +229,13 @@ class MoE(nn.Module):
                 counted = torch.zeros(self.num_experts, dtype=scores.dtype, device=x.device).index_add_(
                     0, chosen.reshape(-1), weight)
         self.last_counts, self.last_chosen, self.last_counted = counts.detach(), chosen.detach(), counted.detach()
-        if self.training:
+        # Only a forward that can train counts for the balance: one under no_grad (generating with a model left
+        # in train mode, say) must not move the next bias update.
+        training = self.training and torch.is_grad_enabled()
+        if training:
             with torch.no_grad():
                 self.tokens_per_expert += counted.to(self.tokens_per_expert.dtype)
-        self.aux_loss = (self._balance_loss(scores, counted, valid) if self.training and self.aux_loss_coef > 0
+        self.aux_loss = (self._balance_loss(scores, counted, valid) if training and self.aux_loss_coef > 0
                          else None)
         return out.reshape(shape)
 

@@ -134,6 +134,9 @@ def test_bias_update_from_token_counts():
     x = torch.randn(20, 32)
     moe(x)
     assert moe.tokens_per_expert.sum() == 20  # counted again during training forwards
+    with torch.no_grad():  # e.g. generating with a model left in train mode: not a training forward
+        moe(x)
+    assert moe.tokens_per_expert.sum() == 20 and moe.aux_loss is None
 
 
 def test_aux_loss_is_optional_and_trains_the_router():
