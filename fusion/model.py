@@ -36,8 +36,15 @@ class FusionOutput(DecoderOutput):
 
 
 class FusionModel(nn.Module):
-    def __init__(self, config: FusionConfig, tokenizer: FusionTokenizer, vision_weights=None):
+    def __init__(self, config: FusionConfig, tokenizer: FusionTokenizer, vision_weights=None,
+                 decoder: Decoder | None = None):
+        """A model of `config` with `tokenizer`: the tower from `vision_weights` (an open_clip weight file) or
+        new, the adapter new, the decoder `decoder` (e.g. `Decoder.from_hf(folder)`, a pretrained trunk; its
+        config must be `config.decoder`) or new."""
         super().__init__()
+        if decoder is not None and decoder.config != config.decoder:
+            raise ConfigError("FusionModel: the given decoder's config differs from config.decoder; build the "
+                              "FusionConfig with decoder=decoder.config")
         if config.decoder.vocab_size < len(tokenizer):
             raise ConfigError(f"decoder vocab_size {config.decoder.vocab_size} is smaller than the tokenizer's "
                               f"{len(tokenizer)} tokens; set FusionConfig.decoder.vocab_size >= {len(tokenizer)}")
@@ -49,7 +56,7 @@ class FusionModel(nn.Module):
         self.adapter = VisionAdapter(self.vision.width, config.adapter_hidden_size or d, d, config.pixel_shuffle_ratio,
                                      position_tokens=tokens_per_tile if config.image_position_embedding else None,
                                      position_embedding=config.image_position_embedding or "per_token")
-        self.decoder = Decoder(config.decoder)
+        self.decoder = decoder if decoder is not None else Decoder(config.decoder)
         # Sharded training (FSDP2) gathers a module's weights from every process when it runs: there every
         # process must run the tower and adapter in every forward, a batch without media on a blank tile
         self.vision_in_every_forward = False

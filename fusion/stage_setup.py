@@ -7,10 +7,11 @@ import math
 
 import torch
 
-from tokenizer import FusionTokenizer, text_without_markers
+from tokenizer import FusionTokenizer, TokenizerError, text_without_markers
 from vision.encoder import VisionEncoderConfig
 
 from .checkpoint import model_folder
+from .decoder import Decoder
 from .data.datasets import ConversationDataset
 from .decoder_config import DecoderConfig
 from .errors import CheckpointError, ConfigError
@@ -20,7 +21,9 @@ from .processor import VideoSettings
 from .train_config import StageConfig, TrainConfig, check_keys, numbers_from_text
 
 # keys under `model:` that are not FusionConfig fields
-_MODEL_BUILD_KEYS = {"init_from", "tokenizer", "vision_weights"}
+_MODEL_BUILD_KEYS = {"init_from", "tokenizer", "vision_weights", "trunk"}
+# what a Hugging Face Llama 4 checkpoint folder given as `model.trunk` must hold
+_TRUNK_FILES = ("config.json", "tokenizer.json")
 _FUSION_FIELDS = {f.name for f in dataclasses.fields(FusionConfig)}
 # keys under `model: tokenizer:`
 _TOKENIZER_KEYS = ("path", "train_on", "vocab_size", "min_frequency")
@@ -39,6 +42,8 @@ def check_model_section(config: TrainConfig) -> None:
     unknown = sorted(set(spec) - _FUSION_FIELDS - _MODEL_BUILD_KEYS)
     if unknown:
         raise ConfigError(f"unknown keys {unknown} under model:")
+    if spec.get("trunk") is not None:
+        check_trunk(spec, config)
     tokenizer = spec.get("tokenizer") or {}
     if not isinstance(tokenizer, dict):
         raise ConfigError(f"model.tokenizer must be a mapping with `path` or `train_on`, got {tokenizer!r}")
@@ -69,6 +74,8 @@ def build_model(config: TrainConfig) -> FusionModel:
     spec = dict(config.model)
     if spec.get("init_from"):
         return FusionModel.from_pretrained(model_folder(spec["init_from"], config.base_dir))
+    if spec.get("trunk") is not None:
+        return model_on_trunk(spec, config)
     tokenizer = build_tokenizer(spec.get("tokenizer") or {}, config)
     settings = model_settings(spec)
     decoder = dict(settings.get("decoder") or {})
@@ -76,6 +83,43 @@ def build_model(config: TrainConfig) -> FusionModel:
     fusion_config = FusionConfig(**settings)  # it builds its decoder, vision and video settings from the dicts
     torch.manual_seed(config.seed)
     return FusionModel(fusion_config, tokenizer, vision_weights=config.path(spec.get("vision_weights")))
+
+
+def check_trunk(spec: dict, config: TrainConfig) -> None:
+    """`ConfigError` for a `model.trunk` that cannot work: settings beside it that it replaces, a folder that is
+    not a Hugging Face checkpoint with its tokenizer."""
+    clash = sorted(key for key in ("decoder", "tokenizer") if spec.get(key) is not None)
+    if clash:
+        raise ConfigError(f"model: trunk brings the decoder's settings and weights and its tokenizer, so {clash} "
+                          f"cannot stand beside it; remove {' and '.join(clash)}")
+    if not isinstance(spec["trunk"], str):
+        raise ConfigError(f"model.trunk must be the path of a Hugging Face Llama 4 checkpoint folder, got "
+                          f"{spec['trunk']!r}")
+    folder = config.path(spec["trunk"])
+    missing = [name for name in _TRUNK_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ConfigError(f"model.trunk: {str(folder)!r} is not a Hugging Face Llama 4 checkpoint folder with its "
+                          f"tokenizer: {' and '.join(missing)} missing" + ("" if folder.is_dir() else
+                                                                            " (no such folder)"))
+
+
+def model_on_trunk(spec: dict, config: TrainConfig) -> FusionModel:
+    """A new model on the pretrained language trunk of `model.trunk`, a Hugging Face Llama 4 checkpoint folder:
+    its decoder (settings and text weights, in float32 for training) and its tokenizer
+    (`FusionTokenizer.from_llama4`); the tower (or `vision_weights`) and the adapter as `model:` sets them."""
+    folder = config.path(spec["trunk"])
+    try:
+        tokenizer = FusionTokenizer.from_llama4(folder)
+    except (OSError, TokenizerError) as err:
+        raise ConfigError(f"model.trunk: {err}") from err
+    decoder = Decoder.from_hf(folder, dtype=torch.float32)
+    if decoder.config.vocab_size < len(tokenizer):
+        raise ConfigError(f"model.trunk: the tokenizer of {str(folder)!r} has {len(tokenizer)} tokens, more than "
+                          f"the decoder's vocab_size {decoder.config.vocab_size}: they are not one checkpoint's")
+    settings = {**model_settings(spec), "decoder": decoder.config}
+    torch.manual_seed(config.seed)
+    return FusionModel(FusionConfig(**settings), tokenizer, vision_weights=config.path(spec.get("vision_weights")),
+                       decoder=decoder)
 
 
 def model_settings(spec: dict) -> dict:

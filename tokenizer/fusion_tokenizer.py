@@ -12,7 +12,9 @@ reads ``tokenizer.json`` must turn special-token matching off itself (``tokenize
 ``encode_special_tokens = True``).
 """
 
+import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from .errors import InvalidTokenIdError, TokenizerError, TokenizerFileError
 from .placeholders import ImagePlaceholder, VideoPlaceholder, integer_scalar
 
 TOKENIZER_FILE_NAME = "tokenizer.json"
+# Llama 4's filler tokens (`<|reserved_special_token_0|>` ... `_903|>`, ids 201144-202047 in its tokenizer.json)
+_RESERVED = re.compile(r"<\|reserved_special_token_(\d+)\|>")
 
 
 def _tokenizer_file(path: str | os.PathLike) -> Path:
@@ -58,10 +62,13 @@ class FusionTokenizer:
         special_ids = {token.content: token_id for token_id, token in added.items() if token.special}
         missing = [token for token in st.SPECIAL_TOKENS if token not in special_ids]
         if missing:
+            llama4 = set(missing) == {st.VIDEO_START, st.VIDEO_END}
             raise TokenizerFileError(
                 f"{source} lacks these special tokens (or has them as plain tokens): {', '.join(missing)}; "
-                "it was not made by FusionTokenizer.train. Train a tokenizer with FusionTokenizer.train, "
-                "or add the tokens as special tokens"
+                + ("it looks like a Llama 4 tokenizer: load it with FusionTokenizer.from_llama4, which gives the "
+                   "video markers two of its reserved tokens" if llama4 else
+                   "it was not made by FusionTokenizer.train. Train a tokenizer with FusionTokenizer.train, "
+                   "or add the tokens as special tokens")
             )
         # A copy: the setting below would otherwise change the caller's own tokenizer.
         self._bpe = HFTokenizer.from_str(bpe.to_str())
@@ -129,6 +136,41 @@ class FusionTokenizer:
         except Exception as error:  # the Rust side raises a bare Exception on bad JSON
             raise TokenizerFileError(f"{file} is not a readable tokenizer.json: {error}") from error
         return cls(bpe, source=str(file))
+
+    @classmethod
+    def from_llama4(cls, path: str | os.PathLike) -> "FusionTokenizer":
+        """Load the ``tokenizer.json`` of a Hugging Face Llama 4 checkpoint (a file, or the folder holding it).
+
+        Llama 4's tokenizer has every control token fusion uses but the two video markers of its own
+        (``<|video_start|>``, ``<|video_end|>``): they take the ids of the last two of its filler tokens
+        (``<|reserved_special_token_N|>``), so every id stays within the checkpoint's embedding table and
+        all other ids are Llama 4's. A file that already has the markers (one saved by ``save``) loads as
+        ``load`` would load it.
+        """
+        file = _tokenizer_file(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer file at {file}; a Hugging Face Llama 4 checkpoint folder holds "
+                                    f"its tokenizer.json")
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+            added = data["added_tokens"]
+            contents = {token["content"] for token in added}
+        except (ValueError, KeyError, TypeError) as error:
+            raise TokenizerFileError(f"{file} is not a readable tokenizer.json: {error}") from error
+        missing = [token for token in (st.VIDEO_START, st.VIDEO_END) if token not in contents]
+        if missing:
+            fillers = sorted((token for token in added if token.get("special") and _RESERVED.fullmatch(token["content"])),
+                             key=lambda token: token["id"])
+            if len(fillers) < len(missing):
+                raise TokenizerFileError(f"{file} has no {st.VIDEO_START} / {st.VIDEO_END} and not enough "
+                                         f"<|reserved_special_token_N|> tokens to give them; it is not a Llama 4 "
+                                         f"tokenizer (FusionTokenizer.load takes fusion's own)")
+            vocab = data.get("model", {}).get("vocab")
+            for token, filler in zip(missing, fillers[-len(missing):]):
+                if isinstance(vocab, dict) and filler["content"] in vocab:
+                    vocab[token] = vocab.pop(filler["content"])
+                filler["content"] = token
+        return cls(HFTokenizer.from_str(json.dumps(data)), source=str(file))
 
     # ----- sizes and ids -----------------------------------------------------------------
 

@@ -439,6 +439,42 @@ def test_a_step_with_a_non_finite_loss_is_skipped_and_the_run_goes_on(world, tmp
         train(config, progress=False)
 
 
+def test_a_llama4_trunk_from_a_hugging_face_folder_stays_frozen_while_the_tower_trains(world, tmp_path):
+    """`model: {trunk: FOLDER}` starts from a Hugging Face Llama 4 checkpoint's decoder (settings and weights) and
+    tokenizer (its ids; the video markers on two fillers); a stage that trains the tower and adapter against it
+    leaves its weights bit-identical, and the saved model loads with that tokenizer. Settings that the trunk
+    replaces, and a folder without its tokenizer, are config errors before anything runs."""
+    pytest.importorskip("transformers")
+    from fusion.stage_setup import _texts_of
+    from tests.tiny_models import tiny_llama4_checkpoint
+
+    ids = tiny_llama4_checkpoint(tmp_path / "llama4", _texts_of([world / "text.jsonl", world / "train.jsonl"]))
+    trunk = fusion.Decoder.from_hf(tmp_path / "llama4", dtype=torch.float32).state_dict()
+    stage = {"name": "cotrain", "data": str(world / "train.jsonl"), "steps": 2, "batch_size": 4,
+             "lr": {"vision": 1e-3, "adapter": 1e-3}}
+    config = base_config(world, tmp_path / "run", [stage])
+    del config["model"]["tokenizer"], config["model"]["decoder"]
+    config["model"]["trunk"] = str(tmp_path / "llama4")
+    final = train(fusion.trainer.TrainConfig.from_dict(config), progress=False)
+    assert [step for step, loss in losses(tmp_path / "run") if math.isfinite(loss)] == [1, 2]
+    model = fusion.FusionModel.from_pretrained(final)
+    assert model.decoder.state_dict().keys() == trunk.keys()
+    assert all(torch.equal(model.decoder.state_dict()[k], v) for k, v in trunk.items())
+    assert (model.tokenizer.patch_id, model.tokenizer.video_end_id) == (ids["<|patch|>"], ids["<|reserved_special_token_3|>"])
+    assert model.config.decoder.num_experts == 4 and model.config.decoder.nope_interval == 2
+
+    config["output_dir"] = str(tmp_path / "another")
+    for key, value in (("decoder", {"hidden_size": 32}), ("tokenizer", {"path": str(tmp_path / "llama4")})):
+        clash = {**config, "model": {**config["model"], key: value}}
+        with pytest.raises(ConfigError, match=rf"model: trunk brings the decoder's settings and weights and its "
+                                              rf"tokenizer, so \['{key}'\] cannot stand beside it"):
+            fusion.trainer.check(fusion.trainer.TrainConfig.from_dict(clash))
+    (tmp_path / "llama4" / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match=r"model.trunk: '.*llama4' is not a Hugging Face Llama 4 checkpoint folder "
+                                          r"with its tokenizer: tokenizer.json missing"):
+        fusion.trainer.check(fusion.trainer.TrainConfig.from_dict(config))
+
+
 def test_jsonl_and_llava_json_both_train_and_bad_samples_are_counted(world, tmp_path):
     records = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()]
     records = [r for r in records if r["images"]][:8]

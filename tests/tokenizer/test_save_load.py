@@ -81,3 +81,38 @@ def test_load_rejects_a_tokenizer_without_our_special_tokens(tok, tmp_path):
     stripped.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(TokenizerFileError, match=r"stripped.json lacks these special tokens.*<\|video_end\|>"):
         FusionTokenizer.load(stripped)
+
+
+def test_a_llama4_tokenizer_loads_with_its_own_ids_and_the_video_markers_on_fillers(tmp_path):
+    """A Hugging Face Llama 4 checkpoint's tokenizer.json has every control token fusion uses but the video
+    markers: `load` says to use `from_llama4`, which keeps every id of the file (control tokens included, no
+    begin-of-text added by the file's post-processor) and gives the markers the last two filler ids; saved,
+    it loads as fusion's own."""
+    from tests.tiny_models import LLAMA4_CONTROL_TOKENS, llama4_style_tokenizer
+
+    ids = llama4_style_tokenizer(tmp_path / "llama4", tiny_corpus())
+    with pytest.raises(TokenizerFileError, match=r"<\|video_start\|>, <\|video_end\|>; it looks like a Llama 4 "
+                                                 r"tokenizer: load it with FusionTokenizer.from_llama4"):
+        FusionTokenizer.load(tmp_path / "llama4")
+    tok = FusionTokenizer.from_llama4(tmp_path / "llama4")
+    assert len(tok) == len(LLAMA4_CONTROL_TOKENS) + tok.base_vocab_size == max(ids.values()) + 1
+    for token, token_id in ids.items():
+        if token in SPECIAL_TOKENS:
+            assert tok.special_token_ids[token] == token_id, token
+    assert (tok.video_start_id, tok.video_end_id) == (ids["<|reserved_special_token_2|>"],
+                                                      ids["<|reserved_special_token_3|>"])
+    assert (tok.bos_id, tok.patch_id, tok.pad_id) == (ids["<|begin_of_text|>"], ids["<|patch|>"],
+                                                      ids["<|finetune_right_pad|>"])
+    for text in SAMPLE_TEXTS:
+        assert tok.decode(tok.encode(text)) == text and tok.bos_id not in tok.encode(text)
+    saved = FusionTokenizer.load(tok.save(tmp_path / "saved"))
+    assert saved.special_token_ids == tok.special_token_ids == FusionTokenizer.from_llama4(tmp_path / "saved").special_token_ids
+    assert saved.encode(SAMPLE_TEXTS[0]) == tok.encode(SAMPLE_TEXTS[0])
+
+    data = json.loads((tmp_path / "llama4" / "tokenizer.json").read_text())
+    data["added_tokens"] = [t for t in data["added_tokens"] if "reserved" not in t["content"]]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(TokenizerFileError, match="not enough <.reserved_special_token_N.> tokens to give them; it is "
+                                                 "not a Llama 4 tokenizer"):
+        FusionTokenizer.from_llama4(tmp_path / "other")
