@@ -189,8 +189,13 @@ def pack_batch(samples: Sequence, pad_id: int, max_length: int) -> Batch:
 
     Each sample keeps its own positions (restarting at 0) and segment id, so packed samples never
     attend to each other; the row's padding is masked out. A sample longer than `max_length` gets a
-    row of its own.
+    row of its own. A sample's first token is never a target (labels are shifted inside the model, so
+    it would be predicted from the last token of the sample before it), as when padded.
     """
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    if max_length is None or max_length < 1:
+        raise ValueError(f"pack_batch: max_length (the tokens per packed row) must be >= 1, got {max_length}")
     rows: list[list] = []
     for s in samples:
         if rows and sum(len(x.input_ids) for x in rows[-1]) + len(s.input_ids) <= max_length:
@@ -201,7 +206,8 @@ def pack_batch(samples: Sequence, pad_id: int, max_length: int) -> Batch:
     B = len(rows)
     ids = torch.full((B, width), pad_id, dtype=torch.long)
     mask = torch.zeros((B, width), dtype=torch.long)
-    labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
+    with_labels = all(s.labels is not None for s in samples)
+    labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long) if with_labels else None
     positions = torch.zeros((B, width), dtype=torch.long)
     segments = torch.full((B, width), -1, dtype=torch.long)
     branched = any(s.branch_ids is not None for s in samples)
@@ -214,7 +220,9 @@ def pack_batch(samples: Sequence, pad_id: int, max_length: int) -> Batch:
             cols = slice(start, start + n)
             ids[r, cols] = s.input_ids
             mask[r, cols] = 1
-            labels[r, cols] = s.labels
+            if labels is not None:
+                labels[r, cols] = s.labels
+                labels[r, start:start + 1] = IGNORE_INDEX  # not a target of the previous sample's last token
             positions[r, cols], sample_branches = _positions_and_branches(s)
             if branched:
                 branch_ids[r, cols] = sample_branches

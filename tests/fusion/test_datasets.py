@@ -591,6 +591,93 @@ def test_split_by_length_keeps_every_sample_and_pads_least():
         split_by_length(samples, 0)
 
 
+def test_packed_samples_train_each_sample_as_alone_or_padded(tok, media):
+    """Images, a video, text and a shared-prefix group, several longer than a chunk (16 tokens; the NoPE layer
+    tunes its temperature past position 7): alone, right-padded together or packed into rows (with padding at
+    a row's end), the summed token loss, its gradients and the experts' real-token counts are the same."""
+    from fusion.data.collate import pack_batch
+    from fusion.training_step import supervised_loss_sum
+
+    model = tiny_fusion_model(tok, num_frames=3).train()
+    rows = [sample("a0", "<image>\nwhat color is the circle?", "red", ["images/a.png"]),
+            sample("a1", "<image>\nhow many shapes are there?", "2 and a green triangle", ["images/a.png"]),
+            sample("t0", "is there a star? a blue square at the top left", "no"),
+            sample("v0", "<video>\nwhich way does it move?", "left", videos=["videos/v.mp4"]),
+            sample("b0", "<image>\nis there a star?", "no", ["images/b.png"])]
+    ds = ConversationDataset(write_jsonl(media / "packing.jsonl", rows), model.processor, group_by_media=True)
+    samples = [ds[i] for i in range(len(ds))]
+    assert samples[0].branch_ids is not None and all(len(s.input_ids) > 16 for s in samples)
+    params = list(model.parameters())
+
+    def train(batches):
+        model.zero_grad()
+        for moe in model.decoder.moe_layers():
+            moe.tokens_per_expert.zero_()
+        total, count = 0.0, 0
+        for batch in batches:
+            inputs = batch.model_inputs()
+            _, loss, n = supervised_loss_sum(model, inputs, inputs.pop("labels"))
+            loss.backward()
+            total, count = total + loss.item(), count + int(n)
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+        return total, count, grads, [moe.tokens_per_expert.clone() for moe in model.decoder.moe_layers()]
+
+    alone = train([pad_batch([s], tok.pad_id) for s in samples])
+    longest = max(len(s.input_ids) for s in samples)
+    packed_batch = pack_batch(samples, tok.pad_id, max_length=longest + 40)
+    assert 1 < packed_batch.input_ids.shape[0] < len(samples) and not packed_batch.attention_mask.all()
+    for other in (train([pad_batch(samples, tok.pad_id)]), train([packed_batch])):
+        assert other[1] == alone[1]
+        assert other[0] == pytest.approx(alone[0], rel=1e-5)
+        for a, b in zip(alone[2], other[2]):
+            assert (a - b).abs().max().item() <= 1e-4 * max(1.0, a.abs().max().item())
+        for a, b in zip(alone[3], other[3]):
+            assert torch.equal(a, b)
+
+
+def test_packing_never_trains_a_sample_to_predict_the_next_samples_first_token(model, tok):
+    """Samples supervised from their first token (a plain language-modelling dataset): packed, the last token of
+    one sample must not learn to predict the first token of the next; the loss is that of the padded batch."""
+    from fusion.data.collate import pack_batch
+    from fusion.processor import ProcessedSample
+
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for n in (10, 7, 5):
+        ids = torch.randint(5, len(tok), (n,), generator=generator)
+        samples.append(ProcessedSample(input_ids=ids, labels=ids.clone(), pixel_values=None))
+    padded, packed = pad_batch(samples, tok.pad_id), pack_batch(samples, tok.pad_id, max_length=100)
+    assert packed.input_ids.shape[0] == 1
+    targets = lambda b: int((b.labels[:, 1:] != -100).sum())  # noqa: E731 (what the trainer counts)
+    assert targets(packed) == targets(padded) == 9 + 6 + 4
+    with torch.no_grad():
+        assert model(**packed.model_inputs()).loss.item() == pytest.approx(
+            model(**padded.model_inputs()).loss.item(), rel=1e-5)
+
+
+def test_pack_batch_odd_inputs():
+    from fusion.data.collate import pack_batch
+    from fusion.processor import ProcessedSample
+
+    def make(n, labelled=True):
+        ids = torch.arange(5, 5 + n)
+        return ProcessedSample(input_ids=ids, labels=ids.clone() if labelled else None, pixel_values=None,
+                               sample_id=f"s{n}")
+
+    with pytest.raises(ValueError, match="empty list of samples"):
+        pack_batch([], 0, max_length=8)
+    for bad in (0, -3, None):
+        with pytest.raises(ValueError, match="max_length"):
+            pack_batch([make(3)], 0, max_length=bad)
+    b = pack_batch([make(3), make(12), make(4)], 0, max_length=10)  # too long for a row: a row of its own
+    assert b.input_ids.shape == (3, 12) and b.sample_ids == ["s3", "s12", "s4"]
+    assert b.attention_mask.sum(1).tolist() == [3, 12, 4] and b.positions[1].tolist() == list(range(12))
+    b = pack_batch([make(3)], 0, max_length=10)
+    assert b.input_ids.tolist() == [[5, 6, 7]] and b.segment_ids.tolist() == [[0, 0, 0]]
+    b = pack_batch([make(3, labelled=False), make(4, labelled=False)], 0, max_length=10)  # prompts: no labels
+    assert b.labels is None and b.input_ids.shape == (1, 7) and b.positions.tolist() == [[0, 1, 2, 0, 1, 2, 3]]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Review fixes: bad records inside groups, repeated questions, line ends, typed parts with paths,
 # LLaVA conversations opening with gpt, small record-format cases
