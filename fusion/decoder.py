@@ -142,10 +142,11 @@ class Decoder(nn.Module):
         attention_mask [B, T]: 1 for real tokens, 0 for padding (left padding for generation).
         positions [B, T]: absolute positions; default: count of real tokens before each one (continuing
             the cache's positions), so left-padded samples each start at 0.
-        segment_ids [B, T]: packed samples; tokens attend only within their own segment. Pass
-            positions that restart per segment.
+        segment_ids [B, T]: packed samples (each a contiguous run of one id); tokens attend only within
+            their own segment. Default positions restart at each segment.
         branch_ids [B, T]: a shared prefix (0) followed by branches (1, 2, ...) that each see the prefix
-            and themselves only, e.g. one image with several questions (see `data.collate.share_prefix`).
+            and themselves only, e.g. one image with several questions (see `data.collate.share_prefix`);
+            they need their positions (each branch continues from the prefix), as `data.collate` gives them.
         labels [B, T]: next-token targets aligned with the inputs (shifted inside); -100 is ignored.
         logits_to_keep: logits of the last n positions only (generation).
         logits_at [B, T] bool: logits only where True, as [N, vocab] in row-major order (training: the
@@ -163,7 +164,15 @@ class Decoder(nn.Module):
         if inputs_embeds is None:  # padding may hold any id (-1, -100, ...): embed it as 0, it is masked anyway
             x = self.embed_tokens(input_ids if attention_mask is None else input_ids.masked_fill(~valid, 0))
         default_positions = positions is None
-        if positions is None:
+        if positions is None and branch_ids is not None:
+            raise ValueError("Decoder.forward: branch_ids need their positions (each branch continues from the "
+                             "shared prefix); pass the positions that fusion.data.collate builds with them")
+        if positions is None and segment_ids is not None:
+            index = torch.arange(T, device=x.device).expand(B, T)
+            starts = torch.ones(B, T, dtype=torch.bool, device=x.device)
+            starts[:, 1:] = segment_ids[:, 1:].to(x.device) != segment_ids[:, :-1].to(x.device)
+            positions = index - torch.where(starts, index, 0).cummax(dim=1).values  # restart at each segment
+        elif positions is None:
             start = cache.next_positions if cache is not None else torch.zeros(B, 1, dtype=torch.long,
                                                                                  device=x.device)
             positions = start + (valid.long().cumsum(1) - 1).clamp(min=0)

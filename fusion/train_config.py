@@ -226,7 +226,7 @@ class StageConfig:
                               f"got {self.lr!r}")
         self.lr = {part: _as_number(rate, float, f"{where}: lr of {part!r}") for part, rate in self.lr.items()}
         check_minimums(vars(self), {"batch_size": 1, "grad_accum": 1, "warmup_steps": 0, "steps": 1,
-                                    "length_buckets": 1, "max_row_tokens": 1}, f"{where}: ")
+                                    "length_buckets": 1, "max_row_tokens": 1, "max_length": 1}, f"{where}: ")
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"{where}: epochs must be > 0, got {self.epochs}")
         if self.steps is not None and self.warmup_steps > self.steps:

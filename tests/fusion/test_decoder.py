@@ -153,6 +153,14 @@ def test_packed_samples_do_not_see_each_other():
         out = model(packed, segment_ids=segments, positions=positions).logits
         assert (out[0, :10] - model(a).logits[0]).abs().max().item() <= 1e-5
         assert (out[0, 10:] - model(b).logits[0]).abs().max().item() <= 1e-5
+        # without positions, they restart at each segment (they counted on across the row: b saw other
+        # chunks and temperatures than alone); a row's padding (segment -1) after them changes nothing
+        padded = torch.cat([packed, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+        default = model(padded, segment_ids=torch.cat([segments, torch.full((1, 3), -1)], dim=1),
+                        attention_mask=torch.tensor([[1] * 24 + [0] * 3])).logits
+        assert (default[0, :24] - out[0]).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="branch_ids need their positions"):
+        model(packed, branch_ids=torch.zeros_like(packed))
 
 
 def test_loss_ignores_masked_labels():

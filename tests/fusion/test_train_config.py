@@ -43,6 +43,7 @@ def test_rates_written_without_a_dot_are_numbers(tmp_path):
     (["lr: {decoder: 1.0e-3}", "steps: 2.5"], r"stage 'cotrain': steps must be a whole number, got 2.5"),
     (["lr: {decoder: 1.0e-3}", "steps: 0"], r"stage 'cotrain': steps must be >= 1, got 0"),
     (["lr: {decoder: 1.0e-3}", "steps: 10", "batch_size: 0"], r"stage 'cotrain': batch_size must be >= 1"),
+    (["lr: {decoder: 1.0e-3}", "steps: 10", "pack: true", "max_length: 0"], r"stage 'cotrain': max_length must be >= 1"),
     (["lr: {decoder: 1.0e-3}", "epochs: 0"], r"stage 'cotrain': epochs must be > 0"),
     (["lr: {decoder: 1.0e-3}", "steps: 10", "group_by_media: sometimes"],
      r"stage 'cotrain': group_by_media must be true or false, got 'sometimes'"),
