@@ -39,6 +39,9 @@ import numpy as np
 
 from vision.errors import VideoLoadError, url_hint
 
+# Files of these kinds hold one picture: given as a video they are a mistake (video QA on one repeated frame)
+STILL_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
+
 __all__ = ["SampledFrames", "frame_indices", "frame_indices_at_times", "sample_frames"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -366,6 +369,10 @@ def sample_frames(path: PathLike, num_frames: int = 8, fps: Optional[float] = No
         raise VideoLoadError(f"{shown}: no such file" + (hint or f" (working directory {os.getcwd()}); check the path"))
     if not os.path.isfile(shown):
         raise VideoLoadError(f"{shown}: not a file; pass the path of a video file")
+    if shown.lower().endswith(STILL_IMAGE_SUFFIXES):
+        raise VideoLoadError(f"{shown}: an image file, not a video; pass it as an image (fusion.pipeline('vqa') "
+                             f"with image=..., model.chat(..., images=[[...]]), a dataset record's \"images\" with "
+                             f"<image> in its text)")
 
     def choose_frames(num_total_frames: int, avg_fps: float, times: Optional[list[float]]):
         try:

@@ -14,6 +14,7 @@ import types
 import av
 import numpy as np
 import pytest
+from PIL import Image
 import torch  # noqa: F401  (before decord, always)
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -740,6 +741,10 @@ def test_missing_file_and_folder_raise_video_load_error(tmp_path, backend):
         sample_frames(tmp_path, backend=backend)
     with pytest.raises(VideoLoadError, match="the video path is an empty string"):
         sample_frames("", backend=backend)
+    still = tmp_path / "scene.PNG"
+    Image.new("RGB", (8, 8)).save(still, format="PNG")
+    with pytest.raises(VideoLoadError, match=r"scene.PNG: an image file, not a video; pass it as an image"):
+        sample_frames(still, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
