@@ -635,7 +635,10 @@ class Trainer:
             lines.append("model: built from scratch once the shapes world exists")
         else:
             size = sum(p.numel() for p in self.model.parameters()) / 1e6
-            lines.append(f"model: {config.model.get('init_from') or 'built from scratch'} ({size:.1f} M parameters)")
+            trunk = config.model.get("trunk")
+            built = (f"built on the Llama 4 trunk {config.path(trunk)} (its decoder and tokenizer)" if trunk else
+                     "built from scratch")
+            lines.append(f"model: {config.model.get('init_from') or built} ({size:.1f} M parameters)")
         for stage in config.stages[progress.stage_index:]:
             trains = [name for name in PARTS if stage.rate(name) > 0]
             frozen = [name for name in PARTS if stage.rate(name) <= 0]
