@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tokenizer import FusionTokenizer, TokenizerError
+from vision.adapter import pixel_shuffle_tokens
 from vision.image import ImageProcessor
 
 from .errors import CheckpointError
@@ -432,6 +433,13 @@ def load_model_folder(path, device=None, dtype: torch.dtype | None = None):
         except (ValueError, TypeError, KeyError) as err:
             raise CheckpointError(f"{folder / CONFIG_FILE}: its preprocessing settings cannot be used "
                                   f"({type(err).__name__}: {err})") from err
+        built = (pixel_shuffle_tokens(model.vision.num_patches, config.pixel_shuffle_ratio), model.vision.image_size)
+        if (model.processor.tokens_per_tile, model.processor.image_processor.image_size) != built:
+            raise CheckpointError(
+                f"{folder / CONFIG_FILE}: its preprocessing (tokens_per_tile {model.processor.tokens_per_tile}, "
+                f"image_size {model.processor.image_processor.image_size}) does not fit its vision encoder and "
+                f"adapter ({built[0]} tokens per tile of {built[1]} px); the file was edited or written for "
+                f"another model")
     if dtype is not None:
         model.to(dtype)
     return model.to(device or "cpu").eval()

@@ -102,7 +102,13 @@ class FusionModel(nn.Module):
                 f"({num_tiles} tiles x {per_tile} tokens per tile); build inputs with model.processor so each "
                 f"image and frame gets exactly its placeholders, and pass every tile in pixel_values")
         if num_tiles:
-            features = self.encode_images(pixel_values).reshape(-1, embeds.shape[-1])  # [n_tiles * per_tile, D]
+            features = self.encode_images(pixel_values)  # [n_tiles, tokens per tile, D]
+            if features.shape[1] != per_tile:  # a processor built for another tower: features would misalign
+                raise PlaceholderMismatchError(
+                    f"the vision encoder and adapter give {features.shape[1]} tokens per tile, but model.processor "
+                    f"writes {per_tile} <|patch|> placeholders per tile; build the processor with "
+                    f"tokens_per_tile={features.shape[1]} (as FusionModel does)")
+            features = features.reshape(-1, embeds.shape[-1])  # [n_tiles * per_tile, D]
             embeds = embeds.masked_scatter(image_mask[..., None], features.to(embeds.dtype))
         elif self.vision_in_every_forward:  # the blank tile's features count 0 (its gradients too)
             size = self.vision.image_size

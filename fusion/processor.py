@@ -21,6 +21,7 @@ import torch
 
 from tokenizer import FusionTokenizer, ImagePlaceholder, VideoPlaceholder
 from tokenizer.chat import media_in_parts
+from tokenizer.errors import MediaCountMismatchError
 from vision.errors import ImageLoadError, VideoLoadError
 from vision.image import ImageProcessor
 from vision.video import SampledFrames, sample_frames
@@ -41,6 +42,25 @@ def checked_presampled_video(video) -> SampledFrames | tuple | None:
         return video
     raise VideoLoadError(f"cannot read a video from a {type(video).__name__}; pass a video file path, or frames "
                          f"already sampled (vision.sample_frames(...), or a (frames [T, H, W, 3], timestamps) tuple)")
+
+
+def _listed_or_in_parts(given, carried: list, kind: str, sample_id: Any = None):
+    """The media of one kind: `given` (None: none), or when it is empty, those its typed parts carry
+    (`carried`, from `media_in_parts`) if every such part carries one."""
+    if given is None:
+        given = ()
+    if not (isinstance(given, (list, tuple)) and not given) or not carried:
+        return given
+    missing = [index + 1 for index, item in enumerate(carried) if item is None]
+    if not missing:
+        return list(carried)
+    if len(missing) < len(carried):
+        sample = "" if sample_id is None else f"sample {sample_id!r}: "
+        raise MediaCountMismatchError(
+            f"{sample}{kind} part(s) {missing} (counting the {{'type': '{kind}'}} parts of the conversation from 1) "
+            f"carry no {kind} while others do; give every {{'type': '{kind}'}} part its {kind} "
+            f"({{'type': '{kind}', '{kind}': ...}}), or pass all of them, in order, as {kind}s=[...]")
+    return given
 
 
 @dataclass
@@ -82,8 +102,12 @@ class FusionProcessor:
         self.image_processor = image_processor
         self.tokens_per_tile = tokens_per_tile
         self.video = video or VideoSettings()
-        # video frames are single tiles (no Llama 4 tiling per frame)
-        self.frame_processor = ImageProcessor(**{**image_processor.to_dict(), "max_tiles": 1})
+
+    @property
+    def frame_processor(self) -> ImageProcessor:
+        """The image processor of video frames: `image_processor`'s settings as they are now (they are what a
+        saved model keeps), with one tile per frame (no Llama 4 tiling per frame)."""
+        return ImageProcessor(**{**self.image_processor.to_dict(), "max_tiles": 1})
 
     def to_dict(self) -> dict:
         return {"image_processor": self.image_processor.to_dict(), "video": asdict(self.video),
@@ -109,7 +133,9 @@ class FusionProcessor:
 
     def process_media(self, images: Sequence = (), videos: Sequence = (), *, num_frames: int | None = None,
                       fps: float | None = None) -> ProcessedMedia:
-        """Load, tile and normalise `images`; sample and normalise the frames of `videos`."""
+        """Load, tile and normalise `images`; sample and normalise the frames of `videos` (None: none)."""
+        images = () if images is None else images
+        videos = () if videos is None else videos
         for name, items, error in (("images", images, ImageLoadError), ("videos", videos, VideoLoadError)):
             if isinstance(items, (str, bytes, os.PathLike)) or not isinstance(items, Sequence):
                 raise error(f"{name} must be a list (one entry per <{name[:-1]}> of the conversation, in order), "
@@ -121,7 +147,8 @@ class FusionProcessor:
             media.image_placeholders.append(ImagePlaceholder(tokens_per_tile=self.tokens_per_tile, grid=grid))
         for video in videos:
             frames, seconds = self.sample_video(video, num_frames=num_frames, fps=fps)
-            media.video_tiles.append(torch.cat([self.frame_processor(frame)[0] for frame in frames]))
+            frame_processor = self.frame_processor
+            media.video_tiles.append(torch.cat([frame_processor(frame)[0] for frame in frames]))
             media.video_placeholders.append(VideoPlaceholder(timestamps=seconds,
                                                              tokens_per_frame=self.tokens_per_tile))
             media.timestamps.append([float(s) for s in seconds])
@@ -131,14 +158,15 @@ class FusionProcessor:
                  add_generation_prompt: bool = False, sample_id: Any = None, num_frames: int | None = None,
                  fps: float | None = None, media: ProcessedMedia | None = None) -> ProcessedSample:
         """Encode one conversation. `images`: paths, PIL images, arrays or tensors; `videos`: paths, or
-        already-sampled `(frames, timestamps)`. `media`: those already processed by `process_media`
+        already-sampled `(frames, timestamps)`; None or empty: none, or those the typed parts of that kind carry
+        (`{"type": "image", "image": ...}`). `media`: those already processed by `process_media`
         (then `images` and `videos` are ignored)."""
         if media is None:
-            if all(isinstance(given, (list, tuple)) and not given for given in (images, videos)):
-                # no media lists: those the typed parts carry, as Hugging Face processors take them
-                in_parts = media_in_parts(messages)
-                if all(item is not None for items in in_parts for item in items):
-                    images, videos = in_parts
+            # a kind with no media list: what its typed parts carry, as Hugging Face processors take them (and
+            # as a dataset record without an "images" / "videos" list does, each kind on its own)
+            in_images, in_videos = media_in_parts(messages)
+            images = _listed_or_in_parts(images, in_images, "image", sample_id)
+            videos = _listed_or_in_parts(videos, in_videos, "video", sample_id)
             media = self.process_media(images, videos, num_frames=num_frames, fps=fps)
         encoded = self.tokenizer.encode_conversation(messages, images=media.image_placeholders,
                                                      videos=media.video_placeholders,

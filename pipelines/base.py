@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import torch
 
 from fusion.generation import generate as _generate_tokens
+from vision import load_image
 
 from .errors import PipelineInputError
 from .loading import load_model, resolve_device, resolve_dtype
@@ -149,6 +150,11 @@ class Pipeline:
     def preprocess(self, record: dict, **options) -> dict:
         """One input record -> {"conversation": [...], "images": [...], "videos": [...]} for `FusionModel.chat`."""
         raise NotImplementedError
+
+    def load_image(self, image):
+        """`vision.load_image` under the model's own pixel limit (its processor's `max_pixels`, as `chat` and
+        training apply it)."""
+        return load_image(image, max_pixels=self.model.processor.image_processor.max_pixels)
 
     def postprocess(self, output: dict) -> list[dict]:
         """One `FusionModel.chat` output {"text", "tokens", "logprob"} -> the task's result list."""

@@ -16,7 +16,7 @@ import numbers
 import warnings
 
 from fusion.processor import checked_presampled_video
-from vision import VideoLoadError, load_image
+from vision import VideoLoadError
 
 from .base import Pipeline, check_positive_int
 from .errors import PipelineInputError
@@ -55,7 +55,7 @@ class CaptioningPipeline(Pipeline):
     default_max_new_tokens = 48
 
     def preprocess(self, record: dict, **options) -> dict:
-        return {"conversation": user_turn(CAPTION_PROMPT), "images": [load_image(record["image"])]}
+        return {"conversation": user_turn(CAPTION_PROMPT), "images": [self.load_image(record["image"])]}
 
     def postprocess(self, output: dict) -> list[dict]:
         return [{"generated_text": output["text"]}]
@@ -82,7 +82,7 @@ class VQAPipeline(Pipeline):
 
     def preprocess(self, record: dict, **options) -> dict:
         return {"conversation": user_turn(VQA_PROMPT, question=record["question"]),
-                "images": [load_image(record["image"])]}
+                "images": [self.load_image(record["image"])]}
 
     def postprocess(self, output: dict) -> list[dict]:
         return answer_result(output)

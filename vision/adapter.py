@@ -39,8 +39,12 @@ def _grid_side(num_patches: int, factor: int) -> int:
     if side * side != num_patches:
         raise ValueError(f"pixel shuffle needs a square patch grid, got {num_patches} patches (not a square number)")
     if side % factor:
+        fitting = [f"1/{k}" for k in range(2, side) if side % k == 0]
+        fitting = (", ".join(fitting) + " or " if fitting else "") + "1.0, which keeps every patch"
         raise ValueError(f"pixel shuffle with block {factor}x{factor} needs a grid side divisible by {factor}, "
-                         f"got a {side}x{side} grid")
+                         f"got a {side}x{side} grid (an encoder with {side} patches per side: image size / patch "
+                         f"size); use a pixel shuffle ratio that fits it ({fitting}), or an encoder with a multiple "
+                         f"of {factor} patches per side")
     return side
 
 

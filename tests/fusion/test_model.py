@@ -60,6 +60,26 @@ def test_placeholder_mismatch_names_both_counts(tok):
         model.embed(batch.input_ids, None)
 
 
+def test_a_processor_or_saved_preprocessing_that_does_not_fit_the_tower_is_named(tok, tmp_path):
+    """Placeholders per tile that the tower and adapter do not give (a processor built by hand, a config.json
+    edited or written for another model) are an error, not features written at the wrong positions."""
+    from fusion.processor import FusionProcessor
+
+    model = tiny_model(tok)
+    per_tile = model.processor.tokens_per_tile
+    model.processor = FusionProcessor(tok, model.vision.image_processor(), tokens_per_tile=1)
+    with pytest.raises(PlaceholderMismatchError, match=rf"give {per_tile} tokens per tile, but model.processor writes "
+                                                       rf"1 <.patch.> placeholders per tile"):
+        model.chat([user("<image>\nsame?")], images=[[image(0)]], max_new_tokens=1)
+    tiny_model(tok).save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["preprocessing"]["tokens_per_tile"] = 1
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"preprocessing \(tokens_per_tile 1, image_size 32\) does not fit its "
+                                              rf"vision encoder and adapter \({per_tile} tokens per tile of 32 px\)"):
+        fusion.FusionModel.from_pretrained(tmp_path / "m")
+
+
 def test_interleaved_images_and_video_follow_placeholder_order(tok, tmp_path):
     model = tiny_model(tok)
     frames = np.stack([image(10 + i) for i in range(3)])
@@ -438,3 +458,55 @@ def test_a_videos_frames_keep_their_order_in_the_pixel_values(tok):
         assert torch.equal(sample.pixel_values[1 + i], expected[0]), f"frame {i}"
     assert not torch.equal(sample.pixel_values[1], sample.pixel_values[4])
     assert sample.frame_timestamps == [[0.0, 0.5, 1.0, 1.5]]
+
+
+def test_one_kind_of_media_from_typed_parts_and_the_other_from_its_list(tok):
+    """As in a dataset record, each kind is read on its own: images carried by their parts, the video given
+    in `videos` (the two ways give the same inputs as passing both lists)."""
+    model = tiny_model(tok)
+    a, frames = image(1), (np.stack([image(5), image(6)]), [0.0, 0.5])
+    parts = [{"role": "user", "content": [{"type": "image", "image": a}, {"type": "video"},
+                                          {"type": "text", "text": "what moves?"}]}]
+    markers = [{"role": "user", "content": [{"type": "image"}, {"type": "video"},
+                                            {"type": "text", "text": "what moves?"}]}]
+    expected = model.processor(markers, [a], [frames], add_generation_prompt=True)
+    for given in (model.processor(parts, videos=[frames], add_generation_prompt=True),
+                  model.processor(parts, None, [frames], add_generation_prompt=True)):
+        assert torch.equal(given.input_ids, expected.input_ids)
+        assert torch.equal(given.pixel_values, expected.pixel_values) and given.pixel_values.shape[0] == 3
+    answer = model.chat([parts], videos=[[frames]], max_new_tokens=2)
+    assert answer == model.chat([markers], images=[[a]], videos=[[frames]], max_new_tokens=2)
+
+
+def test_none_media_mean_none_for_the_processor_and_for_one_conversation_of_a_chat(tok):
+    model = tiny_model(tok)
+    text_only = user("how many shapes?")
+    assert torch.equal(model.processor(text_only, None, None, add_generation_prompt=True).input_ids,
+                       model.processor(text_only, add_generation_prompt=True).input_ids)
+    with_image = user("<image>\nwhat color?")
+    batched = model.chat([with_image, text_only], images=[[image(0)], None], max_new_tokens=2)
+    assert batched == model.chat([with_image, text_only], images=[[image(0)], []], max_new_tokens=2)
+
+
+def test_an_image_part_without_its_image_among_parts_with_theirs_is_named(tok):
+    model = tiny_model(tok)
+    parts = [{"role": "user", "content": [{"type": "image", "image": image(0)}, {"type": "image"},
+                                          {"type": "text", "text": "same?"}]}]
+    with pytest.raises(MediaCountMismatchError, match=r"sample 's7': image part\(s\) \[2\].*carry no image"):
+        model.processor(parts, add_generation_prompt=True, sample_id="s7")
+
+
+def test_video_frames_follow_the_image_settings_a_saved_model_keeps(tok, tmp_path):
+    """Frames are normalised and padded with the image processor's settings as they are when processed,
+    which are the ones save_pretrained writes: a changed setting gives the same frames before and after a reload."""
+    model = tiny_model(tok)
+    model.processor.image_processor.pad_with_mean = False  # pad with black, as Llama 4
+    frames = (np.stack([image(3)[:16], image(4)[:16]]), [0.0, 1.0])  # 16x32 frames: half of each tile is padding
+    conversation = user("<video>\nwhat moves?")
+    before = model.processor(conversation, videos=[frames], add_generation_prompt=True).pixel_values
+    model.save_pretrained(tmp_path / "m")
+    after = fusion.FusionModel.from_pretrained(tmp_path / "m").processor(
+        conversation, videos=[frames], add_generation_prompt=True).pixel_values
+    black = -torch.tensor(model.processor.image_processor.mean) / torch.tensor(model.processor.image_processor.std)
+    assert torch.allclose(before[:, :, 16:], black.view(1, 3, 1, 1).expand(2, 3, 16, 32))
+    assert torch.equal(before, after)

@@ -20,7 +20,7 @@ from fusion.errors import CheckpointError
 from pipelines import (CAPTION_PROMPT, VIDEO_QA_PROMPT, VQA_PROMPT, CaptioningPipeline, DefaultModelMissingError,
                        PipelineInputError, UnknownTaskError, VideoQAPipeline, VQAPipeline)
 from tokenizer import FusionTokenizer
-from vision import ImageLoadError, VideoLoadError, VisionEncoderConfig, sample_frames, write_video
+from vision import ImageLoadError, ImageTooLargeError, VideoLoadError, VisionEncoderConfig, sample_frames, write_video
 
 ROOT = Path(__file__).resolve().parents[2]
 COLORS = ["red", "green", "blue", "yellow", "purple"]
@@ -475,6 +475,14 @@ def test_bad_images_raise_the_vision_errors(vqa, media, tmp_path):
         vqa([{"image": image(1), "question": "q?"}, {"image": str(media["broken_png"]), "question": "q?"}])
     if sys.version_info >= (3, 11):
         assert any("input 1 of the 2" in note for note in info.value.__notes__)
+    # the model's own pixel limit, as chat and training apply it (the pipelines used the library default)
+    limited = pipelines.pipeline("vqa", model=vqa.model)
+    saved, vqa.model.processor.image_processor.max_pixels = vqa.model.processor.image_processor.max_pixels, 100
+    try:
+        with pytest.raises(ImageTooLargeError, match="shape.png"):
+            limited(image=str(media["png"]), question="q?")
+    finally:
+        vqa.model.processor.image_processor.max_pixels = saved
 
 
 def test_bad_videos_raise_the_vision_errors(model, media, tmp_path):

@@ -131,3 +131,12 @@ def test_rows_cols_position_embedding_needs_a_square_grid_and_a_known_kind():
         VisionAdapter(8, 16, 12, position_tokens=6, position_embedding="rows_cols")
     with pytest.raises(ValueError, match=r"position_embedding must be one of \['per_token', 'rows_cols'\]"):
         VisionAdapter(8, 16, 12, position_tokens=9, position_embedding="2d")
+
+
+def test_a_grid_the_ratio_does_not_divide_names_the_ratios_that_fit():
+    """ViT-B/32 at 224 px has 7x7 patches, which 2x2 blocks cannot cover: the error says what would work."""
+    with pytest.raises(ValueError, match=r"7x7 grid.*ratio that fits it \(1\.0, which keeps every patch\).*a multiple "
+                                         r"of 2 patches per side"):
+        pixel_shuffle_tokens(49, 0.5)
+    with pytest.raises(ValueError, match=r"6x6 grid.*\(1/2, 1/3 or 1\.0"):
+        pixel_shuffle(torch.zeros(1, 36, 2), 0.25)
