@@ -38,7 +38,7 @@ import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from tokenizer.errors import TokenizerError
+from tokenizer.errors import NoSupervisedTokensError, TokenizerError
 from vision.errors import VisionInputError
 
 from ..checkpoint import model_folder, user_path, write_json
@@ -182,6 +182,9 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
     usable, lengths = [], defaultdict(list)
     for index, record in enumerate(records):
         try:
+            if not record.answer.strip():  # nothing to score against (training skips such a sample too)
+                raise NoSupervisedTokensError("the answer is empty or whitespace only: there is no reference to "
+                                              "score the prediction against; give the record its answer")
             length = len(tokenizer.encode(record.answer))
         except TokenizerError as err:
             skip(_Item(index, task_name(record), [record]), err)

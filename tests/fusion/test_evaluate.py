@@ -401,6 +401,22 @@ def test_a_reference_that_is_not_text_skips_its_sample(model, media, controlled)
                                                                                                [CAPTIONS["b"]]]
 
 
+def test_an_empty_or_blank_reference_skips_its_sample(model, media, controlled):
+    """A record whose answer is empty or whitespace has nothing to score against: it is skipped, counted and named
+    (as training skips it), not scored wrong."""
+    rows = [row("v1", QA["v1"][0], "   ", ["a.png"], type="color", task="vqa"),
+            row("v3", QA["v3"][0], "2", ["c.png"], type="count", task="vqa"),
+            row("v4", QA["v4"][0], "3", ["a.png"], type="count", task="vqa"),
+            row("c2", "<image>\nDescribe the image.", "", ["a.png"], task="caption"),
+            row("c3", "<image>\nDescribe the image.", CAPTIONS["b"], ["b.png"], task="caption")]
+    path = write_jsonl(media / "eval_blank.jsonl", rows)
+    with pytest.warns(DatasetWarning, match="skipped sample 'v1' .line 1.: no supervised tokens: the answer is empty"):
+        results = evaluate(model, path, progress=False)
+    assert [(e["id"], e["reason"]) for e in results["skipped_samples"]] == [("v1", "no supervised tokens"),
+                                                                            ("c2", "no supervised tokens")]
+    assert results["counts"]["evaluated"] == 3 and results["tasks"]["vqa"]["count"] == 2
+
+
 def test_an_evaluation_with_nothing_evaluated_or_mostly_bad_samples_stops(model, media, controlled):
     """Whatever the count: nothing evaluated is an error; more than half bad is one from 5 samples tried."""
     def rows(good, bad):
