@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 import warnings
 
@@ -85,6 +86,14 @@ def main(argv=None) -> int:
         return run_command(args)
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues the run `fusion train` was started with: its config and `--set` changes
+    (an output_dir among them names the run), with --resume."""
+    words = ["fusion", "train", args.config, *(word for change in args.set for word in ("--set", change)), "--resume"]
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return shlex.join(words) + (" (under torchrun, as this run was started)" if under_torchrun else "")
+
+
 def run_command(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .errors import CheckpointError, ConfigError, DatasetError, TrainingError, TrainingStopped, WeightsError
@@ -104,6 +113,7 @@ def run_command(args: argparse.Namespace) -> int:
             return 1
         except TrainingStopped as stop:  # SIGTERM / Ctrl-C, after a checkpoint: the signal's exit code
             print(f"fusion train: {stop}", file=sys.stderr)
+            print(f"fusion train: to continue this run: {resume_command(args)}", file=sys.stderr)
             return 128 + (stop.signum or 0)
         finally:  # under torchrun: the process group this command made goes with it
             from .distributed import shutdown_distributed

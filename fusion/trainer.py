@@ -232,6 +232,7 @@ class Trainer:
                 self._warn_about_config_changes(progress.stage_index)
             write_json(self.out / "train_config.json", config.to_dict())
             print(f"training on {self.ctx.device} in {self.computed_in} (precision: {config.precision})", flush=True)
+        steps_before = progress.global_step
         with self.stop_signals:  # while the stages train (not while data is generated or the final eval runs)
             for index, stage in enumerate(config.stages):
                 if index < progress.stage_index:
@@ -244,6 +245,9 @@ class Trainer:
                 self.resume_state = None
                 if index + 1 < len(config.stages) and self.stop_signals.agreed(self.ctx):  # its end is checkpointed
                     raise self.stopped(stage, progress)
+        if resumed and progress.global_step == steps_before and self.ctx.is_main:
+            print(f"--resume: every stage of this run had finished (run step {steps_before}): nothing was trained; "
+                  f"its final model is written and evaluated again", flush=True)
         final = self.out / "final"
         self.save_model(final)  # (its last collective: after it only the main process works, so a long final
         if not self.ctx.is_main:  # evaluation never outlasts a collective's timeout in the others)
@@ -893,8 +897,8 @@ def _check_enough_samples(stage: StageConfig, samples: int):
     """A stage needs at least one full batch of samples (an epoch's last partial batch is dropped)."""
     if samples < stage.batch_size:
         raise DatasetError(f"stage {stage.name!r}: its data has {samples} samples, fewer than one batch of "
-                           f"{stage.batch_size}; give it more data or a smaller batch_size (a run stopped here "
-                           f"continues from its last checkpoint with --resume)")
+                           f"{stage.batch_size}; give it more data or a smaller batch_size (if a run stops here, "
+                           f"--resume continues it from its last checkpoint once this is fixed)")
 
 
 def _records_in(path: Path | None) -> int | None:

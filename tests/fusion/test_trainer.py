@@ -3,6 +3,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -618,7 +619,7 @@ def test_sigkill_then_resume_continues_exactly(world, tmp_path, stop):
                                                               threads=1))
     assert _run_cli(["train", str(reference), "--no-progress"]).wait(timeout=300) == 0
 
-    proc = _run_cli(["train", str(killed), "--no-progress"])
+    proc = _run_cli(["train", str(killed), "--set", "log_every=1", "--no-progress"])  # the config's own value
     latest = tmp_path / "kill" / "checkpoints" / "latest.json"
     deadline = time.time() + 300
     while time.time() < deadline:  # kill it mid-way through stage 2, after a checkpoint
@@ -633,11 +634,17 @@ def test_sigkill_then_resume_continues_exactly(world, tmp_path, stop):
         assert proc.returncode == 128 + signal.SIGTERM, output
         assert json.loads(latest.read_text())["step"] == done
         assert f"stopped on SIGTERM after stage 'cotrain' step {done - 4} (run step {done})" in output
-        assert "--resume" in output and "Traceback" not in output
+        assert "Traceback" not in output
+        # the command it prints to continue keeps the --set changes (an output_dir among them would name the run)
+        line = f"to continue this run: fusion train {killed} --set log_every=1 --resume"
+        assert line in output, output
+        resume_args = shlex.split(line.split(": ", 1)[1])[1:]
+    else:
+        resume_args = ["train", str(killed), "--resume"]
     checkpoint = tmp_path / "kill" / "checkpoints" / json.loads(latest.read_text())["folder"]
     before_kill = torch.load(checkpoint / "trainer_state.pt", weights_only=False)["wall_seconds"]
     assert before_kill > 0
-    resume = _run_cli(["train", str(killed), "--resume", "--no-progress"])
+    resume = _run_cli([*resume_args, "--no-progress"])
     output = resume.communicate(timeout=300)[0].decode()
     assert resume.returncode == 0, output
     assert "differs" not in output  # the same config: no warning about changes
@@ -731,7 +738,7 @@ def test_resume_goes_on_with_an_edited_learning_rate_and_refuses_other_trained_p
     assert resumed[:2] == [1e-3 * r / 5e-2 for r in reference[:2]] and resumed[2:] == reference[2:]
 
 
-def test_resume_of_a_finished_run_says_a_longer_finished_stage_is_not_trained_again(world, tmp_path):
+def test_resume_of_a_finished_run_says_a_longer_finished_stage_is_not_trained_again(world, tmp_path, capsys):
     """A finished run resumed with a longer stage: nothing is silently left out of the warning (a finished
     stage keeps no optimizer state and is not trained again, and the warning says how to train more), and
     a run whose checkpoints were deleted is not silently trained again from scratch over its final model."""
@@ -746,10 +753,12 @@ def test_resume_of_a_finished_run_says_a_longer_finished_stage_is_not_trained_ag
                                              r"stages\[0\]\.steps: 2 -> 5\. A finished stage is not trained again"):
         train(longer, resume=True, progress=False)
     assert [s for s, _ in losses(out)] == [1, 2]
+    assert "--resume: every stage of this run had finished (run step 2): nothing was trained" in capsys.readouterr().out
     more = fusion.trainer.TrainConfig.from_dict(base_config(world, out, [stage, {**stage, "name": "more"}]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrainingWarning)
         train(more, resume=True, progress=False)  # a stage added after the finished ones trains
+    assert "nothing was trained" not in capsys.readouterr().out
     assert [(e["stage"], e["step"]) for e in read_metrics(out / "metrics.jsonl") if e["kind"] == "train"] == [
         ("s", 1), ("s", 2), ("more", 3), ("more", 4)]
 
