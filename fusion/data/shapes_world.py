@@ -1092,14 +1092,18 @@ def _extra_questions(text: str) -> dict[str, int]:
 def main(argv=None, prog: str = "python -m fusion.data.shapes_world") -> dict:
     defaults = ShapesWorldConfig()
     parser = argparse.ArgumentParser(prog=prog,
-                                     description="Write a synthetic shapes-world dataset (images, videos, text).")
+                                     description="Write a synthetic shapes-world dataset (images, videos, text). "
+                                                 "Into a folder holding a world of other settings only with "
+                                                 "--overwrite, unless only the extra-sample options differ: those "
+                                                 "rewrite train_extra.jsonl and draw nothing else again.")
     parser.add_argument("out_dir", help="folder to write the dataset to")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="default: %(default)s")
     for name in ("train_images", "val_images", "test_images", "train_videos", "val_videos", "test_videos",
                  "questions_per_image", "questions_per_video", "text_samples", "image_size", "video_size",
                  "video_frames", "max_shapes", "video_crf"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    parser.add_argument("--video-fps", type=float, default=defaults.video_fps)
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
+                            help="default: %(default)s")
+    parser.add_argument("--video-fps", type=float, default=defaults.video_fps, help="default: %(default)s")
     parser.add_argument("--train-jitter", type=float, default=defaults.train_jitter,
                         help="0..1: how far from its cell's centre a shape of a training image may sit")
     parser.add_argument("--train-extra-questions", type=_extra_questions, default={}, metavar="TYPE=N,...",
@@ -1133,14 +1137,18 @@ def main(argv=None, prog: str = "python -m fusion.data.shapes_world") -> dict:
         parser.error(str(err).removeprefix("ShapesWorldConfig: ").replace("_", "-"))
     found = world_settings_in(args.out_dir)
     differ = {k: (found[k], v) for k, v in config.to_dict().items() if found[k] != v} if found else {}
-    if differ and not args.overwrite:
+    extras_only = bool(differ) and set(differ) <= set(TRAIN_EXTRA_SETTINGS)
+    if differ and not extras_only and not args.overwrite:
         parser.error(f"{args.out_dir} holds a shapes world written with other settings (there vs asked: {differ}); "
                      f"pass --overwrite to replace it, or give another folder")
     start = time.perf_counter()
-    counts = generate_shapes_world(args.out_dir, config)
+    if extras_only and not args.overwrite:  # the extra samples alone: the rest of the world stays as it is
+        counts, done = rewrite_train_extra(args.out_dir, config), "rewrote the extra training samples of"
+    else:
+        counts, done = generate_shapes_world(args.out_dir, config), "wrote"
     seconds = time.perf_counter() - start
     print(json.dumps(counts))
-    print(f"wrote {args.out_dir} in {seconds:.1f} s")
+    print(f"{done} {args.out_dir} in {seconds:.1f} s")
     return counts
 
 

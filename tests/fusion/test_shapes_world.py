@@ -894,6 +894,7 @@ def test_help_says_to_put_out_dir_before_a_bare_train_extra_balanced(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "put OUT_DIR before this option" in help_text
     assert "fusion shapes-world OUT_DIR --train-extra-balanced" in help_text
+    assert "--train-images TRAIN_IMAGES default: 4000" in help_text  # what a bare command writes
 
 
 def test_command_line_refuses_another_worlds_folder_and_overwrite_leaves_nothing_of_it(tmp_path, capsys):
@@ -905,11 +906,17 @@ def test_command_line_refuses_another_worlds_folder_and_overwrite_leaves_nothing
     sw.main([str(out), *small, "--train-extra-questions", "relation=2"])
     (out / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit) as exited:
-        sw.main([str(out), *small])
+        sw.main([str(out), *small, "--text-samples", "6"])
     assert exited.value.code == 2
     assert "holds a shapes world written with other settings" in capsys.readouterr().err
     assert (out / "train_extra.jsonl").exists()  # untouched
-    sw.main([str(out), *small, "--overwrite"])
+    # only the extra-sample options differ: that file is rewritten, nothing else is drawn again
+    drawn = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+    sw.main([str(out), *small, "--train-extra-questions", "position=1"])
+    assert "rewrote the extra training samples of" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == drawn
+    assert {json.loads(line)["type"] for line in (out / "train_extra.jsonl").read_text().splitlines()} == {"position"}
+    sw.main([str(out), *small, "--text-samples", "6", "--overwrite"])
     assert not (out / "train_extra.jsonl").exists() and not (out / "images" / sw.OFFGRID_FOLDER).exists()
     assert (out / "notes.txt").read_text() == "mine" and (out / "train.jsonl").exists()
-    sw.main([str(out), *small])  # the same settings again: no --overwrite needed
+    sw.main([str(out), *small, "--text-samples", "6"])  # the same settings again: no --overwrite needed
