@@ -9,6 +9,7 @@ projector) and "decoder".
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Sequence
@@ -28,6 +29,20 @@ from .generation import generate as generate_tokens, left_pad, stop_id_tuple
 from .processor import FusionProcessor
 
 PARTS = ("vision", "adapter", "decoder")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run `model` in eval mode, then give each of its modules back the train/eval mode it had: evaluation,
+    pipelines and relevance maps may be handed a model that is training, and must answer as it does in eval
+    mode (no dropout; the MoE layers count no tokens for their balance) and leave it as they found it."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.train(training)
 
 
 @dataclass

@@ -29,6 +29,8 @@ from PIL import Image
 from tokenizer import IMAGE_MARKER
 from vision import load_image
 
+from .model import eval_mode
+
 __all__ = ["patch_relevance", "overlay_relevance", "token_grid_side", "QUESTION_PROMPT"]
 
 #: how a question is asked: the shapes-world training data and the VQA pipeline use this template
@@ -101,9 +103,7 @@ def patch_relevance(model, image, question: str, answer: str | None = None, *, m
                          f"{model.config.max_tiles}); resize it to at most {model.vision.image_size} pixels per "
                          f"side, or use a model with max_tiles=1")
 
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         if answer is None:
             generated = model.chat([conversation], [[picture]], max_new_tokens=max_new_tokens, do_sample=False)[0]
             answer, answer_tokens = generated["text"], list(generated["tokens"])
@@ -112,9 +112,6 @@ def patch_relevance(model, image, question: str, answer: str | None = None, *, m
         if not answer_tokens:
             raise ValueError("patch_relevance: the answer has no tokens to explain")
         scores, logprob = _gradient_x_input(model, prompt, answer_tokens)
-    finally:
-        for module, training in modes:
-            module.train(training)
 
     scores = scores.reshape(side, side)
     top = float(scores.max())

@@ -25,7 +25,6 @@ Settings come from three places, later wins: the class defaults, the constructio
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import itertools
 import operator
@@ -35,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 
 from fusion.generation import generate as _generate_tokens
+from fusion.model import eval_mode
 from vision import load_image
 
 from .errors import PipelineInputError
@@ -45,22 +45,6 @@ _OWNED_GENERATION_OPTIONS = {"decoder", "input_ids", "inputs_embeds", "attention
 #: What `generate_kwargs` may hold: the options of `fusion.generation.generate`, e.g. do_sample,
 #: temperature, top_k, top_p, stop_ids, generator, max_new_tokens.
 GENERATION_OPTIONS = frozenset(inspect.signature(_generate_tokens).parameters) - _OWNED_GENERATION_OPTIONS
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """Run `model` in eval mode, then give each of its modules back the train/eval mode it had.
-
-    A pipeline may be handed a model that is training (e.g. to look at answers between training steps):
-    its calls must answer as the model does in eval mode, and must leave the model as they found it (in
-    train mode the MoE layers count the routed tokens for load balancing, the tower applies dropout)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.train(training)
 
 
 def check_positive_int(value, name: str) -> int:

@@ -46,6 +46,7 @@ from ..cli import whole_number
 from ..data.datasets import (MISSING_IMAGE, MISSING_VIDEO, TASKS, ConversationDataset, DatasetWarning, Record,
                              classify_error)
 from ..errors import CheckpointError, ConfigError, DatasetError
+from ..model import eval_mode
 from .metrics import accuracy_by_type, answer_is_correct, bleu4, cider_d
 
 __all__ = ["evaluate", "add_eval_arguments", "run_eval", "format_results"]
@@ -195,8 +196,6 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
     items = _items(usable)
     _warn_unknown_tasks(dataset.path, items)
 
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
     per_task: dict[str, list[_Item]] = defaultdict(list)
     for it in items:
         per_task[it.task].append(it)
@@ -208,17 +207,16 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
     limits = {task: max_new_tokens if max_new_tokens is not None else _default_max_new_tokens(lengths[task])
               for task in per_task}
     try:
-        for batch in batches:
-            _answer(model, batch, limits[batch[0].task], num_frames, fps, skip)
-            attempted += len(batch)
-            bar.update(len(batch))
-            if attempted >= min_attempts and bad > max_bad_fraction * attempted:
-                raise _mostly_bad(dataset, f"{bad} of the {attempted} samples evaluated so far were bad",
-                                  skipped_samples)
+        with eval_mode(model):
+            for batch in batches:
+                _answer(model, batch, limits[batch[0].task], num_frames, fps, skip)
+                attempted += len(batch)
+                bar.update(len(batch))
+                if attempted >= min_attempts and bad > max_bad_fraction * attempted:
+                    raise _mostly_bad(dataset, f"{bad} of the {attempted} samples evaluated so far were bad",
+                                      skipped_samples)
     finally:
         bar.close()
-        for module, training in modes:
-            module.train(training)
 
     done = [it for it in items if it.prediction is not None]
     skipped = Counter(entry["reason"] for entry in skipped_samples)
