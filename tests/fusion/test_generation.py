@@ -171,8 +171,11 @@ def test_malformed_prompts_are_named_before_any_token_is_computed():
         model.generate([[5, 9]], attention_mask=torch.tensor([[0, 1]]), max_new_tokens=2)
     with pytest.raises(ValueError, match="at least one token"):
         model.generate(torch.zeros(2, 0, dtype=torch.long), max_new_tokens=2)
-    with pytest.raises(ValueError, match=r"pad_id must be an integer token id, got None"):
-        model.generate([[5, 9], [2]], pad_id=None, max_new_tokens=2)
+    for prompts in ([[5, 9], [2]], torch.tensor([[5, 9]])):  # lists are padded with it, tensors' ended rows too
+        with pytest.raises(ValueError, match=r"pad_id must be an integer token id, got None"):
+            model.generate(prompts, pad_id=None, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"pad_id must be an integer token id, got 'x'"):
+        fusion.generation.left_pad([[1, 2]], "x")
     # well-formed prompts in any integer form still work: tuples, numpy and tensor rows
     import numpy as np
     expected = model.generate([[5, 9, 2], [7]], max_new_tokens=3).tolist()

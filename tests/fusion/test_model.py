@@ -78,6 +78,11 @@ def test_a_processor_or_saved_preprocessing_that_does_not_fit_the_tower_is_named
     with pytest.raises(CheckpointError, match=rf"preprocessing \(tokens_per_tile 1, image_size 32\) does not fit its "
                                               rf"vision encoder and adapter \({per_tile} tokens per tile of 32 px\)"):
         fusion.FusionModel.from_pretrained(tmp_path / "m")
+    config["preprocessing"]["tokens_per_tile"] = per_tile
+    config["preprocessing"]["image_processor"]["image_size"] = 64  # tiles the tower was not built for
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"\(tokens_per_tile {per_tile}, image_size 64\) does not fit"):
+        fusion.FusionModel.from_pretrained(tmp_path / "m")
 
 
 def test_interleaved_images_and_video_follow_placeholder_order(tok, tmp_path):
@@ -486,6 +491,8 @@ def test_none_media_mean_none_for_the_processor_and_for_one_conversation_of_a_ch
     with_image = user("<image>\nwhat color?")
     batched = model.chat([with_image, text_only], images=[[image(0)], None], max_new_tokens=2)
     assert batched == model.chat([with_image, text_only], images=[[image(0)], []], max_new_tokens=2)
+    media = model.processor.process_media(None, None)
+    assert (media.image_placeholders, media.video_placeholders, media.timestamps) == ([], [], [])
 
 
 def test_an_image_part_without_its_image_among_parts_with_theirs_is_named(tok):

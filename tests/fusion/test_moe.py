@@ -148,6 +148,9 @@ def test_aux_loss_is_optional_and_trains_the_router():
     off = make_moe(num_experts=4).train()
     off(torch.randn(30, 32))
     assert off.aux_loss is None
+    with torch.no_grad():  # a forward that cannot train (generating in train mode): no loss to add
+        moe(torch.randn(30, 32))
+    assert moe.aux_loss is None
 
 
 def test_decoder_reports_tokens_per_expert_and_aux_loss():

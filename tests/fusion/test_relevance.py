@@ -124,9 +124,15 @@ def test_score_is_the_first_order_change_of_the_answer_logprob():
 
 
 def test_modes_are_restored_and_no_parameter_gradient_is_left(model):
+    """On a training model: the map is made in eval mode (its gradient pass would otherwise count tokens into the
+    experts' balance), and the modes come back."""
+    expected = patch_relevance(model, image(5), QUESTION, answer="red")
     model.train()
     try:
-        patch_relevance(model, image(5), QUESTION, answer="red")
+        counts = [moe.tokens_per_expert.clone() for moe in model.decoder.moe_layers()]
+        result = patch_relevance(model, image(5), QUESTION, answer="red")
+        assert np.array_equal(result["scores"], expected["scores"])
+        assert all(torch.equal(moe.tokens_per_expert, c) for moe, c in zip(model.decoder.moe_layers(), counts))
         assert all(m.training for m in model.modules())
         assert all(p.grad is None for p in model.parameters())
     finally:
@@ -166,3 +172,5 @@ def test_an_answer_that_is_not_text_is_named(model):
         patch_relevance(model, image(7), "how many shapes are there?", answer=2)
     with pytest.raises(ValueError, match="max_new_tokens .* must be an int >= 1, got 0"):
         patch_relevance(model, image(7), QUESTION, max_new_tokens=0)
+    with pytest.raises(ValueError, match="max_new_tokens .* must be an int >= 1, got True"):
+        patch_relevance(model, image(7), QUESTION, max_new_tokens=True)

@@ -1,5 +1,6 @@
 """Staged training: freezing, both dataset formats, bad samples, exact resume after SIGKILL, torchrun."""
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -472,6 +473,23 @@ def test_a_llama4_trunk_from_a_hugging_face_folder_stays_frozen_while_the_tower_
         with pytest.raises(ConfigError, match=rf"model: trunk brings the decoder's settings and weights and its "
                                               rf"tokenizer, so \['{key}'\] cannot stand beside it"):
             fusion.trainer.check(fusion.trainer.TrainConfig.from_dict(clash))
+    # the tower and adapter are the seed's, whatever ran before
+    from fusion.stage_setup import build_model
+    built = build_model(fusion.trainer.TrainConfig.from_dict(config))
+    torch.manual_seed(123)
+    again = build_model(fusion.trainer.TrainConfig.from_dict(config))
+    assert all(torch.equal(a, b) for a, b in zip(built.vision.state_dict().values(), again.vision.state_dict().values()))
+    with pytest.raises(ConfigError, match="the given decoder's config differs from config.decoder"):
+        fusion.FusionModel(built.config, built.tokenizer, decoder=fusion.Decoder(dataclasses.replace(
+            built.config.decoder, num_layers=1)))
+
+    data = json.loads((tmp_path / "llama4" / "tokenizer.json").read_text())  # a token past the decoder's table
+    data["added_tokens"].append({**data["added_tokens"][-1], "id": built.config.decoder.vocab_size,
+                                 "content": "<|one_too_many|>"})
+    (tmp_path / "llama4" / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"model.trunk: the tokenizer of '.*llama4' has \d+ tokens, more than the "
+                                          r"decoder's vocab_size"):
+        fusion.trainer.train(fusion.trainer.TrainConfig.from_dict(config), progress=False)
     (tmp_path / "llama4" / "tokenizer.json").unlink()
     with pytest.raises(ConfigError, match=r"model.trunk: '.*llama4' is not a Hugging Face Llama 4 checkpoint folder "
                                           r"with its tokenizer: tokenizer.json missing"):
@@ -605,6 +623,19 @@ def _run_cli(args, env=None, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
 
 
+def test_the_command_that_continues_a_stopped_run_keeps_its_settings_and_says_torchrun(monkeypatch):
+    """What a stopped `fusion train` prints to continue: the config and every --set (quoted for the shell), with
+    --resume; under torchrun it says to run it so again."""
+    from argparse import Namespace
+
+    args = Namespace(config="my run.yaml", set=["output_dir=runs/b", "stages.s.steps=9"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    expected = "fusion train 'my run.yaml' --set output_dir=runs/b --set stages.s.steps=9 --resume"
+    assert fusion.cli.resume_command(args) == expected
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert fusion.cli.resume_command(args) == expected + " (under torchrun, as this run was started)"
+
+
 @pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
 def test_sigkill_then_resume_continues_exactly(world, tmp_path, stop):
     """Killed (SIGKILL: from its last checkpoint) or stopped (SIGTERM, as a scheduler preempts: it writes a
@@ -636,8 +667,8 @@ def test_sigkill_then_resume_continues_exactly(world, tmp_path, stop):
         assert f"stopped on SIGTERM after stage 'cotrain' step {done - 4} (run step {done})" in output
         assert "Traceback" not in output
         # the command it prints to continue keeps the --set changes (an output_dir among them would name the run)
-        line = f"to continue this run: fusion train {killed} --set log_every=1 --resume"
-        assert line in output, output
+        line = f"to continue this run: fusion train {killed} --set log_every=1 --resume\n"
+        assert line in output, output  # (nothing after it: "under torchrun" only where it ran so)
         resume_args = shlex.split(line.split(": ", 1)[1])[1:]
     else:
         resume_args = ["train", str(killed), "--resume"]

@@ -481,6 +481,8 @@ def test_bad_images_raise_the_vision_errors(vqa, media, tmp_path):
     try:
         with pytest.raises(ImageTooLargeError, match="shape.png"):
             limited(image=str(media["png"]), question="q?")
+        with pytest.raises(ImageTooLargeError, match="shape.png"):
+            pipelines.pipeline("captioning", model=vqa.model)(str(media["png"]))
     finally:
         vqa.model.processor.image_processor.max_pixels = saved
 
@@ -557,9 +559,18 @@ def test_a_training_model_answers_in_eval_mode_and_keeps_its_modes(model):
         pipe = pipelines.pipeline("vqa", model=model)
         assert all(m.training for m in model.modules())  # construction leaves the model's mode alone
         counts = [moe.tokens_per_expert.clone() for moe in moes]
-        assert_same_results(pipe(image=image(1), question=QUESTIONS[0]), expected)
+        seen, chat = [], model.chat
+        model.chat = lambda *args, **kwargs: seen.append([m.training for m in model.modules()]) or chat(*args, **kwargs)
+        try:
+            assert_same_results(pipe(image=image(1), question=QUESTIONS[0]), expected)
+        finally:
+            del model.chat
+        assert seen and not any(any(modes) for modes in seen)  # answered in eval mode
         assert all(m.training for m in model.modules())
         assert all(torch.equal(moe.tokens_per_expert, c) for moe, c in zip(moes, counts))
+        with pytest.raises(ImageLoadError):  # a call that fails gives the modes back too
+            pipe(image="no-such-image.png", question=QUESTIONS[0])
+        assert all(m.training for m in model.modules())
         model.eval()
         model.adapter.train()  # a mix of modes comes back as it was, too
         pipe(image=image(1), question=QUESTIONS[0])
@@ -591,3 +602,6 @@ def test_max_frames_with_uniform_sampling_warns_that_it_is_ignored(model, media)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # where it applies, no warning
         video_qa(video=clip, question=question, fps=8, max_frames=2)
+    with pytest.warns(UserWarning) as caught:  # frames sampled already: the one warning that says so
+        video_qa(video=sample_frames(clip, num_frames=3), question=question, max_frames=2)
+    assert [str(w.message)[:61] for w in caught] == ["max_frames=2 ignored: the video was given as 3 frames already"]

@@ -110,6 +110,19 @@ def test_a_llama4_tokenizer_loads_with_its_own_ids_and_the_video_markers_on_fill
     assert saved.encode(SAMPLE_TEXTS[0]) == tok.encode(SAMPLE_TEXTS[0])
 
     data = json.loads((tmp_path / "llama4" / "tokenizer.json").read_text())
+    # a file whose BPE vocabulary lists the control tokens too: the fillers are renamed there as well
+    listed = {**data, "model": {**data["model"], "vocab": {**data["model"]["vocab"],
+                                                          **{t["content"]: t["id"] for t in data["added_tokens"]}}}}
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "tokenizer.json").write_text(json.dumps(listed))
+    renamed = FusionTokenizer.from_llama4(tmp_path / "listed")
+    assert renamed.special_token_ids == tok.special_token_ids
+    assert renamed.decode([renamed.video_start_id, renamed.video_end_id], skip_special_tokens=False) == \
+        "<|video_start|><|video_end|>"
+    saved_listed = json.loads(renamed.save(tmp_path / "listed_saved").read_text())
+    assert "<|reserved_special_token_3|>" not in saved_listed["model"]["vocab"]
+    assert saved_listed["model"]["vocab"]["<|video_end|>"] == ids["<|reserved_special_token_3|>"]
+
     data["added_tokens"] = [t for t in data["added_tokens"] if "reserved" not in t["content"]]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "tokenizer.json").write_text(json.dumps(data))
