@@ -12,6 +12,7 @@ from vision.encoder import VisionEncoderConfig
 
 from .checkpoint import model_folder
 from .decoder import Decoder
+from .hf_llama4 import decoder_config_from_hf, read_hf_config
 from .data.datasets import ConversationDataset
 from .decoder_config import DecoderConfig
 from .errors import CheckpointError, ConfigError
@@ -67,15 +68,16 @@ def check_model_section(config: TrainConfig) -> None:
         raise ConfigError(f"model: {err}") from err
 
 
-def build_model(config: TrainConfig) -> FusionModel:
-    """A new model from `config.model` (FusionConfig fields plus `tokenizer` and `vision_weights`), or the
-    folder `config.model["init_from"]`."""
+def build_model(config: TrainConfig, trunk_weights: bool = True) -> FusionModel:
+    """A new model from `config.model` (FusionConfig fields plus `tokenizer`, `vision_weights` and `trunk`), or
+    the folder `config.model["init_from"]`. `trunk_weights=False` (`--check`): a trunk's decoder is built on the
+    meta device from its config, its weights not read."""
     check_model_section(config)
     spec = dict(config.model)
     if spec.get("init_from"):
         return FusionModel.from_pretrained(model_folder(spec["init_from"], config.base_dir))
     if spec.get("trunk") is not None:
-        return model_on_trunk(spec, config)
+        return model_on_trunk(spec, config, weights=trunk_weights)
     tokenizer = build_tokenizer(spec.get("tokenizer") or {}, config)
     settings = model_settings(spec)
     decoder = dict(settings.get("decoder") or {})
@@ -103,16 +105,21 @@ def check_trunk(spec: dict, config: TrainConfig) -> None:
                                                                             " (no such folder)"))
 
 
-def model_on_trunk(spec: dict, config: TrainConfig) -> FusionModel:
+def model_on_trunk(spec: dict, config: TrainConfig, weights: bool = True) -> FusionModel:
     """A new model on the pretrained language trunk of `model.trunk`, a Hugging Face Llama 4 checkpoint folder:
-    its decoder (settings and text weights, in float32 for training) and its tokenizer
-    (`FusionTokenizer.from_llama4`); the tower (or `vision_weights`) and the adapter as `model:` sets them."""
+    its decoder (settings and text weights, in float32 for training; `weights=False`: on the meta device, its
+    weights not read) and its tokenizer (`FusionTokenizer.from_llama4`); the tower (or `vision_weights`) and the
+    adapter as `model:` sets them."""
     folder = config.path(spec["trunk"])
     try:
         tokenizer = FusionTokenizer.from_llama4(folder)
     except (OSError, TokenizerError) as err:
         raise ConfigError(f"model.trunk: {err}") from err
-    decoder = Decoder.from_hf(folder, dtype=torch.float32)
+    if weights:
+        decoder = Decoder.from_hf(folder, dtype=torch.float32)
+    else:
+        with torch.device("meta"):
+            decoder = Decoder(decoder_config_from_hf(read_hf_config(folder), source=str(folder / "config.json")))
     if decoder.config.vocab_size < len(tokenizer):
         raise ConfigError(f"model.trunk: the tokenizer of {str(folder)!r} has {len(tokenizer)} tokens, more than "
                           f"the decoder's vocab_size {decoder.config.vocab_size}: they are not one checkpoint's")

@@ -633,15 +633,15 @@ class Trainer:
         self._check_files(progress.stage_index, not_yet_written=pending)
         # a model built from scratch may train its tokenizer on files of the world still to be generated
         if state is not None or pending is None or config.model.get("init_from"):
-            self.model = self._starting_model()
+            self.model = self._starting_model(trunk_weights=False)  # a trunk's weights are read by the run only
             self._check_resumable(progress)
         if self.model is None:
             lines.append("model: built from scratch once the shapes world exists")
         else:
             size = sum(p.numel() for p in self.model.parameters()) / 1e6
             trunk = config.model.get("trunk")
-            built = (f"built on the Llama 4 trunk {config.path(trunk)} (its decoder and tokenizer)" if trunk else
-                     "built from scratch")
+            built = (f"built on the Llama 4 trunk {config.path(trunk)} (its decoder and tokenizer; its weights are "
+                     f"read by the run, not by --check)" if trunk else "built from scratch")
             lines.append(f"model: {config.model.get('init_from') or built} ({size:.1f} M parameters)")
         for stage in config.stages[progress.stage_index:]:
             trains = [name for name in PARTS if stage.rate(name) > 0]
@@ -689,12 +689,13 @@ class Trainer:
                               f"run, or start it again with --overwrite (overwrite=True)")
         return progress
 
-    def _starting_model(self) -> FusionModel:
-        """The model the run starts with: the resumed checkpoint's, else the config's (built or loaded)."""
+    def _starting_model(self, trunk_weights: bool = True) -> FusionModel:
+        """The model the run starts with: the resumed checkpoint's, else the config's (built or loaded;
+        `trunk_weights=False`: a trunk's decoder on the meta device, see `build_model`)."""
         if self.resume_state is not None:
             return FusionModel.from_pretrained(self.resume_state["folder"] / "model")
         try:
-            return build_model(self.config)
+            return build_model(self.config, trunk_weights=trunk_weights)
         except (ConfigError, CheckpointError, WeightsError):
             raise
         except (ValueError, TypeError) as err:  # a decoder / vision / video setting the model cannot take

@@ -466,8 +466,10 @@ def test_a_llama4_trunk_from_a_hugging_face_folder_stays_frozen_while_the_tower_
     assert model.config.decoder.num_experts == 4 and model.config.decoder.nope_interval == 2
 
     config["output_dir"] = str(tmp_path / "another")
-    assert f"model: built on the Llama 4 trunk {tmp_path / 'llama4'} (its decoder and tokenizer)" in \
-        fusion.trainer.check(fusion.trainer.TrainConfig.from_dict(config))
+    with pytest.MonkeyPatch.context() as patch:  # --check reads the trunk's config and tokenizer, not its weights
+        patch.setattr(fusion.Decoder, "from_hf", lambda *args, **kwargs: pytest.fail("--check read the weights"))
+        assert f"model: built on the Llama 4 trunk {tmp_path / 'llama4'} (its decoder and tokenizer; its weights are " \
+               f"read by the run, not by --check)" in fusion.trainer.check(fusion.trainer.TrainConfig.from_dict(config))
     for key, value in (("decoder", {"hidden_size": 32}), ("tokenizer", {"path": str(tmp_path / "llama4")})):
         clash = {**config, "model": {**config["model"], key: value}}
         with pytest.raises(ConfigError, match=rf"model: trunk brings the decoder's settings and weights and its "
