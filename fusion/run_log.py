@@ -51,17 +51,27 @@ def read_metrics(path) -> list[dict]:
 
 
 def plot_metrics(metrics_path, out_png) -> Path:
-    """Training and validation loss (left) and task accuracy (right) against the optimizer step."""
+    """Training and validation loss, task accuracy and (for a model with MoE layers) the router load against
+    the optimizer step, as a PNG (`metrics_figure`)."""
+    out_png = Path(out_png)
+    metrics_figure(read_metrics(metrics_path)).savefig(out_png, dpi=100)
+    return out_png
+
+
+def metrics_figure(entries: list[dict]):
+    """The figure of a metrics log's entries: training and validation loss (left), task accuracy (middle) and,
+    where the log has it, each expert's share of the routed image and of the routed text tokens, averaged over
+    the MoE layers (right)."""
     # A Figure of its own (not pyplot): the global backend, e.g. a notebook's inline plots, stays as it is.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    entries = read_metrics(metrics_path)
     train = [e for e in entries if e.get("kind") == "train"]
     evals = [e for e in entries if e.get("kind") == "eval"]
-    fig = Figure(figsize=(11, 4))
+    routed = [e for e in train if e.get("router_load")]
+    fig = Figure(figsize=(16.5 if routed else 11, 4))
     FigureCanvasAgg(fig)
-    ax_loss, ax_acc = fig.subplots(1, 2)
+    ax_loss, ax_acc, *ax_router = fig.subplots(1, 3 if routed else 2)
     if train:
         loss = [float("nan") if e["loss"] is None else e["loss"] for e in train]  # None: a window that did not train
         ax_loss.plot([e["step"] for e in train], loss, label="train loss", lw=1)
@@ -83,14 +93,28 @@ def plot_metrics(metrics_path, out_png) -> Path:
         points = [(e["step"], e["accuracy"][name]) for e in evals if name in e.get("accuracy", {})]
         ax_acc.plot([p[0] for p in points], [p[1] for p in points], "o-", label=name)
     ax_acc.set_xlabel("step")
-    ax_acc.set_ylabel("accuracy (per task; per question type in metrics.jsonl)")
+    ax_acc.set_ylabel("accuracy per task (by type: metrics.jsonl)")
     ax_acc.set_ylim(0, 1.02)
     if metrics:
         ax_acc.legend(fontsize=8)
+    if routed:
+        _plot_router_load(ax_router[0], routed)
     fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=100)
-    return out_png
+    return fig
+
+
+def _plot_router_load(ax, routed: list[dict]) -> None:
+    """Each expert's share of the image tokens (solid) and of the text tokens (dashed), mean over MoE layers."""
+    steps = [e["step"] for e in routed]
+    for kind, style in (("image", "-"), ("text", "--")):
+        shares = [[sum(layer[expert] for layer in e["router_load"][kind]) / len(e["router_load"][kind])
+                   for e in routed] for expert in range(len(routed[0]["router_load"][kind][0]))]
+        for expert, share in enumerate(shares):
+            ax.plot(steps, share, style, color=f"C{expert}", lw=1, label=f"expert {expert}, {kind}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of routed tokens (mean over MoE layers)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, ncol=2)
 
 
 def _stage_starts(train: list[dict]) -> list[dict]:

@@ -854,6 +854,23 @@ def test_a_later_stage_with_fewer_samples_than_one_batch_fails_before_training(w
     assert "stage 'two': 2 steps of 4 samples = 2.00 epochs of its 6" in fusion.trainer.check(repeated)
 
 
+def test_the_plot_shows_each_experts_share_of_image_and_text_tokens():
+    """metrics.png has a third panel where the log has router loads: each expert's share of the routed image
+    tokens and of the text tokens, averaged over the MoE layers, step by step."""
+    from fusion.run_log import metrics_figure
+
+    entries = [{"kind": "train", "stage": "s", "step": step, "loss": 1.0,
+                "router_load": {"image": [[0.9, 0.1], [0.7, 0.3]], "text": [[0.2, 0.8], [0.4, 0.6]]}}
+               for step in (1, 2)] + [{"kind": "eval", "stage": "s", "step": 2, "val_loss": 1.0, "accuracy": {}}]
+    figure = metrics_figure(entries)
+    assert len(figure.axes) == 3
+    lines = {line.get_label(): list(line.get_ydata()) for line in figure.axes[2].get_lines()}
+    expected = {"expert 0, image": 0.8, "expert 1, image": 0.2, "expert 0, text": 0.3, "expert 1, text": 0.7}
+    assert lines.keys() == expected.keys()
+    assert all(lines[name] == pytest.approx([share, share]) for name, share in expected.items())
+    assert len(metrics_figure([{**e, "router_load": None} for e in entries]).axes) == 2  # a dense model: no panel
+
+
 def test_the_plot_and_the_metrics_log_never_end_a_run(tmp_path, monkeypatch):
     """A log whose every loss is missing (every step skipped) still plots; a log line that cannot be written
     (a full disk) is a warning, the run goes on."""
