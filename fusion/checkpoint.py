@@ -26,7 +26,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tokenizer import FusionTokenizer, TokenizerError
-from vision.adapter import pixel_shuffle_tokens
 from vision.image import ImageProcessor
 
 from .errors import CheckpointError
@@ -427,13 +426,13 @@ def load_model_folder(path, device=None, dtype: torch.dtype | None = None):
         raise CheckpointError(f"{folder / WEIGHTS_FILE} does not match its config: missing {missing[:4]}, "
                               f"unexpected {result.unexpected_keys[:4]}")
     if preprocessing is not None:  # the saved preprocessing is the truth, whatever library defaults are now
+        built = (model.processor.tokens_per_tile, model.vision.image_size)  # what the tower and adapter give
         try:
             model.processor = FusionProcessor(tokenizer, ImageProcessor.from_dict(preprocessing["image_processor"]),
                                               preprocessing["tokens_per_tile"], VideoSettings(**preprocessing["video"]))
         except (ValueError, TypeError, KeyError) as err:
             raise CheckpointError(f"{folder / CONFIG_FILE}: its preprocessing settings cannot be used "
                                   f"({type(err).__name__}: {err})") from err
-        built = (pixel_shuffle_tokens(model.vision.num_patches, config.pixel_shuffle_ratio), model.vision.image_size)
         if (model.processor.tokens_per_tile, model.processor.image_processor.image_size) != built:
             raise CheckpointError(
                 f"{folder / CONFIG_FILE}: its preprocessing (tokens_per_tile {model.processor.tokens_per_tile}, "

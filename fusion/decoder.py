@@ -169,8 +169,9 @@ class Decoder(nn.Module):
                              "shared prefix); pass the positions that fusion.data.collate builds with them")
         if positions is None and segment_ids is not None:
             index = torch.arange(T, device=x.device).expand(B, T)
+            segments = segment_ids.to(x.device)
             starts = torch.ones(B, T, dtype=torch.bool, device=x.device)
-            starts[:, 1:] = segment_ids[:, 1:].to(x.device) != segment_ids[:, :-1].to(x.device)
+            starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
             positions = index - torch.where(starts, index, 0).cummax(dim=1).values  # restart at each segment
         elif positions is None:
             start = cache.next_positions if cache is not None else torch.zeros(B, 1, dtype=torch.long,

@@ -169,7 +169,7 @@ def hf_config_from_decoder(config: DecoderConfig) -> dict:
     }
 
 
-def read_hf_config(folder: Path) -> dict:
+def _read_hf_config(folder: Path) -> dict:
     """config.json of a Llama 4 folder; other model types and quantized checkpoints are refused."""
     path = folder / "config.json"
     if not folder.exists():
@@ -245,11 +245,16 @@ def _open_weights(file: Path):
                               f"again") from err
 
 
+def read_hf_decoder_config(folder: Path) -> tuple[DecoderConfig, dict]:
+    """The DecoderConfig of a Hugging Face Llama 4 folder, and its config.json as read."""
+    hf_cfg = _read_hf_config(folder)
+    return decoder_config_from_hf(hf_cfg, source=str(folder / "config.json")), hf_cfg
+
+
 def load_hf_decoder(path, dtype: torch.dtype | None = None, device=None) -> Decoder:
     """Build a Decoder from a Hugging Face Llama 4 folder. `dtype` defaults to the checkpoint's own dtype."""
     folder = user_path(path)
-    hf_cfg = read_hf_config(folder)
-    config = decoder_config_from_hf(hf_cfg, source=str(folder / "config.json"))
+    config, hf_cfg = read_hf_decoder_config(folder)
     with contextlib.ExitStack() as files_open:  # each weight file opened once, for its keys and its tensors
         readers = {f: files_open.enter_context(_open_weights(f)) for f in _safetensors_files(folder)}
         keys = {}

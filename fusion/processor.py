@@ -145,9 +145,9 @@ class FusionProcessor:
             pixels, grid = self.image_processor(image)
             media.image_tiles.append(pixels)
             media.image_placeholders.append(ImagePlaceholder(tokens_per_tile=self.tokens_per_tile, grid=grid))
+        frame_processor = self.frame_processor
         for video in videos:
             frames, seconds = self.sample_video(video, num_frames=num_frames, fps=fps)
-            frame_processor = self.frame_processor
             media.video_tiles.append(torch.cat([frame_processor(frame)[0] for frame in frames]))
             media.video_placeholders.append(VideoPlaceholder(timestamps=seconds,
                                                              tokens_per_frame=self.tokens_per_tile))

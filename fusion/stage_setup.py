@@ -12,7 +12,7 @@ from vision.encoder import VisionEncoderConfig
 
 from .checkpoint import model_folder
 from .decoder import Decoder
-from .hf_llama4 import decoder_config_from_hf, read_hf_config
+from .hf_llama4 import read_hf_decoder_config
 from .data.datasets import ConversationDataset
 from .decoder_config import DecoderConfig
 from .errors import CheckpointError, ConfigError
@@ -119,7 +119,7 @@ def model_on_trunk(spec: dict, config: TrainConfig, weights: bool = True) -> Fus
         decoder = Decoder.from_hf(folder, dtype=torch.float32)
     else:
         with torch.device("meta"):
-            decoder = Decoder(decoder_config_from_hf(read_hf_config(folder), source=str(folder / "config.json")))
+            decoder = Decoder(read_hf_decoder_config(folder)[0])
     if decoder.config.vocab_size < len(tokenizer):
         raise ConfigError(f"model.trunk: the tokenizer of {str(folder)!r} has {len(tokenizer)} tokens, more than "
                           f"the decoder's vocab_size {decoder.config.vocab_size}: they are not one checkpoint's")

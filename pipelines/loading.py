@@ -99,7 +99,7 @@ def load_model(model, device: torch.device | None = None, dtype: torch.dtype | N
     A missing or broken folder raises `fusion.errors.CheckpointError` naming it.
     """
     if model is None or (isinstance(model, str) and model == DEFAULT_MODEL):  # a folder called so is "./default"
-        return load_default_model(device, dtype).eval()
+        return load_default_model(device, dtype)  # from_pretrained: in eval mode
     if isinstance(model, FusionModel):
         if dtype is not None:
             model.to(dtype)
@@ -112,7 +112,7 @@ def load_model(model, device: torch.device | None = None, dtype: torch.dtype | N
                 f"model={os.fspath(model)!r} is a file, not a model folder: model= takes a folder written by "
                 f"FusionModel.save_pretrained or `fusion train` (or a FusionModel, or None for the default model). "
                 f"The image or video goes to the pipeline's call: pipe(...) after pipe = fusion.pipeline(task)")
-        return FusionModel.from_pretrained(model, device=device, dtype=dtype).eval()
+        return FusionModel.from_pretrained(model, device=device, dtype=dtype)
     raise PipelineInputError(f"model must be a checkpoint folder (str or os.PathLike), a fusion.FusionModel, "
                              f"or None for the default model, got a {type(model).__name__}; the images or "
                              f"videos go to the pipeline's call: pipe(...) after pipe = fusion.pipeline(task)")
