@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 
 
@@ -63,19 +65,15 @@ class DecoderConfig:
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
-        problems = []
-        if self.num_heads % self.num_kv_heads:
-            problems.append(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-        if self.head_dim % 2:
-            problems.append(f"head_dim ({self.head_dim}) must be even for RoPE")
-        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
-            problems.append(f"top_k ({self.top_k}) must be between 1 and num_experts ({self.num_experts})")
-        if self.interleave_moe_layer_step < 1:
-            problems.append(f"interleave_moe_layer_step must be >= 1, got {self.interleave_moe_layer_step}")
-        if self.nope_interval < 0:
-            problems.append(f"nope_interval must be >= 0 (0 = RoPE everywhere), got {self.nope_interval}")
-        if self.attention_chunk_size is not None and self.attention_chunk_size < 1:
-            problems.append(f"attention_chunk_size must be positive or None, got {self.attention_chunk_size}")
+        problems = _range_problems(self)
+        if not problems:  # (the relations between settings, once each is a number in its range)
+            if self.num_heads % self.num_kv_heads:
+                problems.append(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                                f"({self.num_kv_heads})")
+            if self.head_dim % 2:
+                problems.append(f"head_dim ({self.head_dim}) must be even for RoPE")
+            if self.num_experts and not 1 <= self.top_k <= self.num_experts:
+                problems.append(f"top_k ({self.top_k}) must be between 1 and num_experts ({self.num_experts})")
         if problems:
             raise ValueError("invalid DecoderConfig: " + "; ".join(problems))
 
@@ -114,3 +112,34 @@ class DecoderConfig:
         )
         base.update(overrides)
         return cls(**base)
+
+
+# The least value of each whole-number setting (a model with 0 layers, heads or experts' width builds and runs,
+# computing nothing useful; 0 kv heads divided by zero).
+_WHOLE_MINIMUM = {"vocab_size": 1, "hidden_size": 1, "num_layers": 1, "num_heads": 1, "num_kv_heads": 1,
+                  "head_dim": 1, "intermediate_size": 1, "intermediate_size_mlp": 1, "num_experts": 0,
+                  "top_k": 1, "interleave_moe_layer_step": 1, "nope_interval": 0, "max_position_embeddings": 1}
+# The real-number settings: those that must be above 0 (a negative rms_norm_eps gives NaNs), and those that may be 0.
+_POSITIVE = ("rope_theta", "floor_scale", "rms_norm_eps")
+_NOT_NEGATIVE = ("attn_scale", "initializer_range", "load_balance_coeff", "aux_loss_coef")
+
+
+def _range_problems(config: DecoderConfig) -> list[str]:
+    """Each setting that is not a number of its kind in its range, said as what it must be."""
+    def whole(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    def real(value) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+    problems = [f"{name} must be a whole number >= {least}, got {getattr(config, name)!r}"
+                for name, least in _WHOLE_MINIMUM.items()
+                if not (whole(getattr(config, name)) and getattr(config, name) >= least)]
+    problems += [f"{name} must be a number above 0, got {getattr(config, name)!r}" for name in _POSITIVE
+                 if not (real(getattr(config, name)) and getattr(config, name) > 0)]
+    problems += [f"{name} must be a number >= 0, got {getattr(config, name)!r}" for name in _NOT_NEGATIVE
+                 if not (real(getattr(config, name)) and getattr(config, name) >= 0)]
+    chunk = config.attention_chunk_size
+    if chunk is not None and not (whole(chunk) and chunk >= 1):
+        problems.append(f"attention_chunk_size must be a whole number >= 1, or None for no chunking, got {chunk!r}")
+    return problems

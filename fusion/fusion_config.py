@@ -36,6 +36,12 @@ class FusionConfig:
             self.vision = VisionEncoderConfig.from_dict(self.vision)
         if isinstance(self.video, dict):
             self.video = VideoSettings(**self.video)
+        hidden = self.adapter_hidden_size
+        if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
+            raise ConfigError(f"FusionConfig: adapter_hidden_size must be a whole number >= 1, or None for the "
+                              f"decoder's width, got {hidden!r}")
+        if not isinstance(self.pad_with_mean, bool):
+            raise ConfigError(f"FusionConfig: pad_with_mean must be true or false, got {self.pad_with_mean!r}")
         if self.image_position_embedding is True:
             self.image_position_embedding = "per_token"
         if self.image_position_embedding not in (False, *POSITION_EMBEDDINGS):

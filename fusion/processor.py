@@ -24,7 +24,7 @@ from tokenizer.chat import media_in_parts
 from tokenizer.errors import MediaCountMismatchError
 from vision.errors import ImageLoadError, VideoLoadError
 from vision.image import ImageProcessor
-from vision.video import SampledFrames, sample_frames
+from vision.video import SampledFrames, check_sampling_arguments, sample_frames
 
 
 def checked_presampled_video(video) -> SampledFrames | tuple | None:
@@ -70,6 +70,12 @@ class VideoSettings:
     num_frames: int = 8
     fps: float | None = None
     max_frames: int = 32
+
+    def __post_init__(self):
+        try:  # (at the model's construction, not at each video a training run would then skip as bad)
+            check_sampling_arguments(num_frames=self.num_frames, fps=self.fps, max_frames=self.max_frames)
+        except VideoLoadError as err:
+            raise ValueError(f"VideoSettings: {err}") from None
 
 
 @dataclass

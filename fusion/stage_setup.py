@@ -52,16 +52,8 @@ def check_model_section(config: TrainConfig) -> None:
     for key in ("decoder", "vision", "video"):
         if spec.get(key) is not None and not isinstance(spec[key], dict):
             raise ConfigError(f"model.{key} must be a mapping of its settings, e.g. {key}: {{...}}; got {spec[key]!r}")
-    try:
-        video = FusionConfig(**model_settings(spec)).video
-        for name, low in (("num_frames", 1), ("max_frames", 1)):
-            value = getattr(video, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"model.video.{name} must be a whole number >= {low}, got {value!r}")
-        if video.fps is not None and (isinstance(video.fps, bool) or not isinstance(video.fps, (int, float))
-                                      or not 0 < video.fps < math.inf):
-            raise ConfigError(f"model.video.fps must be a positive number of frames per second (or null: "
-                              f"num_frames evenly spread), got {video.fps!r}")
+    try:  # each part's settings check their own ranges (DecoderConfig, VisionEncoderConfig, VideoSettings)
+        FusionConfig(**model_settings(spec))
     except (ConfigError, CheckpointError):
         raise
     except (ValueError, TypeError) as err:  # a decoder / vision / video setting the model cannot take

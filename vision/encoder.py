@@ -27,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import math
+import numbers
 import os
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -88,12 +90,28 @@ class VisionEncoderConfig:
             raise ValueError(f"VisionEncoderConfig: act must be 'gelu' or 'quickgelu', got {self.act!r}")
         if self.stem not in ("patch", "conv"):
             raise ValueError(f"VisionEncoderConfig: stem must be 'patch' or 'conv', got {self.stem!r}")
+        for name in ("image_size", "patch_size", "width", "layers", "heads"):  # (None: the custom default)
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                      or value < 1):
+                raise ValueError(f"VisionEncoderConfig: {name} must be a whole number >= 1, got {value!r}")
+        ratio = self.mlp_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, numbers.Real)
+                                  or not math.isfinite(ratio) or ratio <= 0):
+            raise ValueError(f"VisionEncoderConfig: mlp_ratio must be a number above 0, got {ratio!r}")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, numbers.Integral):
+            raise ValueError(f"VisionEncoderConfig: layer must be a whole number (-1 = the last block), "
+                             f"got {self.layer!r}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None:
                 value = tuple(float(v) for v in value)
                 if len(value) != 3:
                     raise ValueError(f"VisionEncoderConfig: {name} needs 3 values (RGB), got {value}")
+                if not all(map(math.isfinite, value)) or (name == "std" and min(value) <= 0):
+                    raise ValueError(f"VisionEncoderConfig: {name} needs 3 finite values"
+                                     f"{' above 0 (pixels are divided by it)' if name == 'std' else ''}, "
+                                     f"got {value}")
                 setattr(self, name, value)
         if self.model_name is not None:
             given = [name for name in _CUSTOM_FIELDS if getattr(self, name) is not None]

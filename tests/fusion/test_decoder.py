@@ -1,5 +1,6 @@
 """Decoder behaviour: cached decoding, chunked and NoPE attention, RoPE, padding, packing, training."""
 import math
+import re
 
 import pytest
 import torch
@@ -205,6 +206,27 @@ def test_input_errors_are_clear():
         model()
     with pytest.raises(ValueError, match="invalid DecoderConfig: num_heads"):
         small_config(num_heads=5)
+
+
+@pytest.mark.parametrize("setting, value, says", [
+    ("num_kv_heads", 0, "num_kv_heads must be a whole number >= 1, got 0"),  # was a ZeroDivisionError
+    ("num_layers", 0, "num_layers must be a whole number >= 1, got 0"),  # built a decoder with no layers
+    ("num_heads", 0, "num_heads must be a whole number >= 1"),  # ran, attending to nothing
+    ("head_dim", 0, "head_dim must be a whole number >= 1"),
+    ("intermediate_size", 0, "intermediate_size must be a whole number >= 1"),
+    ("hidden_size", 2.5, "hidden_size must be a whole number >= 1, got 2.5"),  # was torch's "tuple of ints"
+    ("num_layers", True, "num_layers must be a whole number >= 1, got True"),
+    ("num_experts", -1, "num_experts must be a whole number >= 0, got -1"),
+    ("rms_norm_eps", -1e-5, "rms_norm_eps must be a number above 0"),  # gave NaN logits
+    ("rope_theta", "1e4", "rope_theta must be a number above 0, got '1e4'"),  # YAML reads 1e4 as a string
+    ("floor_scale", 0, "floor_scale must be a number above 0"),
+    ("attn_scale", float("nan"), "attn_scale must be a number >= 0"),
+    ("attention_chunk_size", 0, "attention_chunk_size must be a whole number >= 1, or None"),
+])
+def test_a_setting_out_of_its_range_is_named_before_anything_is_built(setting, value, says):
+    with pytest.raises(ValueError, match=re.escape(f"invalid DecoderConfig: {says}")):
+        small_config(**{setting: value})
+    small_config(**{setting: None} if setting == "attention_chunk_size" else {})  # its default and None are fine
 
 
 def test_training_step_reduces_loss_and_updates_every_part():

@@ -346,6 +346,29 @@ def test_a_config_json_this_version_cannot_use_is_a_checkpoint_error_naming_it(t
         fusion.FusionModel.from_pretrained(tmp_path / "m")
 
 
+def test_model_settings_out_of_their_range_are_named_when_the_config_is_made(tok, tmp_path):
+    """A 0-wide adapter, a model sampling 0 frames per video or a non-boolean pad_with_mean built (the frames'
+    error came only at each video, which a training run skips as a bad sample); a saved config.json with such
+    a setting (here 0 kv heads: a ZeroDivisionError) is a CheckpointError naming the file."""
+    with pytest.raises(ConfigError, match=r"adapter_hidden_size must be a whole number >= 1, or None .*got 0"):
+        fusion.FusionConfig(adapter_hidden_size=0)
+    with pytest.raises(ConfigError, match=r"pad_with_mean must be true or false, got 'no'"):
+        fusion.FusionConfig(pad_with_mean="no")
+    for video, says in (({"num_frames": 0}, "num_frames must be an integer >= 1, got 0"),
+                        ({"fps": -1.0}, "fps must be a positive number"),
+                        ({"max_frames": 2.5}, "max_frames must be an integer >= 1, got 2.5")):
+        with pytest.raises(ValueError, match=f"VideoSettings: {says}"):
+            fusion.FusionConfig(video=video)
+    assert fusion.FusionConfig(adapter_hidden_size=None, video={"fps": 2.0}).video.fps == 2.0
+    tiny_model(tok).save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    config["decoder"]["num_kv_heads"] = 0
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json.*num_kv_heads must be a whole number >= 1"):
+        fusion.FusionModel.from_pretrained(tmp_path / "m")
+
+
 def test_frozen_vision_builds_no_graph(tok):
     model = tiny_model(tok).train()
     model.vision.requires_grad_(False)

@@ -1206,7 +1206,11 @@ def test_model_section_mistakes_are_found_before_anything_runs(world, tmp_path):
         assert not (tmp_path / "new_world").exists()  # not generated: the mistake was found first
     del config["model"]["decoder"]["hiden_size"]
     for mistake, message in (({"vision": 5}, r"model.vision must be a mapping of its settings"),
-                             ({"video": {"num_frames": 0}}, r"model.video.num_frames must be a whole number >= 1")):
+                             ({"video": {"num_frames": 0}}, r"model: VideoSettings: num_frames must be an integer >= 1"),
+                             ({"decoder": {"num_layers": 0}}, r"model: invalid DecoderConfig: num_layers must be a "
+                                                              r"whole number >= 1, got 0"),
+                             ({"vision": {"width": 0}}, r"model: VisionEncoderConfig: width must be a whole number"),
+                             ({"adapter_hidden_size": 0}, r"FusionConfig: adapter_hidden_size must be a whole number")):
         with pytest.raises(ConfigError, match=message):
             fusion.trainer.check(fusion.trainer.TrainConfig.from_dict({**config, "model": {**config["model"],
                                                                                           **mistake}}))

@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import re
 
 import numpy as np
 import open_clip
@@ -408,6 +409,22 @@ def test_bad_names_and_settings_give_clear_errors():
         VisionEncoder(VisionEncoderConfig(**{**TINY, "heads": 3}))
     with pytest.raises(ValueError, match="act"):
         VisionEncoderConfig(act="relu")
+
+
+@pytest.mark.parametrize("setting, value, says", [
+    ("width", 0, "width must be a whole number >= 1, got 0"),  # was a ZeroDivisionError
+    ("heads", 0, "heads must be a whole number >= 1, got 0"),  # same
+    ("patch_size", 0, "patch_size must be a whole number >= 1, got 0"),  # same
+    ("image_size", 0, "image_size must be a whole number >= 1, got 0"),  # built a tower for 0x0 pixels
+    ("layers", True, "layers must be a whole number >= 1, got True"),  # built a 1-block tower
+    ("mlp_ratio", -1.0, "mlp_ratio must be a number above 0, got -1.0"),  # torch's "negative dimension"
+    ("layer", 1.0, "layer must be a whole number (-1 = the last block), got 1.0"),
+    ("std", (0.0, 0.5, 0.5), "std needs 3 finite values above 0 (pixels are divided by it)"),
+    ("mean", (float("nan"), 0.5, 0.5), "mean needs 3 finite values, got (nan"),
+])
+def test_a_custom_tower_setting_out_of_its_range_is_named(setting, value, says):
+    with pytest.raises(ValueError, match=re.escape(f"VisionEncoderConfig: {says}")):
+        VisionEncoderConfig(**{**TINY, setting: value})
 
 
 def test_forward_checks_the_pixel_shape_and_the_processor_fits_the_encoder():
