@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from dataclasses import dataclass, field
+
+from vision.checks import is_finite_number, is_whole_number
 
 
 @dataclass
@@ -126,20 +126,14 @@ _NOT_NEGATIVE = ("attn_scale", "initializer_range", "load_balance_coeff", "aux_l
 
 def _range_problems(config: DecoderConfig) -> list[str]:
     """Each setting that is not a number of its kind in its range, said as what it must be."""
-    def whole(value) -> bool:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-    def real(value) -> bool:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
     problems = [f"{name} must be a whole number >= {least}, got {getattr(config, name)!r}"
                 for name, least in _WHOLE_MINIMUM.items()
-                if not (whole(getattr(config, name)) and getattr(config, name) >= least)]
+                if not (is_whole_number(getattr(config, name)) and getattr(config, name) >= least)]
     problems += [f"{name} must be a number above 0, got {getattr(config, name)!r}" for name in _POSITIVE
-                 if not (real(getattr(config, name)) and getattr(config, name) > 0)]
+                 if not (is_finite_number(getattr(config, name)) and getattr(config, name) > 0)]
     problems += [f"{name} must be a number >= 0, got {getattr(config, name)!r}" for name in _NOT_NEGATIVE
-                 if not (real(getattr(config, name)) and getattr(config, name) >= 0)]
+                 if not (is_finite_number(getattr(config, name)) and getattr(config, name) >= 0)]
     chunk = config.attention_chunk_size
-    if chunk is not None and not (whole(chunk) and chunk >= 1):
+    if chunk is not None and not (is_whole_number(chunk) and chunk >= 1):
         problems.append(f"attention_chunk_size must be a whole number >= 1, or None for no chunking, got {chunk!r}")
     return problems

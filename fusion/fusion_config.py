@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from vision.adapter import POSITION_EMBEDDINGS
+from vision.checks import is_whole_number
 from vision.encoder import VisionEncoderConfig
 
 from .decoder_config import DecoderConfig
@@ -37,7 +38,7 @@ class FusionConfig:
         if isinstance(self.video, dict):
             self.video = VideoSettings(**self.video)
         hidden = self.adapter_hidden_size
-        if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
+        if hidden is not None and not (is_whole_number(hidden) and hidden >= 1):
             raise ConfigError(f"FusionConfig: adapter_hidden_size must be a whole number >= 1, or None for the "
                               f"decoder's width, got {hidden!r}")
         if not isinstance(self.pad_with_mean, bool):

@@ -28,7 +28,6 @@ import contextlib
 import copy
 import difflib
 import math
-import numbers
 import os
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -42,6 +41,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from .attention import attend_in_float32_on_cpu
+from .checks import is_finite_number, is_whole_number
 from .errors import WeightsError
 from .image import ImageProcessor
 
@@ -92,14 +92,11 @@ class VisionEncoderConfig:
             raise ValueError(f"VisionEncoderConfig: stem must be 'patch' or 'conv', got {self.stem!r}")
         for name in ("image_size", "patch_size", "width", "layers", "heads"):  # (None: the custom default)
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-                                      or value < 1):
+            if value is not None and not (is_whole_number(value) and value >= 1):
                 raise ValueError(f"VisionEncoderConfig: {name} must be a whole number >= 1, got {value!r}")
-        ratio = self.mlp_ratio
-        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, numbers.Real)
-                                  or not math.isfinite(ratio) or ratio <= 0):
-            raise ValueError(f"VisionEncoderConfig: mlp_ratio must be a number above 0, got {ratio!r}")
-        if isinstance(self.layer, bool) or not isinstance(self.layer, numbers.Integral):
+        if self.mlp_ratio is not None and not (is_finite_number(self.mlp_ratio) and self.mlp_ratio > 0):
+            raise ValueError(f"VisionEncoderConfig: mlp_ratio must be a number above 0, got {self.mlp_ratio!r}")
+        if not is_whole_number(self.layer):
             raise ValueError(f"VisionEncoderConfig: layer must be a whole number (-1 = the last block), "
                              f"got {self.layer!r}")
         for name in ("mean", "std"):

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import bisect
 import math
-import numbers
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from vision.checks import is_finite_number, is_whole_number
 from vision.errors import VideoLoadError, url_hint
 
 # Files of these kinds hold one picture: given as a video they are a mistake (video QA on one repeated frame)
@@ -119,7 +119,7 @@ def frame_indices(num_total_frames: int, avg_fps: float, num_frames: int = 8, fp
         VideoLoadError: bad arguments, or a range outside the video.
     """
     check_sampling_arguments(num_frames=num_frames, fps=fps, max_frames=max_frames, start=start, end=end)
-    if not _is_int(num_total_frames) or num_total_frames < 1:
+    if not is_whole_number(num_total_frames) or num_total_frames < 1:
         raise VideoLoadError(f"the video has {num_total_frames} frames; at least one is needed")
     if not _is_positive_number(avg_fps):
         raise VideoLoadError(f"avg_fps must be a positive number, got {avg_fps!r}")
@@ -140,15 +140,15 @@ def frame_indices(num_total_frames: int, avg_fps: float, num_frames: int = 8, fp
 def check_sampling_arguments(num_frames: int = 8, fps: Optional[float] = None, max_frames: int = 32,
                              start: Optional[float] = None, end: Optional[float] = None) -> None:
     """Check the arguments that need no video; raise `VideoLoadError` saying what to pass."""
-    if not _is_int(num_frames) or num_frames < 1:
+    if not is_whole_number(num_frames) or num_frames < 1:
         raise VideoLoadError(f"num_frames must be an integer >= 1, got {num_frames!r}")
-    if not _is_int(max_frames) or max_frames < 1:
+    if not is_whole_number(max_frames) or max_frames < 1:
         raise VideoLoadError(f"max_frames must be an integer >= 1, got {max_frames!r}")
     if fps is not None and not _is_positive_number(fps):
         raise VideoLoadError(f"fps must be a positive number of frames per second (or None for uniform "
                              f"sampling), got {fps!r}")
     for name, value in (("start", start), ("end", end)):
-        if value is not None and not (_is_real(value) and math.isfinite(value)):
+        if value is not None and not (is_finite_number(value)):
             raise VideoLoadError(f"{name} must be a number of seconds or None, got {value!r}")
     if start is not None and start < 0:
         raise VideoLoadError(f"start must be >= 0 seconds, got {start!r}")
@@ -304,7 +304,7 @@ def resolve_avg_fps(reported_fps: Optional[float], num_total_frames: int, durati
     """
     if _is_plausible_fps(reported_fps):
         return float(reported_fps)
-    if duration_s is not None and _is_real(duration_s) and math.isfinite(duration_s) and duration_s > 0:
+    if duration_s is not None and is_finite_number(duration_s) and duration_s > 0:
         measured = num_total_frames / duration_s
         if _is_plausible_fps(measured):
             return float(measured)
@@ -313,16 +313,8 @@ def resolve_avg_fps(reported_fps: Optional[float], num_total_frames: int, durati
                          f"constant rate, e.g. `ffmpeg -i IN -r 30 -c:v libx264 OUT.mp4`")
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _is_positive_number(value: object) -> bool:
-    return _is_real(value) and math.isfinite(value) and value > 0
+    return is_finite_number(value) and value > 0
 
 
 def _is_plausible_fps(value: object) -> bool:

@@ -64,6 +64,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vision.checks import is_whole_number
+
 FORMAT_VERSION = 1
 
 # Pure, well separated colours; interiors keep these exact values in the PNGs.
@@ -113,10 +115,6 @@ TEXT_CAPTION_PROMPT = "Describe a scene with shapes."
 # clips of at most twice as many frames keep every event between two sampled frames (see `video_frames`).
 MODEL_SAMPLED_FRAMES = 8
 MAX_VIDEO_FRAMES = 2 * MODEL_SAMPLED_FRAMES
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _is_number(value) -> bool:
@@ -231,12 +229,12 @@ class ShapesWorldConfig:
             raise ValueError(f"ShapesWorldConfig: video_fps must be a number > 0 (at least 0.001: an mp4 stores "
                              f"its frame rate as a fraction whose denominator is at most 1000), "
                              f"got {self.video_fps!r}")
-        if not _is_int(self.video_crf) or not 0 <= self.video_crf <= 51:
+        if not is_whole_number(self.video_crf) or not 0 <= self.video_crf <= 51:
             raise ValueError(f"ShapesWorldConfig: video_crf must be an integer in 0..51 (the x264 quality scale, "
                              f"lower is closer to lossless), got {self.video_crf!r}")
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_whole_number(self.seed) or self.seed < 0:
             raise ValueError(f"ShapesWorldConfig: seed must be an integer >= 0, got {self.seed!r}")
-        if not _is_int(self.supersample) or self.supersample < 1:
+        if not is_whole_number(self.supersample) or self.supersample < 1:
             raise ValueError(f"ShapesWorldConfig: supersample must be an integer >= 1, got {self.supersample!r}")
         if len(self.background) != 3 or not all(0 <= v <= 255 for v in self.background):
             raise ValueError(f"ShapesWorldConfig: background must be three values in 0..255 (red, green, blue), "
