@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 
 @dataclass
@@ -165,3 +165,38 @@ def load_full_state(model: nn.Module, optimizer, model_state: dict, optimizer_st
     set_model_state_dict(model, model_state, options=options)
     if optimizer is not None and optimizer_state is not None:
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def this_process_part(target: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """The part of the whole tensor `full` that `target` holds in this process: all of it for a plain tensor,
+    this process's rows for an FSDP2-sharded parameter (a DTensor sharded on its first dimension, as
+    `fully_shard` shards: `torch.chunk` of the rows, so the last processes may hold fewer rows or none)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(target, DTensor):
+        return full
+    placements = tuple(target.placements)
+    if target.device_mesh.ndim != 1 or placements != (Shard(0),):
+        raise NotImplementedError(f"loading a tensor sharded as {placements} over a {target.device_mesh.ndim}-D "
+                                  f"mesh; fusion shards with fully_shard on one dimension (Shard(0))")
+    rows = target.to_local().shape[0]
+    per_process = -(-full.shape[0] // target.device_mesh.size())  # torch.chunk's chunk size
+    start = min(target.device_mesh.get_local_rank() * per_process, full.shape[0])
+    return full[start:start + rows]
+
+
+@torch.no_grad()
+def copy_whole_tensors(targets: dict[str, torch.Tensor], names, read, shape_error) -> None:
+    """Copy the tensor `read(name)` gives (whole, as a file stores it) into `targets[name]` for each of `names`,
+    one at a time: an FSDP2-sharded target keeps only this process's part, so a process never holds more
+    than its shard of the weights and one whole tensor. A shape other than the target's (whole) shape is a
+    CheckpointError with the message `shape_error(name, shape read, shape wanted)`."""
+    from torch.distributed.tensor import DTensor
+
+    for name in names:
+        value = read(name)
+        target = targets[name]
+        if tuple(value.shape) != tuple(target.shape):
+            raise CheckpointError(shape_error(name, tuple(value.shape), tuple(target.shape)))
+        local = target.to_local() if isinstance(target, DTensor) else target
+        local.copy_(this_process_part(target, value))

@@ -12,7 +12,9 @@ import contextlib
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -20,6 +22,7 @@ from safetensors import safe_open
 from .checkpoint import model_folder_writer, user_path, write_safetensors
 from .decoder import Decoder
 from .decoder_config import DecoderConfig, RopeScaling
+from .distributed import copy_whole_tensors
 from .errors import CheckpointError
 
 # Our parameter names -> Hugging Face names, inside one decoder layer.
@@ -253,23 +256,59 @@ def read_hf_decoder_config(folder: Path) -> tuple[DecoderConfig, dict]:
 
 def load_hf_decoder(path, dtype: torch.dtype | None = None, device=None) -> Decoder:
     """Build a Decoder from a Hugging Face Llama 4 folder. `dtype` defaults to the checkpoint's own dtype."""
+    with open_hf_decoder_weights(path) as weights:
+        if dtype is None:  # the checkpoint's own: that of its embedding
+            dtype = weights.read("embed_tokens.weight").dtype
+        with torch.device("meta"):
+            decoder = Decoder(weights.config)
+        decoder = decoder.to_empty(device=device or "cpu").to(dtype)  # every weight is overwritten below
+        weights.copy_into(decoder)
+    decoder.reset_buffers()
+    return decoder
+
+
+@dataclass
+class HfDecoderWeights:
+    """The text weights of a Hugging Face Llama 4 folder under the decoder's own names, read one tensor at a
+    time (while `open_hf_decoder_weights` keeps the files open)."""
+    folder: Path
+    config: DecoderConfig
+    keys: dict  # the decoder's weight name -> the checkpoint's key (or its experts' keys' common prefix)
+    read: Callable[[str], torch.Tensor]  # a weight by the decoder's name, as the checkpoint stores it
+
+    def copy_into(self, decoder: Decoder) -> None:
+        """Every weight into `decoder` (built from `config`; plain, or sharded by FSDP2: then each process keeps
+        its shard only); its buffers are left to `decoder.reset_buffers()`."""
+        def shape_error(name, got, want):
+            return (f"{self.folder}: {self.keys[name]} has shape {got} but config.json gives {want}; the weights "
+                    f"and config differ")
+
+        copy_whole_tensors(decoder.state_dict(), list(self.keys), self.read, shape_error)
+
+
+@contextlib.contextmanager
+def open_hf_decoder_weights(path) -> Iterator[HfDecoderWeights]:
+    """A Hugging Face Llama 4 folder's config and text weights, its files open (each once) while in the block.
+    A folder that lacks a weight the config needs, or is quantized, is a CheckpointError."""
     folder = user_path(path)
     config, hf_cfg = read_hf_decoder_config(folder)
-    with contextlib.ExitStack() as files_open:  # each weight file opened once, for its keys and its tensors
+    with contextlib.ExitStack() as files_open:
         readers = {f: files_open.enter_context(_open_weights(f)) for f in _safetensors_files(folder)}
         keys = {}
         for f, reader in readers.items():
             _check_not_quantized(f, reader)
             keys.update({k: f for k in reader.keys()})
-        decoder = _decoder_from_tensors(folder, config, hf_cfg, keys,
-                                        lambda key: readers[keys[key]].get_tensor(key), dtype, device)
-    decoder.reset_buffers()
-    return decoder
+
+        def tensor(key: str) -> torch.Tensor:
+            return readers[keys[key]].get_tensor(key)
+
+        wanted, read = _decoder_weight_names(folder, config, hf_cfg, keys, tensor)
+        yield HfDecoderWeights(folder, config, wanted, read)
 
 
-def _decoder_from_tensors(folder: Path, config: DecoderConfig, hf_cfg: dict, keys: dict, tensor, dtype,
-                          device) -> Decoder:
-    """The decoder with the checkpoint's weights, each copied into the allocated decoder as `tensor(key)` reads it."""
+def _decoder_weight_names(folder: Path, config: DecoderConfig, hf_cfg: dict, keys: dict, tensor):
+    """{the decoder's weight name: the checkpoint's key} and `read(name)`, which reads one weight by its name
+    (`tensor(key)` reads a checkpoint tensor; experts stored one per expert are stacked as the decoder keeps them)."""
     layout = next(((body, head) for body, head in _LAYOUTS if f"{body}embed_tokens.weight" in keys), None)
     if layout is None:
         raise CheckpointError(f"{folder}: no text embedding found (looked for "
@@ -277,30 +316,19 @@ def _decoder_from_tensors(folder: Path, config: DecoderConfig, hf_cfg: dict, key
     if layout[1] not in keys and _ties_embeddings(hf_cfg):  # tied: no head tensor is written
         layout = (layout[0], f"{layout[0]}embed_tokens.weight")
     with torch.device("meta"):
-        decoder = Decoder(config)
-    wanted = {name: hf_key(name, *layout) for name in decoder.state_dict()
+        names = list(Decoder(config).state_dict())
+    wanted = {name: hf_key(name, *layout) for name in names
               if not name.endswith(("expert_bias", "tokens_per_expert"))}
     unfused = _unfused_expert_keys(wanted, keys)
     missing = [key for name, key in wanted.items() if key not in keys and name not in unfused]
     if missing:
         raise CheckpointError(f"{folder}: {len(missing)} decoder weights are missing, e.g. {missing[:4]}")
 
-    def weight(name: str) -> torch.Tensor:
+    def read(name: str) -> torch.Tensor:
         key = wanted[name]
         return tensor(key) if key in keys else _stack_unfused_experts(unfused[name], keys, tensor)
 
-    if dtype is None:  # the checkpoint's own: that of its embedding
-        dtype = weight("embed_tokens.weight").dtype
-    decoder = decoder.to_empty(device=device or "cpu").to(dtype)  # every weight is overwritten below
-    params = decoder.state_dict()
-    with torch.no_grad():
-        for name in wanted:
-            value = weight(name)
-            if value.shape != params[name].shape:
-                raise CheckpointError(f"{folder}: {wanted[name]} has shape {tuple(value.shape)} but config.json "
-                                      f"gives {tuple(params[name].shape)}; the weights and config differ")
-            params[name].copy_(value)
-    return decoder
+    return wanted, read
 
 
 def _unfused_expert_keys(wanted: dict, keys: dict) -> dict:

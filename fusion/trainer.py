@@ -42,6 +42,7 @@ from .data.datasets import ConversationDataset, MediaCache
 from .data.stage_data import StageBatches, collate_samples, load_stage_data, text_stand_in_batch
 from .decoder import IGNORE_INDEX
 from .errors import CheckpointError, ConfigError, DatasetError, TrainingError, TrainingStopped, WeightsError
+from .hf_llama4 import open_hf_decoder_weights
 from .model import FusionModel
 from .precision import computed_in, has_native_bf16
 from .run_log import MetricsLog, plot_metrics
@@ -215,7 +216,7 @@ class Trainer:
         progress = self._starting_progress()
         self._check_files(progress.stage_index)
         self.seed_everything(config.seed)
-        self.model = self._starting_model().to(self.ctx.device)
+        self.model = self._starting_model()
         for stage in [*config.stages[progress.stage_index:], None]:  # each eval's data (the final one's last)
             self._check_eval_data(stage)                             # readable, before any training
         self._check_resumable(progress)
@@ -347,8 +348,7 @@ class Trainer:
         model.vision_in_every_forward = bool(getattr(model, "_fsdp_applied", False)) or trains_vision and (
             stage.rate("decoder") <= 0 or ctx.distributed)
         if self.sharded and not getattr(model, "_fsdp_applied", False):
-            fdist.apply_fsdp2(model, list(model.decoder.layers) + [model.vision, model.adapter], ctx)
-            model._fsdp_applied = True
+            self._shard(model)
             model.vision_in_every_forward = True
         wrapped = fdist.wrap_ddp(step_module, ctx) if ctx.distributed and self.strategy == "ddp" else step_module
         optimizer = build_optimizer(model, stage)
@@ -690,16 +690,42 @@ class Trainer:
         return progress
 
     def _starting_model(self, trunk_weights: bool = True) -> FusionModel:
-        """The model the run starts with: the resumed checkpoint's, else the config's (built or loaded;
-        `trunk_weights=False`: a trunk's decoder on the meta device, see `build_model`)."""
+        """The model the run starts with, on the run's device: the resumed checkpoint's, else the config's (built
+        or loaded; `trunk_weights=False`, for --check: a trunk's decoder on the meta device, see `build_model`).
+        Under FSDP2 a `model.trunk`'s decoder is sharded before its weights are read, each process keeping its
+        shard only (`_shard_onto_trunk`)."""
         if self.resume_state is not None:
-            return FusionModel.from_pretrained(self.resume_state["folder"] / "model")
+            return FusionModel.from_pretrained(self.resume_state["folder"] / "model").to(self.ctx.device)
+        trunk = self.config.model.get("trunk")
+        sharded_trunk = trunk_weights and trunk is not None and self.sharded
         try:
-            return build_model(self.config, trunk_weights=trunk_weights)
+            model = build_model(self.config, trunk_weights=trunk_weights and not sharded_trunk)
         except (ConfigError, CheckpointError, WeightsError):
             raise
         except (ValueError, TypeError) as err:  # a decoder / vision / video setting the model cannot take
             raise ConfigError(f"model: {err}") from err
+        if sharded_trunk:
+            return self._shard_onto_trunk(model, self.config.path(trunk))
+        return model if not trunk_weights else model.to(self.ctx.device)
+
+    def _shard_onto_trunk(self, model: FusionModel, trunk: Path) -> FusionModel:
+        """`model`, its decoder still on the meta device, sharded by FSDP2, then its decoder's weights read from
+        the Hugging Face folder `trunk` one tensor at a time, each process keeping its shard: a process holds its
+        share of the trunk (and the tower and adapter whole), never the whole trunk."""
+        for name, part in model.named_children():
+            if name != "decoder":
+                part.to(self.ctx.device)
+        self._shard(model)
+        model.decoder.to_empty(device=self.ctx.device)
+        with open_hf_decoder_weights(trunk) as weights:
+            weights.copy_into(model.decoder)
+        model.decoder.reset_buffers()
+        return model
+
+    def _shard(self, model: FusionModel) -> None:
+        """FSDP2: each decoder layer, the tower, the adapter and then the whole model sharded over the processes."""
+        fdist.apply_fsdp2(model, list(model.decoder.layers) + [model.vision, model.adapter], self.ctx)
+        model._fsdp_applied = True
 
     def _check_files(self, first_stage: int, not_yet_written: Path | None = None):
         """Fail before training, not hours into it, when a data file or a model folder that a stage still to

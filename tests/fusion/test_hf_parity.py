@@ -297,3 +297,37 @@ def test_a_config_without_attention_chunk_size_chunks_as_transformers_does(tmp_p
     assert fusion.Decoder.from_hf(tmp_path).config.attention_chunk_size == Llama4TextConfig().attention_chunk_size
     _rewrite_config(tmp_path, lambda cfg: {**cfg, "attention_chunk_size": None})
     assert fusion.Decoder.from_hf(tmp_path).config.attention_chunk_size is None
+
+
+def test_the_readme_way_reads_a_checkpoint_into_an_fsdp2_sharded_decoder(tmp_path):
+    """The README's script: a decoder built on the meta device, sharded by FSDP2 and filled by
+    `open_hf_decoder_weights(...).copy_into` gives the logits of `Decoder.from_hf` (one process, gloo)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch 2.5
+        from torch.distributed._composable.fsdp import fully_shard
+
+    config = fusion.hf_llama4.decoder_config_from_hf(hf_config().to_dict())
+    randomize_(fusion.Decoder(config), seed=3).save_hf(tmp_path / "llama4")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with fusion.hf_llama4.open_hf_decoder_weights(tmp_path / "llama4") as weights:
+            with torch.device("meta"):
+                decoder = fusion.Decoder(weights.config)
+            for layer in decoder.layers:
+                fully_shard(layer)
+            fully_shard(decoder)
+            decoder.to_empty(device="cpu")
+            weights.copy_into(decoder)
+        decoder.reset_buffers()
+        assert all(isinstance(p, DTensor) for p in decoder.parameters())
+        whole = fusion.Decoder.from_hf(tmp_path / "llama4").eval()
+        ids = tokens(seed=2)
+        with torch.no_grad():
+            diff = (decoder.eval()(ids).logits - whole(ids).logits).abs().max().item()
+        assert diff <= 1e-6, f"max |logit difference| {diff}"
+    finally:
+        dist.destroy_process_group()
