@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from tokenizer import FusionTokenizer, TokenizerError
 from vision.image import ImageProcessor
@@ -397,7 +397,13 @@ def _damaged_weights(folder: Path, err: Exception) -> str:
     return f"{folder / WEIGHTS_FILE} cannot be read ({err}); the file is damaged"
 
 
-def load_model_folder(path, device=None, dtype: torch.dtype | None = None):
+def load_model_folder(path, device=None, dtype: torch.dtype | None = None, decoder_weights: bool = True):
+    """`FusionModel.from_pretrained`. The decoder is built on the meta device and its weights are read into it
+    one tensor at a time (`read_decoder_weights`), so loading takes no more memory than the loaded model and one
+    tensor. `decoder_weights=False`: the decoder's tensors are left in the file (checked to be there) for
+    `read_decoder_weights` to copy in once the decoder is sharded (FSDP2); the decoder is then on the meta device
+    and the rest of the model on the CPU, in float32."""
+    from .decoder import Decoder
     from .model import FusionModel
 
     folder = model_folder(path)  # "default": the model that ships with fusion, as everywhere a folder is named
@@ -410,21 +416,26 @@ def load_model_folder(path, device=None, dtype: torch.dtype | None = None):
         raise CheckpointError(f"{folder / CONFIG_FILE} cannot be used: {err}") from err
     tokenizer = _read_tokenizer(folder)
     try:
-        model = FusionModel(config, tokenizer)
+        with torch.device("meta"):
+            decoder = Decoder(config.decoder)
+        model = FusionModel(config, tokenizer, decoder=decoder)
     except ValueError as err:  # a config that does not fit its tokenizer (e.g. a smaller vocabulary)
         raise CheckpointError(f"{folder / CONFIG_FILE} does not fit {folder / TOKENIZER_FILE}: {err}") from err
-    try:
-        state = load_file(str(folder / WEIGHTS_FILE))
+    try:  # all but the decoder's tensors (the tower and adapter); of the decoder's, the names only
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as weights:
+            keys = list(weights.keys())
+            state = {k: weights.get_tensor(k) for k in keys if not k.startswith(_DECODER)}
     except Exception as err:  # safetensors raises its own error types
         raise CheckpointError(_damaged_weights(folder, err)) from err
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shapes that differ from the config
         raise CheckpointError(f"{folder / WEIGHTS_FILE} does not match {folder / CONFIG_FILE}: {err}") from err
-    missing = [k for k in result.missing_keys]
-    if missing or result.unexpected_keys:
+    missing = [k for k in result.missing_keys if not (k.startswith(_DECODER) and k in keys)]
+    unexpected = result.unexpected_keys + [k for k in keys if k.startswith(_DECODER) and k not in model.state_dict()]
+    if missing or unexpected:
         raise CheckpointError(f"{folder / WEIGHTS_FILE} does not match its config: missing {missing[:4]}, "
-                              f"unexpected {result.unexpected_keys[:4]}")
+                              f"unexpected {unexpected[:4]}")
     if preprocessing is not None:  # the saved preprocessing is the truth, whatever library defaults are now
         built = (model.processor.tokens_per_tile, model.vision.image_size)  # what the tower and adapter give
         try:
@@ -439,6 +450,35 @@ def load_model_folder(path, device=None, dtype: torch.dtype | None = None):
                 f"image_size {model.processor.image_processor.image_size}) does not fit its vision encoder and "
                 f"adapter ({built[0]} tokens per tile of {built[1]} px); the file was edited or written for "
                 f"another model")
+    if not decoder_weights:
+        return model.eval()
+    model.decoder.to_empty(device=device or "cpu")  # allocated, not initialised: every tensor is read below
+    model.decoder.reset_buffers()  # (RoPE's frequencies; the experts' bias is then read with the weights)
     if dtype is not None:
         model.to(dtype)
+    read_decoder_weights(folder, model.decoder)
     return model.to(device or "cpu").eval()
+
+
+_DECODER = "decoder."  # the prefix of the decoder's tensors in a model folder's weights file
+
+
+def read_decoder_weights(path, decoder) -> None:
+    """Copy the decoder's tensors of the model folder `path` (its weights and its experts' balancing bias) into
+    `decoder`, plain or sharded by FSDP2 (each process then keeps its part), one tensor at a time."""
+    from .distributed import copy_whole_tensors
+
+    folder = model_folder(path)
+
+    def shape_error(name, got, want):
+        return (f"{folder / WEIGHTS_FILE}: {_DECODER}{name} has shape {got} but {folder / CONFIG_FILE} gives {want}; "
+                f"the weights and config differ")
+
+    targets = decoder.state_dict()
+    try:
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as weights:
+            copy_whole_tensors(targets, list(targets), lambda name: weights.get_tensor(_DECODER + name), shape_error)
+    except CheckpointError:
+        raise
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(_damaged_weights(folder, err)) from err

@@ -156,15 +156,12 @@ def full_optimizer_state(model: nn.Module, optimizer) -> dict:
                                                              cpu_offload=True))
 
 
-def load_full_state(model: nn.Module, optimizer, model_state: dict, optimizer_state: dict | None):
-    """Load full state dicts into a (possibly sharded) model and its optimizer, on every rank."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+def load_full_optimizer_state(model: nn.Module, optimizer, optimizer_state: dict) -> None:
+    """Load a full optimizer state dict into the optimizer of a (possibly sharded) model, on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=dist.is_initialized(), strict=True)
-    set_model_state_dict(model, model_state, options=options)
-    if optimizer is not None and optimizer_state is not None:
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
 def this_process_part(target: torch.Tensor, full: torch.Tensor) -> torch.Tensor:

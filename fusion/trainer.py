@@ -34,8 +34,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed as fdist
-from .checkpoint import (atomic_folder, check_model_folder, model_folder, read_model_config, remove_stale_temporaries,
-                         save_model_folder, write_json, write_torch_file)
+from .checkpoint import (atomic_folder, check_model_folder, load_model_folder, model_folder, read_decoder_weights,
+                         read_model_config, remove_stale_temporaries, save_model_folder, write_json, write_torch_file)
 from .compilation import check_can_compile, compile_decoder_blocks, eager
 from .data.collate import split_by_length, split_long_samples
 from .data.datasets import ConversationDataset, MediaCache
@@ -240,7 +240,7 @@ class Trainer:
                     continue
                 resuming = self.resume_state is not None and index == progress.stage_index and progress.step > 0
                 if stage.init_from and not resuming:
-                    self.model = FusionModel.from_pretrained(model_folder(stage.init_from, config.base_dir)).to(self.ctx.device)
+                    self.model = self._model_from_folder(model_folder(stage.init_from, config.base_dir))
                 progress = self.run_stage(index, stage, progress, resuming)
                 progress = StageProgress(index + 1, 0, progress.global_step)
                 self.resume_state = None
@@ -425,13 +425,13 @@ class Trainer:
         return progress
 
     def _resume_stage(self, stage: StageConfig, optimizer, scheduler, samples: int):
-        """Load the checkpoint's model, optimizer, schedule and RNG states into the stage it stopped in. The
+        """Load the checkpoint's optimizer, schedule and RNG states into the stage it stopped in (its model is the
+        one the run started with, `_starting_model`). The
         config's learning rates and weight decay are the ones that go on (the same as the checkpoint's unless
         the config was edited since); a change of which parts train cannot continue the optimizer's state."""
         state = self.resume_state
         configured = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
-        fdist.load_full_state(self.model, optimizer, _model_state_from_folder(state["folder"] / "model"),
-                              state["optimizer"])
+        fdist.load_full_optimizer_state(self.model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scheduler.base_lrs = [rate for rate, _ in configured]
         for group, (rate, decay), multiplier in zip(optimizer.param_groups, configured, scheduler.lr_lambdas):
@@ -692,12 +692,14 @@ class Trainer:
     def _starting_model(self, trunk_weights: bool = True) -> FusionModel:
         """The model the run starts with, on the run's device: the resumed checkpoint's, else the config's (built
         or loaded; `trunk_weights=False`, for --check: a trunk's decoder on the meta device, see `build_model`).
-        Under FSDP2 a `model.trunk`'s decoder is sharded before its weights are read, each process keeping its
-        shard only (`_shard_onto_trunk`)."""
+        Under FSDP2 a saved model's or a `model.trunk`'s decoder is sharded before its weights are read, each
+        process keeping its shard only (`_shard_then_read_decoder`)."""
         if self.resume_state is not None:
-            return FusionModel.from_pretrained(self.resume_state["folder"] / "model").to(self.ctx.device)
-        trunk = self.config.model.get("trunk")
-        sharded_trunk = trunk_weights and trunk is not None and self.sharded
+            return self._model_from_folder(self.resume_state["folder"] / "model")
+        spec = self.config.model
+        if trunk_weights and spec.get("init_from"):
+            return self._model_from_folder(model_folder(spec["init_from"], self.config.base_dir))
+        sharded_trunk = trunk_weights and spec.get("trunk") is not None and self.sharded
         try:
             model = build_model(self.config, trunk_weights=trunk_weights and not sharded_trunk)
         except (ConfigError, CheckpointError, WeightsError):
@@ -705,21 +707,32 @@ class Trainer:
         except (ValueError, TypeError) as err:  # a decoder / vision / video setting the model cannot take
             raise ConfigError(f"model: {err}") from err
         if sharded_trunk:
-            return self._shard_onto_trunk(model, self.config.path(trunk))
+            def read_trunk(decoder):
+                with open_hf_decoder_weights(self.config.path(spec["trunk"])) as weights:
+                    weights.copy_into(decoder)
+
+            return self._shard_then_read_decoder(model, read_trunk)
         return model if not trunk_weights else model.to(self.ctx.device)
 
-    def _shard_onto_trunk(self, model: FusionModel, trunk: Path) -> FusionModel:
-        """`model`, its decoder still on the meta device, sharded by FSDP2, then its decoder's weights read from
-        the Hugging Face folder `trunk` one tensor at a time, each process keeping its shard: a process holds its
-        share of the trunk (and the tower and adapter whole), never the whole trunk."""
+    def _model_from_folder(self, folder: Path) -> FusionModel:
+        """The model saved in `folder`, on the run's device; under FSDP2 sharded, each process reading its part
+        of the decoder only."""
+        if not self.sharded:
+            return FusionModel.from_pretrained(folder).to(self.ctx.device)
+        return self._shard_then_read_decoder(load_model_folder(folder, decoder_weights=False),
+                                             lambda decoder: read_decoder_weights(folder, decoder))
+
+    def _shard_then_read_decoder(self, model: FusionModel, read) -> FusionModel:
+        """`model`, its decoder still on the meta device, sharded by FSDP2, then its decoder's tensors copied in
+        by `read(decoder)` one at a time, each process keeping its shard: a process holds its share of the
+        decoder (and the tower and adapter whole), never the whole decoder."""
         for name, part in model.named_children():
             if name != "decoder":
                 part.to(self.ctx.device)
         self._shard(model)
         model.decoder.to_empty(device=self.ctx.device)
-        with open_hf_decoder_weights(trunk) as weights:
-            weights.copy_into(model.decoder)
-        model.decoder.reset_buffers()
+        model.decoder.reset_buffers()  # (a saved model's experts' bias is then read with its weights)
+        read(model.decoder)
         return model
 
     def _shard(self, model: FusionModel) -> None:
@@ -1006,13 +1019,6 @@ def _saved_stage_name(out: Path, index: int) -> str | None:
         return json.loads((out / "train_config.json").read_text())["stages"][index]["name"]
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
-
-
-def _model_state_from_folder(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    read_model_config(folder)
-    return load_file(str(folder / "model.safetensors"))
 
 
 def _rng_state() -> dict:

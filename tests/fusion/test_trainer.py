@@ -1145,7 +1145,8 @@ def torchrun_two_processes(args, inductor_cache=None, timeout=300, program=("-m"
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_a_one_process_checkpoint_resumes_in_two_processes_exactly(world, tmp_path, monkeypatch, strategy):
     """A run stopped at step 2 in one process, resumed under a 2-process torchrun (DDP, or FSDP2 which shards
-    the checkpoint's weights and optimizer state): the losses of the uninterrupted one-process run."""
+    the checkpoint's weights and optimizer state, each process reading its part of the decoder only): the
+    losses of the uninterrupted one-process run."""
     from fusion.errors import TrainingStopped
 
     stage = {"name": "all", "data": str(world / "train.jsonl"), "steps": 5, "batch_size": 8,
@@ -1159,8 +1160,11 @@ def test_a_one_process_checkpoint_resumes_in_two_processes_exactly(world, tmp_pa
     assert [s for s, _ in losses(tmp_path / "run")] == [1, 2]
     two = write_config(tmp_path / "two.yaml", base_config(world, tmp_path / "run", [stage], threads=1,
                                                           distributed={"strategy": strategy}))
-    output = torchrun_two_processes(["train", str(two), "--resume", "--no-progress"])
-    assert output.count("final model: ") == 1, output[-3000:]
+    if strategy == "fsdp2":  # each process reads its shard of the checkpoint's decoder only
+        train_sharded_in_two_processes(two, tmp_path, resume=True)
+    else:
+        output = torchrun_two_processes(["train", str(two), "--resume", "--no-progress"])
+        assert output.count("final model: ") == 1, output[-3000:]
     a, b = losses(tmp_path / "ref"), losses(tmp_path / "run")
     assert [s for s, _ in b] == [1, 2, 3, 4, 5]
     for (step, x), (_, y) in zip(a, b):
@@ -1191,29 +1195,45 @@ def test_two_process_torchrun_matches_one_process(world, tmp_path, strategy, tor
     assert_same_trained_weights(tmp_path / "two" / "final", tmp_path / "one" / "final")  # loads in one process
 
 
-# Run by each process of the test below: training as `fusion train` does, with the loader that reads a trunk whole
-# refused, and the part of the trunk's decoder that each process holds once its weights are read written down.
-_SHARDED_TRUNK_RUN = """
+# Run by each process of the FSDP2 tests below (`run.py CONFIG OUT [--resume]`): training as `fusion train` does,
+# with the loaders that read a whole model or trunk refused, and the part of the decoder that each process holds
+# once its weights are read written to OUT/rank{N}.json.
+_SHARDED_RUN = """
 import json, os, sys
 import fusion.hf_llama4, fusion.trainer
-from fusion.hf_llama4 import HfDecoderWeights
 
 def refuse(*args, **kwargs):
-    raise AssertionError("a process read the whole trunk")
+    raise AssertionError("a process read a whole model or trunk")
 
 fusion.hf_llama4.load_hf_decoder = refuse
-copy_into = HfDecoderWeights.copy_into
+fusion.FusionModel.from_pretrained = refuse
+shard_then_read = fusion.trainer.Trainer._shard_then_read_decoder
 
-def copy_and_count(self, decoder):
-    copy_into(self, decoder)
-    held = {name: (p.to_local() if hasattr(p, "to_local") else p).numel() for name, p in decoder.named_parameters()}
-    whole = {name: p.numel() for name, p in decoder.named_parameters()}
+def shard_read_and_count(self, model, read):
+    model = shard_then_read(self, model, read)
+    parameters = dict(model.decoder.named_parameters())
+    held = {name: (p.to_local() if hasattr(p, "to_local") else p).numel() for name, p in parameters.items()}
     with open(os.path.join(sys.argv[2], "rank%s.json" % os.environ["RANK"]), "w") as f:
-        json.dump({"held": held, "whole": whole}, f)
+        json.dump({"held": held, "whole": {name: p.numel() for name, p in parameters.items()}}, f)
+    return model
 
-HfDecoderWeights.copy_into = copy_and_count
-fusion.trainer.train(sys.argv[1], progress=False)
+fusion.trainer.Trainer._shard_then_read_decoder = shard_read_and_count
+fusion.trainer.train(sys.argv[1], resume="--resume" in sys.argv, progress=False)
 """
+
+
+def train_sharded_in_two_processes(config, folder, resume=False):
+    """`config` trained under a 2-process torchrun with `_SHARDED_RUN`; asserts that each process held half of
+    each decoder weight (none whole in both)."""
+    (folder / "run.py").write_text(_SHARDED_RUN)
+    torchrun_two_processes([str(config), str(folder)] + (["--resume"] if resume else []),
+                           program=[str(folder / "run.py")])
+    held = [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    whole = held[0]["whole"]
+    for name, size in whole.items():  # each weight split between the two processes, none held whole by both
+        assert held[0]["held"][name] + held[1]["held"][name] == size, name
+        assert held[0]["held"][name] < size or size == 1, name
+    assert sum(held[0]["held"].values()) <= 0.6 * sum(whole.values())
 
 
 def test_fsdp2_on_a_llama4_trunk_reads_each_process_shard_only_and_matches_one_process(world, tmp_path):
@@ -1239,15 +1259,8 @@ def test_fsdp2_on_a_llama4_trunk_reads_each_process_shard_only_and_matches_one_p
 
     one = write_config(tmp_path / "one.yaml", config(tmp_path / "one"))
     two = write_config(tmp_path / "two.yaml", config(tmp_path / "two", distributed={"strategy": "fsdp2"}))
-    (tmp_path / "run.py").write_text(_SHARDED_TRUNK_RUN)
     assert _run_cli(["train", str(one), "--no-progress"]).wait(timeout=300) == 0
-    torchrun_two_processes([str(two), str(tmp_path)], program=[str(tmp_path / "run.py")])
-    held = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    whole = held[0]["whole"]
-    for name, size in whole.items():  # each weight split between the two processes, none held whole by both
-        assert held[0]["held"][name] + held[1]["held"][name] == size, name
-        assert held[0]["held"][name] < size or size == 1, name
-    assert sum(held[0]["held"].values()) <= 0.6 * sum(whole.values())
+    train_sharded_in_two_processes(two, tmp_path)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
     for (step, x), (_, y) in zip(a, b):
