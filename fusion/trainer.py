@@ -154,7 +154,7 @@ class Trainer:
             problem = None
         for folder in folders:
             try:
-                state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=False)
+                state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=False, mmap=True)
                 check_model_folder(folder / "model")  # its files there and readable: not cut short by a copy
             except Exception as err:  # a missing, truncated or foreign file
                 problem = problem or f"the checkpoint {folder} cannot be read ({type(err).__name__}: {err})"

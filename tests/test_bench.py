@@ -16,7 +16,7 @@ if BENCH not in sys.path:
 BENCHES = sorted(name[:-3] for name in os.listdir(BENCH) if name.endswith(".py"))
 # the scripts (those with a command line); the others are helpers they import
 SCRIPTS = ["attention_backends", "branch_attention", "compiled_step", "recipe_step", "row_split", "sample_cache",
-           "supervised_logits", "train_step", "trunk_memory"]
+           "starting_memory", "supervised_logits", "train_step"]
 HELPERS = ["arguments", "rounds"]
 
 
@@ -39,16 +39,16 @@ RECIPE_BAD_VALUES = [(["--batch-size", "0"], "--batch-size"), (["--batch-size", 
 TRAIN_STEP_BAD_VALUES = [(["--threads", "0"], "--threads"), (["--warmup", "-1"], "--warmup"),
                          (["--experts", "4", "0"], "--experts"), (["--vocab", "0"], "--vocab"),
                          (["--profile", "0"], "--profile")]
-TRUNK_MEMORY_BAD_VALUES = [(["--hidden-size", "100"], "--hidden-size"), (["--hidden-size", "0"], "--hidden-size"),
+STARTING_MEMORY_BAD_VALUES = [(["--hidden-size", "100"], "--hidden-size"), (["--hidden-size", "0"], "--hidden-size"),
                            (["--layers", "0"], "--layers"), (["--experts", "0"], "--experts")]
-RECIPE_BENCHES = [name for name in SCRIPTS if name not in ("attention_backends", "train_step", "trunk_memory")]
+RECIPE_BENCHES = [name for name in SCRIPTS if name not in ("attention_backends", "train_step", "starting_memory")]
 
 
 def cases():
     for name in SCRIPTS:
         extra = (RECIPE_BAD_VALUES if name in RECIPE_BENCHES else
                  TRAIN_STEP_BAD_VALUES if name == "train_step" else
-                 TRUNK_MEMORY_BAD_VALUES if name == "trunk_memory" else [])
+                 STARTING_MEMORY_BAD_VALUES if name == "starting_memory" else [])
         for argv, option in BAD_VALUES + extra:
             yield pytest.param(name, argv, option, id=f"{name}:{' '.join(argv)}")
 
