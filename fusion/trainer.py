@@ -40,7 +40,7 @@ from .compilation import check_can_compile, compile_decoder_blocks, eager
 from .data.collate import split_by_length, split_long_samples
 from .data.datasets import ConversationDataset, MediaCache
 from .data.stage_data import StageBatches, collate_samples, load_stage_data, text_stand_in_batch
-from .decoder import IGNORE_INDEX
+from .decoder import IGNORE_INDEX, Decoder
 from .errors import CheckpointError, ConfigError, DatasetError, TrainingError, TrainingStopped, WeightsError
 from .hf_llama4 import open_hf_decoder_weights
 from .model import FusionModel
@@ -426,9 +426,9 @@ class Trainer:
 
     def _resume_stage(self, stage: StageConfig, optimizer, scheduler, samples: int):
         """Load the checkpoint's optimizer, schedule and RNG states into the stage it stopped in (its model is the
-        one the run started with, `_starting_model`). The
-        config's learning rates and weight decay are the ones that go on (the same as the checkpoint's unless
-        the config was edited since); a change of which parts train cannot continue the optimizer's state."""
+        one the run started with, `_starting_model`). The config's learning rates and weight decay are the ones
+        that go on (the same as the checkpoint's unless the config was edited since); a change of which parts
+        train cannot continue the optimizer's state."""
         state = self.resume_state
         configured = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
         fdist.load_full_optimizer_state(self.model, optimizer, state["optimizer"])
@@ -813,12 +813,17 @@ class Trainer:
                                      f"{part.path!r}", part.root, probe)
 
     def _unsharded_copy(self) -> FusionModel | None:
-        """A full copy of an FSDP2-sharded model on the main process (collective: every process calls it)."""
+        """A full copy of an FSDP2-sharded model on the main process (collective: every process calls it). The
+        copy's weights are the gathered tensors themselves (no second copy of the model beside them)."""
         state = fdist.full_model_state(self.model)
         if not self.ctx.is_main:
             return None
-        copy = FusionModel(self.model.config, self.model.tokenizer)
-        copy.load_state_dict(state)
+        with torch.device("meta"):
+            decoder = Decoder(self.model.config.decoder)
+        copy = FusionModel(self.model.config, self.model.tokenizer, decoder=decoder)
+        copy.decoder.to_empty(device="cpu")  # (replaced by the gathered tensors below; never written)
+        copy.decoder.reset_buffers()
+        copy.load_state_dict(state, assign=True)
         copy.processor = self.model.processor
         return copy.to(self.ctx.device).eval()
 
