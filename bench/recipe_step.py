@@ -102,8 +102,9 @@ def recipe_bench_setup(args: argparse.Namespace) -> FusionModel:
 
 
 def recipe_train_step(model: FusionModel, bf16: bool = True):
-    """Everything trainable, AdamW -> `train_step(groups)`: forward, backward (each group of samples
-    padded as one batch) and an optimizer step, under bf16 autocast if `bf16`; returns its seconds."""
+    """Everything trainable, AdamW -> `train_step(groups, pack_length=None)`: forward, backward (each group of
+    samples padded as one batch, or packed into rows of `pack_length` tokens) and an optimizer step, under bf16
+    autocast if `bf16`; returns its seconds."""
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -111,11 +112,11 @@ def recipe_train_step(model: FusionModel, bf16: bool = True):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     pad = model.processor.tokenizer.pad_id
 
-    def train_step(groups: list[list]) -> float:
+    def train_step(groups: list[list], pack_length: int | None = None) -> float:
         normalizer = torch.tensor(float(sum(int((s.labels[1:] != -100).sum()) for g in groups for s in g)))
         start = time.perf_counter()
-        for group in groups:
-            batch = collate_samples(group, pad, False, 1024)
+        for group in groups:  # (`pack_length`: each group packed into rows of that many tokens, as `pack: true`)
+            batch = collate_samples(group, pad, pack_length is not None, pack_length or 1024)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss, _, _ = step(batch.model_inputs(), normalizer, 1.0)
                 loss.backward()

@@ -15,6 +15,8 @@ on the very same batches and model, so machine noise hits all alike:
     buckets3        length_buckets: 3
     rows224         max_row_tokens: 224, length_buckets: 2
     rows224-b3      max_row_tokens: 224, length_buckets: 3
+    pack512         pack: true, max_length: 512 (the samples in order, as many as fit, in rows of 512 tokens,
+                    each attending to itself only)
 
 Besides the seconds it reports the tokens each way computes per step (padding included) and the
 attention scores (rows x length^2, summed over buckets).
@@ -42,20 +44,24 @@ from rounds import round_order  # noqa: E402
 
 from fusion.compilation import check_can_compile, compile_decoder_blocks  # noqa: E402
 from fusion.data.collate import split_by_length, split_long_samples  # noqa: E402
+from fusion.data.stage_data import collate_samples  # noqa: E402
 from fusion.precision import computed_in, cpu_has_native_bf16  # noqa: E402
 
-WAYS = {"buckets2": (None, 2), "buckets3": (None, 3), "rows224": (224, 2), "rows224-b3": (224, 3)}
+# way: (max_row_tokens, length_buckets, packed row length)
+WAYS = {"buckets2": (None, 2, None), "buckets3": (None, 3, None), "rows224": (224, 2, None),
+        "rows224-b3": (224, 3, None), "pack512": (None, 1, 512)}
 
 
-def plan(samples, patch_id: int, max_row_tokens: int | None, buckets: int) -> list[list]:
-    """The micro-batches one optimizer step computes, as the trainer plans them."""
+def plan(samples, patch_id: int, max_row_tokens: int | None, buckets: int, pack_length: int | None) -> list[list]:
+    """The micro-batches one optimizer step computes, as the trainer plans them (packing: one)."""
     rows = samples if max_row_tokens is None else split_long_samples(samples, max_row_tokens, patch_id)
-    return split_by_length(rows, buckets)
+    return [rows] if pack_length else split_by_length(rows, buckets)
 
 
-def computed(groups: list[list]) -> tuple[int, int]:
+def computed(groups: list[list], pad_id: int, pack_length: int | None) -> tuple[int, int]:
     """(tokens computed, padding included; attention scores per head and layer) of one step."""
-    widths = [(len(g), max(len(s.input_ids) for s in g)) for g in groups]
+    batches = [collate_samples(g, pad_id, pack_length is not None, pack_length or 1024) for g in groups]
+    widths = [tuple(b.input_ids.shape) for b in batches]
     return sum(n * w for n, w in widths), sum(n * w * w for n, w in widths)
 
 
@@ -73,18 +79,20 @@ def main(argv=None):
     train_step = recipe_train_step(model, bf16=bf16)
     compile_decoder_blocks(model.decoder)
     plans = {way: [plan(b, model.patch_id, *setting) for b in batches] for way, setting in WAYS.items()}
+    packed = {way: setting[2] for way, setting in WAYS.items()}
     for way in WAYS:  # compiles; every way's shapes seen before timing
-        train_step(plans[way][0])
-        train_step(plans[way][1])
+        train_step(plans[way][0], packed[way])
+        train_step(plans[way][1], packed[way])
     times = {way: [] for way in WAYS}
     names = list(WAYS)
     compiles_before = dynamo_compiles()
     for r in range(args.rounds):
         for way in round_order(names, r):
-            times[way].append(train_step(plans[way][r + 2]))
+            times[way].append(train_step(plans[way][r + 2], packed[way]))
     compiles_during_timed_rounds = dynamo_compiles() - compiles_before
     median = {way: statistics.median(t) for way, t in times.items()}
-    work = {way: [computed(p) for p in plans[way][2:]] for way in WAYS}
+    pad = model.processor.tokenizer.pad_id
+    work = {way: [computed(p, pad, packed[way]) for p in plans[way][2:]] for way in WAYS}
     return report(args, {
         "computed_in": computed_in(bf16),
         "dynamo_compiles_during_timed_rounds": compiles_during_timed_rounds,  # 0: no timed step compiled
