@@ -52,7 +52,8 @@ WAYS = {"buckets2": (None, 2, None), "buckets3": (None, 3, None), "rows224": (22
         "rows224-b3": (224, 3, None), "pack512": (None, 1, 512)}
 
 
-def plan(samples, patch_id: int, max_row_tokens: int | None, buckets: int, pack_length: int | None) -> list[list]:
+def plan(samples, patch_id: int, max_row_tokens: int | None, buckets: int,
+         pack_length: int | None = None) -> list[list]:
     """The micro-batches one optimizer step computes, as the trainer plans them (packing: one)."""
     rows = samples if max_row_tokens is None else split_long_samples(samples, max_row_tokens, patch_id)
     return [rows] if pack_length else split_by_length(rows, buckets)
