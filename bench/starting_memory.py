@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -169,15 +170,15 @@ def main(argv=None):
                 config = write_config(tmp / f"{label}.yaml", tmp / label, world, trunk,
                                       {"vision": 1e-3, "adapter": 1e-3}, 1, distributed={"strategy": way})
                 peaks["trunk", way].append(measure(tmp, config, False, label))
-                subprocess.run(["rm", "-rf", str(tmp / label)], check=True)  # (its models: ~2 GB a run by default)
+                shutil.rmtree(tmp / label)  # (its models: ~2 GB a run by default)
                 label = f"resume-{way}-{r}"
                 run = tmp / label  # a copy of the stopped run's folder for each resume (a resume writes into it)
-                subprocess.run(["cp", "-r", str(stopped), str(run)], check=True)
+                shutil.copytree(stopped, run)
                 config = write_config(tmp / f"{label}.yaml", run, world, trunk,
                                       {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-4}, 2, checkpoint_every=1,
                                       distributed={"strategy": way})
                 peaks["resume", way].append(measure(tmp, config, True, label))
-                subprocess.run(["rm", "-rf", str(run)], check=True)
+                shutil.rmtree(run)
 
     def median(start, way, rank, key):
         return round(statistics.median(p[rank][key] for p in peaks[start, way]))

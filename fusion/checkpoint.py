@@ -416,9 +416,7 @@ def load_model_folder(path, device=None, dtype: torch.dtype | None = None, decod
         raise CheckpointError(f"{folder / CONFIG_FILE} cannot be used: {err}") from err
     tokenizer = _read_tokenizer(folder)
     try:
-        with torch.device("meta"):
-            decoder = Decoder(config.decoder)
-        model = FusionModel(config, tokenizer, decoder=decoder)
+        model = FusionModel(config, tokenizer, decoder=Decoder.unallocated(config.decoder))
     except ValueError as err:  # a config that does not fit its tokenizer (e.g. a smaller vocabulary)
         raise CheckpointError(f"{folder / CONFIG_FILE} does not fit {folder / TOKENIZER_FILE}: {err}") from err
     try:  # all but the decoder's tensors (the tower and adapter); of the decoder's, the names only
@@ -431,8 +429,9 @@ def load_model_folder(path, device=None, dtype: torch.dtype | None = None, decod
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shapes that differ from the config
         raise CheckpointError(f"{folder / WEIGHTS_FILE} does not match {folder / CONFIG_FILE}: {err}") from err
+    names = model.state_dict().keys()
     missing = [k for k in result.missing_keys if not (k.startswith(_DECODER) and k in keys)]
-    unexpected = result.unexpected_keys + [k for k in keys if k.startswith(_DECODER) and k not in model.state_dict()]
+    unexpected = result.unexpected_keys + [k for k in keys if k.startswith(_DECODER) and k not in names]
     if missing or unexpected:
         raise CheckpointError(f"{folder / WEIGHTS_FILE} does not match its config: missing {missing[:4]}, "
                               f"unexpected {unexpected[:4]}")
@@ -452,8 +451,7 @@ def load_model_folder(path, device=None, dtype: torch.dtype | None = None, decod
                 f"another model")
     if not decoder_weights:
         return model.eval()
-    model.decoder.to_empty(device=device or "cpu")  # allocated, not initialised: every tensor is read below
-    model.decoder.reset_buffers()  # (RoPE's frequencies; the experts' bias is then read with the weights)
+    model.decoder.allocate(device or "cpu")  # (the experts' bias is then read with the weights)
     if dtype is not None:
         model.to(dtype)
     read_decoder_weights(folder, model.decoder)

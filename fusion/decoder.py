@@ -83,6 +83,20 @@ class Decoder(nn.Module):
         self.reset_parameters()
 
     # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def unallocated(cls, config: DecoderConfig) -> "Decoder":
+        """A decoder of `config` on the meta device: its shapes, no memory, nothing initialised. Its weights are
+        to be read from a checkpoint once `allocate`d (after FSDP2 has sharded it, where it is to be sharded)."""
+        with torch.device("meta"):
+            return cls(config)
+
+    def allocate(self, device) -> "Decoder":
+        """The tensors of an `unallocated` decoder (sharded or not) allocated on `device`, not initialised (every
+        weight is to be written), and its buffers computed (RoPE's frequencies, a zero balancing state); self."""
+        self.to_empty(device=device)
+        self.reset_buffers()
+        return self
+
     @torch.no_grad()
     def reset_buffers(self):
         """RoPE frequencies (float32) and the MoE balancing state, in place on the model's device."""

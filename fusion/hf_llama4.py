@@ -259,11 +259,8 @@ def load_hf_decoder(path, dtype: torch.dtype | None = None, device=None) -> Deco
     with open_hf_decoder_weights(path) as weights:
         if dtype is None:  # the checkpoint's own: that of its embedding
             dtype = weights.read("embed_tokens.weight").dtype
-        with torch.device("meta"):
-            decoder = Decoder(weights.config)
-        decoder = decoder.to_empty(device=device or "cpu").to(dtype)  # every weight is overwritten below
+        decoder = Decoder.unallocated(weights.config).allocate(device or "cpu").to(dtype)
         weights.copy_into(decoder)
-    decoder.reset_buffers()
     return decoder
 
 
@@ -277,8 +274,8 @@ class HfDecoderWeights:
     read: Callable[[str], torch.Tensor]  # a weight by the decoder's name, as the checkpoint stores it
 
     def copy_into(self, decoder: Decoder) -> None:
-        """Every weight into `decoder` (built from `config`; plain, or sharded by FSDP2: then each process keeps
-        its shard only); its buffers are left to `decoder.reset_buffers()`."""
+        """Every weight into `decoder` (built from `config` and `allocate`d; plain, or sharded by FSDP2: then each
+        process keeps its shard only); its buffers are the decoder's own (`allocate` computes them)."""
         def shape_error(name, got, want):
             return (f"{self.folder}: {self.keys[name]} has shape {got} but config.json gives {want}; the weights "
                     f"and config differ")
@@ -315,8 +312,7 @@ def _decoder_weight_names(folder: Path, config: DecoderConfig, hf_cfg: dict, key
                               f"{[b + 'embed_tokens.weight' for b, _ in _LAYOUTS]})")
     if layout[1] not in keys and _ties_embeddings(hf_cfg):  # tied: no head tensor is written
         layout = (layout[0], f"{layout[0]}embed_tokens.weight")
-    with torch.device("meta"):
-        names = list(Decoder(config).state_dict())
+    names = list(Decoder.unallocated(config).state_dict())
     wanted = {name: hf_key(name, *layout) for name in names
               if not name.endswith(("expert_bias", "tokens_per_expert"))}
     unfused = _unfused_expert_keys(wanted, keys)

@@ -110,8 +110,7 @@ def model_on_trunk(spec: dict, config: TrainConfig, weights: bool = True) -> Fus
     if weights:
         decoder = Decoder.from_hf(folder, dtype=torch.float32)
     else:
-        with torch.device("meta"):
-            decoder = Decoder(read_hf_decoder_config(folder)[0])
+        decoder = Decoder.unallocated(read_hf_decoder_config(folder)[0])
     if decoder.config.vocab_size < len(tokenizer):
         raise ConfigError(f"model.trunk: the tokenizer of {str(folder)!r} has {len(tokenizer)} tokens, more than "
                           f"the decoder's vocab_size {decoder.config.vocab_size}: they are not one checkpoint's")

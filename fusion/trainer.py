@@ -730,8 +730,7 @@ class Trainer:
             if name != "decoder":
                 part.to(self.ctx.device)
         self._shard(model)
-        model.decoder.to_empty(device=self.ctx.device)
-        model.decoder.reset_buffers()  # (a saved model's experts' bias is then read with its weights)
+        model.decoder.allocate(self.ctx.device)  # (a saved model's experts' bias is then read with its weights)
         read(model.decoder)
         return model
 
@@ -818,11 +817,8 @@ class Trainer:
         state = fdist.full_model_state(self.model)
         if not self.ctx.is_main:
             return None
-        with torch.device("meta"):
-            decoder = Decoder(self.model.config.decoder)
+        decoder = Decoder.unallocated(self.model.config.decoder).allocate("cpu")  # (its weights: replaced below)
         copy = FusionModel(self.model.config, self.model.tokenizer, decoder=decoder)
-        copy.decoder.to_empty(device="cpu")  # (replaced by the gathered tensors below; never written)
-        copy.decoder.reset_buffers()
         copy.load_state_dict(state, assign=True)
         copy.processor = self.model.processor
         return copy.to(self.ctx.device).eval()

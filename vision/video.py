@@ -148,7 +148,7 @@ def check_sampling_arguments(num_frames: int = 8, fps: Optional[float] = None, m
         raise VideoLoadError(f"fps must be a positive number of frames per second (or None for uniform "
                              f"sampling), got {fps!r}")
     for name, value in (("start", start), ("end", end)):
-        if value is not None and not (is_finite_number(value)):
+        if value is not None and not is_finite_number(value):
             raise VideoLoadError(f"{name} must be a number of seconds or None, got {value!r}")
     if start is not None and start < 0:
         raise VideoLoadError(f"start must be >= 0 seconds, got {start!r}")

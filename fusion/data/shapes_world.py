@@ -64,7 +64,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vision.checks import is_whole_number
+from vision.checks import is_finite_number, is_whole_number
 
 FORMAT_VERSION = 1
 
@@ -115,10 +115,6 @@ TEXT_CAPTION_PROMPT = "Describe a scene with shapes."
 # clips of at most twice as many frames keep every event between two sampled frames (see `video_frames`).
 MODEL_SAMPLED_FRAMES = 8
 MAX_VIDEO_FRAMES = 2 * MODEL_SAMPLED_FRAMES
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -225,7 +221,7 @@ class ShapesWorldConfig:
                              f"clip two events can fall between the same two sampled frames, so their order "
                              f"(the answer to a \"first\" question) is not visible to the model; got "
                              f"{self.video_frames}")
-        if not _is_number(self.video_fps) or not math.isfinite(self.video_fps) or self.video_fps < 0.001:
+        if not is_finite_number(self.video_fps) or self.video_fps < 0.001:
             raise ValueError(f"ShapesWorldConfig: video_fps must be a number > 0 (at least 0.001: an mp4 stores "
                              f"its frame rate as a fraction whose denominator is at most 1000), "
                              f"got {self.video_fps!r}")
