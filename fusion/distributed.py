@@ -1,13 +1,16 @@
 """PyTorch's own distributed stack, applied from outside the model: `torchrun` sets the environment,
 DDP or FSDP2 (`fully_shard` per block) wraps the model, `torch.distributed.checkpoint.state_dict`
-gathers full state dicts. One process without torchrun is the plain case of the same code.
+gathers full model state dicts, and `torch.distributed.checkpoint` writes and reads the optimizer's state
+each process its part. One process without torchrun is the plain case of the same code.
 """
 from __future__ import annotations
 
 import datetime
 import os
 import re
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -43,6 +46,14 @@ class DistContext:
             dist.all_reduce(reduced)
             value = reduced.to(value.device)
         return value
+
+    def broadcast_object(self, value):
+        """The main process's `value` (any picklable object) on every process."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def all_reduce_max(self, value: int) -> int:
         """The largest of each process's `value`."""
@@ -148,20 +159,75 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def full_optimizer_state(model: nn.Module, optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer,
-                                    options=StateDictOptions(full_state_dict=dist.is_initialized(),
-                                                             cpu_offload=True))
-
-
 def load_full_optimizer_state(model: nn.Module, optimizer, optimizer_state: dict) -> None:
-    """Load a full optimizer state dict into the optimizer of a (possibly sharded) model, on every rank."""
+    """Load a full optimizer state dict (as checkpoints of fusion before 2026-12-03 hold it) into the optimizer of a
+    (possibly sharded) model, on every rank."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=dist.is_initialized(), strict=True)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def save_optimizer_state(model: nn.Module, optimizer, folder) -> None:
+    """Write the optimizer's state into `folder` with `torch.distributed.checkpoint`, each process the part it
+    holds (under FSDP2 its shard of every tensor; replicated tensors once), so that no process gathers the
+    whole state. Collective: every process calls it with the same folder (one folder that every process can
+    reach). `load_optimizer_state` reads it into any number of processes, sharded or not."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer)
+    try:
+        with warnings.catch_warnings():  # (one process without torch.distributed: "assuming ... a single process")
+            warnings.filterwarnings("ignore", message=r".*assuming the intent is to (save|load) in a single process")
+            dcp.save({"optimizer": state}, storage_writer=dcp.FileSystemWriter(str(folder)))
+    except dcp.api.CheckpointException as err:  # (raised in every process when one of them failed)
+        raise OSError(f"could not write the optimizer state into {folder}: {_failures(err)}") from None
+
+
+def load_optimizer_state(model: nn.Module, optimizer, folder) -> None:
+    """Read the optimizer state that `save_optimizer_state` wrote (by any number of processes) into `optimizer`:
+    each process reads the part of each tensor it holds. Collective like the save."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    state = get_optimizer_state_dict(model, optimizer)  # this process's layout, to be filled in place
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*assuming the intent is to (save|load) in a single process")
+            dcp.load({"optimizer": state}, storage_reader=dcp.FileSystemReader(str(folder)))
+    except dcp.api.CheckpointException as err:
+        raise CheckpointError(f"could not read the optimizer state in {folder}: {_failures(err)}") from None
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(strict=True))
+
+
+def _failures(err) -> str:
+    """What failed in which process, from a `torch.distributed.checkpoint` CheckpointException."""
+    return "; ".join(f"process {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in sorted(err.failures.items()))
+
+
+def check_optimizer_state(folder) -> None:
+    """Raise (`CheckpointError`) unless `folder` holds a whole optimizer state as `save_optimizer_state` writes
+    it: its index, and each file the index names at least as long as the parts the index places in it (a copy
+    cut short fails here, before anything is loaded)."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(folder)
+    try:
+        metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    except Exception as err:
+        raise CheckpointError(f"{folder / '.metadata'}, the index of the optimizer state, cannot be read "
+                              f"({type(err).__name__}: {err})") from err
+    needed: dict[str, int] = {}
+    for item in (metadata.storage_data or {}).values():
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    for name, size in sorted(needed.items()):
+        path = folder / name
+        found = path.stat().st_size if path.is_file() else None
+        if found is None or found < size:
+            raise CheckpointError(f"{path}: {'missing' if found is None else f'{found} bytes'}, the index of the "
+                                  f"optimizer state places {size} bytes in it (a copy cut short?)")
 
 
 def this_process_part(target: torch.Tensor, full: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import signal
 import time
 import warnings
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,7 @@ from .train_config import PARTS, StageConfig, TrainConfig, load_train_config
 from .training_step import TrainingStep, supervised_loss_sum
 
 TRAINER_STATE = "trainer_state.pt"
+OPTIMIZER_STATE = "optimizer"  # a checkpoint's optimizer state: a torch.distributed.checkpoint folder
 
 
 @dataclass
@@ -156,6 +157,8 @@ class Trainer:
             try:
                 state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=False, mmap=True)
                 check_model_folder(folder / "model")  # its files there and readable: not cut short by a copy
+                if state.get("optimizer_parts"):
+                    fdist.check_optimizer_state(folder / OPTIMIZER_STATE)
             except Exception as err:  # a missing, truncated or foreign file
                 problem = problem or f"the checkpoint {folder} cannot be read ({type(err).__name__}: {err})"
                 continue
@@ -431,7 +434,10 @@ class Trainer:
         train cannot continue the optimizer's state."""
         state = self.resume_state
         configured = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
-        fdist.load_full_optimizer_state(self.model, optimizer, state["optimizer"])
+        if state.get("optimizer") is not None:  # a checkpoint of fusion before 2026-12-03: the whole state inside
+            fdist.load_full_optimizer_state(self.model, optimizer, state["optimizer"])
+        else:  # each process reads its part
+            fdist.load_optimizer_state(self.model, optimizer, state["folder"] / OPTIMIZER_STATE)
         scheduler.load_state_dict(state["scheduler"])
         scheduler.base_lrs = [rate for rate, _ in configured]
         for group, (rate, decay), multiplier in zip(optimizer.param_groups, configured, scheduler.lr_lambdas):
@@ -449,10 +455,10 @@ class Trainer:
         """--resume in the middle of a stage whose lr now trains other parts: the optimizer's state (one entry
         per trained parameter) cannot go on; said before anything of the run is touched."""
         state = self.resume_state
-        if state is None or progress.step == 0 or state.get("optimizer") is None:
+        saved = _saved_parts(state)
+        if saved is None or progress.step == 0:
             return
         stage = self.config.stages[progress.stage_index]
-        saved = sorted({str(g.get("part")) for g in state["optimizer"]["param_groups"]})
         parts = sorted(name for name, part in self.model.parts().items()
                        if stage.rate(name) > 0 and any(True for _ in part.parameters()))
         if saved != parts:
@@ -858,31 +864,49 @@ class Trainer:
 
     def save_checkpoint(self, optimizer, scheduler, progress: StageProgress, data_position: tuple[int, int],
                         stage_samples: int | None = None):
-        """A resumable checkpoint: folder `checkpoints/step-{global_step}` then `latest.json` (both atomic)."""
+        """A resumable checkpoint: folder `checkpoints/step-{global_step}` then `latest.json` (both atomic). The
+        model is gathered to the main process and written whole (a model folder any process can load); the
+        optimizer's state is written by every process, each its own part (`fdist.save_optimizer_state`)."""
         model_state = fdist.full_model_state(self.model)
-        optimizer_state = fdist.full_optimizer_state(self.model, optimizer) if optimizer is not None else None
-        if not self.ctx.is_main:
-            self.ctx.barrier()
-            return
         root = self.out / "checkpoints"
         name = f"step-{progress.global_step:07d}"
+        problem = None
         try:
-            with atomic_folder(root / name) as tmp:
-                save_model_folder(self.model, tmp / "model", state=model_state)
-                write_torch_file({"progress": vars(progress), "optimizer": optimizer_state,
-                                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                                  "data_position": data_position,  # (epoch, batch) of the stage's next batch
-                                  "stage_samples": stage_samples,  # how many samples that position counts in
-                                  "wall_seconds": self.total_wall_seconds(),
-                                  "stage": self.config.stages[_stage_of(progress)].name,  # (its name, for errors)
-                                  "rng": _rng_state()}, tmp / TRAINER_STATE)
-            write_json(root / "latest.json", {"folder": name, "step": progress.global_step})
-        except OSError as err:  # a full disk, a quota, a folder made read-only: nothing half-written stays
+            with ExitStack() as written:  # (an error inside removes the temporary folder: nothing half-written stays)
+                tmp = None
+                if self.ctx.is_main:
+                    try:
+                        tmp = written.enter_context(atomic_folder(root / name))
+                    except OSError as err:
+                        problem = err
+                tmp = self.ctx.broadcast_object(tmp)  # the folder that every process writes its part into
+                if tmp is None:
+                    raise problem or OSError("the main process could not make the checkpoint's folder")
+                if optimizer is not None:
+                    fdist.save_optimizer_state(self.model, optimizer, tmp / OPTIMIZER_STATE)
+                if self.ctx.is_main:
+                    save_model_folder(self.model, tmp / "model", state=model_state)
+                    write_torch_file({"progress": vars(progress),
+                                      # the parts whose state is in OPTIMIZER_STATE (None: no optimizer state)
+                                      "optimizer_parts": None if optimizer is None else _parts_of(optimizer.param_groups),
+                                      "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                                      "data_position": data_position,  # (epoch, batch) of the stage's next batch
+                                      "stage_samples": stage_samples,  # how many samples that position counts in
+                                      "wall_seconds": self.total_wall_seconds(),
+                                      "stage": self.config.stages[_stage_of(progress)].name,  # (for errors)
+                                      "rng": _rng_state()}, tmp / TRAINER_STATE)
+            if self.ctx.is_main:
+                write_json(root / "latest.json", {"folder": name, "step": progress.global_step})
+        except OSError as err:  # a full disk, a quota, a folder made read-only
+            problem = err
+        if self.ctx.all_reduce_max(int(problem is not None)):  # every process stops, not only the one that failed
             raise CheckpointError(f"could not write the checkpoint of step {progress.global_step} to {root / name} "
-                                  f"({err}); {_intact_checkpoint(root)}") from err
-        old = sorted(p for p in root.glob("step-*") if p.name != name)
-        for folder in old[:max(0, len(old) - self.config.keep_checkpoints + 1)]:
-            shutil.rmtree(folder, ignore_errors=True)
+                                  f"({problem or 'another process failed to write its part'}); "
+                                  f"{_intact_checkpoint(root)}") from problem
+        if self.ctx.is_main:
+            old = sorted(p for p in root.glob("step-*") if p.name != name)
+            for folder in old[:max(0, len(old) - self.config.keep_checkpoints + 1)]:
+                shutil.rmtree(folder, ignore_errors=True)
         self.ctx.barrier()
 
     def final_eval(self, folder: Path):
@@ -1020,6 +1044,21 @@ def _saved_stage_name(out: Path, index: int) -> str | None:
         return json.loads((out / "train_config.json").read_text())["stages"][index]["name"]
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
+
+
+def _parts_of(param_groups) -> list[str]:
+    """The parts (vision, adapter, decoder) that an optimizer's param groups train, sorted."""
+    return sorted({str(group.get("part")) for group in param_groups})
+
+
+def _saved_parts(state: dict | None) -> list[str] | None:
+    """The parts whose optimizer state a checkpoint's trainer state holds; None where it holds none (a stage's
+    end)."""
+    if state is None:
+        return None
+    if state.get("optimizer") is not None:  # (fusion before 2026-12-03: the whole optimizer state inside)
+        return _parts_of(state["optimizer"]["param_groups"])
+    return state.get("optimizer_parts")
 
 
 def _rng_state() -> dict:

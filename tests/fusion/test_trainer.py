@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -891,14 +892,16 @@ def test_the_plot_and_the_metrics_log_never_end_a_run(tmp_path, monkeypatch):
         log.write(kind="train", stage="s", step=3, loss=1.0)
 
 
-@pytest.mark.parametrize("writer", ["trainer state", "weights"])
+@pytest.mark.parametrize("writer", ["trainer state", "weights", "optimizer state"])
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_leaves_the_last_one_intact(world, tmp_path,
                                                                                          monkeypatch, writer):
-    """A full disk while a checkpoint is written (its trainer state by torch.save, or its weights by safetensors,
-    which raises its own error type, not an OSError): the run stops with a message naming the intact checkpoint,
-    nothing half-written is left, and --resume from it finishes the run."""
+    """A full disk while a checkpoint is written (its trainer state by torch.save, its weights by safetensors,
+    which raises its own error type, not an OSError, or its optimizer state by torch.distributed.checkpoint,
+    which raises its CheckpointException): the run stops with a message naming the intact checkpoint, nothing
+    half-written is left, and --resume from it finishes the run."""
     import errno
 
+    import torch.distributed.checkpoint as dcp
     from safetensors import SafetensorError
 
     import fusion.checkpoint
@@ -906,22 +909,30 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_leaves_the_last_o
 
     stages = [{"name": "s", "data": str(world / "text.jsonl"), "steps": 6, "batch_size": 4, "lr": {"decoder": 1e-3}}]
     config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages, checkpoint_every=2))
-    save = torch.save if writer == "trainer state" else fusion.checkpoint.save_file
     calls = []
 
-    def disk_full_at_the_second_checkpoint(obj, f, *args, **kwargs):
-        calls.append(f)
-        if len(calls) == 2:
-            Path(f).write_bytes(b"half")  # something was written before the disk filled up
-            if writer == "weights":  # as safetensors reports it
-                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return save(obj, f, *args, **kwargs)
+    def disk_full_at_the_second_checkpoint(write, folder_of):
+        def failing(*args, **kwargs):
+            if folder_of(*args) is None:  # (not a checkpoint's file: torch.save into memory)
+                return write(*args, **kwargs)
+            calls.append(folder_of(*args))
+            if len(calls) == 2:
+                Path(folder_of(*args), "half").write_bytes(b"half")  # written before the disk filled up
+                if writer == "weights":  # as safetensors reports it
+                    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(*args, **kwargs)
+        return failing
 
     if writer == "trainer state":
-        monkeypatch.setattr(torch, "save", disk_full_at_the_second_checkpoint)
+        monkeypatch.setattr(torch, "save", disk_full_at_the_second_checkpoint(
+            torch.save, lambda obj, f: Path(f).parent if isinstance(f, (str, Path)) else None))
+    elif writer == "weights":
+        monkeypatch.setattr(fusion.checkpoint, "save_file", disk_full_at_the_second_checkpoint(
+            fusion.checkpoint.save_file, lambda tensors, f: Path(f).parent))
     else:
-        monkeypatch.setattr(fusion.checkpoint, "save_file", disk_full_at_the_second_checkpoint)
+        monkeypatch.setattr(dcp.FileSystemWriter, "write_data", disk_full_at_the_second_checkpoint(
+            dcp.FileSystemWriter.write_data, lambda self, *rest: self.path))
     with pytest.raises(CheckpointError, match=r"checkpoint of step 4 .*No space left on device.*the checkpoint of "
                                               r"step 2 .*step-0000002\) is intact.*--resume"):
         train(config, progress=False)
@@ -931,6 +942,30 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_leaves_the_last_o
     assert json.loads((checkpoints / "latest.json").read_text())["step"] == 2
     final = train(config, resume=True, progress=False)
     assert [s for s, _ in losses(tmp_path / "run")] == list(range(1, 7)) and (final / "model.safetensors").exists()
+
+
+def test_a_checkpoint_holding_the_whole_optimizer_state_in_its_trainer_state_still_resumes_exactly(world, tmp_path):
+    """Checkpoints of fusion before 2026-12-03 keep the whole optimizer state in `trainer_state.pt` (no `optimizer`
+    folder): --resume from one gives the losses of the uninterrupted run."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from fusion.trainer import OPTIMIZER_STATE, TRAINER_STATE
+
+    stages = [{"name": "s", "data": str(world / "text.jsonl"), "steps": 4, "batch_size": 4, "lr": {"decoder": 1e-3}}]
+    config = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages, checkpoint_every=2,
+                                                              keep_checkpoints=5))
+    train(config, progress=False)
+    uninterrupted = losses(tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000002"
+    dcp_to_torch_save(checkpoint / OPTIMIZER_STATE, tmp_path / "optimizer.pt")  # the old layout: one whole state
+    state = torch.load(checkpoint / TRAINER_STATE, weights_only=False)
+    state["optimizer"] = torch.load(tmp_path / "optimizer.pt", weights_only=False)["optimizer"]
+    del state["optimizer_parts"]
+    torch.save(state, checkpoint / TRAINER_STATE)
+    shutil.rmtree(checkpoint / OPTIMIZER_STATE)
+    (tmp_path / "run" / "checkpoints" / "latest.json").write_text(json.dumps({"folder": checkpoint.name, "step": 2}))
+    train(config, resume=True, progress=False)
+    assert losses(tmp_path / "run") == uninterrupted
 
 
 def test_a_json_file_that_cannot_be_written_keeps_its_old_content(tmp_path):
@@ -984,28 +1019,34 @@ def test_resume_from_a_damaged_checkpoint_falls_back_to_the_one_before(world, tm
         train(config, resume=True, progress=False)
 
 
-@pytest.mark.parametrize("damaged", ["model.safetensors", "tokenizer.json"])
+@pytest.mark.parametrize("damaged", ["model/model.safetensors", "model/tokenizer.json", "optimizer/__0_0.distcp",
+                                     "optimizer/.metadata"])
 def test_resume_falls_back_past_a_checkpoint_whose_weights_or_tokenizer_are_cut_short(tmp_path, damaged):
-    """A half-copied run folder whose newest checkpoint has its weights (or tokenizer) cut short: the checkpoint is
-    found unreadable before the run starts from it, and the one before is taken with a warning."""
+    """A half-copied run folder whose newest checkpoint has its weights, tokenizer or optimizer state cut short:
+    the checkpoint is found unreadable before the run starts from it, and the one before is taken with a
+    warning."""
     from types import SimpleNamespace
 
     from fusion.checkpoint import write_json
-    from fusion.trainer import TRAINER_STATE, Trainer, TrainingWarning
+    from fusion.distributed import save_optimizer_state
+    from fusion.trainer import OPTIMIZER_STATE, TRAINER_STATE, Trainer, TrainingWarning
     from tests.tiny_models import tiny_fusion_model
     from tokenizer import FusionTokenizer
 
     model = tiny_fusion_model(FusionTokenizer.train(["a red circle", "a blue square"] * 20, vocab_size=280))
+    optimizer = torch.optim.AdamW([{"params": list(model.decoder.parameters()), "part": "decoder"}])
     checkpoints = tmp_path / "checkpoints"
     for step in (2, 4):
         folder = checkpoints / f"step-{step:07d}"
         model.save_pretrained(folder / "model")
-        torch.save({"progress": {"stage_index": 0, "step": step, "global_step": step}}, folder / TRAINER_STATE)
+        save_optimizer_state(model, optimizer, folder / OPTIMIZER_STATE)
+        torch.save({"progress": {"stage_index": 0, "step": step, "global_step": step},
+                    "optimizer_parts": ["decoder"]}, folder / TRAINER_STATE)
     write_json(checkpoints / "latest.json", {"folder": "step-0000004", "step": 4})
-    file = checkpoints / "step-0000004" / "model" / damaged
+    file = checkpoints / "step-0000004" / damaged
     file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])  # half-copied
-    with pytest.warns(TrainingWarning, match=rf"step-0000004 cannot be read .*{damaged}.*resuming from "
-                                             rf".*step-0000002 instead"):
+    with pytest.warns(TrainingWarning, match=rf"step-0000004 cannot be read .*{re.escape(file.name)}.*resuming "
+                                             rf"from .*step-0000002 instead"):
         state = Trainer._latest_state(SimpleNamespace(out=tmp_path))
     assert state["folder"] == checkpoints / "step-0000002" and state["progress"]["step"] == 2
 
@@ -1170,6 +1211,46 @@ def test_a_one_process_checkpoint_resumes_in_two_processes_exactly(world, tmp_pa
     for (step, x), (_, y) in zip(a, b):
         assert x == pytest.approx(y, rel=1e-4, abs=1e-5), f"step {step}: uninterrupted {x}, resumed in 2 processes {y}"
     assert_same_trained_weights(tmp_path / "run" / "final", tmp_path / "ref" / "final")
+
+
+def test_an_fsdp2_checkpoint_holds_each_process_part_of_the_optimizer_state_and_resumes_in_one_process(world,
+                                                                                                     tmp_path):
+    """Under FSDP2 each of 2 processes writes its own part of the optimizer state into the checkpoint (two files,
+    each holding a part of the rows of every moment, so no process gathered it whole), and one process resumes from that
+    checkpoint with the 2-process run's losses."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    from fusion.trainer import TrainingWarning
+
+    stage = {"name": "all", "data": str(world / "train.jsonl"), "steps": 5, "batch_size": 8,
+             "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3}}
+    two = write_config(tmp_path / "two.yaml", base_config(world, tmp_path / "run", [stage], threads=1,
+                                                          checkpoint_every=2, keep_checkpoints=5,
+                                                          distributed={"strategy": "fsdp2"}))
+    output = torchrun_two_processes(["train", str(two), "--no-progress"])
+    assert output.count("final model: ") == 1, output[-3000:]
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000002"
+    assert sorted(p.name for p in (checkpoint / "optimizer").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    index = dcp.FileSystemReader(str(checkpoint / "optimizer")).read_metadata()
+    model = fusion.FusionModel.from_pretrained(checkpoint / "model")  # the checkpoint's model loads in one process
+    for name, weight in model.named_parameters():  # each AdamW moment as two parts of its rows, one per file
+        for moment in ("exp_avg", "exp_avg_sq"):
+            fqn = f"optimizer.state.{name}.{moment}"
+            chunks = index.state_dict_metadata[fqn].chunks
+            files = {index.storage_data[MetadataIndex(fqn, chunk.offsets)].relative_path for chunk in chunks}
+            if weight.shape[0] > 1:
+                assert len(chunks) == 2 and files == {"__0_0.distcp", "__1_0.distcp"}, (fqn, chunks, files)
+                assert sum(chunk.sizes[0] for chunk in chunks) == weight.shape[0], fqn
+    two_processes = losses(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "latest.json").write_text(json.dumps({"folder": checkpoint.name, "step": 2}))
+    with pytest.warns(TrainingWarning, match=r'distributed.strategy: "fsdp2" -> "ddp"'):
+        train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", [stage], threads=1)),
+              resume=True, progress=False)
+    one_process = losses(tmp_path / "run")
+    assert [s for s, _ in one_process] == [1, 2, 3, 4, 5]
+    for (step, x), (_, y) in zip(two_processes, one_process):
+        assert x == pytest.approx(y, rel=1e-4, abs=1e-5), f"step {step}: 2 processes {x}, resumed in 1 process {y}"
 
 
 needs_cpu_compiler = pytest.mark.skipif(fusion.compilation.cpu_compiler() is None,
