@@ -13,8 +13,9 @@ Two starts, each under a 2-process torchrun (gloo, CPU, one thread each) running
 Each process reports its peak resident memory (`ru_maxrss`, which counts the pages of the memory-mapped files
 it has read too) when the run begins to build its model, once the model is ready (`Trainer._starting_model`
 returned), once the optimizer's state is loaded (resume only: each process reads its part of it) and at the
-end of the run (the main process gathers the whole model into its memory to write it, in both ways; a
-checkpoint's optimizer state is written by each process, its part). The two ways alternate, the order flipped every round; medians over the rounds.
+end of the run (the main process writes the models and the checkpoints' models: under DDP from the whole
+model it holds, under FSDP2 one gathered tensor at a time; a checkpoint's optimizer state is written by each
+process, its part). The two ways alternate, the order flipped every round; medians over the rounds.
 
     python bench/starting_memory.py                     # 3 rounds
     python bench/starting_memory.py --rounds 1 --hidden-size 512 --json out.json

@@ -13,6 +13,7 @@ import functools
 import glob
 import importlib.resources
 import json
+import math
 import os
 import re
 import shutil
@@ -301,6 +302,58 @@ def write_safetensors(state: dict[str, torch.Tensor], path, metadata: dict[str, 
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
 
 
+# safetensors' names of the dtypes a model folder may hold
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                       torch.bool: "BOOL"}
+
+
+class StreamedState:
+    """A model's state dict to be written one tensor at a time: `layout` lists each tensor's name, dtype and
+    shape (all a safetensors header needs), and iterating yields `(name, tensor)` in that order, each tensor
+    made only when it is reached (e.g. gathered from the processes that hold its shards). `drain()` makes the
+    ones not yet made (where making one is a collective, a process that stopped writing still takes part)."""
+
+    def __init__(self, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], make):
+        self.layout, self._make, self._next = layout, make, 0
+
+    def __iter__(self):
+        while self._next < len(self.layout):
+            name = self.layout[self._next][0]
+            self._next += 1
+            yield name, self._make(name)
+
+    def drain(self) -> None:
+        for _ in self:
+            pass
+
+
+def write_safetensors_streamed(state: StreamedState, path, metadata: dict[str, str] | None = None) -> None:
+    """Write `state` as a safetensors file, one tensor at a time: the header from `state.layout`, then each
+    tensor's bytes as it is made, so that no more than one whole tensor is in memory. Files load like
+    `write_safetensors`' (the same format; the tensors in layout order)."""
+    header, offset = {}, 0
+    for name, dtype, shape in state.layout:
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{name}: cannot write a {dtype} tensor into a model folder")
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # (the data starts 8-byte aligned, as safetensors writes it)
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for (name, tensor), (_, dtype, shape) in zip(state, state.layout):
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise CheckpointError(f"{name}: made as {tensor.dtype} {tuple(tensor.shape)}, but its layout says "
+                                      f"{dtype} {tuple(shape)}")
+            f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def write_torch_file(obj, path) -> None:
     """`torch.save`, whose failed writes (a full disk) are raised as OSErrors (torch raises a RuntimeError)."""
     try:
@@ -314,7 +367,8 @@ def model_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_model_folder(model, path, state: dict | None = None) -> None:
-    """Write a model folder; `state` replaces `model.state_dict()` (e.g. gathered from a sharded model).
+    """Write a model folder; `state` replaces `model.state_dict()` (e.g. gathered from a sharded model, or a
+    `StreamedState` that makes each tensor as the file reaches it).
 
     A new folder appears whole (written beside it, then one rename). An existing folder is replaced as one
     unit (`model_folder_writer`): the model's three files all change at once, and everything else in it (a
@@ -327,8 +381,12 @@ def save_model_folder(model, path, state: dict | None = None) -> None:
                                  "patch": model.tokenizer.patch_id, "stop": list(model.tokenizer.stop_ids)}}
     with model_folder_writer(path) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        write_safetensors(state if state is not None else model_state(model), tmp / WEIGHTS_FILE,
-                          metadata={"format": "pt", "fusion_format_version": str(FORMAT_VERSION)})
+        metadata = {"format": "pt", "fusion_format_version": str(FORMAT_VERSION)}
+        if isinstance(state, StreamedState):
+            write_safetensors_streamed(state, tmp / WEIGHTS_FILE, metadata=metadata)
+        else:
+            write_safetensors(state if state is not None else model_state(model), tmp / WEIGHTS_FILE,
+                              metadata=metadata)
         model.tokenizer.save(tmp / TOKENIZER_FILE)
 
 

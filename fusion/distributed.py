@@ -159,6 +159,25 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+def streamed_model_state(model: nn.Module):
+    """The model's whole state dict as a `StreamedState` (for `save_model_folder`): each tensor gathered from
+    the processes that hold its shards (FSDP2) when the writer reaches it, on the CPU, so that a process holds
+    its shards and one whole tensor. Collective under FSDP2: every process iterates it (the main process by
+    writing the file, the others by `drain()`), in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    from .checkpoint import StreamedState
+
+    state = model.state_dict()
+    layout = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in state.items()]
+
+    def whole(name: str) -> torch.Tensor:
+        tensor = state[name].detach()
+        return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).cpu()
+
+    return StreamedState(layout, whole)
+
+
 def load_full_optimizer_state(model: nn.Module, optimizer, optimizer_state: dict) -> None:
     """Load a full optimizer state dict (as checkpoints of fusion before 2026-12-03 hold it) into the optimizer of a
     (possibly sharded) model, on every rank."""

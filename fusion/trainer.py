@@ -34,8 +34,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed as fdist
-from .checkpoint import (atomic_folder, check_model_folder, load_model_folder, model_folder, read_decoder_weights,
-                         read_model_config, remove_stale_temporaries, save_model_folder, write_json, write_torch_file)
+from .checkpoint import (StreamedState, atomic_folder, check_model_folder, load_model_folder, model_folder,
+                         read_decoder_weights, read_model_config, remove_stale_temporaries, save_model_folder,
+                         write_json, write_torch_file)
 from .compilation import check_can_compile, compile_decoder_blocks, eager
 from .data.collate import split_by_length, split_long_samples
 from .data.datasets import ConversationDataset, MediaCache
@@ -852,22 +853,39 @@ class Trainer:
         total = self.ctx.all_reduce_sum(total)
         return float(total[0] / total[1]) if total[1] > 0 else None
 
-    def save_model(self, folder: Path):
-        state = fdist.full_model_state(self.model)
-        if self.ctx.is_main:
-            try:
+    def _model_state(self):
+        """What the main process writes as the model: under FSDP2 a `StreamedState` (each tensor gathered when
+        the file reaches it, so no process holds the whole model; every process must iterate it, see
+        `_write_model`), else the whole state dict."""
+        return fdist.streamed_model_state(self.model) if self.sharded else fdist.full_model_state(self.model)
+
+    def _write_model(self, state, folder: Path) -> None:
+        """The main process writes the model folder from `state`; the others take part in the gathers of a
+        streamed one (also where the main process's write failed part way, so that no process waits forever)."""
+        try:
+            if self.ctx.is_main:
                 save_model_folder(self.model, folder, state=state)
-            except OSError as err:  # atomic: an earlier model in that folder stays as it was
-                raise CheckpointError(f"could not write the model to {folder} ({err}); "
-                                      f"{_intact_checkpoint(self.out / 'checkpoints')}") from err
-        self.ctx.barrier()
+        finally:
+            if isinstance(state, StreamedState):
+                state.drain()
+
+    def save_model(self, folder: Path):
+        problem = None
+        try:
+            self._write_model(self._model_state(), folder)
+        except OSError as err:  # atomic: an earlier model in that folder stays as it was
+            problem = err
+        if self.ctx.all_reduce_max(int(problem is not None)):  # every process stops, not only the one that failed
+            raise CheckpointError(f"could not write the model to {folder} ({problem or 'see the main process'}); "
+                                  f"{_intact_checkpoint(self.out / 'checkpoints')}") from problem
 
     def save_checkpoint(self, optimizer, scheduler, progress: StageProgress, data_position: tuple[int, int],
                         stage_samples: int | None = None):
         """A resumable checkpoint: folder `checkpoints/step-{global_step}` then `latest.json` (both atomic). The
-        model is gathered to the main process and written whole (a model folder any process can load); the
-        optimizer's state is written by every process, each its own part (`fdist.save_optimizer_state`)."""
-        model_state = fdist.full_model_state(self.model)
+        main process writes the model whole (a model folder any process can load; under FSDP2 gathered one
+        tensor at a time); the optimizer's state is written by every process, each its own part
+        (`fdist.save_optimizer_state`)."""
+        model_state = self._model_state()
         root = self.out / "checkpoints"
         name = f"step-{progress.global_step:07d}"
         problem = None
@@ -884,11 +902,12 @@ class Trainer:
                     raise problem or OSError("the main process could not make the checkpoint's folder")
                 if optimizer is not None:
                     fdist.save_optimizer_state(self.model, optimizer, tmp / OPTIMIZER_STATE)
+                self._write_model(model_state, tmp / "model")
                 if self.ctx.is_main:
-                    save_model_folder(self.model, tmp / "model", state=model_state)
                     write_torch_file({"progress": vars(progress),
                                       # the parts whose state is in OPTIMIZER_STATE (None: no optimizer state)
-                                      "optimizer_parts": None if optimizer is None else _parts_of(optimizer.param_groups),
+                                      "optimizer_parts": None if optimizer is None
+                                      else _parts_of(optimizer.param_groups),
                                       "scheduler": scheduler.state_dict() if scheduler is not None else None,
                                       "data_position": data_position,  # (epoch, batch) of the stage's next batch
                                       "stage_samples": stage_samples,  # how many samples that position counts in

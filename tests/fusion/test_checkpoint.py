@@ -306,13 +306,14 @@ def test_a_full_disk_while_saving_leaves_the_folder_as_it_was_and_is_an_oserror(
 
 def test_a_file_size_limit_makes_both_checkpoint_writers_raise_oserrors(tmp_path):
     """A real failed write (RLIMIT_FSIZE, as a quota): safetensors and torch.save each raise their own error types
-    (SafetensorError, RuntimeError); the checkpoint writers raise OSErrors."""
+    (SafetensorError, RuntimeError); the checkpoint writers raise OSErrors (the streamed one too)."""
     import resource
 
-    from fusion.checkpoint import write_safetensors, write_torch_file
+    from fusion.checkpoint import write_safetensors, write_safetensors_streamed, write_torch_file
 
     state = {"w": torch.zeros(50_000)}
-    writes = {"w.safetensors": write_safetensors, "s.pt": write_torch_file}
+    writes = {"w.safetensors": write_safetensors, "s.pt": write_torch_file,
+              "streamed.safetensors": lambda state, path: write_safetensors_streamed(streamed(state), path)}
     raised = {}
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, limits[1]))  # (Python ignores SIGXFSZ: writes fail instead)
@@ -327,6 +328,68 @@ def test_a_file_size_limit_makes_both_checkpoint_writers_raise_oserrors(tmp_path
     assert set(raised) == set(writes) and all(isinstance(err, OSError) for err in raised.values()), raised
     assert "File too large" in str(raised["w.safetensors"]) and "w.safetensors" in str(raised["w.safetensors"])
     assert "s.pt" in str(raised["s.pt"])
+
+
+def streamed(state: dict, full_disk_at: str | None = None):
+    """`state` as a `StreamedState` that notes which tensors it has made; making `full_disk_at` raises ENOSPC."""
+    from fusion.checkpoint import StreamedState
+
+    made = []
+
+    def make(name):
+        if name == full_disk_at:
+            raise OSError(28, "No space left on device")
+        made.append(name)
+        return state[name]
+
+    result = StreamedState([(name, t.dtype, tuple(t.shape)) for name, t in state.items()], make)
+    result.made = made
+    return result
+
+
+def test_a_streamed_weights_file_holds_what_safetensors_writes_and_makes_each_tensor_once(tmp_path):
+    """The weights file written one tensor at a time (as FSDP2 runs write their models) reads back with safetensors
+    exactly as its own `save_file` writes it: every dtype a model holds, a scalar, an empty tensor, the metadata;
+    each tensor is made once, in order, and `drain()` makes the rest where a write stopped early."""
+    from safetensors import safe_open
+
+    from fusion.checkpoint import write_safetensors_streamed
+
+    state = {"decoder.w": torch.randn(3, 5), "b16": torch.randn(7).to(torch.bfloat16), "h": torch.randn(2).half(),
+             "scalar": torch.tensor(3.5), "ids": torch.arange(4), "mask": torch.tensor([[True, False, True]]),
+             "empty": torch.zeros(0, 4), "bytes": torch.arange(5, dtype=torch.uint8)}
+    state["strided"] = torch.randn(4, 6)[:, ::2]  # not contiguous
+    stream = streamed(state)
+    write_safetensors_streamed(stream, tmp_path / "streamed.safetensors", metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "reference.safetensors")
+    for name in ("streamed", "reference"):
+        loaded = load_file(tmp_path / f"{name}.safetensors")
+        assert sorted(loaded) == sorted(state)
+        for key, tensor in state.items():
+            assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor), (name, key)
+    with safe_open(str(tmp_path / "streamed.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert stream.made == list(state)
+    stopped = streamed(state, full_disk_at="ids")  # the write stops there; drain() makes the rest
+    with pytest.raises(OSError, match="No space"):
+        write_safetensors_streamed(stopped, tmp_path / "stopped.safetensors")
+    stopped.drain()
+    assert stopped.made == [name for name in state if name != "ids"]
+
+
+def test_an_fsdp2_model_written_a_tensor_at_a_time_loads_as_the_model(tmp_path):
+    """`streamed_model_state` in one process (plain tensors; under FSDP2 each is gathered as the file reaches it):
+    the model folder it writes loads with the model's weights."""
+    from fusion.checkpoint import save_model_folder
+    from fusion.distributed import streamed_model_state
+
+    model = tiny_fusion_model(FusionTokenizer.train(["a red circle", "a blue square"] * 20, vocab_size=280))
+    save_model_folder(model, tmp_path / "m", state=streamed_model_state(model))
+    loaded = fusion.FusionModel.from_pretrained(tmp_path / "m")
+    reference = model.state_dict()
+    assert sorted(loaded.state_dict()) == sorted(reference)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
 
 
 def sharded_hf_folder(folder: Path) -> list[Path]:

@@ -1277,17 +1277,18 @@ def test_two_process_torchrun_matches_one_process(world, tmp_path, strategy, tor
 
 
 # Run by each process of the FSDP2 tests below (`run.py CONFIG OUT [--resume]`): training as `fusion train` does,
-# with the loaders that read a whole model or trunk refused, and the part of the decoder that each process holds
-# once its weights are read written to OUT/rank{N}.json.
+# with the loaders that read a whole model or trunk and the gathering of a whole model refused, and the part of
+# the decoder that each process holds once its weights are read written to OUT/rank{N}.json.
 _SHARDED_RUN = """
 import json, os, sys
-import fusion.hf_llama4, fusion.trainer
+import fusion.distributed, fusion.hf_llama4, fusion.trainer
 
 def refuse(*args, **kwargs):
-    raise AssertionError("a process read a whole model or trunk")
+    raise AssertionError("a process read or gathered a whole model or trunk")
 
 fusion.hf_llama4.load_hf_decoder = refuse
 fusion.FusionModel.from_pretrained = refuse
+fusion.distributed.full_model_state = refuse  # models and checkpoints are written a gathered tensor at a time
 shard_then_read = fusion.trainer.Trainer._shard_then_read_decoder
 
 def shard_read_and_count(self, model, read):
