@@ -336,7 +336,7 @@ def write_safetensors_streamed(state: StreamedState, path, metadata: dict[str, s
     for name, dtype, shape in state.layout:
         if dtype not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{name}: cannot write a {dtype} tensor into a model folder")
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        size = math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + size]}
         offset += size

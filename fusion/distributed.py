@@ -5,6 +5,7 @@ each process its part. One process without torchrun is the plain case of the sam
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -197,8 +198,7 @@ def save_optimizer_state(model: nn.Module, optimizer, folder) -> None:
 
     state = get_optimizer_state_dict(model, optimizer)
     try:
-        with warnings.catch_warnings():  # (one process without torch.distributed: "assuming ... a single process")
-            warnings.filterwarnings("ignore", message=r".*assuming the intent is to (save|load) in a single process")
+        with _one_process_quiet():
             dcp.save({"optimizer": state}, storage_writer=dcp.FileSystemWriter(str(folder)))
     except dcp.api.CheckpointException as err:  # (raised in every process when one of them failed)
         raise OSError(f"could not write the optimizer state into {folder}: {_failures(err)}") from None
@@ -213,12 +213,20 @@ def load_optimizer_state(model: nn.Module, optimizer, folder) -> None:
 
     state = get_optimizer_state_dict(model, optimizer)  # this process's layout, to be filled in place
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*assuming the intent is to (save|load) in a single process")
+        with _one_process_quiet():
             dcp.load({"optimizer": state}, storage_reader=dcp.FileSystemReader(str(folder)))
     except dcp.api.CheckpointException as err:
         raise CheckpointError(f"could not read the optimizer state in {folder}: {_failures(err)}") from None
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(strict=True))
+
+
+@contextlib.contextmanager
+def _one_process_quiet():
+    """torch.distributed.checkpoint in one process without torch.distributed, without its warning that it
+    assumes a single process (it is the plain case here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*assuming the intent is to (save|load) in a single process")
+        yield
 
 
 def _failures(err) -> str:
