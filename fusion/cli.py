@@ -83,7 +83,12 @@ def main(argv=None) -> int:
         return 0
     args = parser.parse_args(argv)
     with dataset_warnings_as_lines():
-        return run_command(args)
+        code = run_command(args)
+    if args.command == "train":  # under torchrun the process ends here, past the teardown where gloo can abort it
+        from .distributed import end_torchrun_process
+
+        end_torchrun_process(code)
+    return code
 
 
 def resume_command(args: argparse.Namespace) -> str:

@@ -56,3 +56,38 @@ def test_a_plain_tensor_takes_the_whole_tensor():
     target = torch.empty(3, 2)
     copy_whole_tensors({"w": target}, ["w"], lambda name: whole, lambda *args: "unused")
     assert torch.equal(target, whole) and this_process_part(target, whole) is whole
+
+
+_ENDING_PROCESS = """
+import logging, logging.handlers, sys
+from fusion.distributed import end_torchrun_process
+held = logging.handlers.MemoryHandler(100, target=logging.FileHandler(sys.argv[1]))  # written when closed
+logging.basicConfig(handlers=[held], level=logging.INFO)
+logging.getLogger("run").info("the last record of the run")
+print("the last line of the run")  # (stdout is a pipe here: block-buffered, not yet written)
+sys.stderr.write("the last warning of the run")
+end_torchrun_process(int(sys.argv[2]))
+print("after the end")
+"""
+
+
+@pytest.mark.parametrize("world_size, code", [("2", 0), ("2", 3), ("1", 0)])
+def test_a_torchrun_process_ends_with_its_status_and_loses_none_of_its_output(tmp_path, world_size, code):
+    """`end_torchrun_process` ends a torchrun process (WORLD_SIZE > 1) at once with the status given, past the
+    interpreter's teardown (where torch's gloo can abort it), and nothing it wrote is lost: buffered stdout and
+    stderr, log records; outside torchrun it returns and the program goes on."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "WORLD_SIZE": world_size, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env.pop("PYTHONUNBUFFERED", None)
+    log = tmp_path / "run.log"
+    done = subprocess.run([sys.executable, "-c", _ENDING_PROCESS, str(log), str(code)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == code, done.stderr
+    assert "the last line of the run" in done.stdout
+    assert "the last warning of the run" in done.stderr
+    assert "the last record of the run" in log.read_text()
+    assert ("after the end" in done.stdout) == (world_size == "1")

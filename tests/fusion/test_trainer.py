@@ -1301,6 +1301,8 @@ def shard_read_and_count(self, model, read):
 
 fusion.trainer.Trainer._shard_then_read_decoder = shard_read_and_count
 fusion.trainer.train(sys.argv[1], resume="--resume" in sys.argv, progress=False)
+fusion.distributed.shutdown_distributed()
+fusion.distributed.end_torchrun_process(0)  # as `fusion train` ends (past gloo's teardown)
 """
 
 
