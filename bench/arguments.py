@@ -8,6 +8,7 @@ it draws its batches from.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -20,6 +21,24 @@ T = TypeVar("T")
 
 positive_int = whole_number(1)  # rounds, batch size, threads, ...
 non_negative_int = whole_number(0)  # warm-up rounds, where none is a choice
+
+
+def bench_parser(description: str, rounds: int) -> argparse.ArgumentParser:
+    """A bench's command line with the options every bench has: --rounds (default `rounds`) and --json; a bench
+    adds its own to it."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=positive_int, default=rounds)
+    parser.add_argument("--json", type=json_output_path, help="also write the results to this file")
+    return parser
+
+
+def print_results(result, json_path: str | None):
+    """`result` printed as JSON, and written to `json_path` (the --json file) if given; returns it."""
+    print(json.dumps(result, indent=2))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
 
 
 def json_output_path(text: str) -> str:

@@ -19,7 +19,6 @@ flash kernel is the fastest at every shape (BENCHMARKS.md).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from arguments import json_output_path, positive_int
+from arguments import bench_parser, print_results
 from rounds import round_order
 
 WAYS = {"flash-fp32": (SDPBackend.FLASH_ATTENTION, torch.float32),
@@ -76,10 +75,7 @@ def measure(rows: int, tokens: int, rounds: int, warmup: int = 2) -> dict:
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=positive_int, default=9)
-    parser.add_argument("--json", type=json_output_path, help="also write the results to this file")
-    return parser.parse_args(argv)
+    return bench_parser(__doc__, rounds=9).parse_args(argv)
 
 
 def main(argv=None):
@@ -87,11 +83,7 @@ def main(argv=None):
     result = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": args.rounds,
               "shapes": [measure(rows, tokens, args.rounds) for rows, tokens in SHAPES]}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return print_results(result, args.json)
 
 
 if __name__ == "__main__":

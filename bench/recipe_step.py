@@ -42,7 +42,7 @@ from fusion.model import FusionModel  # noqa: E402
 from fusion.precision import cpu_has_native_bf16  # noqa: E402
 from fusion.data.stage_data import collate_samples  # noqa: E402
 from fusion.training_step import TrainingStep  # noqa: E402
-from arguments import draw_batches, json_output_path, positive_int  # noqa: E402
+from arguments import bench_parser, draw_batches, positive_int, print_results  # noqa: E402
 from rounds import round_order  # noqa: E402
 from vision.attention import Float32CpuAttention  # noqa: E402
 
@@ -77,12 +77,10 @@ def recipe_world(model_dir: str, out_dir: str, images: int = 160, videos: int = 
 def recipe_bench_arguments(doc: str, argv=None, add_arguments=None) -> argparse.Namespace:
     """The command line shared by the recipe benches (--rounds, --batch-size, --model, --json; a bench's
     own through `add_arguments(parser)`), checked before anything runs."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=positive_int, default=7)
+    parser = bench_parser(doc, rounds=7)
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--model", default=os.path.join(ROOT, "fusion", "default_model"),
                         help="a model folder published by examples/recipes/publish_default_model.py")
-    parser.add_argument("--json", type=json_output_path, help="write the results here")
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)
@@ -132,11 +130,7 @@ def report(args, results: dict) -> dict:
     result = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": args.batch_size,
               "rounds": args.rounds, **results}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return print_results(result, args.json)
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:

@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fusion.trainer  # noqa: E402
-from arguments import json_output_path, positive_int  # noqa: E402
+from arguments import bench_parser, positive_int  # noqa: E402
 from fusion.data.shapes_world import ShapesWorldConfig, generate_shapes_world  # noqa: E402
 from fusion.hf_llama4 import save_hf_decoder  # noqa: E402
 from fusion.stage_setup import _texts_of  # noqa: E402
@@ -141,12 +141,10 @@ def multiple_of_64(text: str) -> int:
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser = bench_parser(__doc__, rounds=3)
     parser.add_argument("--hidden-size", type=multiple_of_64, default=1024, help="the trunk's width")
     parser.add_argument("--layers", type=positive_int, default=8)
     parser.add_argument("--experts", type=positive_int, default=16, help="experts of each MoE layer (every other one)")
-    parser.add_argument("--json", type=json_output_path, help="also write the results to this file")
     args = parser.parse_args(argv)
     args.batch_size = 4  # (the runs'; reported with the results)
     return args
