@@ -71,23 +71,36 @@ print("after the end")
 """
 
 
-@pytest.mark.parametrize("world_size, code", [("2", 0), ("2", 3), ("1", 0)])
-def test_a_torchrun_process_ends_with_its_status_and_loses_none_of_its_output(tmp_path, world_size, code):
+def test_a_torchrun_process_ends_with_its_status_and_loses_none_of_its_output(tmp_path):
     """`end_torchrun_process` ends a torchrun process (WORLD_SIZE > 1) at once with the status given, past the
     interpreter's teardown (where torch's gloo can abort it), and nothing it wrote is lost: buffered stdout and
-    stderr, log records; outside torchrun it returns and the program goes on."""
+    stderr, log records held by a handler until it is closed."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    env = {**os.environ, "WORLD_SIZE": world_size, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "WORLD_SIZE": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     env.pop("PYTHONUNBUFFERED", None)
     log = tmp_path / "run.log"
-    done = subprocess.run([sys.executable, "-c", _ENDING_PROCESS, str(log), str(code)], env=env,
+    done = subprocess.run([sys.executable, "-c", _ENDING_PROCESS, str(log), "3"], env=env,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == code, done.stderr
+    assert done.returncode == 3, done.stderr
     assert "the last line of the run" in done.stdout
+    assert "after the end" not in done.stdout
     assert "the last warning of the run" in done.stderr
     assert "the last record of the run" in log.read_text()
-    assert ("after the end" in done.stdout) == (world_size == "1")
+
+
+def test_outside_torchrun_ending_a_process_does_nothing(monkeypatch):
+    import os
+
+    from fusion.distributed import end_torchrun_process
+
+    monkeypatch.setattr(os, "_exit", lambda code: pytest.fail(f"the process was ended with status {code}"))
+    for world_size in (None, "1"):
+        if world_size is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", world_size)
+        assert end_torchrun_process(0) is None  # (returned: this test process goes on)

@@ -639,20 +639,28 @@ def test_the_command_that_continues_a_stopped_run_keeps_its_settings_and_says_to
     assert fusion.cli.resume_command(args) == expected + " (under torchrun, as this run was started)"
 
 
+def _stopped_run_stages(world):
+    return [{"name": "trunk", "data": str(world / "text.jsonl"), "steps": 4, "batch_size": 4, "lr": {"decoder": 1e-3}},
+            {"name": "cotrain", "data": str(world / "train.jsonl"), "steps": 14, "batch_size": 4,
+             "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 5e-4}}]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(world, tmp_path_factory):
+    """The run folder of `_stopped_run_stages` trained by `fusion train` without a stop (shared by the stop tests)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    config = write_config(out / "ref.yaml", base_config(world, out / "ref", _stopped_run_stages(world),
+                                                        checkpoint_every=3, threads=1))
+    assert _run_cli(["train", str(config), "--no-progress"]).wait(timeout=300) == 0
+    return out / "ref"
+
+
 @pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
-def test_sigkill_then_resume_continues_exactly(world, tmp_path, stop):
+def test_sigkill_then_resume_continues_exactly(world, tmp_path, stop, uninterrupted_run):
     """Killed (SIGKILL: from its last checkpoint) or stopped (SIGTERM, as a scheduler preempts: it writes a
     checkpoint at the step it is on and exits 143), then --resume: the losses of an uninterrupted run."""
-    stages = [{"name": "trunk", "data": str(world / "text.jsonl"), "steps": 4, "batch_size": 4,
-               "lr": {"decoder": 1e-3}},
-              {"name": "cotrain", "data": str(world / "train.jsonl"), "steps": 14, "batch_size": 4,
-               "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 5e-4}}]
-    reference = write_config(tmp_path / "ref.yaml", base_config(world, tmp_path / "ref", stages, checkpoint_every=3,
-                                                                threads=1))
-    killed = write_config(tmp_path / "kill.yaml", base_config(world, tmp_path / "kill", stages, checkpoint_every=3,
-                                                              threads=1))
-    assert _run_cli(["train", str(reference), "--no-progress"]).wait(timeout=300) == 0
-
+    killed = write_config(tmp_path / "kill.yaml", base_config(world, tmp_path / "kill", _stopped_run_stages(world),
+                                                              checkpoint_every=3, threads=1))
     proc = _run_cli(["train", str(killed), "--set", "log_every=1", "--no-progress"])  # the config's own value
     latest = tmp_path / "kill" / "checkpoints" / "latest.json"
     deadline = time.time() + 300
@@ -683,7 +691,7 @@ def test_sigkill_then_resume_continues_exactly(world, tmp_path, stop):
     assert resume.returncode == 0, output
     assert "differs" not in output  # the same config: no warning about changes
 
-    ref, resumed = losses(tmp_path / "ref"), losses(tmp_path / "kill")
+    ref, resumed = losses(uninterrupted_run), losses(tmp_path / "kill")
     assert [s for s, _ in resumed] == [s for s, _ in ref] == list(range(1, 19))
     for (step, a), (_, b) in zip(ref, resumed):
         assert a == pytest.approx(b, rel=1e-6), f"step {step}: {a} vs {b}"
