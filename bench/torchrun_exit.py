@@ -8,11 +8,11 @@ fails. The two ways end the script's processes differently:
     exit       as any Python program ends (the interpreter's teardown)
     end        `fusion.distributed.end_torchrun_process(0)`, as `fusion train` ends under torchrun
 
-In every round the two ways run at the same time (each loads the 2 cores for the other: the abort shows on a
-busy machine, seldom on an idle one). Reported: the runs and the failed runs of each way, with the failing
-line of each failure.
+The two ways run side by side, each its `--rounds` runs one after another (each loads the 2 cores for the
+other, at every phase of its runs: the abort shows on a busy machine, seldom on an idle one). Reported: the
+runs of each way and their failures, with the failing line of each.
 
-    python bench/torchrun_exit.py                # 40 rounds (~7 minutes on 2 cores)
+    python bench/torchrun_exit.py                # 40 runs of each way (~7 minutes on 2 cores)
     python bench/torchrun_exit.py --rounds 80 --json out.json
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 
 import torch
 
@@ -35,26 +36,34 @@ ONE_STEP = """
 import sys
 import torch
 import torch.distributed as dist
-from fusion.distributed import apply_fsdp2, end_torchrun_process, init_distributed, shutdown_distributed
 
-ctx = init_distributed("cpu")
+try:
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # torch 2.5
+    from torch.distributed._composable.fsdp import fully_shard
+
+dist.init_process_group("gloo")
 torch.manual_seed(0)
-blocks = [torch.nn.Linear(64, 64) for _ in range(4)]
-model = apply_fsdp2(torch.nn.Sequential(*blocks), blocks, ctx)
+model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
+for layer in model:
+    fully_shard(layer)
+fully_shard(model)
 optimizer = torch.optim.AdamW(model.parameters())
 model(torch.randn(8, 64)).sum().backward()
 optimizer.step()
 total = torch.ones(1)
 dist.all_reduce(total)
-shutdown_distributed()
+dist.destroy_process_group()
 if sys.argv[1] == "end":
+    from fusion.distributed import end_torchrun_process
+
     end_torchrun_process(0)
 """
 
-
-def start(script: str, way: str) -> subprocess.Popen:
+def start(script: str, way: str, shared_port: bool) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    rendezvous = [] if shared_port else ["--standalone"]  # (without it: torchrun's static rendezvous, port 29500)
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nproc_per_node", "2",
                              script, way], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -65,7 +74,21 @@ def failing_line(output: str) -> str:
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
-    return bench_parser(__doc__, rounds=40).parse_args(argv)
+    parser = bench_parser(__doc__, rounds=40)
+    parser.add_argument("--shared-port", action="store_true",
+                        help="start each torchrun with its default static rendezvous (port 29500, so the two ways' "
+                             "runs side by side share it) instead of --standalone (a free port each)")
+    return parser.parse_args(argv)
+
+
+def runs_of(way: str, script: str, runs: int, failures: list[str], shared_port: bool) -> None:
+    """`runs` torchruns ending `way`, one after another; the failing line of each failure added to `failures`."""
+    for r in range(runs):
+        run = start(script, way, shared_port)
+        output, _ = run.communicate(timeout=600)
+        if run.returncode != 0:
+            failures.append(f"run {r + 1}: {failing_line(output)}")
+        print(f"{way}: run {r + 1}/{runs}, {len(failures)} failed so far", file=sys.stderr, flush=True)
 
 
 def main(argv=None):
@@ -75,18 +98,14 @@ def main(argv=None):
         script = os.path.join(tmp, "one_step.py")
         with open(script, "w") as f:
             f.write(ONE_STEP)
-        for r in range(args.rounds):
-            running = {way: start(script, way) for way in WAYS}
-            for way, run in running.items():
-                output, _ = run.communicate(timeout=600)
-                if run.returncode != 0:
-                    failures[way].append(f"round {r}: {failing_line(output)}")
-            print(f"round {r + 1}/{args.rounds}: failed so far " +
-                  ", ".join(f"{way} {len(failures[way])}" for way in WAYS), file=sys.stderr, flush=True)
-    result = {"torch": torch.__version__, "cpus": os.cpu_count(), "rounds": args.rounds,
+        threads = [threading.Thread(target=runs_of, args=(way, script, args.rounds, failures[way], args.shared_port)) for way in WAYS]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    result = {"torch": torch.__version__, "cpus": os.cpu_count(), "runs_per_way": args.rounds, "shared_port": args.shared_port,
               "failed": {way: len(failures[way]) for way in WAYS}, "failures": failures}
     return print_results(result, args.json)
-
 
 if __name__ == "__main__":
     main()

@@ -127,9 +127,9 @@ def end_torchrun_process(code: int) -> None:
     """Under torchrun (WORLD_SIZE > 1), end this process now with exit status `code`: its output flushed, its
     logging shut down and its garbage collected, then `os._exit`, skipping the interpreter's teardown, where torch
     2.14's gloo backend now and then aborts a process whose work is done ("terminate called without an active
-    exception", SIGABRT: 8 of 80 two-process runs of a script that trains one FSDP2 step on a loaded 2-core CPU,
-    none of 80 that ended this way), failing a run that finished. Call it after the process group is destroyed
-    (`shutdown_distributed`) and every file is written. Outside torchrun it returns and does nothing."""
+    exception", SIGABRT; rare and in bursts on a busy machine, BENCHMARKS.md, `bench/torchrun_exit.py`), failing a
+    run that finished. Call it after the process group is destroyed (`shutdown_distributed`) and every file is
+    written. Outside torchrun it returns and does nothing."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     import gc
