@@ -12,8 +12,11 @@ The two ways run side by side, each its `--rounds` runs one after another (each 
 other, at every phase of its runs: the abort shows on a busy machine, seldom on an idle one). Reported: the
 runs of each way and their failures, with the failing line of each.
 
-    python bench/torchrun_exit.py                # 40 runs of each way (~7 minutes on 2 cores)
+    python bench/torchrun_exit.py                # 40 runs of each way (~15 minutes on 2 cores)
     python bench/torchrun_exit.py --rounds 80 --json out.json
+    python bench/torchrun_exit.py --shared-port  # torchrun's static rendezvous (port 29500) instead of --standalone
+
+The abort is rare and comes in bursts: a run of this bench may show none (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -60,6 +63,7 @@ if sys.argv[1] == "end":
     end_torchrun_process(0)
 """
 
+
 def start(script: str, way: str, shared_port: bool) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     rendezvous = [] if shared_port else ["--standalone"]  # (without it: torchrun's static rendezvous, port 29500)
@@ -98,14 +102,17 @@ def main(argv=None):
         script = os.path.join(tmp, "one_step.py")
         with open(script, "w") as f:
             f.write(ONE_STEP)
-        threads = [threading.Thread(target=runs_of, args=(way, script, args.rounds, failures[way], args.shared_port)) for way in WAYS]
+        threads = [threading.Thread(target=runs_of, args=(way, script, args.rounds, failures[way], args.shared_port))
+                   for way in WAYS]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-    result = {"torch": torch.__version__, "cpus": os.cpu_count(), "runs_per_way": args.rounds, "shared_port": args.shared_port,
-              "failed": {way: len(failures[way]) for way in WAYS}, "failures": failures}
+    result = {"torch": torch.__version__, "cpus": os.cpu_count(), "runs_per_way": args.rounds,
+              "shared_port": args.shared_port, "failed": {way: len(failures[way]) for way in WAYS},
+              "failures": failures}
     return print_results(result, args.json)
+
 
 if __name__ == "__main__":
     main()
