@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
+import logging
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,10 +135,6 @@ def end_torchrun_process(code: int) -> None:
     written. Outside torchrun it returns and does nothing."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    import gc
-    import logging
-    import sys
-
     gc.collect()  # (a file object held in a reference cycle is flushed and closed by its collection)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
