@@ -6,16 +6,19 @@ Writes a Hugging Face Llama 4 text checkpoint (random weights, stored in bf16; i
 Two starts, each under a 2-process torchrun (gloo, CPU, one thread each) running `fusion.trainer.train`:
 
     trunk    `model.trunk` is that checkpoint; one step of a stage that trains the tower and adapter against
-             the frozen trunk, and the stage's model saved, as a co-training run starts
+             the frozen trunk, an evaluation (validation loss and accuracy, 2 samples), and the stage's model
+             saved, as a co-training run starts
     resume   `--resume` of a one-process run of that trunk with everything trained, stopped after its first
              step (its checkpoint: the model in float32 and AdamW's two moments per parameter); the second step
 
 Each process reports its peak resident memory (`ru_maxrss`, which counts the pages of the memory-mapped files
 it has read too) when the run begins to build its model, once the model is ready (`Trainer._starting_model`
-returned), once the optimizer's state is loaded (resume only: each process reads its part of it) and at the
-end of the run (the main process writes the models and the checkpoints' models: under DDP from the whole
-model it holds, under FSDP2 one gathered tensor at a time; a checkpoint's optimizer state is written by each
-process, its part). The two ways alternate, the order flipped every round; medians over the rounds.
+returned), once the optimizer's state is loaded (resume only: each process reads its part of it), before and
+after the evaluation (trunk only: under DDP the main process evaluates alone, under FSDP2 every process on its
+shards; the main process's evaluation time is reported too) and at the end of the run (the main process
+writes the models and the checkpoints' models: under DDP from the whole model it holds, under FSDP2 one
+gathered tensor at a time; a checkpoint's optimizer state is written by each process, its part). The two ways
+alternate, the order flipped every round; medians over the rounds.
 
     python bench/starting_memory.py                     # 3 rounds
     python bench/starting_memory.py --rounds 1 --hidden-size 512 --json out.json
@@ -52,7 +55,7 @@ STARTS = ("trunk", "resume")
 # What each process of a 2-process run executes (`worker.py CONFIG OUT [--resume]`): the run, with its peak
 # memory (kB on Linux) noted at the points the docstring names, written to OUT/rank{N}.json.
 WORKER = """
-import json, os, resource, sys
+import json, os, resource, sys, time
 import fusion.trainer
 
 Trainer = fusion.trainer.Trainer
@@ -65,13 +68,16 @@ def noting(method, before, after):
     def wrapped(*args, **kwargs):
         if before:
             peaks[before] = peak()
+        start = time.perf_counter()
         result = method(*args, **kwargs)
         peaks[after] = peak()
+        peaks[after.replace("_mb", "_s")] = time.perf_counter() - start  # (how long the method took)
         return result
     return wrapped
 
 Trainer._starting_model = noting(Trainer._starting_model, "before_model_mb", "model_ready_mb")
 Trainer._resume_stage = noting(Trainer._resume_stage, None, "optimizer_loaded_mb")
+Trainer._evaluate = noting(Trainer._evaluate, "before_eval_mb", "evaluated_mb")
 fusion.trainer.train(sys.argv[1], resume="--resume" in sys.argv, progress=False)
 peaks["run_mb"] = peak()
 with open(os.path.join(sys.argv[2], "rank%s.json" % os.environ["RANK"]), "w") as f:
@@ -94,13 +100,17 @@ def write_trunk(folder: Path, world: Path, args) -> int:
     return sum(p.numel() for p in decoder.parameters())
 
 
-def write_config(path: Path, out: Path, world: Path, trunk: Path, lr: dict, steps: int, **extra) -> Path:
+def write_config(path: Path, out: Path, world: Path, trunk: Path, lr: dict, steps: int, evaluate: bool = False,
+                 **extra) -> Path:
+    stage = {"name": "stage", "data": str(world / "train.jsonl"), "steps": steps, "batch_size": 4, "lr": lr}
+    if evaluate:
+        stage["eval"] = {"data": str(world / "val.jsonl"), "limit": 2, "loss_batches": 1}
     config = {
         "name": path.stem, "output_dir": str(out), "seed": 0, "threads": 1, "log_every": 1, "checkpoint_every": 0,
         "precision": "fp32",
         "model": {"trunk": str(trunk), "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
                                                   "heads": 2}, "video": {"num_frames": 2}},
-        "stages": [{"name": "stage", "data": str(world / "train.jsonl"), "steps": steps, "batch_size": 4, "lr": lr}],
+        "stages": [stage],
         **extra,
     }
     path.write_text(json.dumps(config))  # (JSON is YAML too)
@@ -167,7 +177,8 @@ def main(argv=None):
             for way in round_order(WAYS, r):
                 label = f"trunk-{way}-{r}"
                 config = write_config(tmp / f"{label}.yaml", tmp / label, world, trunk,
-                                      {"vision": 1e-3, "adapter": 1e-3}, 1, distributed={"strategy": way})
+                                      {"vision": 1e-3, "adapter": 1e-3}, 1, evaluate=True,
+                                      distributed={"strategy": way})
                 peaks["trunk", way].append(measure(tmp, config, False, label))
                 shutil.rmtree(tmp / label)  # (its models: ~2 GB a run by default)
                 label = f"resume-{way}-{r}"
@@ -182,7 +193,7 @@ def main(argv=None):
     def median(start, way, rank, key):
         return round(statistics.median(p[rank][key] for p in peaks[start, way]))
 
-    keys = {"trunk": ("before_model_mb", "model_ready_mb", "run_mb"),
+    keys = {"trunk": ("before_model_mb", "model_ready_mb", "before_eval_mb", "evaluated_mb", "run_mb"),
             "resume": ("before_model_mb", "model_ready_mb", "optimizer_loaded_mb", "run_mb")}
     results = {start: {way: {f"rank{rank}": {key: median(start, way, rank, key) for key in keys[start]}
                              for rank in (0, 1)} for way in WAYS} for start in STARTS}
@@ -198,11 +209,15 @@ def main(argv=None):
         "rank1_added_by_loading_mb": {
             "trunk": {way: added("trunk", way, "model_ready_mb") for way in WAYS},
             "resume": {way: added("resume", way, "optimizer_loaded_mb") for way in WAYS}},
+        "rank0_added_by_evaluation_mb": {way: results["trunk"][way]["rank0"]["evaluated_mb"]
+                                         - results["trunk"][way]["rank0"]["before_eval_mb"] for way in WAYS},
+        "evaluation_s": {way: round(statistics.median(p[0]["evaluated_s"] for p in peaks["trunk", way]), 2)
+                         for way in WAYS},
         "rank1_added_ddp_over_fsdp2": {
             "trunk": round(added("trunk", "ddp", "model_ready_mb") / added("trunk", "fsdp2", "model_ready_mb"), 2),
             "resume": round(added("resume", "ddp", "optimizer_loaded_mb")
                             / added("resume", "fsdp2", "optimizer_loaded_mb"), 2)},
-        "all_peaks_mb": {f"{start}-{way}": [[{k: round(v) for k, v in rank.items()} for rank in p]
+        "all_peaks_mb": {f"{start}-{way}": [[{k: round(v) for k, v in rank.items() if k.endswith("_mb")} for rank in p]
                                             for p in peaks[start, way]] for start in STARTS for way in WAYS},
     })
 

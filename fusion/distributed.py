@@ -143,6 +143,17 @@ def end_torchrun_process(code: int) -> None:
     os._exit(code)
 
 
+def tokens_of_main_process(tokens: torch.Tensor) -> torch.Tensor:
+    """Process 0's `tokens` on every process (a broadcast: under torchrun every process calls it; outside
+    torchrun `tokens` as they are). For `generate(share_tokens=tokens_of_main_process)`, so that processes
+    generating with one FSDP2-sharded model take the same tokens and run the same forwards."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tokens
+    shared = tokens.contiguous().clone()
+    dist.broadcast(shared, src=0)
+    return shared
+
+
 def apply_fsdp2(model: nn.Module, blocks: list[nn.Module], ctx: DistContext) -> nn.Module:
     """Shard each block, then the root (FSDP2). Parameters become DTensors, in place."""
     from torch.distributed.device_mesh import init_device_mesh

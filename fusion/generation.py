@@ -8,7 +8,7 @@ import math
 import numbers
 import operator
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Sequence
 
 import torch
@@ -125,7 +125,8 @@ def generate(decoder, *, input_ids=None, inputs_embeds: torch.Tensor | None = No
              attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              stop_ids: Sequence[int] | None = None, pad_id: int = 0,
-             generator: torch.Generator | None = None, return_logprobs: bool = False):
+             generator: torch.Generator | None = None, return_logprobs: bool = False,
+             share_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """Generate up to `max_new_tokens` tokens per sample; returns the new tokens [B, n].
 
     With `return_logprobs=True`, returns `(tokens, logprobs)`: the log-probability (under the
@@ -139,6 +140,12 @@ def generate(decoder, *, input_ids=None, inputs_embeds: torch.Tensor | None = No
     Greedy decoding gives each sample the tokens it would get alone. Sampled rows share one random stream
     (`generator`, or torch's global one): a seed reproduces a call with the same prompts in the same batch,
     and a sample's tokens change with the rows batched beside it.
+
+    `share_tokens`, when given, is called with each step's chosen tokens [B] and generation goes on with the
+    tokens it returns (returned, scored, fed back, checked for a stop). Processes that generate together with
+    one FSDP2-sharded model pass `fusion.distributed.tokens_of_main_process`: they then take the same tokens
+    and stop at the same step, so each runs as many forwards as the others (each forward gathers weights
+    from all of them, and a process that stopped first would leave the others waiting forever).
     """
     max_new_tokens, temperature, top_k, top_p = (x.item() if torch.is_tensor(x) and x.ndim == 0 else x
                                                  for x in (max_new_tokens, temperature, top_k, top_p))
@@ -183,6 +190,13 @@ def generate(decoder, *, input_ids=None, inputs_embeds: torch.Tensor | None = No
     for step in range(max_new_tokens):
         logits = out.logits[:, -1]
         token = select_next_token(logits, do_sample, temperature, top_k, top_p, generator)
+        if share_tokens is not None:
+            shared = share_tokens(token)
+            if not torch.is_tensor(shared) or shared.shape != token.shape:
+                got = f"shape {tuple(shared.shape)}" if torch.is_tensor(shared) else f"a {type(shared).__name__}"
+                raise ValueError(f"generate: share_tokens must return a tensor of the tokens' shape "
+                                 f"{tuple(token.shape)}, got {got}")
+            token = shared.to(token.device, torch.long)
         new_tokens.append(torch.where(finished, torch.full_like(token, pad_id), token))
         if return_logprobs:
             chosen = logits.float().log_softmax(-1).gather(1, token[:, None])[:, 0]

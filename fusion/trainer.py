@@ -41,7 +41,7 @@ from .compilation import check_can_compile, compile_decoder_blocks, eager
 from .data.collate import split_by_length, split_long_samples
 from .data.datasets import ConversationDataset, MediaCache
 from .data.stage_data import StageBatches, collate_samples, load_stage_data, text_stand_in_batch
-from .decoder import IGNORE_INDEX, Decoder
+from .decoder import IGNORE_INDEX
 from .errors import CheckpointError, ConfigError, DatasetError, TrainingError, TrainingStopped, WeightsError
 from .hf_llama4 import open_hf_decoder_weights
 from .model import FusionModel
@@ -582,7 +582,7 @@ class Trainer:
         self.log.write(**entry)
 
     def evaluate(self, stage: StageConfig, progress: StageProgress):
-        """Validation loss on a few batches (all processes) and task accuracy (main process)."""
+        """Validation loss on a few batches and task accuracy (see `_accuracy`); the main process logs them."""
         spec = stage.eval
         if not spec.data:
             return
@@ -590,33 +590,52 @@ class Trainer:
             self._evaluate(stage, progress)
 
     def _evaluate(self, stage: StageConfig, progress: StageProgress):
-        spec = stage.eval
         model = self.model
         was_training = {name: part.training for name, part in model.parts().items()}
         model.eval()
         val_loss = self._validation_loss(stage)
-        accuracy = {}
-        if spec.limit != 0:
-            eval_model = self._unsharded_copy() if self.sharded else model
-            if self.ctx.is_main:
-                from .evaluation.evaluate import evaluate
-
-                try:
-                    results = evaluate(eval_model, self.config.path(spec.data), root=self.config.path(spec.root),
-                                       limit=spec.limit, max_new_tokens=spec.max_new_tokens, progress=False)
-                    accuracy = _accuracies(results)
-                except DatasetError as err:  # most of its samples bad: no accuracy, but the run goes on
-                    warnings.warn(f"stage {stage.name!r} step {progress.step}: no accuracy measured: {err}",
-                                  TrainingWarning, stacklevel=2)
+        accuracy = self._accuracy(stage, progress) if stage.eval.limit != 0 else {}
         for name, part in model.parts().items():
             part.train(was_training[name])
         if self.ctx.is_main:
             self.log.write(kind="eval", stage=stage.name, step=progress.global_step, val_loss=val_loss,
                            accuracy=accuracy)
-            if self.ctx.is_main:  # (with or without a progress bar: the results are not progress)
-                shown = ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items())
-                print(f"\n[{stage.name} step {progress.step}] val loss {val_loss:.4f} {shown}", flush=True)
+            # (with or without a progress bar: the results are not progress)
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items())
+            print(f"\n[{stage.name} step {progress.step}] val loss {val_loss:.4f} {shown}", flush=True)
         self.ctx.barrier()
+
+    def _accuracy(self, stage: StageConfig, progress: StageProgress) -> dict[str, float]:
+        """Task accuracy on the stage's eval data, as `fusion eval` measures it; {} on the other processes.
+        Without FSDP2 the main process evaluates alone while the others wait. Under FSDP2 every process runs
+        the same evaluation on its shards: each block gathers its weights when it runs (the model's own, the
+        embeddings and the LM head, are held whole for the evaluation), and each process takes process 0's
+        tokens, so that all run the same forwards. No process holds the whole model, but each token generated
+        gathers every block's weights once more: slower than one process holding them all (the evaluation
+        times of `bench/starting_memory.py`)."""
+        if not self.sharded and not self.ctx.is_main:
+            return {}
+        from .evaluation.evaluate import evaluate
+
+        spec = stage.eval
+        if self.sharded:
+            self.model.unshard()
+        try:
+            with warnings.catch_warnings():
+                if not self.ctx.is_main:  # its bad samples are said once, by the main process
+                    warnings.simplefilter("ignore")
+                results = evaluate(self.model, self.config.path(spec.data), root=self.config.path(spec.root),
+                                   limit=spec.limit, max_new_tokens=spec.max_new_tokens, progress=False,
+                                   share_tokens=fdist.tokens_of_main_process if self.sharded else None)
+        except DatasetError as err:  # most of its samples bad: no accuracy, but the run goes on
+            if self.ctx.is_main:
+                warnings.warn(f"stage {stage.name!r} step {progress.step}: no accuracy measured: {err}",
+                              TrainingWarning, stacklevel=2)
+            return {}
+        finally:
+            if self.sharded:
+                self.model.reshard()
+        return _accuracies(results) if self.ctx.is_main else {}
 
     def check(self) -> str:
         """What `run` would do, without training or writing anything: the files and model folders the stages
@@ -817,18 +836,6 @@ class Trainer:
             if len(part):  # (a file with no records the entry keeps is found by the sample count)
                 _check_first_samples(part, f"stage {stage.name!r}: none of", f"samples of its data "
                                      f"{part.path!r}", part.root, probe)
-
-    def _unsharded_copy(self) -> FusionModel | None:
-        """A full copy of an FSDP2-sharded model on the main process (collective: every process calls it). The
-        copy's weights are the gathered tensors themselves (no second copy of the model beside them)."""
-        state = fdist.full_model_state(self.model)
-        if not self.ctx.is_main:
-            return None
-        decoder = Decoder.unallocated(self.model.config.decoder).allocate("cpu")  # (its weights: replaced below)
-        copy = FusionModel(self.model.config, self.model.tokenizer, decoder=decoder)
-        copy.load_state_dict(state, assign=True)
-        copy.processor = self.model.processor
-        return copy.to(self.ctx.device).eval()
 
     @torch.no_grad()
     def _validation_loss(self, stage: StageConfig) -> float | None:

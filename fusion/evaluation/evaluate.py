@@ -126,7 +126,7 @@ def _default_max_new_tokens(lengths: list[int]) -> int:
 def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_tokens: int | None = None,
              limit: int | None = None, progress: bool = True, return_predictions: bool = False,
              num_frames: int | None = None, fps: float | None = None, min_attempts: int = 20,
-             max_bad_fraction: float = 0.5) -> dict:
+             max_bad_fraction: float = 0.5, share_tokens=None) -> dict:
     """Greedy answers of `model` on the samples of `dataset_path`, scored per task (see the module docstring).
 
     Args:
@@ -141,6 +141,9 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
         num_frames, fps: video frame sampling (None: the model's settings).
         min_attempts, max_bad_fraction: when bad samples stop the evaluation with `DatasetError` (see the
             module docstring).
+        share_tokens: passed to each generation (`fusion.generation.generate`): processes that evaluate one
+            FSDP2-sharded model together pass `fusion.distributed.tokens_of_main_process` (each process reads
+            the same samples and runs the same generations; its root module's weights unsharded first).
 
     Returns a JSON-serialisable dict: `tasks` (per task: count, accuracy, correct, by_type, count_by_type;
     for "caption": count, samples, bleu4, cider), `counts` (records, evaluated, skipped, skipped_by_reason,
@@ -209,7 +212,7 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
     try:
         with eval_mode(model):
             for batch in batches:
-                _answer(model, batch, limits[batch[0].task], num_frames, fps, skip)
+                _answer(model, batch, limits[batch[0].task], num_frames, fps, skip, share_tokens)
                 attempted += len(batch)
                 bar.update(len(batch))
                 if attempted >= min_attempts and bad > max_bad_fraction * attempted:
@@ -255,13 +258,13 @@ def _mostly_bad(dataset: ConversationDataset, what: str, skipped_samples: list[d
     return DatasetError(f"{dataset.path}: {what} (most common: {common}){hint}")
 
 
-def _answer(model, batch: list[_Item], limit: int, num_frames, fps, skip) -> None:
+def _answer(model, batch: list[_Item], limit: int, num_frames, fps, skip, share_tokens=None) -> None:
     """Fill `prediction` for the items of `batch`; on a bad sample, retry one by one to find and skip it."""
 
     def chat(items):
         return model.chat([it.first.prompt for it in items], [it.first.images for it in items],
                           [it.first.videos for it in items], max_new_tokens=limit, num_frames=num_frames, fps=fps,
-                          do_sample=False)
+                          do_sample=False, share_tokens=share_tokens)
 
     try:
         outputs = chat(batch)

@@ -181,3 +181,27 @@ def test_malformed_prompts_are_named_before_any_token_is_computed():
     expected = model.generate([[5, 9, 2], [7]], max_new_tokens=3).tolist()
     assert model.generate(((5, 9, 2), (7,)), max_new_tokens=3).tolist() == expected
     assert model.generate([np.array([5, 9, 2]), torch.tensor([7])], max_new_tokens=3).tolist() == expected
+
+
+def test_shared_tokens_are_the_ones_generation_returns_feeds_back_and_stops_on():
+    """`share_tokens` (what processes generating with one sharded model pass, to take process 0's tokens):
+    the tokens it returns are returned, fed back to the decoder and checked for a stop, as if chosen."""
+    model = make_decoder()
+    free = model.generate(PROMPTS, max_new_tokens=6, stop_ids=())
+    assert model.generate(PROMPTS, max_new_tokens=6, stop_ids=(), share_tokens=lambda t: t.clone()).equal(free)
+    first = int(free[0, 0]) + 1  # a first token none of the greedy runs chose for sample 0
+    steps = []
+
+    def forced(tokens):
+        steps.append(tokens.clone())
+        return torch.full_like(tokens, first) if len(steps) == 1 else tokens
+
+    out = model.generate(PROMPTS, max_new_tokens=6, stop_ids=(), share_tokens=forced)
+    assert len(steps) == 6 and out[:, 0].tolist() == [first] * 3
+    for row, prompt in enumerate(PROMPTS):  # each goes on from the shared token, as a prompt ending in it does
+        assert out[row, 1:].tolist() == model.generate([prompt + [first]], max_new_tokens=5, stop_ids=())[0].tolist()
+    stopped = model.generate(PROMPTS, max_new_tokens=6, stop_ids=[60], pad_id=-1,
+                             share_tokens=lambda t: torch.full_like(t, 60))
+    assert stopped.tolist() == [[60]] * 3  # each sample stops on the shared stop token
+    with pytest.raises(ValueError, match=r"share_tokens must return a tensor of the tokens' shape \(3,\), got a list"):
+        model.generate(PROMPTS, max_new_tokens=2, share_tokens=lambda t: t.tolist())

@@ -1195,11 +1195,13 @@ def torchrun_two_processes(args, inductor_cache=None, timeout=300, program=("-m"
 def test_a_one_process_checkpoint_resumes_in_two_processes_exactly(world, tmp_path, monkeypatch, strategy):
     """A run stopped at step 2 in one process, resumed under a 2-process torchrun (DDP, or FSDP2 which shards
     the checkpoint's weights and optimizer state, each process reading its part of the decoder only): the
-    losses of the uninterrupted one-process run."""
+    losses and the evaluation of the uninterrupted one-process run. Under FSDP2 the evaluation runs on every
+    process's shards (no process gathers the whole model)."""
     from fusion.errors import TrainingStopped
 
     stage = {"name": "all", "data": str(world / "train.jsonl"), "steps": 5, "batch_size": 8,
-             "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3}}
+             "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3},
+             "eval": {"data": str(world / "val.jsonl"), "limit": 6}}
     reference = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "ref", [stage], threads=1))
     train(reference, progress=False)
     ctrl_c_at_step(monkeypatch, 2)
@@ -1218,6 +1220,10 @@ def test_a_one_process_checkpoint_resumes_in_two_processes_exactly(world, tmp_pa
     assert [s for s, _ in b] == [1, 2, 3, 4, 5]
     for (step, x), (_, y) in zip(a, b):
         assert x == pytest.approx(y, rel=1e-4, abs=1e-5), f"step {step}: uninterrupted {x}, resumed in 2 processes {y}"
+    evals = [[e for e in read_metrics(tmp_path / out / "metrics.jsonl") if e["kind"] == "eval"] for out in ("ref", "run")]
+    assert [e["step"] for e in evals[0]] == [e["step"] for e in evals[1]] == [5]
+    assert evals[1][0]["val_loss"] == pytest.approx(evals[0][0]["val_loss"], rel=1e-4)
+    assert evals[1][0]["accuracy"] == evals[0][0]["accuracy"] and evals[0][0]["accuracy"]
     assert_same_trained_weights(tmp_path / "run" / "final", tmp_path / "ref" / "final")
 
 
