@@ -129,6 +129,8 @@ class EvalConfig:
     limit: int | None = 200  # samples used for the task accuracy (None: all)
     loss_batches: int = 4  # validation batches for the validation loss
     max_new_tokens: int = 24
+    batch_size: int = 16  # questions answered together (under FSDP2 each forward gathers every block's weights:
+                          # a larger batch gathers them fewer times)
 
 
 @dataclass
@@ -242,7 +244,8 @@ class StageConfig:
             raise ConfigError(f"{where}: weight_decay must be >= 0, got {self.weight_decay}")
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
             raise ConfigError(f"{where}: init_from must name a model folder (or `default`), got {self.init_from!r}")
-        check_minimums(vars(self.eval), {"every": 0, "limit": 0, "loss_batches": 1, "max_new_tokens": 1},
+        check_minimums(vars(self.eval), {"every": 0, "limit": 0, "loss_batches": 1, "max_new_tokens": 1,
+                                         "batch_size": 1},
                        f"{where}: eval ")
         if self.eval.every and not self.eval.data:
             raise ConfigError(f"{where}: eval every {self.eval.every} steps needs eval data (a dataset file)")

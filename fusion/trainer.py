@@ -625,8 +625,8 @@ class Trainer:
                 if not self.ctx.is_main:  # its bad samples are said once, by the main process
                     warnings.simplefilter("ignore")
                 results = evaluate(self.model, self.config.path(spec.data), root=self.config.path(spec.root),
-                                   limit=spec.limit, max_new_tokens=spec.max_new_tokens, progress=False,
-                                   share_tokens=fdist.tokens_of_main_process if self.sharded else None)
+                                   limit=spec.limit, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
+                                   progress=False, share_tokens=fdist.tokens_of_main_process if self.sharded else None)
         except DatasetError as err:  # most of its samples bad: no accuracy, but the run goes on
             if self.ctx.is_main:
                 warnings.warn(f"stage {stage.name!r} step {progress.step}: no accuracy measured: {err}",

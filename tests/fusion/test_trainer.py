@@ -620,6 +620,29 @@ def test_an_evaluation_stopped_by_bad_samples_does_not_end_the_run(world, tmp_pa
     assert (final / "model.safetensors").is_file() and not (tmp_path / "run" / "eval.json").exists()
 
 
+def test_an_evaluation_answers_its_batch_size_of_questions_at_a_time(world, tmp_path, monkeypatch):
+    """`eval: {batch_size: N}` answers N questions per generation (16 by default); the accuracy is the same."""
+    chat = fusion.FusionModel.chat
+    batches = []
+
+    def counted(self, conversations, *args, **kwargs):
+        batches.append(len(conversations))
+        return chat(self, conversations, *args, **kwargs)
+
+    monkeypatch.setattr(fusion.FusionModel, "chat", counted)
+    accuracy = {}
+    for size in (None, 3):
+        spec = {"data": str(world / "val.jsonl"), "limit": 12, **({"batch_size": size} if size else {})}
+        stages = [{"name": "s", "data": str(world / "text.jsonl"), "steps": 1, "batch_size": 4,
+                   "lr": {"decoder": 1e-3}, "eval": spec}]
+        batches.clear()
+        train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / str(size), stages)), progress=False)
+        assert sum(batches) == 12, batches  # (the first 12 samples are 12 generations here)
+        assert max(batches) == 3 if size else max(batches) > 3, batches
+        accuracy[size] = [e for e in read_metrics(tmp_path / str(size) / "metrics.jsonl") if e["kind"] == "eval"][0]
+    assert accuracy[3]["accuracy"] == accuracy[None]["accuracy"] and accuracy[3]["accuracy"]
+
+
 def _run_cli(args, env=None, **kwargs):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "fusion.cli", *args], cwd=ROOT, env=env,
