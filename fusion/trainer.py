@@ -254,8 +254,9 @@ class Trainer:
             print(f"--resume: every stage of this run had finished (run step {steps_before}): nothing was trained; "
                   f"its final model is written and evaluated again", flush=True)
         final = self.out / "final"
-        self.save_model(final)  # (its last collective: after it only the main process works, so a long final
-        if not self.ctx.is_main:  # evaluation never outlasts a collective's timeout in the others)
+        self.save_model(final)  # (its last collective but for a sharded final evaluation: without FSDP2 only the
+        if not self.ctx.is_main:  # main process works after it, so a long final evaluation never outlasts a
+            self.final_eval(final)  # collective's timeout in the others)
             return final
         try:
             plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png")
@@ -606,36 +607,44 @@ class Trainer:
         self.ctx.barrier()
 
     def _accuracy(self, stage: StageConfig, progress: StageProgress) -> dict[str, float]:
-        """Task accuracy on the stage's eval data, as `fusion eval` measures it; {} on the other processes.
-        Without FSDP2 the main process evaluates alone while the others wait. Under FSDP2 every process runs
-        the same evaluation on its shards: each block gathers its weights when it runs (the model's own, the
-        embeddings and the LM head, are held whole for the evaluation), and each process takes process 0's
-        tokens, so that all run the same forwards. No process holds the whole model, but each token generated
-        gathers every block's weights once more: slower than one process holding them all (the evaluation
-        times of `bench/starting_memory.py`)."""
-        if not self.sharded and not self.ctx.is_main:
-            return {}
-        from .evaluation.evaluate import evaluate
-
+        """Task accuracy on the stage's eval data, as `fusion eval` measures it (`_evaluate_model`); {} on the
+        other processes, and where most samples are bad (with a warning: the run goes on)."""
         spec = stage.eval
-        if self.sharded:
-            self.model.unshard()
         try:
-            with warnings.catch_warnings():
-                if not self.ctx.is_main:  # its bad samples are said once, by the main process
-                    warnings.simplefilter("ignore")
-                results = evaluate(self.model, self.config.path(spec.data), root=self.config.path(spec.root),
-                                   limit=spec.limit, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
-                                   progress=False, share_tokens=fdist.tokens_of_main_process if self.sharded else None)
-        except DatasetError as err:  # most of its samples bad: no accuracy, but the run goes on
+            results = self._evaluate_model(spec.data, spec.root, limit=spec.limit, batch_size=spec.batch_size,
+                                           max_new_tokens=spec.max_new_tokens, progress=False)
+        except DatasetError as err:
             if self.ctx.is_main:
                 warnings.warn(f"stage {stage.name!r} step {progress.step}: no accuracy measured: {err}",
                               TrainingWarning, stacklevel=2)
             return {}
+        return _accuracies(results) if results is not None else {}
+
+    def _evaluate_model(self, data, root, **options) -> dict | None:
+        """`fusion.evaluation.evaluate` of the model in training on `data` (options: its keywords); the
+        results on the main process, None on the others. Without FSDP2 the main process evaluates alone while
+        the others wait. Under FSDP2 every process runs the same evaluation on its shards: each block gathers
+        its weights when it runs (the model's own, the embeddings and the LM head, are held whole for the
+        evaluation), and each process takes process 0's tokens, so that all run the same forwards. No process
+        holds the whole model, but each token generated gathers every block's weights once more: slower than
+        one process holding them all (the evaluation times of `bench/starting_memory.py`). Raises
+        `DatasetError` where most samples are bad (on every process that evaluates)."""
+        if not self.sharded and not self.ctx.is_main:
+            return None
+        from .evaluation.evaluate import evaluate
+
+        if self.sharded:
+            self.model.unshard()
+        try:
+            with eager(), warnings.catch_warnings():  # (eager: generation's shapes would only compile more graphs)
+                if not self.ctx.is_main:  # its bad samples are said once, by the main process
+                    warnings.simplefilter("ignore")
+                results = evaluate(self.model, self.config.path(data), root=self.config.path(root),
+                                   share_tokens=fdist.tokens_of_main_process if self.sharded else None, **options)
         finally:
             if self.sharded:
                 self.model.reshard()
-        return _accuracies(results) if self.ctx.is_main else {}
+        return results if self.ctx.is_main else None
 
     def check(self) -> str:
         """What `run` would do, without training or writing anything: the files and model folders the stages
@@ -936,19 +945,29 @@ class Trainer:
         self.ctx.barrier()
 
     def final_eval(self, folder: Path):
+        """The final model's evaluation, written to eval.json. Without FSDP2 the main process reads the final
+        model folder `folder` and evaluates it alone; under FSDP2 every process evaluates the model in
+        training, which holds the same weights, on its shards (`_evaluate_model`), so no process reads it whole."""
         spec = self.config.final_eval
-        if not spec or not self.ctx.is_main:
+        if not spec or not (self.ctx.is_main or self.sharded):
             return
-        from .evaluation.evaluate import evaluate
-
-        model = FusionModel.from_pretrained(folder, device=self.ctx.device)
+        options = {"limit": spec.get("limit"), "batch_size": spec.get("batch_size", 32),
+                   "progress": self.progress and self.ctx.is_main}
         try:
-            results = evaluate(model, self.config.path(spec["data"]), root=self.config.path(spec.get("root")),
-                               limit=spec.get("limit"),
-                               batch_size=spec.get("batch_size", 32), progress=self.progress)
+            if self.sharded:
+                results = self._evaluate_model(spec["data"], spec.get("root"), **options)
+            else:
+                from .evaluation.evaluate import evaluate
+
+                model = FusionModel.from_pretrained(folder, device=self.ctx.device)
+                results = evaluate(model, self.config.path(spec["data"]), root=self.config.path(spec.get("root")),
+                                   **options)
         except DatasetError as err:  # the model is saved: say why there is no eval.json, do not fail the run
-            warnings.warn(f"final_eval: no evaluation written: {err} (evaluate the final model again with "
-                          f"`fusion eval {folder} DATA`)", TrainingWarning, stacklevel=2)
+            if self.ctx.is_main:
+                warnings.warn(f"final_eval: no evaluation written: {err} (evaluate the final model again with "
+                              f"`fusion eval {folder} DATA`)", TrainingWarning, stacklevel=2)
+            return
+        if not self.ctx.is_main:
             return
         write_json(self.out / "eval.json", results)
         print("final evaluation:", {k: round(v, 4) for k, v in _accuracies(results).items()}, flush=True)

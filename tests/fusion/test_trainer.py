@@ -1218,22 +1218,24 @@ def torchrun_two_processes(args, inductor_cache=None, timeout=300, program=("-m"
 def test_a_one_process_checkpoint_resumes_in_two_processes_exactly(world, tmp_path, monkeypatch, strategy):
     """A run stopped at step 2 in one process, resumed under a 2-process torchrun (DDP, or FSDP2 which shards
     the checkpoint's weights and optimizer state, each process reading its part of the decoder only): the
-    losses and the evaluation of the uninterrupted one-process run. Under FSDP2 the evaluation runs on every
-    process's shards (no process gathers the whole model)."""
+    losses and the evaluations (the stage's, the final one) of the uninterrupted one-process run. Under FSDP2
+    they run on every process's shards (no process gathers or reads the whole model)."""
     from fusion.errors import TrainingStopped
 
     stage = {"name": "all", "data": str(world / "train.jsonl"), "steps": 5, "batch_size": 8,
              "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3},
              "eval": {"data": str(world / "val.jsonl"), "limit": 6}}
-    reference = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "ref", [stage], threads=1))
+    final_eval = {"data": str(world / "test.jsonl")}
+    reference = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "ref", [stage], threads=1,
+                                                                 final_eval=final_eval))
     train(reference, progress=False)
     ctrl_c_at_step(monkeypatch, 2)
     with pytest.raises(TrainingStopped):
-        train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", [stage], threads=1)),
-              progress=False)
+        train(fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", [stage], threads=1,
+                                                               final_eval=final_eval)), progress=False)
     assert [s for s, _ in losses(tmp_path / "run")] == [1, 2]
     two = write_config(tmp_path / "two.yaml", base_config(world, tmp_path / "run", [stage], threads=1,
-                                                          distributed={"strategy": strategy}))
+                                                          distributed={"strategy": strategy}, final_eval=final_eval))
     if strategy == "fsdp2":  # each process reads its shard of the checkpoint's decoder only
         train_sharded_in_two_processes(two, tmp_path, resume=True)
     else:
@@ -1243,10 +1245,13 @@ def test_a_one_process_checkpoint_resumes_in_two_processes_exactly(world, tmp_pa
     assert [s for s, _ in b] == [1, 2, 3, 4, 5]
     for (step, x), (_, y) in zip(a, b):
         assert x == pytest.approx(y, rel=1e-4, abs=1e-5), f"step {step}: uninterrupted {x}, resumed in 2 processes {y}"
-    evals = [[e for e in read_metrics(tmp_path / out / "metrics.jsonl") if e["kind"] == "eval"] for out in ("ref", "run")]
+    evals = [[e for e in read_metrics(tmp_path / out / "metrics.jsonl") if e["kind"] == "eval"]
+             for out in ("ref", "run")]
     assert [e["step"] for e in evals[0]] == [e["step"] for e in evals[1]] == [5]
     assert evals[1][0]["val_loss"] == pytest.approx(evals[0][0]["val_loss"], rel=1e-4)
     assert evals[1][0]["accuracy"] == evals[0][0]["accuracy"] and evals[0][0]["accuracy"]
+    finals = [json.loads((tmp_path / out / "eval.json").read_text()) for out in ("ref", "run")]
+    assert finals[1]["tasks"] == finals[0]["tasks"] and finals[0]["counts"]["evaluated"] > 0
     assert_same_trained_weights(tmp_path / "run" / "final", tmp_path / "ref" / "final")
 
 
