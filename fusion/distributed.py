@@ -59,6 +59,18 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_done(self, done: bool) -> bool:
+        """True when every process's `done` is (for `generate(stop_together=...)`)."""
+        return not self.all_reduce_max(int(not done))
+
+    def all_gather_objects(self, value) -> list:
+        """Every process's `value` (any picklable object), in process order, on every process."""
+        if not self.distributed:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
     def all_reduce_max(self, value: int) -> int:
         """The largest of each process's `value`."""
         if not self.distributed:
@@ -141,17 +153,6 @@ def end_torchrun_process(code: int) -> None:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(code)
-
-
-def tokens_of_main_process(tokens: torch.Tensor) -> torch.Tensor:
-    """Process 0's `tokens` on every process (a broadcast: under torchrun every process calls it; outside
-    torchrun `tokens` as they are). For `generate(share_tokens=tokens_of_main_process)`, so that processes
-    generating with one FSDP2-sharded model take the same tokens and run the same forwards."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return tokens
-    shared = tokens.contiguous().clone()
-    dist.broadcast(shared, src=0)
-    return shared
 
 
 def apply_fsdp2(model: nn.Module, blocks: list[nn.Module], ctx: DistContext) -> nn.Module:

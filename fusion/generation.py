@@ -126,7 +126,7 @@ def generate(decoder, *, input_ids=None, inputs_embeds: torch.Tensor | None = No
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              stop_ids: Sequence[int] | None = None, pad_id: int = 0,
              generator: torch.Generator | None = None, return_logprobs: bool = False,
-             share_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None):
+             stop_together: Callable[[bool], bool] | None = None):
     """Generate up to `max_new_tokens` tokens per sample; returns the new tokens [B, n].
 
     With `return_logprobs=True`, returns `(tokens, logprobs)`: the log-probability (under the
@@ -141,11 +141,12 @@ def generate(decoder, *, input_ids=None, inputs_embeds: torch.Tensor | None = No
     (`generator`, or torch's global one): a seed reproduces a call with the same prompts in the same batch,
     and a sample's tokens change with the rows batched beside it.
 
-    `share_tokens`, when given, is called with each step's chosen tokens [B] and generation goes on with the
-    tokens it returns (returned, scored, fed back, checked for a stop). Processes that generate together with
-    one FSDP2-sharded model pass `fusion.distributed.tokens_of_main_process`: they then take the same tokens
-    and stop at the same step, so each runs as many forwards as the others (each forward gathers weights
-    from all of them, and a process that stopped first would leave the others waiting forever).
+    `stop_together`, when given, is called after each step with whether every sample of this call has
+    stopped, and generation ends when it returns True (or at `max_new_tokens`). Processes that generate
+    together with one FSDP2-sharded model, each on its own prompts, pass one that is True only once every
+    process's samples have stopped (`fusion.distributed.DistContext.all_done`), with the same `max_new_tokens`:
+    each then runs as many forwards as the others (each forward gathers weights from all of them, and a
+    process that stopped first would leave the others waiting forever). A sample's tokens are its own either way.
     """
     max_new_tokens, temperature, top_k, top_p = (x.item() if torch.is_tensor(x) and x.ndim == 0 else x
                                                  for x in (max_new_tokens, temperature, top_k, top_p))
@@ -190,19 +191,15 @@ def generate(decoder, *, input_ids=None, inputs_embeds: torch.Tensor | None = No
     for step in range(max_new_tokens):
         logits = out.logits[:, -1]
         token = select_next_token(logits, do_sample, temperature, top_k, top_p, generator)
-        if share_tokens is not None:
-            shared = share_tokens(token)
-            if not torch.is_tensor(shared) or shared.shape != token.shape:
-                got = f"shape {tuple(shared.shape)}" if torch.is_tensor(shared) else f"a {type(shared).__name__}"
-                raise ValueError(f"generate: share_tokens must return a tensor of the tokens' shape "
-                                 f"{tuple(token.shape)}, got {got}")
-            token = shared.to(token.device, torch.long)
         new_tokens.append(torch.where(finished, torch.full_like(token, pad_id), token))
         if return_logprobs:
             chosen = logits.float().log_softmax(-1).gather(1, token[:, None])[:, 0]
             logprobs.append(torch.where(finished, torch.zeros_like(chosen), chosen))
         finished |= torch.isin(token, stops)
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        done = bool(finished.all())
+        if stop_together is not None:
+            done = bool(stop_together(done))
+        if done or step == max_new_tokens - 1:
             break
         # finished samples keep decoding (their outputs are discarded): it keeps the batch rectangular
         out = decoder(input_ids=token[:, None], cache=cache, logits_to_keep=1)

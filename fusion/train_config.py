@@ -129,8 +129,8 @@ class EvalConfig:
     limit: int | None = 200  # samples used for the task accuracy (None: all)
     loss_batches: int = 4  # validation batches for the validation loss
     max_new_tokens: int = 24
-    batch_size: int = 16  # questions answered together (under FSDP2 each forward gathers every block's weights:
-                          # a larger batch gathers them fewer times)
+    batch_size: int = 16  # questions answered together (under FSDP2 by each process: each forward gathers every
+                          # block's weights, so a larger batch gathers them fewer times)
 
 
 @dataclass

@@ -623,26 +623,27 @@ class Trainer:
     def _evaluate_model(self, data, root, **options) -> dict | None:
         """`fusion.evaluation.evaluate` of the model in training on `data` (options: its keywords); the
         results on the main process, None on the others. Without FSDP2 the main process evaluates alone while
-        the others wait. Under FSDP2 every process runs the same evaluation on its shards: each block gathers
-        its weights when it runs (the model's own, the embeddings and the LM head, are held whole for the
-        evaluation), and each process takes process 0's tokens, so that all run the same forwards. No process
-        holds the whole model, but each token generated gathers every block's weights once more: slower than
-        one process holding them all (the evaluation times of `bench/starting_memory.py`). Raises
-        `DatasetError` where most samples are bad (on every process that evaluates)."""
-        if not self.sharded and not self.ctx.is_main:
+        the others wait. Under FSDP2 the processes evaluate together on their shards (`evaluate(processes=)`):
+        each answers its share of every batch, all generating in step, each block gathering its weights when it
+        runs (the model's own, the embeddings and the LM head, are held whole for the evaluation). No process
+        holds the whole model, but each token generated gathers every block's weights once more (the
+        evaluation times of `bench/starting_memory.py`). Raises `DatasetError` where most samples are bad (on
+        every process that evaluates)."""
+        sharded = self.sharded and getattr(self.model, "_fsdp_applied", False)
+        if not sharded and not self.ctx.is_main:
             return None
         from .evaluation.evaluate import evaluate
 
-        if self.sharded:
+        if sharded:
             self.model.unshard()
         try:
             with eager(), warnings.catch_warnings():  # (eager: generation's shapes would only compile more graphs)
                 if not self.ctx.is_main:  # its bad samples are said once, by the main process
                     warnings.simplefilter("ignore")
                 results = evaluate(self.model, self.config.path(data), root=self.config.path(root),
-                                   share_tokens=fdist.tokens_of_main_process if self.sharded else None, **options)
+                                   processes=self.ctx if sharded else None, **options)
         finally:
-            if self.sharded:
+            if sharded:
                 self.model.reshard()
         return results if self.ctx.is_main else None
 

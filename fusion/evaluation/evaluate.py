@@ -38,6 +38,8 @@ import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+import torch
+
 from tokenizer.errors import NoSupervisedTokensError, TokenizerError
 from vision.errors import VisionInputError
 
@@ -126,7 +128,7 @@ def _default_max_new_tokens(lengths: list[int]) -> int:
 def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_tokens: int | None = None,
              limit: int | None = None, progress: bool = True, return_predictions: bool = False,
              num_frames: int | None = None, fps: float | None = None, min_attempts: int = 20,
-             max_bad_fraction: float = 0.5, share_tokens=None) -> dict:
+             max_bad_fraction: float = 0.5, processes=None) -> dict:
     """Greedy answers of `model` on the samples of `dataset_path`, scored per task (see the module docstring).
 
     Args:
@@ -141,9 +143,11 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
         num_frames, fps: video frame sampling (None: the model's settings).
         min_attempts, max_bad_fraction: when bad samples stop the evaluation with `DatasetError` (see the
             module docstring).
-        share_tokens: passed to each generation (`fusion.generation.generate`): processes that evaluate one
-            FSDP2-sharded model together pass `fusion.distributed.tokens_of_main_process` (each process reads
-            the same samples and runs the same generations; its root module's weights unsharded first).
+        processes: a `fusion.distributed.DistContext` when the processes of a torchrun evaluate one
+            FSDP2-sharded model together (every process calls `evaluate` with the same arguments; the model's
+            root module unsharded first): each batch of `batch_size` per process is shared among them, each
+            answers its share, and they generate in step (one generation per batch each, stopped together).
+            Every process returns the results of all. None: this process evaluates alone.
 
     Returns a JSON-serialisable dict: `tasks` (per task: count, accuracy, correct, by_type, count_by_type;
     for "caption": count, samples, bleu4, cider), `counts` (records, evaluated, skipped, skipped_by_reason,
@@ -167,12 +171,19 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
                        for line, reason, message, sample_id in dataset.bad_at_load
                        if last_line is None or line <= last_line]
     attempted = bad = warned = 0
+    in_step = processes is not None and processes.distributed
+    # in step: the samples this process found bad while answering its shares (before that, every process
+    # finds the same ones)
+    shared_skips: list[dict] = []
+    answering = False
 
     def skip(item: _Item, error: BaseException):
         nonlocal bad, warned
         reason = classify_error(error, item.first)
-        skipped_samples.extend({"id": r.id, "line": r.line, "reason": reason, "message": str(error)}
-                               for r in item.records)
+        entries = [{"id": r.id, "line": r.line, "reason": reason, "message": str(error)} for r in item.records]
+        skipped_samples.extend(entries)
+        if in_step and answering:
+            shared_skips.extend(entries)
         bad += 1
         warned += 1
         if warned <= 20:
@@ -202,24 +213,42 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
     per_task: dict[str, list[_Item]] = defaultdict(list)
     for it in items:
         per_task[it.task].append(it)
-    # one task per batch: similar prompts and answer lengths
-    batches = [group[b:b + batch_size] for group in per_task.values() for b in range(0, len(group), batch_size)]
+    # one task per batch: similar prompts and answer lengths (in step: a batch for all processes together)
+    size = batch_size * (processes.world_size if in_step else 1)
+    batches = [group[b:b + size] for group in per_task.values() for b in range(0, len(group), size)]
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(items), desc="eval", unit="sample", file=sys.stderr, disable=not progress)
     limits = {task: max_new_tokens if max_new_tokens is not None else _default_max_new_tokens(lengths[task])
               for task in per_task}
+    bad_before_answers = bad
+    answering = True
     try:
         with eval_mode(model):
             for batch in batches:
-                _answer(model, batch, limits[batch[0].task], num_frames, fps, skip, share_tokens)
+                if in_step:
+                    _answer_in_step(model, batch, limits[batch[0].task], num_frames, fps, skip, processes)
+                else:
+                    _answer(model, batch, limits[batch[0].task], num_frames, fps, skip)
                 attempted += len(batch)
                 bar.update(len(batch))
-                if attempted >= min_attempts and bad > max_bad_fraction * attempted:
-                    raise _mostly_bad(dataset, f"{bad} of the {attempted} samples evaluated so far were bad",
+                bad_so_far = bad if not in_step else \
+                    bad_before_answers + int(processes.all_reduce_sum(torch.tensor([bad - bad_before_answers]))[0])
+                if attempted >= min_attempts and bad_so_far > max_bad_fraction * attempted:
+                    if in_step:
+                        skipped_samples = _merged_skips(skipped_samples, shared_skips, processes)
+                    raise _mostly_bad(dataset, f"{bad_so_far} of the {attempted} samples evaluated so far were bad",
                                       skipped_samples)
     finally:
         bar.close()
+    if in_step:  # each process's answers and bad samples, on every process
+        skipped_samples = _merged_skips(skipped_samples, shared_skips, processes)
+        answers = {}
+        for part in processes.all_gather_objects({it.index: it.prediction for it in items
+                                                  if it.prediction is not None}):
+            answers.update(part)
+        for it in items:
+            it.prediction = answers.get(it.index)
 
     done = [it for it in items if it.prediction is not None]
     skipped = Counter(entry["reason"] for entry in skipped_samples)
@@ -258,13 +287,13 @@ def _mostly_bad(dataset: ConversationDataset, what: str, skipped_samples: list[d
     return DatasetError(f"{dataset.path}: {what} (most common: {common}){hint}")
 
 
-def _answer(model, batch: list[_Item], limit: int, num_frames, fps, skip, share_tokens=None) -> None:
+def _answer(model, batch: list[_Item], limit: int, num_frames, fps, skip) -> None:
     """Fill `prediction` for the items of `batch`; on a bad sample, retry one by one to find and skip it."""
 
     def chat(items):
         return model.chat([it.first.prompt for it in items], [it.first.images for it in items],
                           [it.first.videos for it in items], max_new_tokens=limit, num_frames=num_frames, fps=fps,
-                          do_sample=False, share_tokens=share_tokens)
+                          do_sample=False)
 
     try:
         outputs = chat(batch)
@@ -279,6 +308,51 @@ def _answer(model, batch: list[_Item], limit: int, num_frames, fps, skip, share_
             it.prediction = chat([it])[0]["text"]
         except _SAMPLE_ERRORS as err:
             skip(it, err)
+
+
+def _answer_in_step(model, batch: list[_Item], limit: int, num_frames, fps, skip, processes) -> None:
+    """Fill `prediction` for this process's share of `batch` (every `world_size`-th item from its rank on),
+    with exactly one generation, stopped when every process's is (`stop_together`): the items that can be
+    read together; if one cannot, each is read alone first (the processor only, no forward) and the readable
+    ones answered together; with none (or no share), a stand-in question without media, its answer dropped."""
+    share = batch[processes.rank::processes.world_size]
+
+    def chat(items):
+        return model.chat([it.first.prompt for it in items], [it.first.images for it in items],
+                          [it.first.videos for it in items], max_new_tokens=limit, num_frames=num_frames, fps=fps,
+                          do_sample=False, stop_together=processes.all_done)
+
+    if share:
+        try:  # (a sample that cannot be read fails in the processor, before any forward)
+            outputs = chat(share)
+        except _SAMPLE_ERRORS:
+            outputs = None
+        if outputs is not None:
+            for it, out in zip(share, outputs):
+                it.prediction = out["text"]
+            return
+    readable = []
+    for it in share:
+        try:
+            model.processor(it.first.prompt, it.first.images, it.first.videos, add_generation_prompt=True,
+                            num_frames=num_frames, fps=fps)
+            readable.append(it)
+        except _SAMPLE_ERRORS as err:
+            skip(it, err)
+    if readable:
+        for it, out in zip(readable, chat(readable)):
+            it.prediction = out["text"]
+    else:
+        model.chat([[{"role": "user", "content": "?"}]], max_new_tokens=limit, do_sample=False,
+                   stop_together=processes.all_done)
+
+
+def _merged_skips(skipped_samples: list[dict], shared_skips: list[dict], processes) -> list[dict]:
+    """`skipped_samples` (the same on every process but for this process's `shared_skips`) with the samples
+    every process found bad while answering its shares."""
+    mine = {id(entry) for entry in shared_skips}
+    common = [entry for entry in skipped_samples if id(entry) not in mine]
+    return common + [entry for part in processes.all_gather_objects(shared_skips) for entry in part]
 
 
 def _scores(items: list[_Item]) -> dict:

@@ -183,25 +183,26 @@ def test_malformed_prompts_are_named_before_any_token_is_computed():
     assert model.generate([np.array([5, 9, 2]), torch.tensor([7])], max_new_tokens=3).tolist() == expected
 
 
-def test_shared_tokens_are_the_ones_generation_returns_feeds_back_and_stops_on():
-    """`share_tokens` (what processes generating with one sharded model pass, to take process 0's tokens):
-    the tokens it returns are returned, fed back to the decoder and checked for a stop, as if chosen."""
+def test_stop_together_decides_when_a_batch_ends_and_changes_no_samples_tokens():
+    """`stop_together` (what processes generating in step with one sharded model pass: True once every
+    process's samples have stopped) is asked after each token whether the batch ends: generation goes on past
+    its own samples' stops (those rows then hold pad_id) or ends early, and the tokens it keeps are the same."""
     model = make_decoder()
-    free = model.generate(PROMPTS, max_new_tokens=6, stop_ids=())
-    assert model.generate(PROMPTS, max_new_tokens=6, stop_ids=(), share_tokens=lambda t: t.clone()).equal(free)
-    first = int(free[0, 0]) + 1  # a first token none of the greedy runs chose for sample 0
-    steps = []
+    free = model.generate(PROMPTS, max_new_tokens=8, stop_ids=())
+    stop = free[:, 1].tolist()  # every sample stops by its second token
+    alone = model.generate(PROMPTS, max_new_tokens=8, stop_ids=stop, pad_id=-1)
+    assert alone.shape[1] <= 2
+    asked = []
 
-    def forced(tokens):
-        steps.append(tokens.clone())
-        return torch.full_like(tokens, first) if len(steps) == 1 else tokens
+    def others_go_on(done):
+        asked.append(done)
+        return False
 
-    out = model.generate(PROMPTS, max_new_tokens=6, stop_ids=(), share_tokens=forced)
-    assert len(steps) == 6 and out[:, 0].tolist() == [first] * 3
-    for row, prompt in enumerate(PROMPTS):  # each goes on from the shared token, as a prompt ending in it does
-        assert out[row, 1:].tolist() == model.generate([prompt + [first]], max_new_tokens=5, stop_ids=())[0].tolist()
-    stopped = model.generate(PROMPTS, max_new_tokens=6, stop_ids=[60], pad_id=-1,
-                             share_tokens=lambda t: torch.full_like(t, 60))
-    assert stopped.tolist() == [[60]] * 3  # each sample stops on the shared stop token
-    with pytest.raises(ValueError, match=r"share_tokens must return a tensor of the tokens' shape \(3,\), got a list"):
-        model.generate(PROMPTS, max_new_tokens=2, share_tokens=lambda t: t.tolist())
+    together = model.generate(PROMPTS, max_new_tokens=8, stop_ids=stop, pad_id=-1, stop_together=others_go_on)
+    assert together.shape[1] == 8 and len(asked) == 8  # asked after every token
+    assert together[:, :alone.shape[1]].equal(alone) and (together[:, alone.shape[1]:] == -1).all()
+    assert asked[alone.shape[1] - 1:] == [True] * (9 - alone.shape[1])  # all had stopped; it went on as told
+    ended = model.generate(PROMPTS, max_new_tokens=8, stop_ids=(), stop_together=lambda done: True)
+    assert ended.equal(free[:, :1])
+    assert model.generate(PROMPTS, max_new_tokens=8, stop_ids=stop, pad_id=-1,
+                          stop_together=lambda done: done).equal(alone)

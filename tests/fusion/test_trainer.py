@@ -1219,13 +1219,22 @@ def test_a_one_process_checkpoint_resumes_in_two_processes_exactly(world, tmp_pa
     """A run stopped at step 2 in one process, resumed under a 2-process torchrun (DDP, or FSDP2 which shards
     the checkpoint's weights and optimizer state, each process reading its part of the decoder only): the
     losses and the evaluations (the stage's, the final one) of the uninterrupted one-process run. Under FSDP2
-    they run on every process's shards (no process gathers or reads the whole model)."""
+    the processes evaluate together on their shards (no process gathers or reads the whole model), each
+    answering its share of every batch: a share with a bad sample, a share with none left, all in step."""
     from fusion.errors import TrainingStopped
 
+    records = [json.loads(line) for line in (world / "test.jsonl").read_text().splitlines()]
+    for record in records:
+        record["images"] = [str(world / p) for p in record["images"]]
+        record["videos"] = [str(world / p) for p in record["videos"]]
+    for i in [i for i, r in enumerate(records) if r["images"]][1:4:2]:  # two of them cannot be read
+        records[i]["images"] = [str(tmp_path / "missing.png")]
+    records[0]["conversations"][-1]["content"] = " "  # and one has no answer to score against (found before any)
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     stage = {"name": "all", "data": str(world / "train.jsonl"), "steps": 5, "batch_size": 8,
              "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3},
              "eval": {"data": str(world / "val.jsonl"), "limit": 6}}
-    final_eval = {"data": str(world / "test.jsonl")}
+    final_eval = {"data": str(tmp_path / "test.jsonl"), "batch_size": 1}  # (one question a process at a time)
     reference = fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "ref", [stage], threads=1,
                                                                  final_eval=final_eval))
     train(reference, progress=False)
@@ -1238,6 +1247,9 @@ def test_a_one_process_checkpoint_resumes_in_two_processes_exactly(world, tmp_pa
                                                           distributed={"strategy": strategy}, final_eval=final_eval))
     if strategy == "fsdp2":  # each process reads its shard of the checkpoint's decoder only
         train_sharded_in_two_processes(two, tmp_path, resume=True)
+        answered = [{q for q in json.loads((tmp_path / f"answered{rank}.json").read_text())
+                     if json.loads(q)[0] != [{"role": "user", "content": "?"}]} for rank in (0, 1)]  # (no stand-in)
+        assert answered[0] and answered[1] and not answered[0] & answered[1]  # each question by one process
     else:
         output = torchrun_two_processes(["train", str(two), "--resume", "--no-progress"])
         assert output.count("final model: ") == 1, output[-3000:]
@@ -1251,7 +1263,8 @@ def test_a_one_process_checkpoint_resumes_in_two_processes_exactly(world, tmp_pa
     assert evals[1][0]["val_loss"] == pytest.approx(evals[0][0]["val_loss"], rel=1e-4)
     assert evals[1][0]["accuracy"] == evals[0][0]["accuracy"] and evals[0][0]["accuracy"]
     finals = [json.loads((tmp_path / out / "eval.json").read_text()) for out in ("ref", "run")]
-    assert finals[1]["tasks"] == finals[0]["tasks"] and finals[0]["counts"]["evaluated"] > 0
+    assert finals[1]["tasks"] == finals[0]["tasks"] and finals[1]["counts"] == finals[0]["counts"]
+    assert finals[0]["counts"]["skipped"] == 3 and finals[0]["counts"]["evaluated"] > 0
     assert_same_trained_weights(tmp_path / "run" / "final", tmp_path / "ref" / "final")
 
 
@@ -1342,7 +1355,18 @@ def shard_read_and_count(self, model, read):
     return model
 
 fusion.trainer.Trainer._shard_then_read_decoder = shard_read_and_count
+answered = []  # each question this process answered (evaluations), written to OUT/answered{N}.json
+chat = fusion.FusionModel.chat
+
+def chat_and_note(self, conversations, images=None, videos=None, **kwargs):
+    n = len(conversations)
+    answered.extend(json.dumps(q) for q in zip(conversations, images or [[]] * n, videos or [[]] * n))
+    return chat(self, conversations, images, videos, **kwargs)
+
+fusion.FusionModel.chat = chat_and_note
 fusion.trainer.train(sys.argv[1], resume="--resume" in sys.argv, progress=False)
+with open(os.path.join(sys.argv[2], "answered%s.json" % os.environ["RANK"]), "w") as f:
+    json.dump(answered, f)
 fusion.distributed.shutdown_distributed()
 fusion.distributed.end_torchrun_process(0)  # as `fusion train` ends (past gloo's teardown)
 """
