@@ -287,25 +287,25 @@ def _mostly_bad(dataset: ConversationDataset, what: str, skipped_samples: list[d
     return DatasetError(f"{dataset.path}: {what} (most common: {common}){hint}")
 
 
+def _chat(model, items: list[_Item], limit: int, num_frames, fps, **kwargs) -> None:
+    """Fill `prediction` for `items` with one greedy `model.chat` (`kwargs`: more of its options); raises what
+    reading a sample raises (in the processor, before any forward)."""
+    outputs = model.chat([it.first.prompt for it in items], [it.first.images for it in items],
+                         [it.first.videos for it in items], max_new_tokens=limit, num_frames=num_frames, fps=fps,
+                         do_sample=False, **kwargs)
+    for it, out in zip(items, outputs):
+        it.prediction = out["text"]
+
+
 def _answer(model, batch: list[_Item], limit: int, num_frames, fps, skip) -> None:
     """Fill `prediction` for the items of `batch`; on a bad sample, retry one by one to find and skip it."""
-
-    def chat(items):
-        return model.chat([it.first.prompt for it in items], [it.first.images for it in items],
-                          [it.first.videos for it in items], max_new_tokens=limit, num_frames=num_frames, fps=fps,
-                          do_sample=False)
-
     try:
-        outputs = chat(batch)
+        return _chat(model, batch, limit, num_frames, fps)
     except _SAMPLE_ERRORS:
-        outputs = None
-    if outputs is not None:
-        for it, out in zip(batch, outputs):
-            it.prediction = out["text"]
-        return
+        pass
     for it in batch:
         try:
-            it.prediction = chat([it])[0]["text"]
+            _chat(model, [it], limit, num_frames, fps)
         except _SAMPLE_ERRORS as err:
             skip(it, err)
 
@@ -316,21 +316,12 @@ def _answer_in_step(model, batch: list[_Item], limit: int, num_frames, fps, skip
     read together; if one cannot, each is read alone first (the processor only, no forward) and the readable
     ones answered together; with none (or no share), a stand-in question without media, its answer dropped."""
     share = batch[processes.rank::processes.world_size]
-
-    def chat(items):
-        return model.chat([it.first.prompt for it in items], [it.first.images for it in items],
-                          [it.first.videos for it in items], max_new_tokens=limit, num_frames=num_frames, fps=fps,
-                          do_sample=False, stop_together=processes.all_done)
-
+    together = {"stop_together": processes.all_done}
     if share:
-        try:  # (a sample that cannot be read fails in the processor, before any forward)
-            outputs = chat(share)
+        try:
+            return _chat(model, share, limit, num_frames, fps, **together)
         except _SAMPLE_ERRORS:
-            outputs = None
-        if outputs is not None:
-            for it, out in zip(share, outputs):
-                it.prediction = out["text"]
-            return
+            pass
     readable = []
     for it in share:
         try:
@@ -340,11 +331,9 @@ def _answer_in_step(model, batch: list[_Item], limit: int, num_frames, fps, skip
         except _SAMPLE_ERRORS as err:
             skip(it, err)
     if readable:
-        for it, out in zip(readable, chat(readable)):
-            it.prediction = out["text"]
+        _chat(model, readable, limit, num_frames, fps, **together)
     else:
-        model.chat([[{"role": "user", "content": "?"}]], max_new_tokens=limit, do_sample=False,
-                   stop_together=processes.all_done)
+        model.chat([[{"role": "user", "content": "?"}]], max_new_tokens=limit, do_sample=False, **together)
 
 
 def _merged_skips(skipped_samples: list[dict], shared_skips: list[dict], processes) -> list[dict]:
