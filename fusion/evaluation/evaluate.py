@@ -181,9 +181,7 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
         nonlocal bad, warned
         reason = classify_error(error, item.first)
         entries = [{"id": r.id, "line": r.line, "reason": reason, "message": str(error)} for r in item.records]
-        skipped_samples.extend(entries)
-        if in_step and answering:
-            shared_skips.extend(entries)
+        (shared_skips if in_step and answering else skipped_samples).extend(entries)
         bad += 1
         warned += 1
         if warned <= 20:
@@ -337,11 +335,9 @@ def _answer_in_step(model, batch: list[_Item], limit: int, num_frames, fps, skip
 
 
 def _merged_skips(skipped_samples: list[dict], shared_skips: list[dict], processes) -> list[dict]:
-    """`skipped_samples` (the same on every process but for this process's `shared_skips`) with the samples
-    every process found bad while answering its shares."""
-    mine = {id(entry) for entry in shared_skips}
-    common = [entry for entry in skipped_samples if id(entry) not in mine]
-    return common + [entry for part in processes.all_gather_objects(shared_skips) for entry in part]
+    """`skipped_samples` (the same on every process) with the samples every process found bad while answering
+    its shares (`shared_skips`, this process's)."""
+    return skipped_samples + [entry for part in processes.all_gather_objects(shared_skips) for entry in part]
 
 
 def _scores(items: list[_Item]) -> dict:
