@@ -83,6 +83,9 @@ class Attention(nn.Module):
         self.use_qk_norm = config.use_qk_norm and self.use_rope  # weightless, after RoPE, RoPE layers only
         self.use_temperature = config.attn_temperature_tuning and not self.use_rope
         self.eps = config.rms_norm_eps
+        # a plain bool, decided here: compiled with dynamic shapes, `num_kv_heads != num_heads` in forward would be a
+        # symbolic bool that scaled_dot_product_attention refuses, breaking the block's graph at its attention
+        self.enable_gqa = bool(config.num_kv_heads != config.num_heads)
         d = config.hidden_size
         self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
@@ -113,5 +116,5 @@ class Attention(nn.Module):
                 k, v = kv.read()
             k, v = k.to(q.dtype), v.to(q.dtype)
 
-        out = attend(q, k, v, plan, enable_gqa=self.num_kv_heads != self.num_heads)
+        out = attend(q, k, v, plan, enable_gqa=self.enable_gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,60 @@
+"""`compile: true`'s decoder blocks under dynamo: whole graphs where the code allows them, eager results."""
+import pytest
+import torch
+
+import fusion
+from fusion.compilation import compile_decoder_blocks
+from fusion.distributed import DistContext, apply_fsdp2
+
+
+@pytest.fixture
+def traced_only(monkeypatch):
+    """Blocks compiled as `compile_decoder_blocks` compiles them (dynamic shapes), through dynamo's "eager"
+    backend: the graphs dynamo captures and where it breaks them are those inductor would get, without the
+    minutes inductor takes to build kernels on a small CPU."""
+    import torch._dynamo
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compile_module(self, backend="eager", **kwargs))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield torch._dynamo.utils.counters
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-process", "fsdp2"])
+def test_dense_blocks_with_grouped_query_attention_compile_whole_and_train_as_eager(traced_only, tmp_path, sharded):
+    """A dense block (RoPE and chunked, or NoPE and full) with fewer K/V heads than query heads is one graph, also
+    compiled then sharded by FSDP2 as the trainer does: no break at its attention (dynamo reads a sharded block's
+    whole numbers as symbolic ones, which once made the grouped-query flag a symbolic bool that
+    scaled_dot_product_attention refuses), and losses and gradients are the eager blocks'."""
+    import torch.distributed as dist
+
+    config = fusion.DecoderConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                  head_dim=8, intermediate_size_mlp=48, num_experts=0, attention_chunk_size=8,
+                                  nope_interval=2)
+    torch.manual_seed(0)
+    eager, compiled = fusion.Decoder(config), fusion.Decoder(config)
+    compiled.load_state_dict(eager.state_dict())
+    assert compile_decoder_blocks(compiled) == 2
+    if sharded:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        apply_fsdp2(compiled, list(compiled.layers), DistContext())
+    try:
+        for length in (12, 19):  # a second length reuses the dynamic-shape graph
+            tokens = torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(length))
+            losses = []
+            for model in (eager, compiled):
+                model.zero_grad()
+                loss = model(tokens, labels=tokens).loss
+                loss.backward()
+                losses.append(loss.item())
+            assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+            for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+                grad = q.grad.full_tensor() if sharded else q.grad
+                torch.testing.assert_close(grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    finally:
+        if sharded:
+            dist.destroy_process_group()
+    assert dict(traced_only["graph_break"]) == {}
+    assert traced_only["stats"]["unique_graphs"] == 2  # one per kind of block, for every length
