@@ -57,6 +57,7 @@ CAPTION = "caption"
 TASK_ALIASES = {"captioning": CAPTION}  # the pipelines' name for it (`pipelines.pipeline("captioning")`)
 # at the end of an evaluation, the fewest samples tried for "most were bad" to stop it (none evaluated always does)
 FEW_ATTEMPTS = 5
+MAX_WARNINGS = 20  # bad samples warned about one by one (all are counted, and listed in the results)
 # errors that make one sample unusable (its media or its conversation); anything else is a bug and raises
 _SAMPLE_ERRORS = (VisionInputError, TokenizerError, OSError)
 
@@ -147,7 +148,8 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
             FSDP2-sharded model together (every process calls `evaluate` with the same arguments; the model's
             root module unsharded first): each batch of `batch_size` per process is shared among them, each
             answers its share, and they generate in step (one generation per batch each, stopped together).
-            Every process returns the results of all. None: this process evaluates alone.
+            Every process returns the results of all; the main process (rank 0) warns about every bad sample.
+            None: this process evaluates alone.
 
     Returns a JSON-serialisable dict: `tasks` (per task: count, accuracy, correct, by_type, count_by_type;
     for "caption": count, samples, bleu4, cider), `counts` (records, evaluated, skipped, skipped_by_reason,
@@ -172,22 +174,42 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
                        if last_line is None or line <= last_line]
     attempted = bad = warned = 0
     in_step = processes is not None and processes.distributed
-    # in step: the samples this process found bad while answering its shares (before that, every process
-    # finds the same ones)
+    # in step: the samples this process found bad while answering its shares, and their warnings (before that,
+    # every process finds the same ones)
     shared_skips: list[dict] = []
+    shared_warnings: list[str] = []
     answering = False
 
+    def warn(message: str, stacklevel: int):
+        nonlocal warned
+        warned += 1
+        if warned <= MAX_WARNINGS:
+            warnings.warn(message, DatasetWarning, stacklevel=stacklevel + 1)
+
     def skip(item: _Item, error: BaseException):
-        nonlocal bad, warned
+        nonlocal bad
         reason = classify_error(error, item.first)
         entries = [{"id": r.id, "line": r.line, "reason": reason, "message": str(error)} for r in item.records]
-        (shared_skips if in_step and answering else skipped_samples).extend(entries)
+        where = dataset.where(item.first.line)
+        message = f"{dataset.path}: skipped sample {item.first.id!r} ({where}): {reason}: {error}"
         bad += 1
-        warned += 1
-        if warned <= 20:
-            where = dataset.where(item.first.line)
-            warnings.warn(f"{dataset.path}: skipped sample {item.first.id!r} ({where}): {reason}: {error}",
-                          DatasetWarning, stacklevel=3)
+        if in_step and answering:
+            shared_skips.extend(entries)
+            shared_warnings.append(message)
+            if not processes.is_main:  # the main process says it, with the others' (`merge_shares`)
+                return
+        else:
+            skipped_samples.extend(entries)
+        warn(message, stacklevel=3)
+
+    def merge_shares() -> list[dict]:
+        """`skipped_samples` with every process's `shared_skips`; the main process warns about the others'."""
+        merged = list(skipped_samples)
+        for rank, (skips, messages) in enumerate(processes.all_gather_objects((shared_skips, shared_warnings))):
+            merged += skips
+            for message in messages if processes.is_main and rank != processes.rank else []:
+                warn(message, stacklevel=2)
+        return merged
 
     # every reference in tokens, before any generation (for the default limits, and whatever the limit: a
     # reference that is not text, e.g. one holding a lone surrogate, makes its sample bad, not the evaluation)
@@ -234,13 +256,13 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
                     bad_before_answers + int(processes.all_reduce_sum(torch.tensor([bad - bad_before_answers]))[0])
                 if attempted >= min_attempts and bad_so_far > max_bad_fraction * attempted:
                     if in_step:
-                        skipped_samples = _merged_skips(skipped_samples, shared_skips, processes)
+                        skipped_samples = merge_shares()
                     raise _mostly_bad(dataset, f"{bad_so_far} of the {attempted} samples evaluated so far were bad",
                                       skipped_samples)
     finally:
         bar.close()
     if in_step:  # each process's answers and bad samples, on every process
-        skipped_samples = _merged_skips(skipped_samples, shared_skips, processes)
+        skipped_samples = merge_shares()
         answers = {}
         for part in processes.all_gather_objects({it.index: it.prediction for it in items
                                                   if it.prediction is not None}):
@@ -332,12 +354,6 @@ def _answer_in_step(model, batch: list[_Item], limit: int, num_frames, fps, skip
         _chat(model, readable, limit, num_frames, fps, **together)
     else:
         model.chat([[{"role": "user", "content": "?"}]], max_new_tokens=limit, do_sample=False, **together)
-
-
-def _merged_skips(skipped_samples: list[dict], shared_skips: list[dict], processes) -> list[dict]:
-    """`skipped_samples` (the same on every process) with the samples every process found bad while answering
-    its shares (`shared_skips`, this process's)."""
-    return skipped_samples + [entry for part in processes.all_gather_objects(shared_skips) for entry in part]
 
 
 def _scores(items: list[_Item]) -> dict:

@@ -1227,7 +1227,7 @@ def test_a_one_process_checkpoint_resumes_in_two_processes_exactly(world, tmp_pa
     for record in records:
         record["images"] = [str(world / p) for p in record["images"]]
         record["videos"] = [str(world / p) for p in record["videos"]]
-    for i in [i for i, r in enumerate(records) if r["images"]][1:4:2]:  # two of them cannot be read
+    for i in [i for i, r in enumerate(records) if r["images"]][2:4]:  # two cannot be read (found by each process)
         records[i]["images"] = [str(tmp_path / "missing.png")]
     records[0]["conversations"][-1]["content"] = " "  # and one has no answer to score against (found before any)
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -1248,7 +1248,7 @@ def test_a_one_process_checkpoint_resumes_in_two_processes_exactly(world, tmp_pa
     two = write_config(tmp_path / "two.yaml", base_config(world, tmp_path / "run", [stage], threads=1,
                                                           distributed={"strategy": strategy}, final_eval=final_eval))
     if strategy == "fsdp2":  # each process reads its shard of the checkpoint's decoder only
-        train_sharded_in_two_processes(two, tmp_path, resume=True)
+        output = train_sharded_in_two_processes(two, tmp_path, resume=True)
         answered = [{q for q in json.loads((tmp_path / f"answered{rank}.json").read_text())
                      if json.loads(q)[0] != [{"role": "user", "content": "?"}]} for rank in (0, 1)]  # (no stand-in)
         assert answered[0] and answered[1] and not answered[0] & answered[1]  # each question by one process
@@ -1267,6 +1267,9 @@ def test_a_one_process_checkpoint_resumes_in_two_processes_exactly(world, tmp_pa
     finals = [json.loads((tmp_path / out / "eval.json").read_text()) for out in ("ref", "run")]
     assert finals[1]["tasks"] == finals[0]["tasks"] and finals[1]["counts"] == finals[0]["counts"]
     assert finals[0]["counts"]["skipped"] == 3 and finals[0]["counts"]["evaluated"] > 0
+    # each bad sample of the final evaluation said once, whichever process found it
+    said = re.findall(r"DatasetWarning: .*test\.jsonl: skipped sample (\S+) ", output)
+    assert sorted(said) == sorted(repr(e["id"]) for e in finals[0]["skipped_samples"]), output[-3000:]
     assert_same_trained_weights(tmp_path / "run" / "final", tmp_path / "ref" / "final")
 
 
@@ -1374,18 +1377,19 @@ fusion.distributed.end_torchrun_process(0)  # as `fusion train` ends (past gloo'
 """
 
 
-def train_sharded_in_two_processes(config, folder, resume=False):
+def train_sharded_in_two_processes(config, folder, resume=False) -> str:
     """`config` trained under a 2-process torchrun with `_SHARDED_RUN`; asserts that each process held half of
-    each decoder weight (none whole in both)."""
+    each decoder weight (none whole in both). Returns the run's output."""
     (folder / "run.py").write_text(_SHARDED_RUN)
-    torchrun_two_processes([str(config), str(folder)] + (["--resume"] if resume else []),
-                           program=[str(folder / "run.py")])
+    output = torchrun_two_processes([str(config), str(folder)] + (["--resume"] if resume else []),
+                                    program=[str(folder / "run.py")])
     held = [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     whole = held[0]["whole"]
     for name, size in whole.items():  # each weight split between the two processes, none held whole by both
         assert held[0]["held"][name] + held[1]["held"][name] == size, name
         assert held[0]["held"][name] < size or size == 1, name
     assert sum(held[0]["held"].values()) <= 0.6 * sum(whole.values())
+    return output
 
 
 def test_fsdp2_on_a_llama4_trunk_reads_each_process_shard_only_and_matches_one_process(world, tmp_path):
