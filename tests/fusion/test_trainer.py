@@ -1171,8 +1171,30 @@ def torchrun_inductor_cache(tmp_path_factory):
 def train_one_and_two_processes(one, two, inductor_cache=None, timeout=300):
     """`fusion train one` in a single process, then `two` under a 2-process torchrun (`torchrun_two_processes`)."""
     assert _run_cli(["train", str(one), "--no-progress"]).wait(timeout=300) == 0
-    output = torchrun_two_processes(["train", str(two), "--no-progress"], inductor_cache, timeout)
+    train_two_processes(two, inductor_cache, timeout)
+
+
+def train_two_processes(config, inductor_cache=None, timeout=300):
+    """`fusion train config` under a 2-process torchrun (`torchrun_two_processes`)."""
+    output = torchrun_two_processes(["train", str(config), "--no-progress"], inductor_cache, timeout)
     assert output.count("final model: ") == 1, output[-3000:]  # said once, not by every process
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """`one_process_run(name, config)`: the folder of `fusion train` (one process) run on `config` (a dict whose
+    `output_dir` it sets), trained once per module and name: the DDP and FSDP2 cases of a test share it."""
+    folders = {}
+
+    def run(name, config):
+        if name not in folders:
+            folder = tmp_path_factory.mktemp(name) / "run"
+            path = write_config(folder.parent / "config.yaml", {**config, "output_dir": str(folder)})
+            assert _run_cli(["train", str(path), "--no-progress"]).wait(timeout=300) == 0
+            folders[name] = folder
+        return folders[name]
+
+    return run
 
 
 def assert_same_trained_weights(folder, reference_folder, parameters_only=False):
@@ -1318,22 +1340,23 @@ needs_cpu_compiler = pytest.mark.skipif(fusion.compilation.cpu_compiler() is Non
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", pytest.param("ddp+compile", marks=needs_cpu_compiler)])
-def test_two_process_torchrun_matches_one_process(world, tmp_path, strategy, torchrun_inductor_cache):
+def test_two_process_torchrun_matches_one_process(world, tmp_path, strategy, torchrun_inductor_cache,
+                                                  one_process_run):
     """2 processes (gloo, CPU) give the 1-process run's losses; with `ddp+compile` the 2 processes run compiled
     decoder blocks (`compile: true`) against an eager 1-process run, both in float32."""
     strategy, _, compiled = strategy.partition("+")
     stage = {"name": "all", "data": str(world / "train.jsonl"), "steps": 5, "batch_size": 8,
              "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3}}
     extra = {"precision": "fp32"} if compiled else {}
-    one = write_config(tmp_path / "one.yaml", base_config(world, tmp_path / "one", [stage], threads=1, **extra))
+    one = one_process_run("fp32" if compiled else "auto", base_config(world, None, [stage], threads=1, **extra))
     two = write_config(tmp_path / "two.yaml", base_config(world, tmp_path / "two", [{**stage, "compile": bool(compiled)}],
                                                           threads=1, distributed={"strategy": strategy}, **extra))
-    train_one_and_two_processes(one, two, torchrun_inductor_cache)
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    train_two_processes(two, torchrun_inductor_cache)
+    a, b = losses(one), losses(tmp_path / "two")
     assert len(a) == len(b) == 5
     for (step, x), (_, y) in zip(a, b):
         assert x == pytest.approx(y, rel=1e-4, abs=1e-5), f"step {step}: 1 process {x}, 2 processes {y}"
-    assert_same_trained_weights(tmp_path / "two" / "final", tmp_path / "one" / "final")  # loads in one process
+    assert_same_trained_weights(tmp_path / "two" / "final", one / "final")  # loads in one process
 
 
 # Run by each process of the FSDP2 tests below (`run.py CONFIG OUT [--resume]`): training as `fusion train` does,
@@ -1741,36 +1764,44 @@ def test_compile_without_a_cpu_compiler_fails_before_training(world, tmp_path, m
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_uneven_batches_on_two_processes_match_one_process(world, tmp_path, strategy):
-    """A process's batch may hold text only (no image for the vision tower), fewer micro-batches than the
-    other's (a bad sample dropped from its length buckets), or nothing at all of a small validation file.
-    Under FSDP2 every process must still run the sharded modules as often as the others (or they wait for
-    each other forever). The run gives the losses and validation loss of one process."""
+@pytest.fixture(scope="module")
+def uneven_data(world, tmp_path_factory):
+    """`world`'s train.jsonl with every fifth image missing, and the first 8 samples of its text.jsonl."""
+    folder = tmp_path_factory.mktemp("uneven")
     records = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()]
     for record in records:
         record["images"] = [str(world / p) for p in record["images"]]
         record["videos"] = [str(world / p) for p in record["videos"]]
     for i in range(0, len(records), 5):  # every fifth image is missing: that sample is skipped
         if records[i]["images"]:
-            records[i]["images"] = [str(tmp_path / "missing.png")]
-    mixed = tmp_path / "mixed.jsonl"
+            records[i]["images"] = [str(folder / "missing.png")]
+    mixed = folder / "mixed.jsonl"
     mixed.write_text("".join(json.dumps(r) + "\n" for r in records))
+    few_text = folder / "few_text.jsonl"
+    few_text.write_text("".join((world / "text.jsonl").read_text().splitlines(keepends=True)[:8]))
+    return mixed, few_text
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_uneven_batches_on_two_processes_match_one_process(world, tmp_path, strategy, uneven_data, one_process_run):
+    """A process's batch may hold text only (no image for the vision tower), fewer micro-batches than the
+    other's (a bad sample dropped from its length buckets), or nothing at all of a small validation file.
+    Under FSDP2 every process must still run the sharded modules as often as the others (or they wait for
+    each other forever). The run gives the losses and validation loss of one process."""
     # a second stage: one sample per process and step, so a bad sample leaves a process nothing to train on;
     # the decoder frozen while the tower trains, and text-only samples (no media for the tower in a batch)
-    few_text = tmp_path / "few_text.jsonl"
-    few_text.write_text("".join((world / "text.jsonl").read_text().splitlines(keepends=True)[:8]))
+    mixed, few_text = uneven_data
     stage = {"name": "mixed", "data": [str(mixed), str(world / "text.jsonl")], "steps": 6, "batch_size": 4,
              "length_buckets": 2, "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3},
              "eval": {"data": str(world / "val.jsonl"), "limit": 2, "loss_batches": 20}}  # past the file's end
     shares = {"name": "shares", "data": [str(mixed), str(few_text)], "steps": 8, "batch_size": 2,
               "lr": {"vision": 1e-3, "adapter": 1e-3}}
     settings = {"threads": 1, "precision": "fp32"}
-    one = write_config(tmp_path / "one.yaml", base_config(world, tmp_path / "one", [stage, shares], **settings))
+    one = one_process_run("uneven", base_config(world, None, [stage, shares], **settings))
     two = write_config(tmp_path / "two.yaml", base_config(world, tmp_path / "two", [stage, shares],
                                                           distributed={"strategy": strategy}, **settings))
-    train_one_and_two_processes(one, two)
-    runs = [read_metrics(tmp_path / out / "metrics.jsonl") for out in ("one", "two")]
+    train_two_processes(two)
+    runs = [read_metrics(folder / "metrics.jsonl") for folder in (one, tmp_path / "two")]
     train_logs = [[e for e in run if e["kind"] == "train"] for run in runs]
     assert sum(e["skipped_samples"] for e in train_logs[1]) > 0  # some bad samples were drawn
     assert any(e["skipped_samples"] for e in train_logs[1] if e["stage"] == "shares")  # a process had none
