@@ -1190,7 +1190,9 @@ def one_process_run(tmp_path_factory):
         if name not in folders:
             folder = tmp_path_factory.mktemp(name) / "run"
             path = write_config(folder.parent / "config.yaml", {**config, "output_dir": str(folder)})
-            assert _run_cli(["train", str(path), "--no-progress"]).wait(timeout=300) == 0
+            training = _run_cli(["train", str(path), "--no-progress"], text=True)
+            output, _ = training.communicate(timeout=300)
+            assert training.returncode == 0, output[-3000:]
             folders[name] = folder
         return folders[name]
 
