@@ -182,6 +182,8 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
 
     def warn(message: str, stacklevel: int):
         nonlocal warned
+        if in_step and not processes.is_main:  # said once, by the main process
+            return
         warned += 1
         if warned <= MAX_WARNINGS:
             warnings.warn(message, DatasetWarning, stacklevel=stacklevel + 1)
@@ -193,11 +195,9 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
         where = dataset.where(item.first.line)
         message = f"{dataset.path}: skipped sample {item.first.id!r} ({where}): {reason}: {error}"
         bad += 1
-        if in_step and answering:
+        if in_step and answering:  # the main process says the others' too (`merge_shares`)
             shared_skips.extend(entries)
             shared_warnings.append(message)
-            if not processes.is_main:  # the main process says it, with the others' (`merge_shares`)
-                return
         else:
             skipped_samples.extend(entries)
         warn(message, stacklevel=3)
@@ -207,8 +207,9 @@ def evaluate(model, dataset_path, *, root=None, batch_size: int = 16, max_new_to
         merged = list(skipped_samples)
         for rank, (skips, messages) in enumerate(processes.all_gather_objects((shared_skips, shared_warnings))):
             merged += skips
-            for message in messages if processes.is_main and rank != processes.rank else []:
-                warn(message, stacklevel=2)
+            if rank != processes.rank:
+                for message in messages:
+                    warn(message, stacklevel=2)
         return merged
 
     # every reference in tokens, before any generation (for the default limits, and whatever the limit: a
