@@ -1168,6 +1168,16 @@ def torchrun_inductor_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("inductor")
 
 
+@pytest.fixture
+def without_inductor_kernels(monkeypatch):
+    """The compiled torchrun runs of this test take their blocks' graphs through dynamo and AOTAutograd (the
+    gradients, the collectives' hooks around them: what DDP and FSDP2 meet) but run them without inductor's
+    kernels (`TORCH_COMPILE_OVERRIDE_BACKENDS`, torch's own switch for narrowing down a compile problem; a
+    torch without it builds the kernels). Building them is most of a minute per kind of block on this CPU;
+    they are tested in one process (test_a_compiled_stage_trains_like_an_eager_one)."""
+    monkeypatch.setenv("TORCH_COMPILE_OVERRIDE_BACKENDS", ">=0:aot_eager")
+
+
 def train_one_and_two_processes(one, two, inductor_cache=None, timeout=300):
     """`fusion train one` in a single process, then `two` under a 2-process torchrun (`torchrun_two_processes`)."""
     assert _run_cli(["train", str(one), "--no-progress"]).wait(timeout=300) == 0
@@ -1343,9 +1353,10 @@ needs_cpu_compiler = pytest.mark.skipif(fusion.compilation.cpu_compiler() is Non
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", pytest.param("ddp+compile", marks=needs_cpu_compiler)])
 def test_two_process_torchrun_matches_one_process(world, tmp_path, strategy, torchrun_inductor_cache,
-                                                  one_process_run):
+                                                  one_process_run, without_inductor_kernels):
     """2 processes (gloo, CPU) give the 1-process run's losses; with `ddp+compile` the 2 processes run compiled
-    decoder blocks (`compile: true`) against an eager 1-process run, both in float32."""
+    decoder blocks (`compile: true`, `without_inductor_kernels`) against an eager 1-process run, both in
+    float32."""
     strategy, _, compiled = strategy.partition("+")
     stage = {"name": "all", "data": str(world / "train.jsonl"), "steps": 5, "batch_size": 8,
              "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3}}
@@ -1816,11 +1827,12 @@ def test_uneven_batches_on_two_processes_match_one_process(world, tmp_path, stra
 
 
 @needs_cpu_compiler
-def test_fsdp2_with_compiled_stages_matches_one_eager_process(world, tmp_path, torchrun_inductor_cache):
-    """`compile: true` under torchrun with FSDP2 (each block compiled, then sharded): an eager stage against the
-    frozen trunk, then a compiled one with everything unfrozen and an evaluation (run eagerly), checkpoints in
-    both, give the losses and validation figures of an eager 1-process run (float32), and the final model
-    loads in one process."""
+def test_fsdp2_with_compiled_stages_matches_one_eager_process(world, tmp_path, torchrun_inductor_cache,
+                                                              without_inductor_kernels):
+    """`compile: true` under torchrun with FSDP2 (each block compiled, then sharded; `without_inductor_kernels`):
+    an eager stage against the frozen trunk, then a compiled one with everything unfrozen and an evaluation (run
+    eagerly), checkpoints in both, give the losses and validation figures of an eager 1-process run (float32),
+    and the final model loads in one process."""
     stages = [{"name": "cotrain", "data": str(world / "train.jsonl"), "steps": 3, "batch_size": 8,
                "lr": {"vision": 1e-3, "adapter": 1e-3}},
               {"name": "unfreeze", "data": str(world / "train.jsonl"), "steps": 3, "batch_size": 8,
