@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from .decoder_config import DecoderConfig
 
@@ -62,13 +63,12 @@ class GroupedExperts(nn.Module):
         """x_sorted [M, D] (rows grouped by expert, in expert order), counts [E] -> [M, D]."""
         if _grouped_mm_available(x_sorted.device, _compute_dtype(x_sorted)):
             return self._forward_grouped_mm(x_sorted, counts)
-        return self._forward_loop(x_sorted, counts.tolist())
+        return self._forward_loop(x_sorted, counts)
 
-    def _forward_loop(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _forward_loop(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x_sorted)
         with torch.autocast(x_sorted.device.type, enabled=False):
-            return _LoopedExperts.apply(x_sorted.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype),
-                                        counts)
+            return looped_experts(x_sorted.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype), counts)[0]
 
     def _forward_grouped_mm(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # Pad each expert's group to GROUP_ALIGN rows (zero rows), run two grouped matmuls, drop the padding.
@@ -89,56 +89,94 @@ class GroupedExperts(nn.Module):
         return out.index_select(0, dest)
 
 
-class _LoopedExperts(torch.autograd.Function):
-    """SwiGLU experts over rows grouped by expert, one matmul per non-empty expert.
-
-    Forward and backward write each expert's rows straight into preallocated buffers (no per-expert
-    outputs to concatenate, no per-expert weight gradients to stack), and only `h = x @ gate_up` is
-    kept for the backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, gate_up, down, counts: list[int]):
-        hidden = down.shape[1]
-        h = x.new_empty(x.shape[0], 2 * hidden)  # [M, 2F] gate ‖ up
-        act = x.new_empty(x.shape[0], hidden)  # [M, F]
-        out = x.new_empty(x.shape)  # [M, D]
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(start, start + n)
-                torch.mm(x[rows], gate_up[e], out=h[rows])
-                torch.mul(F.silu(h[rows, :hidden]), h[rows, hidden:], out=act[rows])
-                torch.mm(act[rows], down[e], out=out[rows])
-            start += n
-        ctx.save_for_backward(x, gate_up, down, h)
-        ctx.counts = counts
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, gate_up, down, h = ctx.saved_tensors
-        hidden = down.shape[1]
-        grad_out = grad_out.contiguous()
-        grad_x, grad_h = torch.empty_like(x), torch.empty_like(h)
-        grad_gate_up, grad_down = torch.empty_like(gate_up), torch.empty_like(down)
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if n == 0:  # an expert with no tokens gets a zero gradient
-                grad_gate_up[e].zero_()
-                grad_down[e].zero_()
-                continue
+# The experts' loop as a custom op: torch.compile sees one opaque call whose outputs have the shapes of its
+# inputs, so a compiled MoE block keeps routing, sorting and unsorting in its graph. Inside, the loop needs the
+# rows per expert as Python numbers (`counts.tolist()`), which dynamo cannot trace without breaking the graph.
+@torch.library.custom_op("fusion::looped_experts", mutates_args=())
+def looped_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                   counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SwiGLU experts over rows grouped by expert, one matmul per non-empty expert: x [M, D] (rows in expert
+    order), gate_up [E, D, 2F], down [E, F, D], counts [E] -> (out [M, D], h = x @ gate_up [M, 2F], which alone
+    the backward keeps). Each expert's rows are written straight into preallocated buffers (no per-expert
+    outputs to concatenate)."""
+    hidden = down.shape[1]
+    h = x.new_empty(x.shape[0], 2 * hidden)  # [M, 2F] gate ‖ up
+    act = x.new_empty(x.shape[0], hidden)  # [M, F]
+    out = x.new_empty(x.shape)  # [M, D]
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
             rows = slice(start, start + n)
-            gate, up = h[rows, :hidden], h[rows, hidden:]
-            silu_gate = F.silu(gate)
-            torch.mm((silu_gate * up).t(), grad_out[rows], out=grad_down[e])
-            grad_act = grad_out[rows] @ down[e].t()  # [n, F]
-            torch.mul(grad_act, silu_gate, out=grad_h[rows, hidden:])
-            grad_h[rows, :hidden] = torch.ops.aten.silu_backward(grad_act * up, gate)
-            torch.mm(x[rows].t(), grad_h[rows], out=grad_gate_up[e])
-            torch.mm(grad_h[rows], gate_up[e].t(), out=grad_x[rows])
-            start += n
-        return grad_x, grad_gate_up, grad_down, None
+            torch.mm(x[rows], gate_up[e], out=h[rows])
+            torch.mul(F.silu(h[rows, :hidden]), h[rows, hidden:], out=act[rows])
+            torch.mm(act[rows], down[e], out=out[rows])
+        start += n
+    return out, h
+
+
+@looped_experts.register_fake
+def _looped_experts_shapes(x, gate_up, down, counts):
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], 2 * down.shape[1])
+
+
+@torch.library.custom_op("fusion::looped_experts_backward", mutates_args=())
+def looped_experts_backward(grad_out: torch.Tensor, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                            h: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `looped_experts` for x, gate_up and down, written into buffers per expert (no
+    autograd); an expert with no rows gets a zero gradient."""
+    hidden = down.shape[1]
+    grad_out = grad_out.contiguous()
+    grad_x, grad_h = torch.empty_like(x), torch.empty_like(h)
+    grad_gate_up, grad_down = torch.empty_like(gate_up), torch.empty_like(down)
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n == 0:
+            grad_gate_up[e].zero_()
+            grad_down[e].zero_()
+            continue
+        rows = slice(start, start + n)
+        gate, up = h[rows, :hidden], h[rows, hidden:]
+        silu_gate = F.silu(gate)
+        torch.mm((silu_gate * up).t(), grad_out[rows], out=grad_down[e])
+        grad_act = grad_out[rows] @ down[e].t()  # [n, F]
+        torch.mul(grad_act, silu_gate, out=grad_h[rows, hidden:])
+        grad_h[rows, :hidden] = torch.ops.aten.silu_backward(grad_act * up, gate)
+        torch.mm(x[rows].t(), grad_h[rows], out=grad_gate_up[e])
+        torch.mm(grad_h[rows], gate_up[e].t(), out=grad_x[rows])
+        start += n
+    return grad_x, grad_gate_up, grad_down
+
+
+@looped_experts_backward.register_fake
+def _looped_experts_backward_shapes(grad_out, x, gate_up, down, h, counts):
+    return torch.empty_like(x), torch.empty_like(gate_up), torch.empty_like(down)
+
+
+def _keep_for_backward(ctx, inputs, output):
+    x, gate_up, down, counts = inputs
+    ctx.save_for_backward(x, gate_up, down, output[1], counts)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _looped_experts_gradients(ctx, grad_out, grad_h):
+    return (*looped_experts_backward(grad_out, *ctx.saved_tensors), None)
+
+
+looped_experts.register_autograd(_looped_experts_gradients, setup_context=_keep_for_backward)
+
+
+# What torch.utils.flop_counter.FlopCounterMode counts for the loop (it cannot see inside a custom op): the
+# matmuls of the rows each expert computes, M rows in all (x [M, D], down [E, F, D]).
+@register_flop_formula(torch.ops.fusion.looped_experts)
+def _looped_experts_flops(x_shape, gate_up_shape, down_shape, counts_shape, out_shape=None) -> int:
+    (rows, dim), hidden = x_shape, down_shape[1]
+    return 2 * rows * dim * 2 * hidden + 2 * rows * hidden * dim
+
+
+@register_flop_formula(torch.ops.fusion.looped_experts_backward)
+def _looped_experts_backward_flops(grad_out_shape, x_shape, gate_up_shape, down_shape, h_shape, counts_shape,
+                                   out_shape=None) -> int:
+    return 2 * _looped_experts_flops(x_shape, gate_up_shape, down_shape, counts_shape)
 
 
 def sort_tokens_by_expert(chosen: torch.Tensor, num_experts: int):
@@ -149,8 +187,8 @@ def sort_tokens_by_expert(chosen: torch.Tensor, num_experts: int):
     """
     flat = chosen.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    return order, counts
+    counts = flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))  # (bincount's size is the
+    return order, counts                                                                  # data's: no graph)
 
 
 class MoE(nn.Module):

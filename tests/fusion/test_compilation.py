@@ -1,4 +1,4 @@
-"""`compile: true`'s decoder blocks under dynamo: whole graphs where the code allows them, eager results."""
+"""`compile: true`'s decoder blocks under dynamo: each one whole graph, eager results."""
 import pytest
 import torch
 
@@ -23,18 +23,21 @@ def traced_only(monkeypatch):
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["one-process", "fsdp2"])
-def test_dense_blocks_with_grouped_query_attention_compile_whole_and_train_as_eager(traced_only, tmp_path, sharded):
-    """A dense block (RoPE and chunked, or NoPE and full) with fewer K/V heads than query heads is one graph, also
-    compiled then sharded by FSDP2 as the trainer does: no break at its attention (dynamo reads a sharded block's
-    whole numbers as symbolic ones, which once made the grouped-query flag a symbolic bool that
-    scaled_dot_product_attention refuses), and losses and gradients are the eager blocks'."""
+@pytest.mark.parametrize("experts", [0, 4], ids=["dense", "moe"])
+def test_decoder_blocks_compile_whole_and_train_as_eager(traced_only, tmp_path, experts, sharded):
+    """A block (RoPE and chunked, or NoPE and full; dense, or MoE with 4 experts) with fewer K/V heads than query
+    heads is one graph, also compiled then sharded by FSDP2 as the trainer does, and its losses, gradients and
+    experts' token counts are the eager blocks'. No break at attention (dynamo reads a sharded block's whole
+    numbers as symbolic ones, which once made the grouped-query flag a symbolic bool that
+    scaled_dot_product_attention refuses), nor at routing (the tokens per expert were once counted by bincount,
+    whose size depends on the data, and the experts' loop read them as Python numbers: it is a custom op now)."""
     import torch.distributed as dist
 
     config = fusion.DecoderConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                  head_dim=8, intermediate_size_mlp=48, num_experts=0, attention_chunk_size=8,
-                                  nope_interval=2)
+                                  head_dim=8, intermediate_size=24, intermediate_size_mlp=48, num_experts=experts,
+                                  interleave_moe_layer_step=1, attention_chunk_size=8, nope_interval=2)
     torch.manual_seed(0)
-    eager, compiled = fusion.Decoder(config), fusion.Decoder(config)
+    eager, compiled = fusion.Decoder(config).train(), fusion.Decoder(config).train()
     compiled.load_state_dict(eager.state_dict())
     assert compile_decoder_blocks(compiled) == 2
     if sharded:
@@ -53,6 +56,11 @@ def test_dense_blocks_with_grouped_query_attention_compile_whole_and_train_as_ea
             for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
                 grad = q.grad.full_tensor() if sharded else q.grad
                 torch.testing.assert_close(grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        counts = [[c.tolist() for c in model.tokens_per_expert()] for model in (eager, compiled)]
+        assert counts[1] == counts[0] and len(counts[0]) == (2 if experts else 0)
+        balance = [[b.tolist() for name, b in model.named_buffers() if name.endswith(".tokens_per_expert")]
+                   for model in (eager, compiled)]  # what the balancing has counted over both forwards
+        assert balance[1] == balance[0]
     finally:
         if sharded:
             dist.destroy_process_group()

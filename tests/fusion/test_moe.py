@@ -52,7 +52,7 @@ def test_no_expert_computes_on_tokens_not_routed_to_it(top_k, monkeypatch):
     real_loop = GroupedExperts._forward_loop
 
     def spy(self, x_sorted, counts):
-        for e, rows in enumerate(x_sorted.split(counts)):
+        for e, rows in enumerate(x_sorted.split(counts.tolist())):
             seen[e] = rows.shape[0]
         return real_loop(self, x_sorted, counts)
 
@@ -76,7 +76,7 @@ def test_grouped_matmul_path_equals_loop():
     counts = torch.tensor([7, 0, 19, 1, 13])
     x = torch.randn(int(counts.sum()), 32)
     with torch.no_grad():
-        loop = experts._forward_loop(x, counts.tolist())
+        loop = experts._forward_loop(x, counts)
         try:
             grouped = experts._forward_grouped_mm(x, counts)
         except RuntimeError as err:  # builds without a CPU _grouped_mm
@@ -168,13 +168,41 @@ def test_decoder_reports_tokens_per_expert_and_aux_loss():
 
 def test_expert_backward_is_exact():
     """The hand-written expert backward (buffers, no autograd) passes gradcheck, empty experts included."""
-    from fusion.moe import _LoopedExperts
+    from fusion.moe import looped_experts
 
     torch.manual_seed(0)
     x = torch.randn(9, 6, dtype=torch.double, requires_grad=True)
     gate_up = torch.randn(4, 6, 10, dtype=torch.double, requires_grad=True)
     down = torch.randn(4, 5, 6, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b, c: _LoopedExperts.apply(a, b, c, [3, 0, 6, 0]), (x, gate_up, down))
+    counts = torch.tensor([3, 0, 6, 0])
+    assert torch.autograd.gradcheck(lambda a, b, c: looped_experts(a, b, c, counts)[0], (x, gate_up, down))
+
+
+def test_the_experts_loop_is_a_well_formed_custom_op():
+    """torch.library's own checks of the experts' loop as torch.compile sees it: its schema, its shapes without
+    data (the fake kernel dynamo and AOTAutograd trace), and the gradients its registered backward gives."""
+    from fusion.moe import looped_experts
+
+    torch.manual_seed(0)
+    x = torch.randn(9, 6, requires_grad=True)
+    gate_up = torch.randn(4, 6, 10, requires_grad=True)
+    down = torch.randn(4, 5, 6, requires_grad=True)
+    torch.library.opcheck(looped_experts, (x, gate_up, down, torch.tensor([3, 0, 6, 0])))
+
+
+def test_flop_counting_sees_the_experts_matmuls_forward_and_backward():
+    """FlopCounterMode cannot look inside the experts' custom op; its registered formulas count the matmuls
+    of the rows each expert computes: 3 of [M, D] x [D, F] forward, 6 backward."""
+    from fusion.moe import looped_experts
+
+    x = torch.randn(11, 6, requires_grad=True)
+    gate_up, down = torch.randn(4, 6, 10, requires_grad=True), torch.randn(4, 5, 6, requires_grad=True)
+    with FlopCounterMode(display=False) as forward:
+        out, _ = looped_experts(x, gate_up, down, torch.tensor([3, 0, 6, 2]))
+    with FlopCounterMode(display=False) as backward:
+        out.sum().backward()
+    assert forward.get_total_flops() == 3 * 2 * 11 * 6 * 5
+    assert backward.get_total_flops() == 6 * 2 * 11 * 6 * 5
 
 
 def test_experts_under_bfloat16_autocast():
