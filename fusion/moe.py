@@ -187,8 +187,9 @@ def sort_tokens_by_expert(chosen: torch.Tensor, num_experts: int):
     """
     flat = chosen.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))  # (bincount's size is the
-    return order, counts                                                                  # data's: no graph)
+    # a scatter of static size, not bincount (whose size depends on the data, which breaks a compiled graph)
+    counts = flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
+    return order, counts
 
 
 class MoE(nn.Module):
