@@ -34,10 +34,7 @@ from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from typing import Any
 
-import open_clip
 import torch
-from open_clip.model import _build_vision_tower  # open_clip's own vision-tower builder (stable in open_clip 3.x)
-from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from .attention import attend_in_float32_on_cpu
@@ -52,6 +49,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Defaults of a custom tower: the tiny patch-8 ViT measured to train on a laptop CPU.
 _CUSTOM_DEFAULTS = dict(image_size=64, patch_size=8, width=128, layers=3, heads=4, mlp_ratio=4.0, act="gelu")
 _CUSTOM_FIELDS = tuple(_CUSTOM_DEFAULTS)[:-1]  # the architecture fields a named model takes from open_clip
+
+
+def _open_clip():
+    """open_clip, imported on first use: importing it takes seconds (it imports torchvision and, where it
+    is installed, transformers), and only building a tower needs it, so ``import fusion`` and the ``fusion``
+    command start without it."""
+    import open_clip
+
+    return open_clip
 
 
 @dataclass
@@ -206,6 +212,8 @@ class VisionEncoder(nn.Module):
         self.visual = _build_tower(config, embed_dim, vision_cfg, quick_gelu, on_meta=weights is not None)
         if weights is not None and _has_non_persistent_buffers(self.visual):
             self.visual = _build_tower(config, embed_dim, vision_cfg, quick_gelu, on_meta=False)
+        from open_clip.transformer import VisionTransformer  # (see _open_clip)
+
         self._is_timm = not isinstance(self.visual, VisionTransformer)
 
         self._num_blocks = len(self._blocks())
@@ -404,6 +412,7 @@ def _tower_settings(config: VisionEncoderConfig) -> tuple[int, dict[str, Any], b
     if ":" in name:
         raise ValueError(f"model name {name!r} uses an open_clip schema ('hf-hub:' / 'local-dir:'); fusion never "
                          "downloads. Use a built-in name from open_clip.list_models() and pass the weights file.")
+    open_clip = _open_clip()
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
@@ -422,6 +431,10 @@ def _tower_settings(config: VisionEncoderConfig) -> tuple[int, dict[str, Any], b
 def _build_tower(config: VisionEncoderConfig, embed_dim: int, vision_cfg: dict[str, Any], quick_gelu: bool,
                  on_meta: bool) -> nn.Module:
     """open_clip's vision tower for ``config``, with the convolutional stem if asked for."""
+    # open_clip's own vision-tower builder (stable in open_clip 3.x); imported here, see _open_clip
+    from open_clip.model import _build_vision_tower
+    from open_clip.transformer import VisionTransformer
+
     with torch.device("meta") if on_meta else contextlib.nullcontext():
         visual = _build_vision_tower(embed_dim, vision_cfg, quick_gelu=quick_gelu)
         if not isinstance(visual, VisionTransformer):
@@ -454,6 +467,7 @@ def _normalisation(config: VisionEncoderConfig) -> tuple[tuple[float, ...], tupl
     With a local file there is no pretrained tag, so we take the mean/std that all of the model's
     open_clip tags agree on (e.g. 0.5 for SigLIP), or open_clip's default (OpenAI CLIP) otherwise.
     """
+    open_clip = _open_clip()
     default = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
     mean, std = default
     if config.model_name is not None:
@@ -469,7 +483,7 @@ def _normalisation(config: VisionEncoderConfig) -> tuple[tuple[float, ...], tupl
 
 
 def _quickgelu_name(model_name: str | None) -> str:
-    if model_name and f"{model_name}-quickgelu" in open_clip.list_models():
+    if model_name and f"{model_name}-quickgelu" in _open_clip().list_models():
         return f"{model_name}-quickgelu"
     return "ViT-B-32-quickgelu"
 
@@ -504,6 +518,7 @@ def _releases(quick_gelu: bool) -> tuple[dict[str, str], dict[str, str]]:
     repository from ``hf_hub`` (``timm/vit_base_patch32_clip_224.openai``, and the name alone). A name
     that tags of both kinds use is left out.
     """
+    open_clip = _open_clip()
     found = {True: ({}, {}), False: ({}, {})}
     for model_name, tag in open_clip.list_pretrained():
         tag_cfg = open_clip.get_pretrained_cfg(model_name, tag)

@@ -4,6 +4,8 @@ import argparse
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import open_clip
@@ -456,3 +458,22 @@ def test_timm_vit_towers_give_patch_tokens_without_prefix_tokens(tmp_path):
     with torch.no_grad():
         reloaded = VisionEncoder.from_open_clip("PE-Core-T-16-384", path).eval()(pixels)
     assert torch.allclose(reloaded, tokens, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# open_clip is imported when a tower is built, not before
+# ---------------------------------------------------------------------------------------------
+
+
+def test_importing_the_library_and_its_command_leaves_open_clip_for_the_first_tower():
+    """`import open_clip` takes seconds (torchvision, and transformers where installed); `import fusion`,
+    `pipelines` and the `fusion` command start without it, and building a tower imports it."""
+    script = ("import sys\n"
+              "import fusion, fusion.cli, pipelines, vision\n"
+              "print(sorted(m for m in ('open_clip', 'torchvision', 'transformers') if m in sys.modules))\n"
+              "vision.VisionEncoder(vision.VisionEncoderConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2))\n"
+              "print('open_clip' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:2] == ["[]", "True"], result.stdout
