@@ -1,4 +1,5 @@
-"""VisionEncoder: parity with open_clip's own patch tokens, weight files, QuickGELU guard, custom towers."""
+"""VisionEncoder: parity with open_clip's own patch tokens, weight files, QuickGELU guard, custom towers, open_clip
+imported on first use."""
 
 import argparse
 import json
