@@ -60,6 +60,13 @@ def _open_clip():
     return open_clip
 
 
+def _is_open_clip_vit(visual: nn.Module) -> bool:
+    """Whether ``visual`` is open_clip's own ViT tower (else a timm tower)."""
+    from open_clip.transformer import VisionTransformer  # (see _open_clip)
+
+    return isinstance(visual, VisionTransformer)
+
+
 @dataclass
 class VisionEncoderConfig:
     """Settings of a ``VisionEncoder``; JSON-serialisable with ``to_dict`` / ``from_dict``.
@@ -212,9 +219,7 @@ class VisionEncoder(nn.Module):
         self.visual = _build_tower(config, embed_dim, vision_cfg, quick_gelu, on_meta=weights is not None)
         if weights is not None and _has_non_persistent_buffers(self.visual):
             self.visual = _build_tower(config, embed_dim, vision_cfg, quick_gelu, on_meta=False)
-        from open_clip.transformer import VisionTransformer  # (see _open_clip)
-
-        self._is_timm = not isinstance(self.visual, VisionTransformer)
+        self._is_timm = not _is_open_clip_vit(self.visual)
 
         self._num_blocks = len(self._blocks())
         if not -self._num_blocks <= config.layer < self._num_blocks:
@@ -431,19 +436,17 @@ def _tower_settings(config: VisionEncoderConfig) -> tuple[int, dict[str, Any], b
 def _build_tower(config: VisionEncoderConfig, embed_dim: int, vision_cfg: dict[str, Any], quick_gelu: bool,
                  on_meta: bool) -> nn.Module:
     """open_clip's vision tower for ``config``, with the convolutional stem if asked for."""
-    # open_clip's own vision-tower builder (stable in open_clip 3.x); imported here, see _open_clip
-    from open_clip.model import _build_vision_tower
-    from open_clip.transformer import VisionTransformer
+    from open_clip.model import _build_vision_tower  # open_clip's own builder (stable in 3.x); see _open_clip
 
     with torch.device("meta") if on_meta else contextlib.nullcontext():
         visual = _build_vision_tower(embed_dim, vision_cfg, quick_gelu=quick_gelu)
-        if not isinstance(visual, VisionTransformer):
+        if not _is_open_clip_vit(visual):
             _check_timm_vit(visual, config.model_name)
         if config.stem == "conv":
-            if not isinstance(visual, VisionTransformer):
+            if not _is_open_clip_vit(visual):
                 raise ValueError(f"stem='conv' needs an open_clip ViT tower; {config.model_name!r} is a timm tower")
             visual.conv1 = ConvPatchStem(visual.transformer.width, visual.patch_size[0])
-        if isinstance(visual, VisionTransformer):
+        if _is_open_clip_vit(visual):
             attend_in_float32_on_cpu(visual)
     return visual
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -475,6 +476,6 @@ def test_importing_the_library_and_its_command_leaves_open_clip_for_the_first_to
               "vision.VisionEncoder(vision.VisionEncoderConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2))\n"
               "print('open_clip' in sys.modules)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+                            cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[:2] == ["[]", "True"], result.stdout
