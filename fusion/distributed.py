@@ -170,6 +170,48 @@ def apply_fsdp2(model: nn.Module, blocks: list[nn.Module], ctx: DistContext) -> 
     return model
 
 
+def gathering_whole_supported() -> bool:
+    """Whether this torch can hold every FSDP2 module gathered through several forwards
+    (`FSDPModule.set_reshard_after_forward`, torch 2.7 and later), as `gathered_for_inference(whole=True)` does."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch 2.5
+        return False
+    return hasattr(FSDPModule, "set_reshard_after_forward")
+
+
+@contextlib.contextmanager
+def gathered_for_inference(model: nn.Module, whole: bool = False):
+    """An FSDP2 model (`apply_fsdp2`) ready for forwards without gradients, such as an evaluation's
+    generations; its weights sharded again on leaving. Collective: every process enters and leaves it together.
+
+    The root's own weights (embeddings, LM head, final norm) are gathered on entering and held. With `whole`,
+    so are every block's, the vision tower's and the adapter's, and no forward inside gathers anything: each
+    process holds the whole model for the while (its memory grows by the shards it does not hold) and runs its
+    forwards without waiting on the others. Without `whole` each of those modules gathers its weights when it
+    runs and frees them after, as in training: no process holds the whole model, but every forward gathers
+    every block again."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch 2.5
+        from torch.distributed._composable.fsdp import FSDPModule
+    if whole and not gathering_whole_supported():
+        raise ConfigError(f"holding every FSDP2 module gathered needs torch 2.7 or later "
+                          f"(FSDPModule.set_reshard_after_forward); this is torch {torch.__version__}")
+    inner = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model] if whole else []
+    for module in inner:  # (fully_shard's default for a module under the root: reshard after each forward)
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        for module in [model, *inner]:
+            module.unshard()
+        yield model
+    finally:
+        for module in [*inner, model]:
+            module.reshard()
+        for module in inner:
+            module.set_reshard_after_forward(True, recurse=False)
+
+
 def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 

@@ -347,15 +347,34 @@ class TrainConfig:
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"training config: {name} must be a mapping, e.g. {name}: {example}; got "
                                   f"{getattr(self, name)!r}")
-        check_keys(self.distributed, ["strategy"], "distributed")
+        check_keys(self.distributed, ["strategy", "gather_for_eval"], "distributed")
         if self.distributed.get("strategy", "ddp") not in ("ddp", "fsdp2"):
             raise ConfigError(f"distributed.strategy must be ddp or fsdp2, got {self.distributed.get('strategy')!r}")
+        self._check_gather_for_eval()
         self._check_data()
         self.final_eval = _final_eval(self.final_eval)
         if self.device is not None:
             from .distributed import parse_device
 
             parse_device(self.device, "training config: device")
+
+    def _check_gather_for_eval(self):
+        """`distributed.gather_for_eval` (FSDP2): true to hold the whole model in every process while it
+        evaluates (faster; its memory grows by the shards it does not hold), false (the default) to keep it
+        sharded, each block's weights gathered whenever it runs. Under DDP every process holds the whole model
+        anyway and the option changes nothing."""
+        gather = self.distributed.get("gather_for_eval", False)
+        if not isinstance(gather, bool):
+            raise ConfigError(f"distributed.gather_for_eval must be true or false, got {gather!r}")
+        if gather and self.distributed.get("strategy") == "fsdp2":
+            import torch
+
+            from .distributed import gathering_whole_supported
+
+            if not gathering_whole_supported():
+                raise ConfigError(f"distributed.gather_for_eval needs torch 2.7 or later "
+                                  f"(FSDPModule.set_reshard_after_forward), this is torch {torch.__version__}: "
+                                  f"upgrade torch or leave the option out (the evaluation then runs sharded)")
 
     def _check_data(self):
         unknown = sorted(set(self.data) - {"shapes_world"})

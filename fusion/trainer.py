@@ -15,6 +15,7 @@ schedule), `data.stage_data` (a stage's dataset and sampler), `training_step` (t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -627,24 +628,22 @@ class Trainer:
         each answers its share of every batch, all generating in step, each block gathering its weights when it
         runs (the model's own, the embeddings and the LM head, are held whole for the evaluation). No process
         holds the whole model, but each token generated gathers every block's weights once more (the
-        evaluation times of `bench/starting_memory.py`). Raises `DatasetError` where most samples are bad (on
-        every process that evaluates)."""
+        evaluation times of `bench/starting_memory.py`); with `distributed.gather_for_eval` every process holds
+        the whole model for the evaluation instead and its forwards gather nothing. Raises `DatasetError` where
+        most samples are bad (on every process that evaluates)."""
         sharded = self.sharded and getattr(self.model, "_fsdp_applied", False)
         if not sharded and not self.ctx.is_main:
             return None
         from .evaluation.evaluate import evaluate
 
-        if sharded:
-            self.model.unshard()
-        try:
-            with eager(), warnings.catch_warnings():  # (eager: generation's shapes would only compile more graphs)
-                if not self.ctx.is_main:  # its bad samples are said once, by the main process
-                    warnings.simplefilter("ignore")
-                results = evaluate(self.model, self.config.path(data), root=self.config.path(root),
-                                   processes=self.ctx if sharded else None, **options)
-        finally:
-            if sharded:
-                self.model.reshard()
+        whole = self.config.distributed.get("gather_for_eval", False)
+        gathered = fdist.gathered_for_inference(self.model, whole=whole) if sharded else contextlib.nullcontext()
+        # (eager: generation's shapes would only compile more graphs)
+        with gathered, eager(), warnings.catch_warnings():
+            if not self.ctx.is_main:  # its bad samples are said once, by the main process
+                warnings.simplefilter("ignore")
+            results = evaluate(self.model, self.config.path(data), root=self.config.path(root),
+                               processes=self.ctx if sharded else None, **options)
         return results if self.ctx.is_main else None
 
     def check(self) -> str:

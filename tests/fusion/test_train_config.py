@@ -91,6 +91,8 @@ ONE_STAGE = STAGE.format(line="lr: {decoder: 1.0e-3}\n    steps: 1")
     ("model: default", r"training config: model must be a mapping, e.g. model: \{init_from: default\}"),
     ("distributed: fsdp2", r"training config: distributed must be a mapping, e.g. distributed: \{strategy: fsdp2\}"),
     ("distributed: {stratgy: fsdp2}", r"distributed: unknown key 'stratgy' \(did you mean 'strategy'\?\)"),
+    ("distributed: {strategy: fsdp2, gather_for_eval: yes please}",
+     r"distributed.gather_for_eval must be true or false, got 'yes please'"),
     ("data: {train: train.jsonl}", r"data: unknown keys \['train'\]; the only one is shapes_world"),
     ("data: {shapes_world: {train_images: 24}}", r"data.shapes_world must be a mapping with out_dir"),
     ("data: {shapes_world: {out_dir: w, train_image: 24}}",
@@ -105,6 +107,21 @@ def test_a_mistake_in_a_top_level_setting_is_named_before_anything_runs(tmp_path
     (a typo'd key of distributed, final_eval or the shapes world), or fail with a traceback (model: default)."""
     with pytest.raises(ConfigError, match=message):
         load_train_config(config_file(tmp_path, top + "\n" + ONE_STAGE))
+
+
+def test_gather_for_eval_on_a_torch_without_it_says_what_to_do(tmp_path, monkeypatch):
+    """Holding every FSDP2 module gathered needs `FSDPModule.set_reshard_after_forward` (torch 2.7): on an
+    older torch the config is refused before anything runs, not an evaluation's AttributeError mid-run. Under
+    DDP the option changes nothing and needs nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    monkeypatch.delattr(FSDPModule, "set_reshard_after_forward")
+    with pytest.raises(ConfigError, match=r"distributed.gather_for_eval needs torch 2.7 or later .*leave the option "
+                                          r"out \(the evaluation then runs sharded\)"):
+        load_train_config(config_file(tmp_path, "distributed: {strategy: fsdp2, gather_for_eval: true}\n" + ONE_STAGE))
+    config = load_train_config(config_file(tmp_path, "distributed: {strategy: ddp, gather_for_eval: true}\n"
+                                           + ONE_STAGE))
+    assert config.distributed == {"strategy": "ddp", "gather_for_eval": True}
 
 
 @pytest.mark.parametrize("name", ["1", "../elsewhere", "''", "a/b", "'..'"])

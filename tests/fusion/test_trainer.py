@@ -1428,6 +1428,84 @@ def train_sharded_in_two_processes(config, folder, resume=False) -> str:
     return output
 
 
+# Run by each process of the gathered-evaluation test (`run.py CONFIG OUT`): training as `fusion train` does,
+# noting whenever the last decoder block has run whether the first block's weights were sharded then (all its
+# parameters DTensors, its gathered weights freed after its forward), under the forward's kind: "answering"
+# (a question of an evaluation), "training" (with gradients) or "val_loss"; written to OUT/seen{N}.json.
+_GATHERED_EVAL_RUN = """
+import json, os, sys
+import torch
+from torch.distributed.tensor import DTensor
+import fusion.distributed, fusion.trainer
+
+seen = {"answering": [], "training": [], "val_loss": []}
+answering = []
+shard = fusion.trainer.Trainer._shard
+
+def shard_and_watch(self, model):
+    shard(self, model)
+    first, last = model.decoder.layers[0], model.decoder.layers[-1]
+
+    def note(module, args, output):
+        kind = "answering" if answering else "training" if torch.is_grad_enabled() else "val_loss"
+        seen[kind].append(all(isinstance(p, DTensor) for p in first.parameters()))
+
+    last.register_forward_hook(note)
+
+fusion.trainer.Trainer._shard = shard_and_watch
+chat = fusion.FusionModel.chat
+
+def chat_and_note(self, *args, **kwargs):
+    answering.append(1)
+    try:
+        return chat(self, *args, **kwargs)
+    finally:
+        answering.pop()
+
+fusion.FusionModel.chat = chat_and_note
+fusion.trainer.train(sys.argv[1], progress=False)
+with open(os.path.join(sys.argv[2], "seen%s.json" % os.environ["RANK"]), "w") as f:
+    json.dump(seen, f)
+fusion.distributed.shutdown_distributed()
+fusion.distributed.end_torchrun_process(0)
+"""
+
+
+def test_fsdp2_with_gather_for_eval_answers_with_whole_blocks_then_trains_sharded_as_one_process(world, tmp_path,
+                                                                                                one_process_run):
+    """`distributed: {strategy: fsdp2, gather_for_eval: true}`: while the processes answer an evaluation's
+    questions every block's weights stay gathered (a forward gathers nothing), and afterwards the run trains
+    as before, each block freeing its gathered weights after its forward; the losses, evaluations (during the
+    stage, and the final one) and weights are the one-process run's."""
+    stage = {"name": "all", "data": str(world / "train.jsonl"), "steps": 4, "batch_size": 8,
+             "lr": {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-3},
+             "eval": {"data": str(world / "val.jsonl"), "every": 2, "limit": 4}}
+    final_eval = {"data": str(world / "test.jsonl"), "limit": 4}
+    one = one_process_run("gathered-eval", base_config(world, None, [stage], threads=1, final_eval=final_eval))
+    two = write_config(tmp_path / "two.yaml", base_config(world, tmp_path / "two", [stage], threads=1,
+                                                          final_eval=final_eval,
+                                                          distributed={"strategy": "fsdp2", "gather_for_eval": True}))
+    (tmp_path / "run.py").write_text(_GATHERED_EVAL_RUN)
+    torchrun_two_processes([str(two), str(tmp_path)], program=[str(tmp_path / "run.py")])
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"seen{rank}.json").read_text())
+        assert seen["answering"] and not any(seen["answering"]), seen  # every block held whole
+        assert seen["val_loss"] and all(seen["val_loss"]), seen  # (the validation loss: sharded, as in training)
+        assert len(seen["training"]) >= 4 and all(seen["training"]), seen  # sharded again after each evaluation
+    a, b = losses(one), losses(tmp_path / "two")
+    assert [s for s, _ in b] == [1, 2, 3, 4]
+    for (step, x), (_, y) in zip(a, b):
+        assert x == pytest.approx(y, rel=1e-4, abs=1e-5), f"step {step}: 1 process {x}, 2 processes {y}"
+    evals = [[e for e in read_metrics(out / "metrics.jsonl") if e["kind"] == "eval"] for out in (one, tmp_path / "two")]
+    assert [e["step"] for e in evals[0]] == [e["step"] for e in evals[1]] == [2, 4]
+    for x, y in zip(*evals):
+        assert y["accuracy"] == x["accuracy"] and x["accuracy"]
+        assert y["val_loss"] == pytest.approx(x["val_loss"], rel=1e-4)
+    finals = [json.loads((out / "eval.json").read_text()) for out in (one, tmp_path / "two")]
+    assert finals[1]["tasks"] == finals[0]["tasks"] and finals[0]["counts"]["evaluated"] > 0
+    assert_same_trained_weights(tmp_path / "two" / "final", one / "final")
+
+
 def test_fsdp2_on_a_llama4_trunk_reads_each_process_shard_only_and_matches_one_process(world, tmp_path):
     """Under FSDP2 each process reads a `model.trunk` tensor by tensor into its shard (the trunk's decoder is
     sharded before any weight is read; no process loads it whole), and the run (frozen trunk, then everything
