@@ -96,6 +96,7 @@ class Trainer:
         self.seconds_before = self.resume_state.get("wall_seconds") if self.resume_state else 0.0
         self.media_cache = MediaCache()  # decoded media, shared by the stages with cache_samples
         self.model: FusionModel | None = None  # built by `run` (or `check`)
+        self._evaluation_weights_held = False  # inside `_evaluation_weights`
         self.stop_signals = StopSignals()  # SIGTERM / SIGINT: stop after the current step, with a checkpoint
         for stage in config.stages:
             if stage.compile:
@@ -595,8 +596,9 @@ class Trainer:
         model = self.model
         was_training = {name: part.training for name, part in model.parts().items()}
         model.eval()
-        val_loss = self._validation_loss(stage)
-        accuracy = self._accuracy(stage, progress) if stage.eval.limit != 0 else {}
+        with self._evaluation_weights():
+            val_loss = self._validation_loss(stage)
+            accuracy = self._accuracy(stage, progress) if stage.eval.limit != 0 else {}
         for name, part in model.parts().items():
             part.train(was_training[name])
         if self.ctx.is_main:
@@ -621,6 +623,23 @@ class Trainer:
             return {}
         return _accuracies(results) if results is not None else {}
 
+    @contextlib.contextmanager
+    def _evaluation_weights(self):
+        """Under FSDP2, the model's weights as an evaluation holds them (`fdist.gathered_for_inference`): its
+        own (the embeddings, the LM head) gathered, and with `distributed.gather_for_eval` every block's, the
+        tower's and the adapter's too; sharded again on leaving. Collective. Inside it already (a stage's
+        evaluation: its validation loss, then its accuracy), or without FSDP2, it changes nothing."""
+        if not (self.sharded and getattr(self.model, "_fsdp_applied", False)) or self._evaluation_weights_held:
+            yield
+            return
+        whole = self.config.distributed.get("gather_for_eval", False)
+        self._evaluation_weights_held = True
+        try:
+            with fdist.gathered_for_inference(self.model, whole=whole):
+                yield
+        finally:
+            self._evaluation_weights_held = False
+
     def _evaluate_model(self, data, root, **options) -> dict | None:
         """`fusion.evaluation.evaluate` of the model in training on `data` (options: its keywords); the
         results on the main process, None on the others. Without FSDP2 the main process evaluates alone while
@@ -629,17 +648,15 @@ class Trainer:
         runs (the model's own, the embeddings and the LM head, are held whole for the evaluation). No process
         holds the whole model, but each token generated gathers every block's weights once more (the
         evaluation times of `bench/starting_memory.py`); with `distributed.gather_for_eval` every process holds
-        the whole model for the evaluation instead and its forwards gather nothing. Raises `DatasetError` where
-        most samples are bad (on every process that evaluates)."""
+        the whole model for the evaluation instead and its forwards gather nothing (`_evaluation_weights`).
+        Raises `DatasetError` where most samples are bad (on every process that evaluates)."""
         sharded = self.sharded and getattr(self.model, "_fsdp_applied", False)
         if not sharded and not self.ctx.is_main:
             return None
         from .evaluation.evaluate import evaluate
 
-        whole = self.config.distributed.get("gather_for_eval", False)
-        gathered = fdist.gathered_for_inference(self.model, whole=whole) if sharded else contextlib.nullcontext()
         # (eager: generation's shapes would only compile more graphs)
-        with gathered, eager(), warnings.catch_warnings():
+        with self._evaluation_weights(), eager(), warnings.catch_warnings():
             if not self.ctx.is_main:  # its bad samples are said once, by the main process
                 warnings.simplefilter("ignore")
             results = evaluate(self.model, self.config.path(data), root=self.config.path(root),
