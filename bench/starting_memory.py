@@ -7,7 +7,8 @@ Two starts, each under a 2-process torchrun (gloo, CPU, one thread each) running
 
     trunk    `model.trunk` is that checkpoint; one step of a stage that trains the tower and adapter against
              the frozen trunk, an evaluation (validation loss and accuracy, 2 samples), and the stage's model
-             saved, as a co-training run starts
+             saved, as a co-training run starts; three ways: ddp, fsdp2, and fsdp2-gathered (FSDP2 with
+             `distributed.gather_for_eval`: every block held gathered while the processes evaluate)
     resume   `--resume` of a one-process run of that trunk with everything trained, stopped after its first
              step (its checkpoint: the model in float32 and AdamW's two moments per parameter); the second step
 
@@ -17,8 +18,8 @@ returned), once the optimizer's state is loaded (resume only: each process reads
 after the evaluation (trunk only: under DDP the main process evaluates alone, under FSDP2 every process on its
 shards; the main process's evaluation time is reported too) and at the end of the run (the main process
 writes the models and the checkpoints' models: under DDP from the whole model it holds, under FSDP2 one
-gathered tensor at a time; a checkpoint's optimizer state is written by each process, its part). The two ways
-alternate, the order flipped every round; medians over the rounds.
+gathered tensor at a time; a checkpoint's optimizer state is written by each process, its part). A start's
+ways alternate, the order flipped every round; medians over the rounds.
 
     python bench/starting_memory.py                     # 3 rounds
     python bench/starting_memory.py --rounds 1 --hidden-size 512 --json out.json
@@ -49,8 +50,10 @@ from recipe_step import report  # noqa: E402
 from rounds import round_order  # noqa: E402
 from tests.tiny_models import llama4_style_tokenizer  # noqa: E402
 
-WAYS = ("ddp", "fsdp2")
-STARTS = ("trunk", "resume")
+WAYS = {"trunk": ("ddp", "fsdp2", "fsdp2-gathered"), "resume": ("ddp", "fsdp2")}  # each start's ways
+STARTS = tuple(WAYS)
+DISTRIBUTED = {"ddp": {"strategy": "ddp"}, "fsdp2": {"strategy": "fsdp2"},
+               "fsdp2-gathered": {"strategy": "fsdp2", "gather_for_eval": True}}
 
 # What each process of a 2-process run executes (`worker.py CONFIG OUT [--resume]`): the run, with its peak
 # memory (kB on Linux) noted at the points the docstring names, written to OUT/rank{N}.json.
@@ -172,21 +175,22 @@ def main(argv=None):
         parameters = write_trunk(trunk, world, args)
         stopped = stopped_run(tmp, world, trunk)
         (tmp / "worker.py").write_text(WORKER)
-        peaks = {(start, way): [] for start in STARTS for way in WAYS}
+        peaks = {(start, way): [] for start in STARTS for way in WAYS[start]}
         for r in range(args.rounds):
-            for way in round_order(WAYS, r):
+            for way in round_order(WAYS["trunk"], r):
                 label = f"trunk-{way}-{r}"
                 config = write_config(tmp / f"{label}.yaml", tmp / label, world, trunk,
                                       {"vision": 1e-3, "adapter": 1e-3}, 1, evaluate=True,
-                                      distributed={"strategy": way})
+                                      distributed=DISTRIBUTED[way])
                 peaks["trunk", way].append(measure(tmp, config, False, label))
                 shutil.rmtree(tmp / label)  # (its models: ~2 GB a run by default)
+            for way in round_order(WAYS["resume"], r):
                 label = f"resume-{way}-{r}"
                 run = tmp / label  # a copy of the stopped run's folder for each resume (a resume writes into it)
                 shutil.copytree(stopped, run)
                 config = write_config(tmp / f"{label}.yaml", run, world, trunk,
                                       {"vision": 1e-3, "adapter": 1e-3, "decoder": 1e-4}, 2, checkpoint_every=1,
-                                      distributed={"strategy": way})
+                                      distributed=DISTRIBUTED[way])
                 peaks["resume", way].append(measure(tmp, config, True, label))
                 shutil.rmtree(run)
 
@@ -196,7 +200,7 @@ def main(argv=None):
     keys = {"trunk": ("before_model_mb", "model_ready_mb", "before_eval_mb", "evaluated_mb", "run_mb"),
             "resume": ("before_model_mb", "model_ready_mb", "optimizer_loaded_mb", "run_mb")}
     results = {start: {way: {f"rank{rank}": {key: median(start, way, rank, key) for key in keys[start]}
-                             for rank in (0, 1)} for way in WAYS} for start in STARTS}
+                             for rank in (0, 1)} for way in WAYS[start]} for start in STARTS}
 
     def added(start, way, upto):  # what loading added to the second process's peak
         second = results[start][way]["rank1"]
@@ -207,18 +211,18 @@ def main(argv=None):
         "trunk_float32_mb": round(parameters * 4 / 2**20),
         "peak_rss_mb": results,
         "rank1_added_by_loading_mb": {
-            "trunk": {way: added("trunk", way, "model_ready_mb") for way in WAYS},
-            "resume": {way: added("resume", way, "optimizer_loaded_mb") for way in WAYS}},
+            "trunk": {way: added("trunk", way, "model_ready_mb") for way in WAYS["trunk"]},
+            "resume": {way: added("resume", way, "optimizer_loaded_mb") for way in WAYS["resume"]}},
         "rank0_added_by_evaluation_mb": {way: results["trunk"][way]["rank0"]["evaluated_mb"]
-                                         - results["trunk"][way]["rank0"]["before_eval_mb"] for way in WAYS},
+                                         - results["trunk"][way]["rank0"]["before_eval_mb"] for way in WAYS["trunk"]},
         "evaluation_s": {way: round(statistics.median(p[0]["evaluated_s"] for p in peaks["trunk", way]), 2)
-                         for way in WAYS},
+                         for way in WAYS["trunk"]},
         "rank1_added_ddp_over_fsdp2": {
             "trunk": round(added("trunk", "ddp", "model_ready_mb") / added("trunk", "fsdp2", "model_ready_mb"), 2),
             "resume": round(added("resume", "ddp", "optimizer_loaded_mb")
                             / added("resume", "fsdp2", "optimizer_loaded_mb"), 2)},
         "all_peaks_mb": {f"{start}-{way}": [[{k: round(v) for k, v in rank.items() if k.endswith("_mb")} for rank in p]
-                                            for p in peaks[start, way]] for start in STARTS for way in WAYS},
+                                            for p in peaks[start, way]] for start in STARTS for way in WAYS[start]},
     })
 
 
