@@ -13,6 +13,8 @@ rate per part. A rate of 0 (or a part left out) freezes that part for the stage.
       # trunk: a Hugging Face Llama 4 folder, whose decoder and tokenizer replace decoder: and tokenizer:
     data:
       shapes_world: {out_dir: data/shapes, train_images: 4000} # generate the dataset first if missing
+    distributed: {strategy: ddp}  # under torchrun: ddp, or fsdp2 (with gather_for_eval: true, every process
+                                  # holds the whole model while it evaluates: faster, more memory)
     stages:
       - name: trunk
         data: data/shapes/text.jsonl
