@@ -190,14 +190,12 @@ def gathered_for_inference(model: nn.Module, whole: bool = False):
     process holds the whole model for the while (its memory grows by the shards it does not hold) and runs its
     forwards without waiting on the others. Without `whole` each of those modules gathers its weights when it
     runs and frees them after, as in training: no process holds the whole model, but every forward gathers
-    every block again."""
+    every block again. `whole` needs torch 2.7 or later (`gathering_whole_supported`; the training config
+    checks it)."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch 2.5
         from torch.distributed._composable.fsdp import FSDPModule
-    if whole and not gathering_whole_supported():
-        raise ConfigError(f"holding every FSDP2 module gathered needs torch 2.7 or later "
-                          f"(FSDPModule.set_reshard_after_forward); this is torch {torch.__version__}")
     inner = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model] if whole else []
     for module in inner:  # (fully_shard's default for a module under the root: reshard after each forward)
         module.set_reshard_after_forward(False, recurse=False)

@@ -96,7 +96,6 @@ class Trainer:
         self.seconds_before = self.resume_state.get("wall_seconds") if self.resume_state else 0.0
         self.media_cache = MediaCache()  # decoded media, shared by the stages with cache_samples
         self.model: FusionModel | None = None  # built by `run` (or `check`)
-        self._evaluation_weights_held = False  # inside `_evaluation_weights`
         self.stop_signals = StopSignals()  # SIGTERM / SIGINT: stop after the current step, with a checkpoint
         for stage in config.stages:
             if stage.compile:
@@ -627,18 +626,13 @@ class Trainer:
     def _evaluation_weights(self):
         """Under FSDP2, the model's weights as an evaluation holds them (`fdist.gathered_for_inference`): its
         own (the embeddings, the LM head) gathered, and with `distributed.gather_for_eval` every block's, the
-        tower's and the adapter's too; sharded again on leaving. Collective. Inside it already (a stage's
-        evaluation: its validation loss, then its accuracy), or without FSDP2, it changes nothing."""
-        if not (self.sharded and getattr(self.model, "_fsdp_applied", False)) or self._evaluation_weights_held:
+        tower's and the adapter's too; sharded again on leaving. Collective. Without FSDP2 it changes nothing.
+        One hold per evaluation: a stage's (its validation loss, then its accuracy), the final one."""
+        if not (self.sharded and getattr(self.model, "_fsdp_applied", False)):
             yield
             return
-        whole = self.config.distributed.get("gather_for_eval", False)
-        self._evaluation_weights_held = True
-        try:
-            with fdist.gathered_for_inference(self.model, whole=whole):
-                yield
-        finally:
-            self._evaluation_weights_held = False
+        with fdist.gathered_for_inference(self.model, whole=self.config.distributed.get("gather_for_eval", False)):
+            yield
 
     def _evaluate_model(self, data, root, **options) -> dict | None:
         """`fusion.evaluation.evaluate` of the model in training on `data` (options: its keywords); the
@@ -648,15 +642,16 @@ class Trainer:
         runs (the model's own, the embeddings and the LM head, are held whole for the evaluation). No process
         holds the whole model, but each token generated gathers every block's weights once more (the
         evaluation times of `bench/starting_memory.py`); with `distributed.gather_for_eval` every process holds
-        the whole model for the evaluation instead and its forwards gather nothing (`_evaluation_weights`).
-        Raises `DatasetError` where most samples are bad (on every process that evaluates)."""
+        the whole model for the evaluation instead and its forwards gather nothing. The caller holds the
+        weights for it (`_evaluation_weights`). Raises `DatasetError` where most samples are bad (on every
+        process that evaluates)."""
         sharded = self.sharded and getattr(self.model, "_fsdp_applied", False)
         if not sharded and not self.ctx.is_main:
             return None
         from .evaluation.evaluate import evaluate
 
         # (eager: generation's shapes would only compile more graphs)
-        with self._evaluation_weights(), eager(), warnings.catch_warnings():
+        with eager(), warnings.catch_warnings():
             if not self.ctx.is_main:  # its bad samples are said once, by the main process
                 warnings.simplefilter("ignore")
             results = evaluate(self.model, self.config.path(data), root=self.config.path(root),
@@ -972,7 +967,8 @@ class Trainer:
                    "progress": self.progress and self.ctx.is_main}
         try:
             if self.sharded:
-                results = self._evaluate_model(spec["data"], spec.get("root"), **options)
+                with self._evaluation_weights():
+                    results = self._evaluate_model(spec["data"], spec.get("root"), **options)
             else:
                 from .evaluation.evaluate import evaluate
 
