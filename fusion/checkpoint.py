@@ -455,13 +455,12 @@ def _damaged_weights(folder: Path, err: Exception) -> str:
     return f"{folder / WEIGHTS_FILE} cannot be read ({err}); the file is damaged"
 
 
-def load_model_folder(path, device=None, dtype: torch.dtype | None = None, decoder_weights: bool = True):
-    """`FusionModel.from_pretrained`. The decoder is built on the meta device and its weights are read into it
-    one tensor at a time (`read_decoder_weights`), so loading takes no more memory than the loaded model and one
-    tensor. `decoder_weights=False`: the decoder's tensors are left in the file (checked to be there) for
-    `read_decoder_weights` to copy in once the decoder is sharded (FSDP2); the decoder is then on the meta device
-    and the rest of the model on the CPU, in float32."""
-    from .decoder import Decoder
+def load_model_folder(path, device=None, dtype: torch.dtype | None = None, read_weights: bool = True):
+    """`FusionModel.from_pretrained`. The model is built on the meta device (`FusionModel.unallocated`), every
+    tensor it needs is checked to be in the weights file with the shape its config gives, and the weights are
+    then read into it one tensor at a time (`read_model_weights`), so loading takes no more memory than the
+    loaded model and one tensor. `read_weights=False`: nothing is read and the model stays on the meta device,
+    in float32, for `read_model_weights` to copy its tensors in once it is sharded (FSDP2) and allocated."""
     from .model import FusionModel
 
     folder = model_folder(path)  # "default": the model that ships with fusion, as everywhere a folder is named
@@ -474,25 +473,10 @@ def load_model_folder(path, device=None, dtype: torch.dtype | None = None, decod
         raise CheckpointError(f"{folder / CONFIG_FILE} cannot be used: {err}") from err
     tokenizer = _read_tokenizer(folder)
     try:
-        model = FusionModel(config, tokenizer, decoder=Decoder.unallocated(config.decoder))
+        model = FusionModel.unallocated(config, tokenizer)
     except ValueError as err:  # a config that does not fit its tokenizer (e.g. a smaller vocabulary)
         raise CheckpointError(f"{folder / CONFIG_FILE} does not fit {folder / TOKENIZER_FILE}: {err}") from err
-    try:  # all but the decoder's tensors (the tower and adapter); of the decoder's, the names only
-        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as weights:
-            keys = list(weights.keys())
-            state = {k: weights.get_tensor(k) for k in keys if not k.startswith(_DECODER)}
-    except Exception as err:  # safetensors raises its own error types
-        raise CheckpointError(_damaged_weights(folder, err)) from err
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shapes that differ from the config
-        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not match {folder / CONFIG_FILE}: {err}") from err
-    names = model.state_dict().keys()
-    missing = [k for k in result.missing_keys if not (k.startswith(_DECODER) and k in keys)]
-    unexpected = result.unexpected_keys + [k for k in keys if k.startswith(_DECODER) and k not in names]
-    if missing or unexpected:
-        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not match its config: missing {missing[:4]}, "
-                              f"unexpected {unexpected[:4]}")
+    _check_weights_fit(folder, model)
     if preprocessing is not None:  # the saved preprocessing is the truth, whatever library defaults are now
         built = (model.processor.tokens_per_tile, model.vision.image_size)  # what the tower and adapter give
         try:
@@ -507,33 +491,51 @@ def load_model_folder(path, device=None, dtype: torch.dtype | None = None, decod
                 f"image_size {model.processor.image_processor.image_size}) does not fit its vision encoder and "
                 f"adapter ({built[0]} tokens per tile of {built[1]} px); the file was edited or written for "
                 f"another model")
-    if not decoder_weights:
+    if not read_weights:
         return model.eval()
-    model.decoder.allocate(device or "cpu")  # (the experts' bias is then read with the weights)
+    model.allocate(device or "cpu")  # (the experts' bias is then read with the weights)
     if dtype is not None:
         model.to(dtype)
-    read_decoder_weights(folder, model.decoder)
-    return model.to(device or "cpu").eval()
+    read_model_weights(folder, model)
+    return model.eval()
 
 
-_DECODER = "decoder."  # the prefix of the decoder's tensors in a model folder's weights file
+def _shape_error(folder: Path, name: str, got: tuple, want: tuple) -> str:
+    return (f"{folder / WEIGHTS_FILE}: {name} has shape {got} but {folder / CONFIG_FILE} gives {want}; the weights "
+            f"and config differ")
 
 
-def read_decoder_weights(path, decoder) -> None:
-    """Copy the decoder's tensors of the model folder `path` (its weights and its experts' balancing bias) into
-    `decoder`, plain or sharded by FSDP2 (each process then keeps its part), one tensor at a time."""
+def _check_weights_fit(folder: Path, model) -> None:
+    """CheckpointError unless the weights file of `folder` holds exactly the tensors of `model` (built from the
+    folder's config), each of its shape; only the file's index is read."""
+    try:
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as weights:
+            shapes = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(_damaged_weights(folder, err)) from err
+    wanted = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    missing = [name for name in wanted if name not in shapes]
+    unexpected = [name for name in shapes if name not in wanted]
+    if missing or unexpected:
+        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not match its config: missing {missing[:4]}, "
+                              f"unexpected {unexpected[:4]}")
+    for name, shape in shapes.items():
+        if shape != wanted[name]:
+            raise CheckpointError(_shape_error(folder, name, shape, wanted[name]))
+
+
+def read_model_weights(path, model) -> None:
+    """Copy every tensor of the model folder `path` (the weights of its tower, adapter and decoder, its experts'
+    balancing bias) into `model`, plain or sharded by FSDP2 (each process then keeps its part), one tensor at
+    a time."""
     from .distributed import copy_whole_tensors
 
     folder = model_folder(path)
-
-    def shape_error(name, got, want):
-        return (f"{folder / WEIGHTS_FILE}: {_DECODER}{name} has shape {got} but {folder / CONFIG_FILE} gives {want}; "
-                f"the weights and config differ")
-
-    targets = decoder.state_dict()
+    targets = model.state_dict()
     try:
         with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as weights:
-            copy_whole_tensors(targets, list(targets), lambda name: weights.get_tensor(_DECODER + name), shape_error)
+            copy_whole_tensors(targets, list(targets), weights.get_tensor,
+                               lambda name, got, want: _shape_error(folder, name, got, want))
     except CheckpointError:
         raise
     except Exception as err:  # safetensors raises its own error types

@@ -79,6 +79,25 @@ class FusionModel(nn.Module):
             tokenizer, self.vision.image_processor(max_tiles=config.max_tiles, pad_with_mean=config.pad_with_mean),
             tokens_per_tile=tokens_per_tile, video=config.video)
 
+    @classmethod
+    def unallocated(cls, config: FusionConfig, tokenizer: FusionTokenizer) -> "FusionModel":
+        """A model of `config` whose tower, adapter and decoder are on the meta device: their shapes, no memory,
+        nothing initialised. Its weights are to be read once `allocate`d (after FSDP2 has sharded it, where
+        it is to be sharded), as `from_pretrained` and sharded training do."""
+        with torch.device("meta"):
+            return cls(config, tokenizer, decoder=Decoder.unallocated(config.decoder))
+
+    def allocate(self, device, parts: Sequence[str] = ("vision", "adapter", "decoder")) -> "FusionModel":
+        """The tensors of `parts` of an `unallocated` model (sharded or not) allocated on `device`, not initialised
+        (every weight is to be written), and the buffers that no weight file holds computed; self."""
+        for name in parts:
+            part = self.parts()[name]
+            if name == "adapter":  # (weights only)
+                part.to_empty(device=device)
+            else:
+                part.allocate(device)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.decoder.embed_tokens.weight.device

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from . import distributed as fdist
 from .checkpoint import (StreamedState, atomic_folder, check_model_folder, load_model_folder, model_folder,
-                         read_decoder_weights, read_model_config, remove_stale_temporaries, save_model_folder,
+                         read_model_config, read_model_weights, remove_stale_temporaries, save_model_folder,
                          write_json, write_torch_file)
 from .compilation import check_can_compile, compile_decoder_blocks, eager
 from .data.collate import split_by_length, split_long_samples
@@ -739,8 +739,8 @@ class Trainer:
     def _starting_model(self, trunk_weights: bool = True) -> FusionModel:
         """The model the run starts with, on the run's device: the resumed checkpoint's, else the config's (built
         or loaded; `trunk_weights=False`, for --check: a trunk's decoder on the meta device, see `build_model`).
-        Under FSDP2 a saved model's or a `model.trunk`'s decoder is sharded before its weights are read, each
-        process keeping its shard only (`_shard_then_read_decoder`)."""
+        Under FSDP2 a saved model is sharded before its weights are read, and so is a `model.trunk`'s decoder,
+        each process keeping its shard only (`_shard_then_read`)."""
         if self.resume_state is not None:
             return self._model_from_folder(self.resume_state["folder"] / "model")
         spec = self.config.model
@@ -754,31 +754,33 @@ class Trainer:
         except (ValueError, TypeError) as err:  # a decoder / vision / video setting the model cannot take
             raise ConfigError(f"model: {err}") from err
         if sharded_trunk:
-            def read_trunk(decoder):
+            def read_trunk(model):
                 with open_hf_decoder_weights(self.config.path(spec["trunk"])) as weights:
-                    weights.copy_into(decoder)
+                    weights.copy_into(model.decoder)
 
-            return self._shard_then_read_decoder(model, read_trunk)
+            return self._shard_then_read(model, read_trunk)
         return model if not trunk_weights else model.to(self.ctx.device)
 
     def _model_from_folder(self, folder: Path) -> FusionModel:
         """The model saved in `folder`, on the run's device; under FSDP2 sharded, each process reading its part
-        of the decoder only."""
+        of each weight only."""
         if not self.sharded:
             return FusionModel.from_pretrained(folder).to(self.ctx.device)
-        return self._shard_then_read_decoder(load_model_folder(folder, decoder_weights=False),
-                                             lambda decoder: read_decoder_weights(folder, decoder))
+        return self._shard_then_read(load_model_folder(folder, read_weights=False),
+                                     lambda model: read_model_weights(folder, model))
 
-    def _shard_then_read_decoder(self, model: FusionModel, read) -> FusionModel:
-        """`model`, its decoder still on the meta device, sharded by FSDP2, then its decoder's tensors copied in
-        by `read(decoder)` one at a time, each process keeping its shard: a process holds its share of the
-        decoder (and the tower and adapter whole), never the whole decoder."""
-        for name, part in model.named_children():
-            if name != "decoder":
+    def _shard_then_read(self, model: FusionModel, read) -> FusionModel:
+        """`model`, some of its parts still on the meta device (a saved model's every part, a trunk's decoder),
+        sharded by FSDP2, those parts then allocated and their tensors copied in by `read(model)` one at a time,
+        each process keeping its shard: a process never holds the whole of a part it reads (the parts built
+        from the config, a trunk's tower and adapter, are built whole in each process, then sharded)."""
+        unallocated = [name for name, part in model.parts().items() if next(part.parameters()).is_meta]
+        for name, part in model.parts().items():
+            if name not in unallocated:
                 part.to(self.ctx.device)
         self._shard(model)
-        model.decoder.allocate(self.ctx.device)  # (a saved model's experts' bias is then read with its weights)
-        read(model.decoder)
+        model.allocate(self.ctx.device, unallocated)  # (a saved model's experts' bias is then read with its weights)
+        read(model)
         return model
 
     def _shard(self, model: FusionModel) -> None:

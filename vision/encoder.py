@@ -253,6 +253,21 @@ class VisionEncoder(nn.Module):
         config = VisionEncoderConfig(model_name=model_name, layer=layer, **settings)
         return cls(config, weights, allow_unsafe_pickle=allow_unsafe_pickle, quickgelu_check=quickgelu_check)
 
+    def allocate(self, device) -> "VisionEncoder":
+        """The tensors of an encoder built on the meta device (``with torch.device("meta")``), sharded or
+        not, allocated on ``device`` and not initialised (every weight is to be written). A tower's
+        non-persistent buffers, which no weight file holds, are set as a new tower computes them (building
+        one whole tower; none of open_clip's ViTs has such buffers). Returns self."""
+        self.to_empty(device=device)
+        if _has_non_persistent_buffers(self.visual):
+            saved = set(self.visual.state_dict())
+            fresh = VisionEncoder(self.config).visual
+            with torch.no_grad():
+                for name, buffer in fresh.named_buffers():
+                    if name not in saved:
+                        self.visual.get_buffer(name).copy_(buffer)
+        return self
+
     # --- shape properties ----------------------------------------------------------------------
 
     @property

@@ -479,9 +479,9 @@ def test_from_hf_on_a_folder_that_does_not_exist_says_so(tmp_path):
 
 
 def test_a_model_folder_loads_exactly_and_weights_that_do_not_fit_its_config_are_named(tmp_path):
-    """`from_pretrained` (its decoder built empty and read tensor by tensor) gives exactly the saved tensors, in
-    float32 or the dtype asked for; a decoder tensor of another shape, a missing one or one too many is a
-    CheckpointError naming the tensor and the files."""
+    """`from_pretrained` (the model built empty and read tensor by tensor) gives exactly the saved tensors, in
+    float32 or the dtype asked for; a tensor of another shape (the decoder's, the tower's), a missing one or one
+    too many is a CheckpointError naming the tensor and the files."""
     shutil.copytree(fusion.checkpoint.model_folder("default"), tmp_path / "m")
     saved = load_file(tmp_path / "m" / "model.safetensors")
     model = fusion.FusionModel.from_pretrained(tmp_path / "m")
@@ -491,7 +491,9 @@ def test_a_model_folder_loads_exactly_and_weights_that_do_not_fit_its_config_are
     assert all(torch.equal(half.state_dict()[k], v.to(torch.bfloat16)) for k, v in saved.items()
                if not k.endswith("expert_bias"))  # (the experts' balancing bias stays in float32)
     name = next(k for k in saved if k.startswith("decoder.layers.0."))
+    tower = next(k for k in saved if k.startswith("vision."))
     for change, message in (({name: torch.zeros(3, 3)}, rf"{name} has shape \(3, 3\) but .*config.json gives"),
+                            ({tower: torch.zeros(2)}, rf"{tower} has shape \(2,\) but .*config.json gives"),
                             ({name: None}, rf"does not match its config: missing \['{name}'\]"),
                             ({"decoder.extra.weight": torch.zeros(2)}, r"unexpected \['decoder.extra.weight'\]")):
         weights = {k: v for k, v in {**saved, **change}.items() if v is not None}

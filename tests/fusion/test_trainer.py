@@ -1251,7 +1251,7 @@ def torchrun_two_processes(args, inductor_cache=None, timeout=300, program=("-m"
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_a_one_process_checkpoint_resumes_in_two_processes_exactly(world, tmp_path, monkeypatch, strategy):
     """A run stopped at step 2 in one process, resumed under a 2-process torchrun (DDP, or FSDP2 which shards
-    the checkpoint's weights and optimizer state, each process reading its part of the decoder only): the
+    the checkpoint's weights and optimizer state, each process reading its part of every weight only): the
     losses and the evaluations (the stage's, the final one) of the uninterrupted one-process run. Under FSDP2
     the processes evaluate together on their shards (no process gathers or reads the whole model), each
     answering its share of every batch: a share with a bad sample, a share with none left, all in step."""
@@ -1281,7 +1281,7 @@ def test_a_one_process_checkpoint_resumes_in_two_processes_exactly(world, tmp_pa
     assert [s for s, _ in losses(tmp_path / "run")] == [1, 2]
     two = write_config(tmp_path / "two.yaml", base_config(world, tmp_path / "run", [stage], threads=1,
                                                           distributed={"strategy": strategy}, final_eval=final_eval))
-    if strategy == "fsdp2":  # each process reads its shard of the checkpoint's decoder only
+    if strategy == "fsdp2":  # each process reads its shard of every weight of the checkpoint only
         output = train_sharded_in_two_processes(two, tmp_path, resume=True)
         answered = [{q for q in json.loads((tmp_path / f"answered{rank}.json").read_text())
                      if json.loads(q)[0] != [{"role": "user", "content": "?"}]} for rank in (0, 1)]  # (no stand-in)
@@ -1373,8 +1373,9 @@ def test_two_process_torchrun_matches_one_process(world, tmp_path, strategy, tor
 
 
 # Run by each process of the FSDP2 tests below (`run.py CONFIG OUT [--resume]`): training as `fusion train` does,
-# with the loaders that read a whole model or trunk and the gathering of a whole model refused, and the part of
-# the decoder that each process holds once its weights are read written to OUT/rank{N}.json.
+# with the loaders that read a whole model or trunk and the gathering of a whole model refused; written to
+# OUT/rank{N}.json: the parts of the model that held memory when it was sharded (those not read into it by shards)
+# and the part of each weight that the process holds once the weights are read.
 _SHARDED_RUN = """
 import json, os, sys
 import fusion.distributed, fusion.hf_llama4, fusion.trainer
@@ -1385,17 +1386,24 @@ def refuse(*args, **kwargs):
 fusion.hf_llama4.load_hf_decoder = refuse
 fusion.FusionModel.from_pretrained = refuse
 fusion.distributed.full_model_state = refuse  # models and checkpoints are written a gathered tensor at a time
-shard_then_read = fusion.trainer.Trainer._shard_then_read_decoder
+shard_then_read, shard = fusion.trainer.Trainer._shard_then_read, fusion.trainer.Trainer._shard
+allocated_when_sharded = []
+
+def note_and_shard(self, model):
+    allocated_when_sharded.extend(n for n, part in model.parts().items() if not next(part.parameters()).is_meta)
+    shard(self, model)
 
 def shard_read_and_count(self, model, read):
     model = shard_then_read(self, model, read)
-    parameters = dict(model.decoder.named_parameters())
+    parameters = dict(model.named_parameters())
     held = {name: (p.to_local() if hasattr(p, "to_local") else p).numel() for name, p in parameters.items()}
     with open(os.path.join(sys.argv[2], "rank%s.json" % os.environ["RANK"]), "w") as f:
-        json.dump({"held": held, "whole": {name: p.numel() for name, p in parameters.items()}}, f)
+        json.dump({"allocated_when_sharded": allocated_when_sharded, "held": held,
+                   "whole": {name: p.numel() for name, p in parameters.items()}}, f)
     return model
 
-fusion.trainer.Trainer._shard_then_read_decoder = shard_read_and_count
+fusion.trainer.Trainer._shard = note_and_shard
+fusion.trainer.Trainer._shard_then_read = shard_read_and_count
 answered = []  # each question this process answered (evaluations), written to OUT/answered{N}.json
 chat = fusion.FusionModel.chat
 
@@ -1413,13 +1421,15 @@ fusion.distributed.end_torchrun_process(0)  # as `fusion train` ends (past gloo'
 """
 
 
-def train_sharded_in_two_processes(config, folder, resume=False) -> str:
-    """`config` trained under a 2-process torchrun with `_SHARDED_RUN`; asserts that each process held half of
-    each decoder weight (none whole in both). Returns the run's output."""
+def train_sharded_in_two_processes(config, folder, resume=False, built_whole=()) -> str:
+    """`config` trained under a 2-process torchrun with `_SHARDED_RUN`; asserts that no part of the model other
+    than `built_whole` (parts built from the config, not read) held memory before it was sharded, and that each
+    process then held half of each weight (none whole in both). Returns the run's output."""
     (folder / "run.py").write_text(_SHARDED_RUN)
     output = torchrun_two_processes([str(config), str(folder)] + (["--resume"] if resume else []),
                                     program=[str(folder / "run.py")])
     held = [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert held[0]["allocated_when_sharded"] == held[1]["allocated_when_sharded"] == list(built_whole)
     whole = held[0]["whole"]
     for name, size in whole.items():  # each weight split between the two processes, none held whole by both
         assert held[0]["held"][name] + held[1]["held"][name] == size, name
@@ -1530,7 +1540,7 @@ def test_fsdp2_on_a_llama4_trunk_reads_each_process_shard_only_and_matches_one_p
     one = write_config(tmp_path / "one.yaml", config(tmp_path / "one"))
     two = write_config(tmp_path / "two.yaml", config(tmp_path / "two", distributed={"strategy": "fsdp2"}))
     assert _run_cli(["train", str(one), "--no-progress"]).wait(timeout=300) == 0
-    train_sharded_in_two_processes(two, tmp_path)
+    train_sharded_in_two_processes(two, tmp_path, built_whole=["vision", "adapter"])  # (new, not read)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
     for (step, x), (_, y) in zip(a, b):

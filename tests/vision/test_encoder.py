@@ -479,3 +479,25 @@ def test_importing_the_library_and_its_command_leaves_open_clip_for_the_first_to
                             cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[:2] == ["[]", "True"], result.stdout
+
+
+def test_an_encoder_built_on_the_meta_device_is_allocated_with_the_buffers_no_file_holds(monkeypatch):
+    """`allocate` gives an encoder built on the meta device (as a model is loaded or sharded) its tensors, and a
+    tower's non-persistent buffers, which no weight file holds, the values a new tower computes."""
+    import vision.encoder
+
+    build = vision.encoder._build_tower
+
+    def with_a_computed_buffer(*args, **kwargs):
+        visual = build(*args, **kwargs)
+        visual.register_buffer("scales", torch.linspace(1.0, 2.0, 5), persistent=False)
+        return visual
+
+    monkeypatch.setattr(vision.encoder, "_build_tower", with_a_computed_buffer)
+    with torch.device("meta"):
+        encoder = VisionEncoder(VisionEncoderConfig(**TINY))
+    assert all(t.is_meta for t in [*encoder.parameters(), *encoder.buffers()])
+    assert encoder.allocate("cpu") is encoder
+    assert not any(t.is_meta for t in [*encoder.parameters(), *encoder.buffers()])
+    assert torch.equal(encoder.visual.scales, torch.linspace(1.0, 2.0, 5))
+    assert "visual.scales" not in encoder.state_dict()
