@@ -20,6 +20,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,9 +48,15 @@ def default_model_location():
 
 
 def model_folder(name, base=None) -> Path:
-    """The model folder a config or a command line names: `default` is the model that ships with fusion (a
-    folder called so is `./default`), anything else a path, relative to `base` (default: the working folder)."""
-    if os.fspath(name) == DEFAULT_MODEL:
+    """The model folder a config or a command line names: the string `default` is the model that ships with
+    fusion (a folder called so is `./default`, and a warning says so when one is there), anything else (a
+    `Path` always) a path, relative to `base` (default: the working folder)."""
+    if isinstance(name, str) and name == DEFAULT_MODEL:
+        beside = (Path(base) if base is not None else Path.cwd()) / DEFAULT_MODEL
+        if (beside / CONFIG_FILE).is_file():
+            warnings.warn(f"'{DEFAULT_MODEL}' names the model that ships with fusion, not the model folder "
+                          f"{str(beside)!r}; to use that folder, name it './{DEFAULT_MODEL}' (or by its full path)",
+                          UserWarning, stacklevel=2)
         return Path(str(default_model_location()))
     path = user_path(name)
     return path if path.is_absolute() or base is None else Path(base) / path

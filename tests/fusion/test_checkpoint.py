@@ -500,3 +500,21 @@ def test_a_model_folder_loads_exactly_and_weights_that_do_not_fit_its_config_are
         save_file(weights, tmp_path / "m" / "model.safetensors")
         with pytest.raises(CheckpointError, match=message):
             fusion.FusionModel.from_pretrained(tmp_path / "m")
+
+
+def test_default_beside_a_folder_called_default_says_which_model_it_loads(tmp_path, monkeypatch):
+    """`default` is the model that ships with fusion even where the working folder holds a model folder called
+    `default` (as `save_pretrained("default")` writes): a warning names that folder and how to load it."""
+    import warnings
+
+    monkeypatch.chdir(tmp_path)
+    mine = tiny_fusion_model(FusionTokenizer.train(["a red circle", "a blue square"] * 20, vocab_size=280))
+    mine.save_pretrained("default")
+    with pytest.warns(UserWarning, match=r"'default' names the model that ships with fusion, not the model folder "
+                                         r"'.*default'; to use that folder, name it './default'"):
+        shipped = fusion.FusionModel.from_pretrained("default")
+    assert shipped.config.decoder.hidden_size != mine.config.decoder.hidden_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = fusion.FusionModel.from_pretrained("./default")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in mine.state_dict().items())
