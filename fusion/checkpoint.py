@@ -52,14 +52,20 @@ def model_folder(name, base=None) -> Path:
     fusion (a folder called so is `./default`, and a warning says so when one is there), anything else (a
     `Path` always) a path, relative to `base` (default: the working folder)."""
     if isinstance(name, str) and name == DEFAULT_MODEL:
-        beside = (Path(base) if base is not None else Path.cwd()) / DEFAULT_MODEL
-        if (beside / CONFIG_FILE).is_file():
-            warnings.warn(f"'{DEFAULT_MODEL}' names the model that ships with fusion, not the model folder "
-                          f"{str(beside)!r}; to use that folder, name it './{DEFAULT_MODEL}' (or by its full path)",
-                          UserWarning, stacklevel=2)
+        warn_of_a_folder_called_default(base)
         return Path(str(default_model_location()))
     path = user_path(name)
     return path if path.is_absolute() or base is None else Path(base) / path
+
+
+def warn_of_a_folder_called_default(base=None) -> None:
+    """Where `default` is read as the model that ships with fusion: a warning when `base` (default: the working
+    folder) holds a model folder called `default`, which that name does not load."""
+    beside = (Path(base) if base is not None else Path.cwd()) / DEFAULT_MODEL
+    if (beside / CONFIG_FILE).is_file():
+        warnings.warn(f"'{DEFAULT_MODEL}' names the model that ships with fusion, not the model folder "
+                      f"{str(beside)!r}; to use that folder, name it './{DEFAULT_MODEL}' (or by its full path)",
+                      UserWarning, stacklevel=3)
 
 
 def user_path(path) -> Path:

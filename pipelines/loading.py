@@ -17,7 +17,7 @@ import os
 import torch
 
 from fusion import FusionModel
-from fusion.checkpoint import DEFAULT_MODEL, default_model_location
+from fusion.checkpoint import DEFAULT_MODEL, default_model_location, warn_of_a_folder_called_default
 from fusion.errors import CheckpointError
 
 from .errors import DefaultModelMissingError, PipelineInputError
@@ -99,6 +99,8 @@ def load_model(model, device: torch.device | None = None, dtype: torch.dtype | N
     A missing or broken folder raises `fusion.errors.CheckpointError` naming it.
     """
     if model is None or (isinstance(model, str) and model == DEFAULT_MODEL):  # a folder called so is "./default"
+        if model is not None:
+            warn_of_a_folder_called_default()
         return load_default_model(device, dtype)  # from_pretrained: in eval mode
     if isinstance(model, FusionModel):
         if dtype is not None:

@@ -503,8 +503,9 @@ def test_a_model_folder_loads_exactly_and_weights_that_do_not_fit_its_config_are
 
 
 def test_default_beside_a_folder_called_default_says_which_model_it_loads(tmp_path, monkeypatch):
-    """`default` is the model that ships with fusion even where the working folder holds a model folder called
-    `default` (as `save_pretrained("default")` writes): a warning names that folder and how to load it."""
+    """`default` is the model that ships with fusion (to `from_pretrained`, to a pipeline) even where the working
+    folder holds a model folder called `default` (as `save_pretrained("default")` writes): a warning names that
+    folder and how to load it, and `./default` loads it."""
     import warnings
 
     monkeypatch.chdir(tmp_path)
@@ -514,6 +515,8 @@ def test_default_beside_a_folder_called_default_says_which_model_it_loads(tmp_pa
                                          r"'.*default'; to use that folder, name it './default'"):
         shipped = fusion.FusionModel.from_pretrained("default")
     assert shipped.config.decoder.hidden_size != mine.config.decoder.hidden_size
+    with pytest.warns(UserWarning, match=r"'default' names the model that ships with fusion"):
+        assert fusion.pipeline("vqa", model="default").model.config == shipped.config
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loaded = fusion.FusionModel.from_pretrained("./default")
