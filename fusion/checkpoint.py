@@ -416,17 +416,31 @@ def read_model_config(path) -> dict:
                               f"FusionModel.save_pretrained or `fusion train`)" + (
                                   f"; a save into it was cut short, and its earlier content is in {aside[-1]}: "
                                   f"rename that folder back" if aside else ""))
+    _check_model_type(folder)
     missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"model folder {str(folder)!r} is incomplete: {', '.join(missing)} missing"
                               + _model_inside(folder))
+    return _check_model_type(folder)
+
+
+def _check_model_type(folder: Path) -> dict | None:
+    """The config of `folder` (None where it has no config file), CheckpointError where it is not JSON or is
+    another library's model (a Hugging Face Llama 4 folder, told before the files a fusion folder has and it
+    lacks)."""
+    if not (folder / CONFIG_FILE).is_file():
+        return None
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{folder / CONFIG_FILE} is not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder / CONFIG_FILE} is not a model config (a JSON object)")
     if config.get("model_type", "fusion") != "fusion":
-        raise CheckpointError(f"{folder} holds a {config.get('model_type')!r} model, not a fusion model "
-                              "(for Hugging Face Llama 4 folders use fusion.Decoder.from_hf)")
+        llama4 = str(config.get("model_type", "")).startswith("llama4")
+        raise CheckpointError(f"{folder} holds a {config.get('model_type')!r} model, not a fusion model" + (
+            ": a Hugging Face Llama 4 folder; load its text decoder with fusion.Decoder.from_hf(folder), or train "
+            "a fusion model on it with `model: {trunk: FOLDER}` in a training config" if llama4 else ""))
     return config
 
 

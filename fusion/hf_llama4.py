@@ -176,8 +176,12 @@ def _read_hf_config(folder: Path) -> dict:
     """config.json of a Llama 4 folder; other model types and quantized checkpoints are refused."""
     path = folder / "config.json"
     if not folder.exists():
+        hub_name = not folder.is_absolute() and len(folder.parts) == 2 and not str(folder).startswith(".")
         raise CheckpointError(f"Hugging Face checkpoint folder {str(folder)!r} does not exist (working directory "
-                              f"{os.getcwd()})")
+                              f"{os.getcwd()})" + (
+                                  f"; if {str(folder)!r} is a name on the Hugging Face Hub: fusion never downloads "
+                                  f"anything, download the folder once yourself (e.g. `huggingface-cli download "
+                                  f"{folder.as_posix()} --local-dir DIR`) and pass DIR" if hub_name else ""))
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a Hugging Face checkpoint folder: it has no config.json")
     try:

@@ -521,3 +521,22 @@ def test_default_beside_a_folder_called_default_says_which_model_it_loads(tmp_pa
         warnings.simplefilter("error")
         loaded = fusion.FusionModel.from_pretrained("./default")
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in mine.state_dict().items())
+
+
+def test_a_hugging_face_llama4_folder_or_hub_name_says_how_fusion_takes_it(tmp_path, monkeypatch):
+    """A Hugging Face Llama 4 folder given where a fusion model folder is asked for is named as such (before the
+    files a fusion folder has and it lacks), with the two ways fusion reads one; a Hub name given to
+    `Decoder.from_hf` says that nothing is downloaded."""
+    hf = tmp_path / "Llama-4-Scout"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama4", "text_config": {}}))
+    (hf / "model-00001-of-00050.safetensors").write_bytes(b"")
+    for load in (fusion.FusionModel.from_pretrained, lambda folder: fusion.pipeline("vqa", model=folder)):
+        with pytest.raises(CheckpointError, match=r"holds a 'llama4' model, not a fusion model: a Hugging Face Llama 4 "
+                                                  r"folder; load its text decoder with fusion.Decoder.from_hf\(folder\), "
+                                                  r"or train a fusion model on it with `model: \{trunk: FOLDER\}`"):
+            load(str(hf))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"'meta-llama/Llama-4-Scout-17B-16E' is a name on the Hugging Face "
+                                              r"Hub: fusion never downloads anything, download the folder once"):
+        fusion.Decoder.from_hf("meta-llama/Llama-4-Scout-17B-16E")
