@@ -52,10 +52,11 @@ class FusionOutput(DecoderOutput):
 
 class FusionModel(nn.Module):
     def __init__(self, config: FusionConfig, tokenizer: FusionTokenizer, vision_weights=None,
-                 decoder: Decoder | None = None):
+                 decoder: Decoder | None = None, *, quickgelu_check: bool = True, allow_unsafe_pickle: bool = False):
         """A model of `config` with `tokenizer`: the tower from `vision_weights` (an open_clip weight file) or
         new, the adapter new, the decoder `decoder` (e.g. `Decoder.from_hf(folder)`, a pretrained trunk; its
-        config must be `config.decoder`) or new."""
+        config must be `config.decoder`) or new. `quickgelu_check` and `allow_unsafe_pickle` are the
+        `VisionEncoder`'s, for reading `vision_weights`."""
         super().__init__()
         if decoder is not None and decoder.config != config.decoder:
             raise ConfigError("FusionModel: the given decoder's config differs from config.decoder; build the "
@@ -65,7 +66,8 @@ class FusionModel(nn.Module):
                               f"{len(tokenizer)} tokens; set FusionConfig.decoder.vocab_size >= {len(tokenizer)}")
         self.config = config
         self.tokenizer = tokenizer
-        self.vision = VisionEncoder(config.vision, weights=vision_weights)
+        self.vision = VisionEncoder(config.vision, weights=vision_weights, quickgelu_check=quickgelu_check,
+                                    allow_unsafe_pickle=allow_unsafe_pickle)
         d = config.decoder.hidden_size
         tokens_per_tile = pixel_shuffle_tokens(self.vision.num_patches, config.pixel_shuffle_ratio)
         self.adapter = VisionAdapter(self.vision.width, config.adapter_hidden_size or d, d, config.pixel_shuffle_ratio,

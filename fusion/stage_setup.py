@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 
 from tokenizer import FusionTokenizer, TokenizerError, text_without_markers
 from vision.encoder import VisionEncoderConfig
+from vision.errors import WeightsError
 
 from .checkpoint import model_folder
 from .decoder import Decoder
@@ -28,6 +30,10 @@ _TRUNK_FILES = ("config.json", "tokenizer.json")
 _FUSION_FIELDS = {f.name for f in dataclasses.fields(FusionConfig)}
 # keys under `model: tokenizer:`
 _TOKENIZER_KEYS = ("path", "train_on", "vocab_size", "min_frequency")
+# keys of `model: vision_weights:` written as a mapping (the path, the VisionEncoder's options for reading it)
+_VISION_WEIGHTS_KEYS = ("path", "quickgelu_check", "allow_unsafe_pickle")
+_VISION_WEIGHTS_OPTIONS = {"quickgelu_check": "quickgelu_check=False",  # (as a refusal's message names each)
+                           "allow_unsafe_pickle": "allow_unsafe_pickle=True"}
 
 
 def check_model_section(config: TrainConfig) -> None:
@@ -45,6 +51,7 @@ def check_model_section(config: TrainConfig) -> None:
         raise ConfigError(f"unknown keys {unknown} under model:")
     if spec.get("trunk") is not None:
         check_trunk(spec, config)
+    vision_weights(spec, config)
     tokenizer = spec.get("tokenizer") or {}
     if not isinstance(tokenizer, dict):
         raise ConfigError(f"model.tokenizer must be a mapping with `path` or `train_on`, got {tokenizer!r}")
@@ -76,7 +83,45 @@ def build_model(config: TrainConfig, trunk_weights: bool = True) -> FusionModel:
     settings["decoder"] = {**decoder, "vocab_size": max(decoder.get("vocab_size", 0), len(tokenizer))}
     fusion_config = FusionConfig(**settings)  # it builds its decoder, vision and video settings from the dicts
     torch.manual_seed(config.seed)
-    return FusionModel(fusion_config, tokenizer, vision_weights=config.path(spec.get("vision_weights")))
+    return model_with_vision_weights(spec, config, fusion_config, tokenizer)
+
+
+def vision_weights(spec: dict, config: TrainConfig) -> tuple[Path | None, dict]:
+    """`model.vision_weights`: the path of an open_clip weight file, or a mapping of its `path` and the options
+    of reading it (`quickgelu_check: false`, `allow_unsafe_pickle: true`, as `VisionEncoder` takes them).
+    Returns the path (None where there is none) and those options; ConfigError for anything else."""
+    value = spec.get("vision_weights")
+    if value is None:
+        return None, {}
+    if isinstance(value, str):
+        return config.path(value), {}
+    if not isinstance(value, dict) or not isinstance(value.get("path"), str):
+        raise ConfigError(f"model.vision_weights must be the path of an open_clip weight file, or a mapping with "
+                          f"its `path` and the options of reading it, e.g. {{path: FILE, quickgelu_check: false}}; "
+                          f"got {value!r}")
+    check_keys(value, _VISION_WEIGHTS_KEYS, "model.vision_weights")
+    options = {key: value[key] for key in _VISION_WEIGHTS_OPTIONS if key in value}
+    for key, option in options.items():
+        if not isinstance(option, bool):
+            raise ConfigError(f"model.vision_weights.{key} must be true or false, got {option!r}")
+    return config.path(value["path"]), options
+
+
+def model_with_vision_weights(spec: dict, config: TrainConfig, fusion_config: FusionConfig, tokenizer,
+                              decoder: Decoder | None = None) -> FusionModel:
+    """`FusionModel(fusion_config, tokenizer, decoder=decoder)` with the tower of `model.vision_weights` (read
+    with its options); a weight file refused for a reason one of those options overrides says how to write it
+    in the config."""
+    path, options = vision_weights(spec, config)
+    try:
+        return FusionModel(fusion_config, tokenizer, vision_weights=path, decoder=decoder, **options)
+    except WeightsError as err:
+        written = [key for key, argument in _VISION_WEIGHTS_OPTIONS.items() if argument in str(err)]
+        if not written:
+            raise
+        setting = f"{written[0]}: {'false' if written[0] == 'quickgelu_check' else 'true'}"
+        raise WeightsError(f"model.vision_weights: {err}\nIn a training config that option is written "
+                           f"`vision_weights: {{path: {path}, {setting}}}`") from err
 
 
 def check_trunk(spec: dict, config: TrainConfig) -> None:
@@ -116,8 +161,7 @@ def model_on_trunk(spec: dict, config: TrainConfig, weights: bool = True) -> Fus
                           f"the decoder's vocab_size {decoder.config.vocab_size}: they are not one checkpoint's")
     settings = {**model_settings(spec), "decoder": decoder.config}
     torch.manual_seed(config.seed)
-    return FusionModel(FusionConfig(**settings), tokenizer, vision_weights=config.path(spec.get("vision_weights")),
-                       decoder=decoder)
+    return model_with_vision_weights(spec, config, FusionConfig(**settings), tokenizer, decoder)
 
 
 def model_settings(spec: dict) -> dict:

@@ -9,7 +9,8 @@ rate per part. A rate of 0 (or a part left out) freezes that part for the stage.
       decoder: {hidden_size: 256, num_layers: 4, ...}          # DecoderConfig fields
       vision: {image_size: 64, patch_size: 8, width: 128, ...} # VisionEncoderConfig fields
       # also: adapter_hidden_size, pixel_shuffle_ratio, image_position_embedding, max_tiles, pad_with_mean,
-      # video: {num_frames: 8, ...} (FusionConfig fields); vision_weights: an open_clip weight file;
+      # video: {num_frames: 8, ...} (FusionConfig fields); vision_weights: an open_clip weight file (or
+      # {path: FILE, quickgelu_check: false, allow_unsafe_pickle: true});
       # trunk: a Hugging Face Llama 4 folder, whose decoder and tokenizer replace decoder: and tokenizer:
     data:
       shapes_world: {out_dir: data/shapes, train_images: 4000} # generate the dataset first if missing

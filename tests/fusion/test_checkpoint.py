@@ -532,9 +532,10 @@ def test_a_hugging_face_llama4_folder_or_hub_name_says_how_fusion_takes_it(tmp_p
     (hf / "config.json").write_text(json.dumps({"model_type": "llama4", "text_config": {}}))
     (hf / "model-00001-of-00050.safetensors").write_bytes(b"")
     for load in (fusion.FusionModel.from_pretrained, lambda folder: fusion.pipeline("vqa", model=folder)):
-        with pytest.raises(CheckpointError, match=r"holds a 'llama4' model, not a fusion model: a Hugging Face Llama 4 "
-                                                  r"folder; load its text decoder with fusion.Decoder.from_hf\(folder\), "
-                                                  r"or train a fusion model on it with `model: \{trunk: FOLDER\}`"):
+        with pytest.raises(CheckpointError, match=r"holds a 'llama4' model, not a fusion model: a Hugging Face "
+                                                  r"Llama 4 folder; load its text decoder with fusion.Decoder."
+                                                  r"from_hf\(folder\), or train a fusion model on it with "
+                                                  r"`model: \{trunk: FOLDER\}`"):
             load(str(hf))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match=r"'meta-llama/Llama-4-Scout-17B-16E' is a name on the Hugging Face "

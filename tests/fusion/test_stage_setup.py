@@ -93,3 +93,44 @@ def test_weight_decay_applies_to_the_matrices_of_the_trained_parts_only(tmp_path
             assert placed[id(p)] == ((0.05 if p.ndim >= 2 else 0.0), rate, part), (part, tuple(p.shape))
     assert not any(id(p) in placed for p in model.adapter.parameters())  # frozen: not in the optimizer
     assert len(placed) == sum(1 for part in rates for _ in getattr(model, part).parameters())
+
+
+def test_vision_weights_are_read_into_the_tower_with_the_reading_options_the_config_gives(tmp_path):
+    """`model.vision_weights` reads an open_clip weight file into the new model's tower. A file the QuickGELU
+    guard refuses (a MetaCLIP name on a GELU tower) says how the config overrides that, and
+    `{path: FILE, quickgelu_check: false}` does; a misspelt key or an option that is not true / false in that
+    mapping is a ConfigError."""
+    import torch
+    from safetensors.torch import save_file
+
+    from vision.encoder import VisionEncoder, VisionEncoderConfig
+    from vision.errors import WeightsError
+
+    tower = dict(image_size=32, patch_size=8, width=32, layers=2, heads=2, act="gelu")
+    torch.manual_seed(1)
+    saved = {k: v.clone() for k, v in VisionEncoder(VisionEncoderConfig(**tower)).visual.state_dict().items()}
+    save_file(saved, tmp_path / "my_metaclip_finetune.safetensors")
+    write_jsonl(tmp_path / "train.jsonl", [conversation("<image>\nWhat color?", "red")] * 4)
+
+    def model_with(vision_weights):
+        model = {"tokenizer": {"train_on": ["train.jsonl"]}, "vision": tower, "vision_weights": vision_weights,
+                 "decoder": dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                                 intermediate_size=32, num_experts=2)}
+        stages = [{"name": "s", "data": "train.jsonl", "lr": {"decoder": 1e-3}, "steps": 1}]
+        return build_model(TrainConfig.from_dict({"model": model, "stages": stages}, base_dir=tmp_path))
+
+    with pytest.raises(WeightsError, match=r"(?s)model.vision_weights: .*QuickGELU.*In a training config that option "
+                                           r"is written `vision_weights: \{path: .*my_metaclip_finetune.safetensors, "
+                                           r"quickgelu_check: false\}`"):
+        model_with("my_metaclip_finetune.safetensors")
+    model = model_with({"path": "my_metaclip_finetune.safetensors", "quickgelu_check": False})
+    assert all(torch.equal(model.vision.visual.state_dict()[k], v) for k, v in saved.items())
+    for wrong, message in (({"path": "my_metaclip_finetune.safetensors", "quickgelu_checks": False},
+                            r"model.vision_weights: unknown key 'quickgelu_checks' \(did you mean "
+                            r"'quickgelu_check'\?\)"),
+                           ({"path": "my_metaclip_finetune.safetensors", "quickgelu_check": "no"},
+                            r"model.vision_weights.quickgelu_check must be true or false, got 'no'"),
+                           ({"quickgelu_check": False}, r"model.vision_weights must be the path of an open_clip "
+                                                        r"weight file, or a mapping with its `path`")):
+        with pytest.raises(ConfigError, match=message):
+            model_with(wrong)
