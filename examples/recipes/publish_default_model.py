@@ -257,7 +257,7 @@ def main(argv=None) -> int:
         shipped = FusionModel.from_pretrained(folder).eval()
         results = evaluate(shipped, test_file, batch_size=args.batch_size)
         results.pop("dataset", None)
-        size_mb = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+        size_mb = sum(f.stat().st_size for f in folder.iterdir()) / 1e6  # (megabytes, as the card says)
         write_json(folder / EVALUATION_FILE, {
             "split": "test", "shapes_world": run["world"]["config"], "batch_size": args.batch_size,
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
