@@ -32,7 +32,7 @@ from vision.image import ImageProcessor
 
 from .errors import CheckpointError
 from .fusion_config import FORMAT_VERSION, FusionConfig
-from .processor import FusionProcessor, VideoSettings
+from .processor import CHAT_FORMAT, FusionProcessor, VideoSettings
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
 # the hidden names of a copy being written (`.NAME.tmp-XXXX`), of a folder moved aside (`.NAME.old-XXXX`) and of
@@ -499,6 +499,7 @@ def load_model_folder(path, device=None, dtype: torch.dtype | None = None, read_
     except (ValueError, TypeError, KeyError) as err:  # a key this version does not know, a value out of range
         raise CheckpointError(f"{folder / CONFIG_FILE} cannot be used: {err}") from err
     tokenizer = _read_tokenizer(folder)
+    _check_tokenizer_fits(folder, saved.get("special_tokens"), (preprocessing or {}).get("chat_format"), tokenizer)
     try:
         model = FusionModel.unallocated(config, tokenizer)
     except ValueError as err:  # a config that does not fit its tokenizer (e.g. a smaller vocabulary)
@@ -525,6 +526,28 @@ def load_model_folder(path, device=None, dtype: torch.dtype | None = None, read_
         model.to(dtype)
     read_model_weights(folder, model)
     return model.eval()
+
+
+def _check_tokenizer_fits(folder: Path, special: dict | None, chat_format: str | None, tokenizer) -> None:
+    """CheckpointError where the folder's tokenizer has other special-token ids than the model was saved with
+    (`special_tokens` of its config: the files of two folders mixed), or its config names a chat format this
+    version does not know. A config without them (written before they were) is taken as it is."""
+    if chat_format is not None and chat_format != CHAT_FORMAT:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: the model was saved with the chat format {chat_format!r}, "
+                              f"which this version of fusion does not know (it knows {CHAT_FORMAT!r}); update "
+                              f"fusion to load it")
+    if not isinstance(special, dict):
+        return
+    have = {"bos": tokenizer.bos_id, "pad": tokenizer.pad_id, "patch": tokenizer.patch_id,
+            "stop": sorted(tokenizer.stop_ids)}
+    differ = {key: (special[key], have[key]) for key in have if key in special and
+              (sorted(special[key]) if key == "stop" else special[key]) != have[key]}
+    if differ:
+        shown = ", ".join(f"{key} {saved} in {CONFIG_FILE} but {ids} in {TOKENIZER_FILE}"
+                          for key, (saved, ids) in differ.items())
+        raise CheckpointError(f"{folder / TOKENIZER_FILE} is not the tokenizer the model was saved with (special "
+                              f"token ids: {shown}); the folder mixes the files of two models: copy all three files "
+                              f"of one model folder")
 
 
 def _shape_error(folder: Path, name: str, got: tuple, want: tuple) -> str:

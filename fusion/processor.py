@@ -26,6 +26,8 @@ from vision.errors import ImageLoadError, VideoLoadError
 from vision.image import ImageProcessor
 from vision.video import SampledFrames, check_sampling_arguments, sample_frames
 
+CHAT_FORMAT = "llama4"  # the chat template fusion writes and reads (tokenizer/chat.py), saved with a model
+
 
 def checked_presampled_video(video) -> SampledFrames | tuple | None:
     """`video` if it holds frames already sampled (`SampledFrames`, or a `(frames, timestamps)` pair with one
@@ -117,7 +119,7 @@ class FusionProcessor:
 
     def to_dict(self) -> dict:
         return {"image_processor": self.image_processor.to_dict(), "video": asdict(self.video),
-                "tokens_per_tile": self.tokens_per_tile, "chat_format": "llama4"}
+                "tokens_per_tile": self.tokens_per_tile, "chat_format": CHAT_FORMAT}
 
     def sample_video(self, video, num_frames: int | None = None, fps: float | None = None,
                      max_frames: int | None = None) -> SampledFrames | tuple:

@@ -541,3 +541,25 @@ def test_a_hugging_face_llama4_folder_or_hub_name_says_how_fusion_takes_it(tmp_p
     with pytest.raises(CheckpointError, match=r"'meta-llama/Llama-4-Scout-17B-16E' is a name on the Hugging Face "
                                               r"Hub: fusion never downloads anything, download the folder once"):
         fusion.Decoder.from_hf("meta-llama/Llama-4-Scout-17B-16E")
+
+
+def test_a_tokenizer_of_another_model_or_an_unknown_chat_format_is_refused_by_name(tmp_path):
+    """A folder whose tokenizer.json has other special-token ids than its config.json saved (the files of two
+    folders mixed), or whose config names a chat format this version does not know, is a CheckpointError
+    naming the file and what to do, not a model that answers wrongly."""
+    shutil.copytree(fusion.checkpoint.model_folder("default"), tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    mixed = {**config, "special_tokens": {**config["special_tokens"], "pad": config["special_tokens"]["pad"] + 1}}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(mixed))
+    pad = config["special_tokens"]["pad"]
+    with pytest.raises(CheckpointError, match=rf"tokenizer.json is not the tokenizer the model was saved with "
+                                              rf"\(special token ids: pad {pad + 1} in config.json but {pad} in "
+                                              rf"tokenizer.json\); .*copy all three files of one model folder"):
+        fusion.FusionModel.from_pretrained(tmp_path / "m")
+    other = {**config, "preprocessing": {**config["preprocessing"], "chat_format": "chatml"}}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(other))
+    with pytest.raises(CheckpointError, match=r"saved with the chat format 'chatml', which this version of fusion "
+                                              r"does not know \(it knows 'llama4'\); update fusion"):
+        fusion.FusionModel.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))  # (as saved: loads)
+    assert fusion.FusionModel.from_pretrained(tmp_path / "m").tokenizer.pad_id == pad
