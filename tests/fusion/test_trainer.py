@@ -1730,6 +1730,37 @@ def test_check_describes_each_stage_and_writes_nothing(world, tmp_path):
     assert not out.exists()
 
 
+def test_check_with_resume_says_where_the_run_goes_on_and_what_the_changed_config_does(world, tmp_path,
+                                                                                        monkeypatch):
+    """`fusion train CONFIG --resume --check`: the stage the run resumes in, from which step, and the stages
+    after it; for a run whose every stage had finished, that nothing is trained; and, as the run says it, what
+    changes to the run's config do (those to finished stages change nothing)."""
+    from fusion.errors import TrainingStopped
+
+    def stages(steps):
+        return [{"name": name, "data": str(world / "train.jsonl"), "steps": steps, "batch_size": 4,
+                 "lr": {"adapter": 1e-3}} for name in ("first", "second")]
+
+    def config(steps):
+        return fusion.trainer.TrainConfig.from_dict(base_config(world, tmp_path / "run", stages(steps)))
+
+    ctrl_c_at_step(monkeypatch, 2)
+    with pytest.raises(TrainingStopped):
+        train(config(3), progress=False)
+    described = fusion.trainer.check(config(3), resume=True)
+    lines = described.splitlines()
+    assert re.fullmatch(r"stage 'first': 3 steps of 4 samples = .*; resumes after its step 2; trains adapter .*",
+                        lines[-2]), described
+    assert re.fullmatch(r"stage 'second': 3 steps of 4 samples = .*; trains adapter .*", lines[-1]), described
+    monkeypatch.undo()
+    train(config(3), resume=True, progress=False)  # to its end
+    with pytest.warns(fusion.trainer.TrainingWarning, match=r"concern stages the run has finished.*change nothing"):
+        described = fusion.trainer.check(config(5), resume=True)
+    assert "stage '" not in described
+    assert ("stages: every stage had finished at the checkpoint (run step 6): nothing is trained; the final model "
+            "is written and evaluated again (to train longer, add a stage") in described
+
+
 def test_check_before_the_shapes_world_exists_describes_what_it_can(world, tmp_path):
     """With a shapes world still to be generated (and a tokenizer to be trained on it), `check` says so and
     describes the stages by their steps, generating nothing."""
