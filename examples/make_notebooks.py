@@ -333,11 +333,12 @@ world's own files (`task`, `meta`), which your file need not have.
 """ + SETTINGS_NOTE),
     code("""
 import json
+import os
 import shutil
 import time
 
-from notebook_settings import (MEDIA_DIR, SMOKE, WORK_DIR, describe, media_manifest,  # this notebook's settings
-                               model_folder, settings)
+# this notebook's settings
+from notebook_settings import MEDIA_DIR, MODEL, SMOKE, WORK_DIR, describe, media_manifest, settings
 
 import matplotlib.pyplot as plt
 import torch
@@ -353,12 +354,12 @@ from fusion.run_log import read_metrics
 from fusion.trainer import train
 
 run = settings("finetune")
-BASE = model_folder()  # the model we start from
+BASE = MODEL or "default"  # the model we start from: FUSION_NOTEBOOK_MODEL, or the one that ships with fusion
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 work = WORK_DIR / "finetune_custom_data"
 print(describe())
 print("start from:", BASE)
-print("work folder:", work)
+print("work folder:", os.path.relpath(work))
 """),
     md("""
 ## 1. A dataset with a new concept
@@ -435,21 +436,26 @@ A training run is data: stages, each with its data, its length and a learning ra
 starts from the model folder. The same file runs from a shell with `fusion train finetune.yaml`.
 """),
     code("""
+def beside_the_config(path):  # a config's paths are read from its own folder, `work`
+    return os.path.relpath(path, work)
+
+
 def stage(name, steps, lr):
-    return {"name": name, "data": str(data / "train.jsonl"), "group_by_media": True, "steps": steps,
+    return {"name": name, "data": beside_the_config(data / "train.jsonl"), "group_by_media": True, "steps": steps,
             "batch_size": run.batch_size, "warmup_steps": min(10, steps), "lr": lr,
-            "eval": {"data": str(data / "val.jsonl"), "limit": run.val_limit, "every": run.eval_every}}
+            "eval": {"data": beside_the_config(data / "val.jsonl"), "limit": run.val_limit,
+                     "every": run.eval_every}}
 
 
 recipe = {
     "name": "finetune-star",
-    "output_dir": str(work / "run"),
+    "output_dir": beside_the_config(work / "run"),
     "seed": 0,
     "precision": "auto",      # bf16 autocast where the device computes bf16 natively (GPU; CPU with AVX512-BF16
                               # or AMX), else float32 (bf16 emulated on an AVX2-only CPU is many times slower)
     "log_every": run.log_every,
     "checkpoint_every": 0,    # resumable checkpoints only at the end of each stage
-    "model": {"init_from": str(BASE)},
+    "model": {"init_from": BASE},
     "stages": [
         stage("cotrain", run.stage1_steps, {"vision": 5.0e-4, "adapter": 1.0e-3}),                  # decoder frozen
         stage("unfreeze", run.stage2_steps, {"vision": 1.0e-4, "adapter": 3.0e-4, "decoder": 3.0e-4}),
@@ -464,7 +470,7 @@ shutil.rmtree(work / "run", ignore_errors=True)  # a fresh run (train(..., resum
 start = time.perf_counter()
 final = train(recipe_path)
 train_seconds = time.perf_counter() - start
-print(f"trained in {train_seconds / 60:.1f} min; the model is in {final}")
+print(f"trained in {train_seconds / 60:.1f} min; the model is in {os.path.relpath(final)}")
 """),
     md("""
 ## 4. Measure again
@@ -484,7 +490,7 @@ def summary_of(results):
             "caption_bleu4": caption.get("bleu4"), "caption_cider": caption.get("cider")}
 
 
-summary = {"model": str(BASE), "smoke": SMOKE, "device": DEVICE, "train_seconds": round(train_seconds, 1),
+summary = {"model": BASE, "smoke": SMOKE, "device": DEVICE, "train_seconds": round(train_seconds, 1),
            "steps": [run.stage1_steps, run.stage2_steps], "before": summary_of(before), "after": summary_of(after)}
 (work / "summary.json").write_text(json.dumps(summary, indent=2))
 

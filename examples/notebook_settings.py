@@ -66,18 +66,9 @@ def settings(notebook: str) -> SimpleNamespace:
     return SimpleNamespace(**_SETTINGS[notebook]["smoke" if SMOKE else "normal"])
 
 
-def model_folder() -> Path:
-    """The folder of the model the notebooks use (FUSION_NOTEBOOK_MODEL, or the default model's folder)."""
-    if MODEL is not None:
-        return Path(MODEL).expanduser().resolve()
-    from pipelines import default_model_location
-
-    return Path(str(default_model_location()))
-
-
 def describe() -> str:
     """One line saying which model and which settings this run uses."""
-    which = f"model folder {MODEL}" if MODEL else f"the default model ({model_folder()})"
+    which = f"model folder {MODEL}" if MODEL else "the default model that ships with fusion"
     mode = "SMOKE settings (tiny, for tests: the numbers mean nothing)" if SMOKE else "normal settings"
     return f"{which}; {mode}"
 
