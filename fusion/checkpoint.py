@@ -416,12 +416,12 @@ def read_model_config(path) -> dict:
                               f"FusionModel.save_pretrained or `fusion train`)" + (
                                   f"; a save into it was cut short, and its earlier content is in {aside[-1]}: "
                                   f"rename that folder back" if aside else ""))
-    _check_model_type(folder)
+    config = _check_model_type(folder)  # (another library's model is named as such before its missing files)
     missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"model folder {str(folder)!r} is incomplete: {', '.join(missing)} missing"
                               + _model_inside(folder))
-    return _check_model_type(folder)
+    return config
 
 
 def _check_model_type(folder: Path) -> dict | None:
