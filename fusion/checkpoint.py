@@ -541,7 +541,7 @@ def _check_tokenizer_fits(folder: Path, special: dict | None, chat_format: str |
     have = {"bos": tokenizer.bos_id, "pad": tokenizer.pad_id, "patch": tokenizer.patch_id,
             "stop": sorted(tokenizer.stop_ids)}
     differ = {key: (special[key], have[key]) for key in have if key in special and
-              (sorted(special[key]) if key == "stop" else special[key]) != have[key]}
+              (sorted(special[key]) if isinstance(special[key], list) else special[key]) != have[key]}
     if differ:
         shown = ", ".join(f"{key} {saved} in {CONFIG_FILE} but {ids} in {TOKENIZER_FILE}"
                           for key, (saved, ids) in differ.items())
