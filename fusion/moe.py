@@ -71,22 +71,72 @@ class GroupedExperts(nn.Module):
             return looped_experts(x_sorted.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype), counts)[0]
 
     def _forward_grouped_mm(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        # Pad each expert's group to GROUP_ALIGN rows (zero rows), run two grouped matmuls, drop the padding.
-        padded = (counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
-        padded = torch.where(counts == 0, torch.full_like(padded, GROUP_ALIGN), padded)
-        ends = padded.cumsum(0)
-        starts = ends - padded
-        group_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=counts.device), counts)
-        first_row = (counts.cumsum(0) - counts)[group_of_row]
-        dest = starts[group_of_row] + torch.arange(x_sorted.shape[0], device=counts.device) - first_row
-        offs = ends.to(torch.int32)
         dtype = _compute_dtype(x_sorted)
         with torch.autocast(x_sorted.device.type, enabled=False):
-            x = x_sorted.to(dtype)
-            buffer = x.new_zeros(int(ends[-1]), self.dim).index_copy(0, dest, x)
-            gate, up = torch._grouped_mm(buffer, self.gate_up_proj.to(dtype), offs=offs).chunk(2, dim=-1)
-            out = torch._grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype), offs=offs)
-        return out.index_select(0, dest)
+            return grouped_experts(x_sorted.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype), counts)[0]
+
+
+def _grouped_layout(counts: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The padded layout of `torch._grouped_mm` for `rows` rows grouped by expert (`counts` [E]): each expert's
+    group padded with zero rows to a multiple of GROUP_ALIGN (an empty one to GROUP_ALIGN). Returns the padded row
+    of each row [rows], the end of each group [E] (int32, grouped_mm's `offs`) and the padded row count."""
+    padded = (counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
+    padded = torch.where(counts == 0, torch.full_like(padded, GROUP_ALIGN), padded)
+    ends = padded.cumsum(0)
+    group_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    first_row = (counts.cumsum(0) - counts)[group_of_row]
+    dest = (ends - padded)[group_of_row] + torch.arange(rows, device=counts.device) - first_row
+    return dest, ends.to(torch.int32), int(ends[-1])
+
+
+def _padded(rows: torch.Tensor, dest: torch.Tensor, total: int) -> torch.Tensor:
+    return rows.new_zeros(total, rows.shape[1]).index_copy(0, dest, rows)
+
+
+# The grouped-matmul experts as a custom op, as the loop below and for the same reason: the padded layout's size
+# comes from the data (`int(ends[-1])`), which a compiled graph cannot hold; torch.compile sees one call.
+@torch.library.custom_op("fusion::grouped_experts", mutates_args=())
+def grouped_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                    counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`looped_experts` with two grouped matmuls (`torch._grouped_mm`) over the rows padded per expert: the same
+    inputs and outputs (out [M, D], h = x @ gate_up [M, 2F])."""
+    dest, offs, total = _grouped_layout(counts, x.shape[0])
+    h = torch._grouped_mm(_padded(x, dest, total), gate_up, offs=offs)  # [total, 2F] gate ‖ up
+    gate, up = h.chunk(2, dim=-1)
+    out = torch._grouped_mm(F.silu(gate) * up, down, offs=offs)
+    return out.index_select(0, dest), h.index_select(0, dest)
+
+
+@grouped_experts.register_fake
+def _grouped_experts_shapes(x, gate_up, down, counts):
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], 2 * down.shape[1])
+
+
+@torch.library.custom_op("fusion::grouped_experts_backward", mutates_args=())
+def grouped_experts_backward(grad_out: torch.Tensor, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                             h: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `grouped_experts` for x, gate_up and down, by grouped matmuls over the padded rows (an
+    expert with no rows has only zero rows: a zero gradient)."""
+    hidden = down.shape[1]
+    dest, offs, total = _grouped_layout(counts, x.shape[0])
+    grad_padded, h_padded = _padded(grad_out.contiguous(), dest, total), _padded(h, dest, total)
+    gate, up = h_padded[:, :hidden], h_padded[:, hidden:]
+    silu_gate = F.silu(gate)
+    grad_down = torch._grouped_mm((silu_gate * up).t(), grad_padded, offs=offs)  # [E, F, D]
+    grad_act = torch._grouped_mm(grad_padded, down.transpose(1, 2), offs=offs)  # [total, F]
+    grad_h = torch.cat([torch.ops.aten.silu_backward(grad_act * up, gate), grad_act * silu_gate], dim=1)
+    grad_gate_up = torch._grouped_mm(_padded(x, dest, total).t(), grad_h, offs=offs)  # [E, D, 2F]
+    grad_x = torch._grouped_mm(grad_h, gate_up.transpose(1, 2), offs=offs).index_select(0, dest)
+    return grad_x, grad_gate_up, grad_down
+
+
+@grouped_experts_backward.register_fake
+def _grouped_experts_backward_shapes(grad_out, x, gate_up, down, h, counts):
+    return torch.empty_like(x), torch.empty_like(gate_up), torch.empty_like(down)
+
+
+def _grouped_experts_gradients(ctx, grad_out, grad_h):
+    return (*grouped_experts_backward(grad_out, *ctx.saved_tensors), None)
 
 
 # The experts' loop as a custom op: torch.compile sees one opaque call whose outputs have the shapes of its
@@ -163,17 +213,18 @@ def _looped_experts_gradients(ctx, grad_out, grad_h):
 
 
 looped_experts.register_autograd(_looped_experts_gradients, setup_context=_keep_for_backward)
+grouped_experts.register_autograd(_grouped_experts_gradients, setup_context=_keep_for_backward)
 
 
 # What torch.utils.flop_counter.FlopCounterMode counts for the loop (it cannot see inside a custom op): the
 # matmuls of the rows each expert computes, M rows in all (x [M, D], down [E, F, D]).
-@register_flop_formula(torch.ops.fusion.looped_experts)
+@register_flop_formula([torch.ops.fusion.looped_experts, torch.ops.fusion.grouped_experts])
 def _looped_experts_flops(x_shape, gate_up_shape, down_shape, counts_shape, out_shape=None) -> int:
     (rows, dim), hidden = x_shape, down_shape[1]
     return 2 * rows * dim * 2 * hidden + 2 * rows * hidden * dim
 
 
-@register_flop_formula(torch.ops.fusion.looped_experts_backward)
+@register_flop_formula([torch.ops.fusion.looped_experts_backward, torch.ops.fusion.grouped_experts_backward])
 def _looped_experts_backward_flops(grad_out_shape, x_shape, gate_up_shape, down_shape, h_shape, counts_shape,
                                    out_shape=None) -> int:
     return 2 * _looped_experts_flops(x_shape, gate_up_shape, down_shape, counts_shape)

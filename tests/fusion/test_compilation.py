@@ -23,15 +23,27 @@ def traced_only(monkeypatch):
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["one-process", "fsdp2"])
-@pytest.mark.parametrize("experts", [0, 4], ids=["dense", "moe"])
-def test_decoder_blocks_compile_whole_and_train_as_eager(traced_only, tmp_path, experts, sharded):
+@pytest.mark.parametrize("experts, grouped_mm", [(0, False), (4, False), (4, True)],
+                         ids=["dense", "moe", "moe-grouped-mm"])
+def test_decoder_blocks_compile_whole_and_train_as_eager(traced_only, tmp_path, monkeypatch, experts, grouped_mm,
+                                                         sharded):
     """A block (RoPE and chunked, or NoPE and full; dense, or MoE with 4 experts) with fewer K/V heads than query
     heads is one graph, also compiled then sharded by FSDP2 as the trainer does, and its losses, gradients and
     experts' token counts are the eager blocks'. No break at attention (dynamo reads a sharded block's whole
     numbers as symbolic ones, which once made the grouped-query flag a symbolic bool that
     scaled_dot_product_attention refuses), nor at routing (the tokens per expert were once counted by bincount,
-    whose size depends on the data, and the experts' loop read them as Python numbers: it is a custom op now)."""
+    whose size depends on the data, and the experts' loop read them as Python numbers: it is a custom op now).
+    The same with the experts as grouped matmuls (`torch._grouped_mm`, taken on SM90+ GPUs; forced here, on a
+    CPU, where torch builds have it): their padded layout's size comes from the data, so they are a custom op too.
+    """
     import torch.distributed as dist
+
+    import fusion.moe
+
+    if grouped_mm:
+        if not hasattr(torch, "_grouped_mm"):
+            pytest.skip("this torch has no torch._grouped_mm")
+        monkeypatch.setattr(fusion.moe, "_grouped_mm_available", lambda device, dtype: True)
 
     config = fusion.DecoderConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                                   head_dim=8, intermediate_size=24, intermediate_size_mlp=48, num_experts=experts,

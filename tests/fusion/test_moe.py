@@ -71,17 +71,31 @@ def test_no_expert_computes_on_tokens_not_routed_to_it(top_k, monkeypatch):
 
 
 def test_grouped_matmul_path_equals_loop():
-    """The torch._grouped_mm path (used on SM90 GPUs; its forward also runs on CPU) gives the loop's result."""
+    """The torch._grouped_mm path (used on SM90 GPUs; it also runs on CPU) gives the loop's result and gradients
+    (its own backward, by grouped matmuls; an expert with no rows gets a zero gradient)."""
     experts = make_moe(num_experts=5).experts
     counts = torch.tensor([7, 0, 19, 1, 13])
     x = torch.randn(int(counts.sum()), 32)
-    with torch.no_grad():
-        loop = experts._forward_loop(x, counts)
+    weight = torch.randn(x.shape)  # (a loss whose gradient differs per row)
+    results = []
+    for forward in (experts._forward_loop, experts._forward_grouped_mm):
+        experts.zero_grad()
+        rows = x.clone().requires_grad_()
         try:
-            grouped = experts._forward_grouped_mm(x, counts)
+            out = forward(rows, counts)
         except RuntimeError as err:  # builds without a CPU _grouped_mm
             pytest.skip(f"torch._grouped_mm is not available on this CPU build: {err}")
-    assert (loop - grouped).abs().max().item() <= 1e-5
+        (out * weight).sum().backward()
+        results.append((out.detach(), rows.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()))
+    for loop, grouped in zip(*results):
+        torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
+    assert not results[1][2][1].any() and not results[1][3][1].any()  # expert 1 has no rows
+    flops = []
+    for forward in (experts._forward_loop, experts._forward_grouped_mm):  # the FLOPs of the real rows, both ways
+        with FlopCounterMode(display=False) as counter:
+            forward(x.clone().requires_grad_(), counts).sum().backward()
+        flops.append(counter.get_total_flops())
+    assert flops[0] == flops[1] > 0
 
 
 def test_bf16_autocast_over_float32_weights_takes_the_grouped_matmul_path(monkeypatch):
