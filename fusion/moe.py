@@ -107,11 +107,6 @@ def grouped_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     return out.index_select(0, dest), h.index_select(0, dest)
 
 
-@grouped_experts.register_fake
-def _grouped_experts_shapes(x, gate_up, down, counts):
-    return x.new_empty(x.shape), x.new_empty(x.shape[0], 2 * down.shape[1])
-
-
 @torch.library.custom_op("fusion::grouped_experts_backward", mutates_args=())
 def grouped_experts_backward(grad_out: torch.Tensor, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                              h: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,15 +123,6 @@ def grouped_experts_backward(grad_out: torch.Tensor, x: torch.Tensor, gate_up: t
     grad_gate_up = torch._grouped_mm(_padded(x, dest, total).t(), grad_h, offs=offs)  # [E, D, 2F]
     grad_x = torch._grouped_mm(grad_h, gate_up.transpose(1, 2), offs=offs).index_select(0, dest)
     return grad_x, grad_gate_up, grad_down
-
-
-@grouped_experts_backward.register_fake
-def _grouped_experts_backward_shapes(grad_out, x, gate_up, down, h, counts):
-    return torch.empty_like(x), torch.empty_like(gate_up), torch.empty_like(down)
-
-
-def _grouped_experts_gradients(ctx, grad_out, grad_h):
-    return (*grouped_experts_backward(grad_out, *ctx.saved_tensors), None)
 
 
 # The experts' loop as a custom op: torch.compile sees one opaque call whose outputs have the shapes of its
@@ -162,11 +148,6 @@ def looped_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
             torch.mm(act[rows], down[e], out=out[rows])
         start += n
     return out, h
-
-
-@looped_experts.register_fake
-def _looped_experts_shapes(x, gate_up, down, counts):
-    return x.new_empty(x.shape), x.new_empty(x.shape[0], 2 * down.shape[1])
 
 
 @torch.library.custom_op("fusion::looped_experts_backward", mutates_args=())
@@ -197,23 +178,32 @@ def looped_experts_backward(grad_out: torch.Tensor, x: torch.Tensor, gate_up: to
     return grad_x, grad_gate_up, grad_down
 
 
-@looped_experts_backward.register_fake
-def _looped_experts_backward_shapes(grad_out, x, gate_up, down, h, counts):
-    return torch.empty_like(x), torch.empty_like(gate_up), torch.empty_like(down)
-
-
 def _keep_for_backward(ctx, inputs, output):
     x, gate_up, down, counts = inputs
     ctx.save_for_backward(x, gate_up, down, output[1], counts)
     ctx.mark_non_differentiable(output[1])
 
 
-def _looped_experts_gradients(ctx, grad_out, grad_h):
-    return (*looped_experts_backward(grad_out, *ctx.saved_tensors), None)
+# Both ways of running the experts: the shapes of their outputs (for compiling), and their backward.
+def _experts_shapes(x, gate_up, down, counts):
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], 2 * down.shape[1])
 
 
-looped_experts.register_autograd(_looped_experts_gradients, setup_context=_keep_for_backward)
-grouped_experts.register_autograd(_grouped_experts_gradients, setup_context=_keep_for_backward)
+def _experts_backward_shapes(grad_out, x, gate_up, down, h, counts):
+    return torch.empty_like(x), torch.empty_like(gate_up), torch.empty_like(down)
+
+
+def _gradients_by(backward):
+    def gradients(ctx, grad_out, grad_h):
+        return (*backward(grad_out, *ctx.saved_tensors), None)
+
+    return gradients
+
+
+for _op, _backward in ((looped_experts, looped_experts_backward), (grouped_experts, grouped_experts_backward)):
+    _op.register_fake(_experts_shapes)
+    _backward.register_fake(_experts_backward_shapes)
+    _op.register_autograd(_gradients_by(_backward), setup_context=_keep_for_backward)
 
 
 # What torch.utils.flop_counter.FlopCounterMode counts for the loop (it cannot see inside a custom op): the

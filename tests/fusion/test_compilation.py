@@ -38,12 +38,12 @@ def test_decoder_blocks_compile_whole_and_train_as_eager(traced_only, tmp_path, 
     """
     import torch.distributed as dist
 
-    import fusion.moe
+    from fusion import moe
 
     if grouped_mm:
         if not hasattr(torch, "_grouped_mm"):
             pytest.skip("this torch has no torch._grouped_mm")
-        monkeypatch.setattr(fusion.moe, "_grouped_mm_available", lambda device, dtype: True)
+        monkeypatch.setattr(moe, "_grouped_mm_available", lambda device, dtype: True)
 
     config = fusion.DecoderConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                                   head_dim=8, intermediate_size=24, intermediate_size_mlp=48, num_experts=experts,
