@@ -15,8 +15,8 @@ if BENCH not in sys.path:
 
 BENCHES = sorted(name[:-3] for name in os.listdir(BENCH) if name.endswith(".py"))
 # the scripts (those with a command line); the others are helpers they import
-SCRIPTS = ["attention_backends", "branch_attention", "compiled_step", "recipe_step", "row_split", "sample_cache",
-           "starting_memory", "supervised_logits", "torchrun_exit", "train_step"]
+SCRIPTS = ["attention_backends", "branch_attention", "compiled_step", "experts_kernels", "recipe_step", "row_split",
+           "sample_cache", "starting_memory", "supervised_logits", "torchrun_exit", "train_step"]
 HELPERS = ["arguments", "rounds"]
 
 
@@ -42,7 +42,8 @@ TRAIN_STEP_BAD_VALUES = [(["--threads", "0"], "--threads"), (["--warmup", "-1"],
 STARTING_MEMORY_BAD_VALUES = [(["--hidden-size", "100"], "--hidden-size"), (["--hidden-size", "0"], "--hidden-size"),
                            (["--layers", "0"], "--layers"), (["--experts", "0"], "--experts")]
 RECIPE_BENCHES = [name for name in SCRIPTS
-                  if name not in ("attention_backends", "train_step", "starting_memory", "torchrun_exit")]
+                  if name not in ("attention_backends", "experts_kernels", "train_step", "starting_memory",
+                                  "torchrun_exit")]
 
 
 def cases():
