@@ -66,14 +66,16 @@ class GroupedExperts(nn.Module):
         return self._forward_loop(x_sorted, counts)
 
     def _forward_loop(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(x_sorted)
-        with torch.autocast(x_sorted.device.type, enabled=False):
-            return looped_experts(x_sorted.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype), counts)[0]
+        return self._run(looped_experts, x_sorted, counts)
 
     def _forward_grouped_mm(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return self._run(grouped_experts, x_sorted, counts)
+
+    def _run(self, experts_op, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """`experts_op` (`looped_experts` or `grouped_experts`) in the compute dtype, outside autocast."""
         dtype = _compute_dtype(x_sorted)
         with torch.autocast(x_sorted.device.type, enabled=False):
-            return grouped_experts(x_sorted.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype), counts)[0]
+            return experts_op(x_sorted.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype), counts)[0]
 
 
 def _grouped_layout(counts: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
